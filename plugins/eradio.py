@@ -1,0 +1,7 @@
+"""Placeholder: filled in by the eradio plugin work."""
+from radio_core import hookimpl
+
+
+@hookimpl
+def radio_register(registry) -> None:
+    pass

@@ -1,0 +1,22 @@
+"""The core's own generic components (adaptors, losses, data sources).
+
+Registered through the ``radio_core`` entry-point group exactly like any third-party plugin.
+"""
+from __future__ import annotations
+
+from . import adaptors, data, losses
+from .hookspecs import hookimpl
+
+
+@hookimpl
+def radio_register(registry) -> None:
+    registry.add("adaptor", "mlp", adaptors.build_mlp)
+    registry.add("adaptor", "linear", adaptors.build_linear)
+    registry.add("loss", "cosine", losses.build_cosine)
+    registry.add("loss", "smooth_l1", losses.build_smooth_l1)
+    registry.add("loss", "mse", losses.build_mse)
+    registry.add("loss", "l1", losses.build_l1)
+    registry.add("loss", "cosine_smooth_l1", losses.build_cosine_smooth_l1)
+    registry.add("dataset", "image_folder", data.build_image_folder)
+    registry.add("dataset", "skimage_samples", data.build_skimage_samples)
+    registry.add("dataset", "synthetic", data.build_synthetic)

@@ -1,0 +1,298 @@
+"""Image sources, consistent augmentation and deterministic, resumable sampling.
+
+Sampling is a pure function of (seed, global sample number): the sample number ``g`` picks an
+epoch (``g // len``), a position in that epoch's seeded permutation, and the seed of the
+image's augmentation. A run resumed at step ``k`` therefore sees exactly the images (and
+crops) the uninterrupted run would have, whatever the number of loader workers.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional, Protocol, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageFile
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm"}
+
+
+class ImageSource(Protocol):
+    """What a ``dataset`` plugin returns: random access to RGB images with stable ids."""
+
+    def __len__(self) -> int: ...
+
+    def load(self, index: int) -> Image.Image: ...
+
+    def key(self, index: int) -> str: ...
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode (palette, CMYK, 16-bit, grey, alpha) -> 8-bit RGB."""
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(img, dtype=np.float64)
+        hi = arr.max() if arr.size else 1.0
+        arr = (arr / (hi if hi > 0 else 1.0) * 255.0).astype(np.uint8)
+        return Image.fromarray(arr).convert("RGB")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    return img.convert("RGB")
+
+
+class ImageFolderSource:
+    """Every image PIL can read under ``root`` (recursively), sorted by relative path."""
+
+    def __init__(self, root: str, extensions: Optional[Sequence[str]] = None) -> None:
+        self.root = Path(root).expanduser()
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"data.source.args.root: image folder not found: {self.root}")
+        exts = {e.lower() if e.startswith(".") else "." + e.lower() for e in extensions} if extensions else IMAGE_EXTENSIONS
+        self.files = sorted(p for p in self.root.rglob("*") if p.is_file() and p.suffix.lower() in exts)
+        if not self.files:
+            raise FileNotFoundError(f"data.source.args.root: no images ({', '.join(sorted(exts))}) under {self.root}")
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def load(self, index: int) -> Image.Image:
+        with Image.open(self.files[index]) as img:
+            img.load()
+            return to_rgb(img)
+
+    def key(self, index: int) -> str:
+        return str(self.files[index].relative_to(self.root))
+
+
+# The colour photographs scikit-image ships (no download needed).
+SKIMAGE_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry",
+                  "motorcycle_left", "motorcycle_right", "retina", "cat", "colorwheel", "logo")
+
+
+class SkimageSamplesSource:
+    """The real photographs packaged with scikit-image, plus scikit-learn's two samples when
+    scikit-learn is installed. Needs no network."""
+
+    def __init__(self, names: Optional[Sequence[str]] = None, include_sklearn: bool = True) -> None:
+        import skimage.data
+
+        self._images: list[tuple[str, np.ndarray]] = []
+        for name in names or SKIMAGE_PHOTOS:
+            fn = getattr(skimage.data, name, None)
+            if fn is None:
+                raise ValueError(f"data.source.args.names: scikit-image has no sample image {name!r}")
+            try:
+                arr = fn()
+            except Exception:  # noqa: BLE001 - a few samples need an optional download (pooch)
+                continue
+            self._images.append((f"skimage/{name}", arr))
+        if include_sklearn and names is None:
+            try:
+                from sklearn.datasets import load_sample_images
+
+                for fname, arr in zip(load_sample_images().filenames, load_sample_images().images):
+                    self._images.append((f"sklearn/{Path(fname).name}", arr))
+            except ImportError:
+                pass
+        if not self._images:
+            raise RuntimeError("no scikit-image sample photos could be loaded")
+
+    def __len__(self) -> int:
+        return len(self._images)
+
+    def load(self, index: int) -> Image.Image:
+        arr = self._images[index][1]
+        if arr.ndim == 2:
+            arr = np.stack([arr] * 3, -1)
+        if arr.dtype != np.uint8:
+            arr = (255 * (arr.astype(np.float64) - arr.min()) / max(np.ptp(arr), 1e-12)).astype(np.uint8)
+        return to_rgb(Image.fromarray(arr[..., :4] if arr.shape[-1] >= 3 else arr))
+
+    def key(self, index: int) -> str:
+        return self._images[index][0]
+
+
+class SyntheticSource:
+    """Seeded random smooth images (for benchmarks and shape tests, not for learning)."""
+
+    def __init__(self, size: int = 1000, height: int = 256, width: int = 256, seed: int = 0) -> None:
+        self.size, self.height, self.width, self.seed = size, height, width, seed
+
+    def __len__(self) -> int:
+        return self.size
+
+    def load(self, index: int) -> Image.Image:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
+        low = torch.rand(3, 8, 8, generator=g)
+        img = torch.nn.functional.interpolate(low[None], size=(self.height, self.width), mode="bicubic",
+                                              align_corners=False)[0]
+        img = (img.clamp(0, 1) * 255).to(torch.uint8).permute(1, 2, 0).numpy()
+        return Image.fromarray(img)
+
+    def key(self, index: int) -> str:
+        return f"synthetic/{index:08d}"
+
+
+# ---------------------------------------------------------------------------------------
+# sampling
+
+
+def _mix(*values: int) -> int:
+    """A deterministic 63-bit hash of integers (SplitMix64 steps)."""
+    x = 0x9E3779B97F4A7C15
+    for v in values:
+        x = (x ^ (int(v) & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+        x ^= x >> 31
+        x = x * 0x94D049BB133111EB & 0xFFFFFFFFFFFFFFFF
+        x ^= x >> 29
+    return x & 0x7FFFFFFFFFFFFFFF
+
+
+@dataclass(frozen=True)
+class SampleRef:
+    """One sample of the stream: which image, and the seed of its augmentation."""
+
+    number: int  # global sample number
+    index: int
+    aug_seed: int
+
+
+class SampleStream:
+    """Maps global sample numbers to (image index, augmentation seed), epoch by epoch."""
+
+    def __init__(self, length: int, seed: int) -> None:
+        if length <= 0:
+            raise ValueError("dataset is empty")
+        self.length, self.seed = length, seed
+        self._perm_epoch, self._perm = -1, None
+
+    def __call__(self, number: int) -> SampleRef:
+        epoch, pos = divmod(number, self.length)
+        if epoch != self._perm_epoch:
+            g = torch.Generator().manual_seed(_mix(self.seed, epoch, 0xDA7A))
+            self._perm, self._perm_epoch = torch.randperm(self.length, generator=g), epoch
+        return SampleRef(number, int(self._perm[pos]), _mix(self.seed, number, 0xA06))
+
+
+class StepBatchSampler(torch.utils.data.Sampler):
+    """Yields, for each (micro-)step from ``start`` on, this rank's list of SampleRefs.
+
+    Global sample numbers of micro-step ``s`` are ``s * world * batch + rank * batch + j``.
+    """
+
+    def __init__(self, length: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
+                 start: int = 0, stop: Optional[int] = None) -> None:
+        self.stream = SampleStream(length, seed)
+        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
+        self.start, self.stop = start, stop
+
+    def __len__(self) -> int:
+        return (self.stop - self.start) if self.stop is not None else 2**62
+
+    def refs(self, step: int) -> list[SampleRef]:
+        base = step * self.world_size * self.batch_size + self.rank * self.batch_size
+        return [self.stream(base + j) for j in range(self.batch_size)]
+
+    def __iter__(self) -> Iterator[list[SampleRef]]:
+        step = self.start
+        while self.stop is None or step < self.stop:
+            yield self.refs(step)
+            step += 1
+
+
+# ---------------------------------------------------------------------------------------
+# augmentation: one random resized crop + flip per image, shared by every model's input
+
+
+def crop_params(width: int, height: int, scale: tuple[float, float], ratio: tuple[float, float],
+                g: torch.Generator) -> tuple[int, int, int, int]:
+    """torchvision's RandomResizedCrop parameter search, driven by an explicit generator."""
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * float(torch.empty(1).uniform_(scale[0], scale[1], generator=g))
+        aspect = math.exp(float(torch.empty(1).uniform_(log_ratio[0], log_ratio[1], generator=g)))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(torch.randint(0, height - h + 1, (1,), generator=g))
+            left = int(torch.randint(0, width - w + 1, (1,), generator=g))
+            return top, left, h, w
+    # fallback: central crop at the clamped aspect ratio
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        w, h = width, int(round(width / ratio[0]))
+    elif in_ratio > ratio[1]:
+        h, w = height, int(round(height * ratio[1]))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+class AugmentedImages(torch.utils.data.Dataset):
+    """Decodes an image and applies its seeded crop + flip, giving a uint8 (3, H, W) tensor.
+
+    Indexed by ``SampleRef`` (through ``StepBatchSampler``), so the augmentation of every sample
+    is fixed by its seed and identical for the student and every teacher.
+    """
+
+    def __init__(self, source: ImageSource, crop_size: tuple[int, int], scale=(0.25, 1.0),
+                 ratio=(3 / 4, 4 / 3), hflip: float = 0.5) -> None:
+        self.source, self.crop_size = source, crop_size
+        self.scale, self.ratio, self.hflip = scale, ratio, hflip
+        self.skipped = 0
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def augment(self, img: Image.Image, seed: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(seed)
+        top, left, h, w = crop_params(img.width, img.height, self.scale, self.ratio, g)
+        flip = float(torch.rand(1, generator=g)) < self.hflip
+        out_h, out_w = self.crop_size
+        img = img.resize((out_w, out_h), Image.BICUBIC, box=(left, top, left + w, top + h))
+        if flip:
+            img = img.transpose(Image.FLIP_LEFT_RIGHT)
+        return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+    def __getitem__(self, ref: SampleRef) -> dict:
+        try:
+            img = self.source.load(ref.index)
+        except (OSError, ValueError, SyntaxError) as exc:
+            # A broken file must not kill a long run: use a black image and flag it.
+            return {"image": torch.zeros(3, *self.crop_size, dtype=torch.uint8), "index": ref.index,
+                    "number": ref.number, "valid": False, "error": f"{type(exc).__name__}: {exc}"}
+        return {"image": self.augment(img, ref.aug_seed), "index": ref.index, "number": ref.number,
+                "valid": True, "error": ""}
+
+
+def collate(items: list[dict]) -> dict:
+    return {
+        "image": torch.stack([it["image"] for it in items]),
+        "index": torch.tensor([it["index"] for it in items]),
+        "number": torch.tensor([it["number"] for it in items]),
+        "valid": torch.tensor([it["valid"] for it in items]),
+        "errors": [it["error"] for it in items if it["error"]],
+    }
+
+
+def build_image_folder(root: str, extensions: Optional[list[str]] = None) -> ImageFolderSource:
+    """Every PIL-readable image under a folder (recursive)."""
+    return ImageFolderSource(root, extensions)
+
+
+def build_skimage_samples(names: Optional[list[str]] = None, include_sklearn: bool = True) -> SkimageSamplesSource:
+    """Real photos shipped inside scikit-image / scikit-learn (offline)."""
+    return SkimageSamplesSource(names, include_sklearn)
+
+
+def build_synthetic(size: int = 1000, height: int = 256, width: int = 256, seed: int = 0) -> SyntheticSource:
+    """Seeded random smooth images (benchmarks, shape tests)."""
+    return SyntheticSource(size, height, width, seed)
+
+
+ImageFile.LOAD_TRUNCATED_IMAGES = bool(int(os.environ.get("RADIO_LOAD_TRUNCATED_IMAGES", "0")))

@@ -1,0 +1,154 @@
+"""The contracts between the framework and its plugins.
+
+A plugin provides *factories*: callables that build a component from keyword arguments taken
+from the recipe. The framework only ever talks to components through the classes below, so
+``radio_core`` never needs to know what CLIP, DINOv2 or SAM are.
+
+Tensor layout conventions
+-------------------------
+* images handed to a teacher: float (B, 3, H, W), already resized to ``teacher.input_size``
+  and normalised with ``teacher.mean`` / ``teacher.std`` by the framework.
+* images handed to a student: float (B, 3, H, W) in [0, 1]; the student normalises itself
+  (its input conditioner lives inside the model, as in RADIO).
+* spatial features are grids (B, C, h, w); token sequences are (B, N, C).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+ResizeMode = Literal["resize", "longest_side_pad"]
+
+
+@dataclass
+class TeacherOutput:
+    """What a teacher produces for one batch.
+
+    summary: (B, D_summary) image-level target (CLIP image embedding, DINOv2 CLS) or None.
+    spatial: (B, D_spatial, h, w) dense feature grid.
+    """
+
+    summary: Optional[Tensor]
+    spatial: Tensor
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return tuple(self.spatial.shape[-2:])  # type: ignore[return-value]
+
+
+@dataclass
+class StudentOutput:
+    """What a student produces for one batch.
+
+    summary: (B, S, D) summary tokens (one CLS token per teacher slot, as RADIO does).
+    patches: (B, h*w, D) patch tokens in row-major order.
+    grid: (h, w) of the patch tokens.
+    """
+
+    summary: Tensor
+    patches: Tensor
+    grid: tuple[int, int]
+
+    def spatial(self) -> Tensor:
+        """Patch tokens as a (B, D, h, w) grid."""
+        b, n, d = self.patches.shape
+        h, w = self.grid
+        if n != h * w:
+            raise ValueError(f"student returned {n} patch tokens for a {h}x{w} grid")
+        return self.patches.transpose(1, 2).reshape(b, d, h, w)
+
+
+class Teacher(nn.Module):
+    """A frozen feature extractor whose features the student learns to reproduce.
+
+    Subclasses set the declared attributes in ``__init__`` and implement ``forward``.
+    The framework resizes and normalises inputs (once per group of teachers that share an
+    input size), calls the teacher under ``torch.no_grad`` in eval mode, and never trains it.
+    """
+
+    #: (H, W) the teacher runs at.
+    input_size: tuple[int, int]
+    patch_size: int
+    #: per-channel normalisation applied by the framework to [0, 1] images.
+    mean: Sequence[float]
+    std: Sequence[float]
+    #: dimension of ``TeacherOutput.summary``, or None when the teacher has no summary target.
+    summary_dim: Optional[int]
+    spatial_dim: int
+    #: how the framework maps the shared crop to ``input_size``: plain resize, or SAM's
+    #: resize-longest-side-then-pad (the padded part of the output grid is cropped away).
+    resize_mode: ResizeMode = "resize"
+
+    def forward(self, images: Tensor) -> TeacherOutput:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def freeze(self) -> "Teacher":
+        """Eval mode and no gradients; called by the framework after building."""
+        self.eval()
+        for p in self.parameters():
+            p.requires_grad_(False)
+        return self
+
+    def train(self, mode: bool = True) -> "Teacher":
+        # A teacher never leaves eval mode (dropout / drop-path off), even when a parent
+        # module is switched to train().
+        return super().train(False)
+
+    def fingerprint(self) -> str:
+        """Identity of the weights + preprocessing, used to key feature caches."""
+        from .utils import module_fingerprint
+
+        return module_fingerprint(
+            self,
+            extra=(self.input_size, self.patch_size, tuple(self.mean), tuple(self.std), self.resize_mode),
+        )
+
+
+class Student(nn.Module):
+    """The network being distilled.
+
+    ``forward`` takes [0, 1] images (B, 3, H, W) with H and W multiples of
+    ``patch_size`` (times any window constraint reported by ``size_multiple``) and returns a
+    ``StudentOutput``. Factories receive ``num_cls_tokens`` from the framework: one summary
+    token per teacher that has a summary target.
+    """
+
+    embed_dim: int
+    patch_size: int
+    num_cls_tokens: int
+
+    @property
+    def size_multiple(self) -> int:
+        """Input H and W must be multiples of this."""
+        return self.patch_size
+
+    def forward(self, images: Tensor) -> StudentOutput:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+class Adaptor(nn.Module):
+    """Maps student features (..., in_dim) to a teacher's space (..., out_dim).
+
+    Factories are called as ``factory(in_dim=..., out_dim=..., hidden_dim=..., **recipe_args)``.
+    """
+
+    in_dim: int
+    out_dim: int
+
+
+class Loss(nn.Module):
+    """Scalar distance between a prediction and a target of the same shape.
+
+    Summary losses get (B, D); spatial losses get (B, C, h, w) grids that the framework has
+    already interpolated to the larger of the two grids. Factories are called with the
+    recipe's ``args``.
+    """
+
+    def forward(self, pred: Tensor, target: Tensor) -> Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+KINDS = ("teacher", "student", "adaptor", "loss", "dataset")

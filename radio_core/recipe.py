@@ -1,0 +1,305 @@
+"""YAML recipes validated by pydantic: ``base:`` includes, dotted overrides, clear errors.
+
+A recipe never names Python to import: components are referred to by registered plugin name
+only, and YAML is read with ``yaml.safe_load``.
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be used; the message names the file and the field."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+def _size(v: Any) -> Any:
+    """224 -> (224, 224); [h, w] -> (h, w)."""
+    if isinstance(v, int):
+        return (v, v)
+    return v
+
+
+Size = tuple[int, int]
+
+
+class ComponentSpec(Strict):
+    """A registered plugin name plus the keyword arguments its factory takes."""
+
+    name: str
+    args: dict[str, Any] = Field(default_factory=dict)
+
+
+class StudentSpec(ComponentSpec):
+    #: training resolution(s) of the student's input; several = multi-resolution training,
+    #: one sampled per step.
+    resolution: list[Size] = Field(default_factory=lambda: [(224, 224)])
+
+    @field_validator("resolution", mode="before")
+    @classmethod
+    def _res(cls, v: Any) -> Any:
+        if isinstance(v, (int, tuple)) or (isinstance(v, list) and len(v) == 2 and all(isinstance(x, int) for x in v)):
+            v = [v]
+        return [_size(x) for x in v]
+
+
+class TeacherSpec(Strict):
+    #: registered teacher plugin name (``python -m radio_core.plugins`` lists them).
+    plugin: str
+    args: dict[str, Any] = Field(default_factory=dict)
+    #: input resolution the teacher runs at; None = the teacher's own default.
+    resolution: Optional[Size] = None
+    #: overall weight of this teacher's losses, and the split between its two heads.
+    weight: float = Field(1.0, ge=0)
+    summary_weight: float = Field(1.0, ge=0)
+    spatial_weight: float = Field(1.0, ge=0)
+    summary_loss: ComponentSpec = Field(default_factory=lambda: ComponentSpec(name="cosine"))
+    spatial_loss: ComponentSpec = Field(default_factory=lambda: ComponentSpec(
+        name="cosine_smooth_l1", args={"cosine": 0.9, "smooth_l1": 0.1}))
+    #: adaptor override for this teacher (default: the recipe's ``adaptor``).
+    adaptor: Optional[ComponentSpec] = None
+    #: use the summary target (if the teacher has one).
+    use_summary: bool = True
+    use_spatial: bool = True
+
+    @field_validator("resolution", mode="before")
+    @classmethod
+    def _res(cls, v: Any) -> Any:
+        return _size(v)
+
+
+class AugmentSpec(Strict):
+    #: random resized crop: area fraction and aspect-ratio range (torchvision semantics).
+    scale: tuple[float, float] = (0.25, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    hflip: float = Field(0.5, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _ranges(self) -> "AugmentSpec":
+        if not 0 < self.scale[0] <= self.scale[1] <= 1:
+            raise ValueError("scale must satisfy 0 < min <= max <= 1")
+        if not 0 < self.ratio[0] <= self.ratio[1]:
+            raise ValueError("ratio must satisfy 0 < min <= max")
+        return self
+
+
+class DataSpec(Strict):
+    source: ComponentSpec = Field(default_factory=lambda: ComponentSpec(name="skimage_samples"))
+    batch_size: int = Field(8, ge=1, description="per-process batch size")
+    num_workers: int = Field(0, ge=0)
+    #: edge length the loader decodes each crop to before per-teacher resizing; None = the
+    #: largest resolution any student or teacher needs.
+    crop_size: Optional[Size] = None
+
+    @field_validator("crop_size", mode="before")
+    @classmethod
+    def _res(cls, v: Any) -> Any:
+        return _size(v)
+
+
+class OptimSpec(Strict):
+    name: Literal["adamw"] = "adamw"
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.02, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    fused: Optional[bool] = None
+
+
+class ScheduleSpec(Strict):
+    name: Literal["cosine", "constant"] = "cosine"
+    warmup_steps: int = Field(0, ge=0)
+    #: final LR as a fraction of the base LR.
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+
+
+class TrainSpec(Strict):
+    steps: int = Field(100, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    grad_clip: Optional[float] = Field(1.0, gt=0)
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    #: log scalars every N steps (a host sync happens only then).
+    log_every: int = Field(10, ge=1)
+    seed: int = 0
+
+
+class CheckpointSpec(Strict):
+    every: int = Field(1000, ge=1)
+    keep: int = Field(3, ge=1)
+    #: also write the standalone student + adaptor export at the end.
+    export: bool = True
+
+
+class LoggingSpec(Strict):
+    tensorboard: bool = True
+    jsonl: bool = True
+    progress: bool = True
+
+
+class Recipe(Strict):
+    output_dir: str = "runs/default"
+    student: StudentSpec
+    teachers: dict[str, TeacherSpec]
+    adaptor: ComponentSpec = Field(default_factory=lambda: ComponentSpec(name="mlp"))
+    data: DataSpec = Field(default_factory=DataSpec)
+    augment: AugmentSpec = Field(default_factory=AugmentSpec)
+    optim: OptimSpec = Field(default_factory=OptimSpec)
+    schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)
+    train: TrainSpec = Field(default_factory=TrainSpec)
+    checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
+    logging: LoggingSpec = Field(default_factory=LoggingSpec)
+
+    @field_validator("teachers")
+    @classmethod
+    def _some_teachers(cls, v: dict) -> dict:
+        if not v:
+            raise ValueError("at least one teacher is required")
+        return v
+
+
+# ---------------------------------------------------------------------------------------
+# loading
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise RecipeError(f"recipe file not found: {path}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"{path}: not valid YAML: {exc}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: a recipe must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def deep_merge(base: dict, over: dict) -> dict:
+    """Mappings merge key by key; everything else in ``over`` replaces ``base``.
+    A value of ``null`` in ``over`` for a mapping key deletes it (to drop an inherited teacher)."""
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if v is None and isinstance(out.get(k), dict):
+            del out[k]
+        elif isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def load_raw(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict:
+    """Read a recipe and its ``base:`` chain into one merged mapping."""
+    path = Path(path).resolve()
+    if path in _chain:
+        raise RecipeError(f"{path}: circular base include via {' -> '.join(map(str, _chain))}")
+    data = _read_yaml(path)
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    bases = base if isinstance(base, list) else [base]
+    merged: dict = {}
+    for b in bases:
+        if not isinstance(b, str):
+            raise RecipeError(f"{path}: base must be a path or a list of paths, got {b!r}")
+        merged = deep_merge(merged, load_raw(path.parent / b, _chain + (path,)))
+    return deep_merge(merged, data)
+
+
+def apply_overrides(data: dict, overrides: list[str], source: str = "command line") -> dict:
+    """Apply ``a.b.c=value`` overrides; values are parsed as YAML (``1e-3``, ``[224, 224]``)."""
+    data = copy.deepcopy(data)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise RecipeError(f"{source}: override {item!r} is not of the form key.path=value")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as exc:
+            raise RecipeError(f"{source}: override {item!r}: value is not valid YAML: {exc}") from None
+        node = data
+        parts = key.split(".")
+        for i, part in enumerate(parts[:-1]):
+            nxt = node.get(part) if isinstance(node, dict) else None
+            if nxt is None:
+                nxt = node[part] = {}
+            if not isinstance(nxt, dict):
+                raise RecipeError(f"{source}: override {item!r}: {'.'.join(parts[:i + 1])} is not a mapping")
+            node = nxt
+        node[parts[-1]] = value
+    return data
+
+
+def _format_errors(exc: ValidationError, origin: str) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(x) for x in err["loc"]) or "(top level)"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+            parent_model = _model_at(Recipe, err["loc"][:-1])
+            if parent_model is not None:
+                from .utils import closest
+
+                guess = closest(str(err["loc"][-1]), parent_model.model_fields)
+                valid = ", ".join(parent_model.model_fields)
+                msg += f" (did you mean {guess!r}?)" if guess else f" (valid keys: {valid})"
+        elif "input" in err and err["type"] not in ("missing",):
+            msg += f" (got {err['input']!r})"
+        lines.append(f"{origin}: {loc}: {msg}")
+    return "\n".join(lines)
+
+
+def _model_at(model: type[BaseModel], loc: tuple) -> Optional[type[BaseModel]]:
+    """The pydantic model class found by walking ``loc`` through fields (dict keys skipped)."""
+    import typing
+
+    current: Any = model
+    for part in loc:
+        if not (isinstance(current, type) and issubclass(current, BaseModel)):
+            return None
+        field = current.model_fields.get(str(part))
+        if field is None:
+            return None
+        ann = field.annotation
+        origin = typing.get_origin(ann)
+        if origin is dict:
+            ann = typing.get_args(ann)[1]
+            current = ("dict", ann)
+            continue
+        if origin is Union:
+            ann = next((a for a in typing.get_args(ann) if a is not type(None)), ann)
+        current = ann
+    if isinstance(current, tuple):
+        current = current[1]
+    return current if isinstance(current, type) and issubclass(current, BaseModel) else None
+
+
+def validate(data: dict, origin: str = "<recipe>") -> Recipe:
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise RecipeError(_format_errors(exc, origin)) from None
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read, include ``base:`` files, apply overrides, validate."""
+    data = load_raw(path)
+    if overrides:
+        data = apply_overrides(data, overrides)
+    return validate(data, origin=str(path))
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,32 @@
+"""Small helpers shared across the core."""
+from __future__ import annotations
+
+import hashlib
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+
+def module_fingerprint(module: nn.Module, extra: Iterable[Any] = ()) -> str:
+    """A short hash of a module's parameters/buffers (names, shapes, values) and ``extra``."""
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        h.update(name.encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(str(t.dtype).encode())
+        h.update(t.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes()
+                 if t.numel() else b"")
+    h.update(repr(tuple(extra)).encode())
+    return h.hexdigest()[:16]
+
+
+def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
+
+
+def closest(name: str, options: Iterable[str]) -> str | None:
+    import difflib
+
+    match = difflib.get_close_matches(name, list(options), n=1, cutoff=0.5)
+    return match[0] if match else None
