@@ -1,0 +1,75 @@
+"""The trainable part of a distillation run: student + per-teacher adaptor heads.
+
+Teachers are *not* children of this module (they are frozen, never wrapped by DDP and never
+checkpointed); the trainer owns them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from .losses import match_grids
+from .protocols import Student, StudentOutput, TeacherOutput
+
+
+@dataclass
+class HeadSpec:
+    """What the distiller needs to know about one teacher to build its heads."""
+
+    name: str
+    summary_dim: Optional[int]  # None: no summary head
+    spatial_dim: Optional[int]  # None: no spatial head
+
+
+class Distiller(nn.Module):
+    """``student`` plus ``summary_heads[teacher]`` and ``spatial_heads[teacher]``.
+
+    Each teacher with a summary target reads its own CLS token: ``summary_slots[teacher]``
+    indexes ``StudentOutput.summary`` (RADIO's ``cls_token_per_teacher``).
+    ``target_norms[teacher]`` (optional) holds buffers that standardise that teacher's targets.
+    """
+
+    def __init__(self, student: Student, heads: list[HeadSpec], summary_heads: dict[str, nn.Module],
+                 spatial_heads: dict[str, nn.Module], target_norms: Optional[dict[str, nn.Module]] = None) -> None:
+        super().__init__()
+        self.student = student
+        self.heads = heads
+        self.summary_heads = nn.ModuleDict(summary_heads)
+        self.spatial_heads = nn.ModuleDict(spatial_heads)
+        self.target_norms = nn.ModuleDict(target_norms or {})
+        with_summary = [h.name for h in heads if h.summary_dim is not None]
+        self.summary_slots = {name: i % max(student.num_cls_tokens, 1) for i, name in enumerate(with_summary)}
+
+    def forward(self, images: Tensor) -> StudentOutput:
+        return self.student(images)
+
+    def predict(self, out: StudentOutput, teacher: str) -> tuple[Optional[Tensor], Optional[Tensor]]:
+        """Adaptor outputs for one teacher: summary (B, D) and spatial (B, C, h, w)."""
+        summary = spatial = None
+        if teacher in self.summary_heads:
+            summary = self.summary_heads[teacher](out.summary[:, self.summary_slots[teacher]])
+        if teacher in self.spatial_heads:
+            b = out.patches.shape[0]
+            h, w = out.grid
+            spatial = self.spatial_heads[teacher](out.patches).transpose(1, 2).reshape(b, -1, h, w)
+        return summary, spatial
+
+    def normalize_targets(self, teacher: str, target: TeacherOutput) -> TeacherOutput:
+        if teacher not in self.target_norms:
+            return target
+        norm = self.target_norms[teacher]
+        return TeacherOutput(summary=norm.normalize_summary(target.summary) if target.summary is not None else None,
+                             spatial=norm.normalize_spatial(target.spatial))
+
+
+def paired_spatial(pred: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+    """Student and teacher grids brought to the larger one (AM-RADIO)."""
+    return match_grids(pred, target.to(pred.dtype) if target.dtype != pred.dtype else target)
+
+
+def zero_like_loss(module: nn.Module) -> Tensor:
+    """A zero that still touches every parameter, so DDP sees all of them used on every rank."""
+    return sum((p.sum() * 0.0 for p in module.parameters() if p.requires_grad), torch.zeros(()))
