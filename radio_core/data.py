@@ -70,7 +70,7 @@ class ImageFolderSource:
 
 # The colour photographs scikit-image ships (no download needed).
 SKIMAGE_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry",
-                  "motorcycle_left", "motorcycle_right", "retina", "cat", "colorwheel", "logo")
+                  "retina", "stereo_motorcycle", "camera", "moon", "grass", "gravel", "brick")
 
 
 class SkimageSamplesSource:
@@ -89,12 +89,16 @@ class SkimageSamplesSource:
                 arr = fn()
             except Exception:  # noqa: BLE001 - a few samples need an optional download (pooch)
                 continue
-            self._images.append((f"skimage/{name}", arr))
+            if isinstance(arr, tuple):  # stereo_motorcycle: (left, right, disparity)
+                self._images += [(f"skimage/{name}_left", arr[0]), (f"skimage/{name}_right", arr[1])]
+            else:
+                self._images.append((f"skimage/{name}", arr))
         if include_sklearn and names is None:
             try:
                 from sklearn.datasets import load_sample_images
 
-                for fname, arr in zip(load_sample_images().filenames, load_sample_images().images):
+                samples = load_sample_images()
+                for fname, arr in zip(samples.filenames, samples.images):
                     self._images.append((f"sklearn/{Path(fname).name}", arr))
             except ImportError:
                 pass

@@ -8,10 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-import torch
 from torch import Tensor, nn
 
-from .losses import match_grids
 from .protocols import Student, StudentOutput, TeacherOutput
 
 
@@ -43,8 +41,13 @@ class Distiller(nn.Module):
         with_summary = [h.name for h in heads if h.summary_dim is not None]
         self.summary_slots = {name: i % max(student.num_cls_tokens, 1) for i, name in enumerate(with_summary)}
 
-    def forward(self, images: Tensor) -> StudentOutput:
-        return self.student(images)
+    def forward(self, images: Tensor, return_predictions: bool = False):
+        """Student features; with ``return_predictions`` also every head's output, computed
+        inside forward so DDP sees all parameters used on every rank."""
+        out = self.student(images)
+        if not return_predictions:
+            return out
+        return out, {h.name: self.predict(out, h.name) for h in self.heads}
 
     def predict(self, out: StudentOutput, teacher: str) -> tuple[Optional[Tensor], Optional[Tensor]]:
         """Adaptor outputs for one teacher: summary (B, D) and spatial (B, C, h, w)."""
@@ -64,12 +67,3 @@ class Distiller(nn.Module):
         return TeacherOutput(summary=norm.normalize_summary(target.summary) if target.summary is not None else None,
                              spatial=norm.normalize_spatial(target.spatial))
 
-
-def paired_spatial(pred: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
-    """Student and teacher grids brought to the larger one (AM-RADIO)."""
-    return match_grids(pred, target.to(pred.dtype) if target.dtype != pred.dtype else target)
-
-
-def zero_like_loss(module: nn.Module) -> Tensor:
-    """A zero that still touches every parameter, so DDP sees all of them used on every rank."""
-    return sum((p.sum() * 0.0 for p in module.parameters() if p.requires_grad), torch.zeros(()))

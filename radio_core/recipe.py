@@ -129,6 +129,10 @@ class TrainSpec(Strict):
     #: log scalars every N steps (a host sync happens only then).
     log_every: int = Field(10, ge=1)
     seed: int = 0
+    #: skip the optimiser update when the loss is not finite (one host sync per step) ...
+    skip_nonfinite: bool = True
+    #: ... and stop with an error after this many such steps in a row.
+    max_nonfinite_steps: int = Field(5, ge=1)
 
 
 class CheckpointSpec(Strict):

@@ -1,0 +1,483 @@
+"""The distillation training loop (Accelerate).
+
+One optimiser step:
+  batch (uint8 crops) -> per teacher group: resize once -> per teacher: normalise -> frozen
+  forward -> targets; student input: resize -> student + adaptor heads -> per-teacher losses
+  (grids matched to the larger one) -> weighted sum -> backward -> clip -> AdamW -> LR schedule.
+
+Exact resume: model, optimiser and scheduler state come from ``accelerator.save_state``; the
+data position is the step number (sampling is a pure function of seed and sample number, see
+``radio_core.data``); all other randomness (student CPE crops, window sizes, multi-resolution
+choice) is reseeded from (seed, step, rank) at the start of each step.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+
+from . import preprocess
+from .data import AugmentedImages, StepBatchSampler, _mix, collate
+from .distiller import Distiller, HeadSpec
+from .losses import match_grids
+from .protocols import StudentOutput, Teacher, TeacherOutput
+from .recipe import Recipe, dump_recipe
+from .registry import PluginError, Registry, get_registry
+from .schedule import build_scheduler
+
+CHECKPOINT_PREFIX = "step_"
+STATE_FILE = "trainer_state.json"
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+@dataclass
+class TeacherGroup:
+    """Teachers that share an input size and resize mode: their input is resized once."""
+
+    input_size: tuple[int, int]
+    resize_mode: str
+    names: list[str] = field(default_factory=list)
+
+
+def group_teachers(teachers: dict[str, Teacher]) -> list[TeacherGroup]:
+    groups: dict[tuple, TeacherGroup] = {}
+    for name, t in teachers.items():
+        key = (tuple(t.input_size), t.resize_mode)
+        groups.setdefault(key, TeacherGroup(tuple(t.input_size), t.resize_mode)).names.append(name)
+    return list(groups.values())
+
+
+@dataclass
+class TrainerState:
+    """Everything besides tensors that a resumed run needs (saved as JSON in the checkpoint)."""
+
+    step: int = 0  # optimiser steps completed
+    samples_seen: int = 0  # global, all ranks
+    nonfinite_in_row: int = 0
+    skipped_steps: int = 0
+    bad_images: int = 0
+
+    def state_dict(self) -> dict:
+        return dict(self.__dict__)
+
+    def load_state_dict(self, d: dict) -> None:
+        for k, v in d.items():
+            if hasattr(self, k):
+                setattr(self, k, v)
+
+
+def build_teachers(recipe: Recipe, registry: Registry) -> dict[str, Teacher]:
+    teachers: dict[str, Teacher] = {}
+    for name, spec in recipe.teachers.items():
+        try:
+            teacher = registry.build("teacher", spec.plugin, **spec.args,
+                                     resolution=tuple(spec.resolution) if spec.resolution else None)
+        except PluginError as exc:
+            raise PluginError(f"teachers.{name}: {exc}") from None
+        if not isinstance(teacher, Teacher):
+            raise PluginError(f"teachers.{name}: plugin {spec.plugin!r} returned {type(teacher).__name__}, "
+                              "not a radio_core.Teacher")
+        teachers[name] = teacher.freeze()
+    return teachers
+
+
+def build_distiller(recipe: Recipe, teachers: dict[str, Teacher], registry: Registry) -> Distiller:
+    heads = [HeadSpec(name,
+                      t.summary_dim if recipe.teachers[name].use_summary else None,
+                      t.spatial_dim if recipe.teachers[name].use_spatial else None)
+             for name, t in teachers.items()]
+    num_cls = max(1, sum(h.summary_dim is not None for h in heads))
+    try:
+        student = registry.build("student", recipe.student.name, **recipe.student.args, num_cls_tokens=num_cls)
+    except PluginError as exc:
+        raise PluginError(f"student: {exc}") from None
+    hidden = max(d for h in heads for d in (h.summary_dim, h.spatial_dim) if d is not None)
+    summary_heads, spatial_heads = {}, {}
+    for h in heads:
+        spec = recipe.teachers[h.name].adaptor or recipe.adaptor
+        for dim, table in ((h.summary_dim, summary_heads), (h.spatial_dim, spatial_heads)):
+            if dim is not None:
+                table[h.name] = registry.build("adaptor", spec.name, in_dim=student.embed_dim, out_dim=dim,
+                                               hidden_dim=hidden, **spec.args)
+    return Distiller(student, heads, summary_heads, spatial_heads)
+
+
+def check_resolutions(recipe: Recipe, student_multiple: int) -> None:
+    for res in recipe.student.resolution:
+        if res[0] % student_multiple or res[1] % student_multiple:
+            raise ValueError(f"student.resolution: {res[0]}x{res[1]} is not a multiple of the student's "
+                             f"size multiple {student_multiple}")
+
+
+class Trainer:
+    def __init__(self, recipe: Recipe, registry: Optional[Registry] = None, resume: bool = False,
+                 accelerator: Any = None, recipe_path: str = "<recipe>") -> None:
+        from accelerate import Accelerator
+        from accelerate.utils import DistributedDataParallelKwargs
+
+        self.recipe, self.recipe_path = recipe, recipe_path
+        self.registry = registry or get_registry()
+        self.accelerator = accelerator or Accelerator(
+            mixed_precision=recipe.train.mixed_precision,
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)])
+        self.out_dir = Path(recipe.output_dir)
+        self.ckpt_dir = self.out_dir / "checkpoints"
+        self.state = TrainerState()
+        self._stop_requested = False
+        self._resume = resume
+        self._build()
+
+    # ------------------------------------------------------------------ setup
+    def _build(self) -> None:
+        r, acc = self.recipe, self.accelerator
+        torch.manual_seed(r.train.seed)
+        self.teachers = build_teachers(r, self.registry)
+        for t in self.teachers.values():
+            t.to(acc.device)
+        self.groups = group_teachers(self.teachers)
+        distiller = build_distiller(r, self.teachers, self.registry)
+        check_resolutions(r, distiller.student.size_multiple)
+        self.summary_losses = {n: self.registry.build("loss", s.summary_loss.name, **s.summary_loss.args)
+                               for n, s in r.teachers.items()}
+        self.spatial_losses = {n: self.registry.build("loss", s.spatial_loss.name, **s.spatial_loss.args)
+                               for n, s in r.teachers.items()}
+
+        opt_kwargs: dict[str, Any] = dict(lr=r.optim.lr, betas=r.optim.betas, eps=r.optim.eps,
+                                          weight_decay=r.optim.weight_decay)
+        if r.optim.fused is not None:
+            opt_kwargs["fused"] = r.optim.fused
+        optimizer = torch.optim.AdamW(self._param_groups(distiller, r.optim.weight_decay), **opt_kwargs)
+        self.distiller, self.optimizer = acc.prepare(distiller, optimizer)
+        # Not prepared: Accelerate would step it once per process; ours steps once per optimiser step.
+        self.scheduler = build_scheduler(optimizer, r.train.steps, r.schedule.warmup_steps,
+                                         r.schedule.min_lr_ratio, r.schedule.name)
+        acc.register_for_checkpointing(self.scheduler)
+
+        source = self.registry.build("dataset", r.data.source.name, **r.data.source.args)
+        self.dataset = AugmentedImages(source, self.crop_size(), r.augment.scale, r.augment.ratio, r.augment.hflip)
+
+        if self._resume:
+            self.load_latest_checkpoint()
+
+    def _param_groups(self, model: torch.nn.Module, weight_decay: float) -> list[dict]:
+        """No weight decay on biases, norms, position embeddings and tokens (1-d or named so)."""
+        decay, no_decay = [], []
+        for name, p in model.named_parameters():
+            if not p.requires_grad:
+                continue
+            skip = p.ndim <= 1 or any(k in name for k in ("pos_embed", "cls_token", "register", "token"))
+            (no_decay if skip else decay).append(p)
+        return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+    def crop_size(self) -> tuple[int, int]:
+        if self.recipe.data.crop_size:
+            return tuple(self.recipe.data.crop_size)
+        sizes = [tuple(t.input_size) for t in self.teachers.values()] + [tuple(s) for s in self.recipe.student.resolution]
+        return (max(s[0] for s in sizes), max(s[1] for s in sizes))
+
+    @property
+    def unwrapped(self) -> Distiller:
+        return self.accelerator.unwrap_model(self.distiller)
+
+    @property
+    def global_batch(self) -> int:
+        r = self.recipe
+        return r.data.batch_size * r.train.grad_accum * self.accelerator.num_processes
+
+    def loader(self, start_step: int) -> torch.utils.data.DataLoader:
+        r, acc = self.recipe, self.accelerator
+        micro = r.train.grad_accum
+        sampler = StepBatchSampler(len(self.dataset), r.data.batch_size, r.train.seed, rank=acc.process_index,
+                                   world_size=acc.num_processes, start=start_step * micro, stop=r.train.steps * micro)
+        return torch.utils.data.DataLoader(
+            self.dataset, batch_sampler=sampler, collate_fn=collate, num_workers=r.data.num_workers,
+            persistent_workers=r.data.num_workers > 0, pin_memory=acc.device.type == "cuda",
+            prefetch_factor=4 if r.data.num_workers > 0 else None)
+
+    # ------------------------------------------------------------------ one step
+    @torch.no_grad()
+    def teacher_targets(self, images01: Tensor) -> dict[str, TeacherOutput]:
+        targets = {}
+        with self.accelerator.autocast():
+            for group in self.groups:
+                g = preprocess.group_input(images01, group.input_size, group.resize_mode)
+                for name in group.names:
+                    t = self.teachers[name]
+                    out = t(preprocess.teacher_input(g, t.mean, t.std))
+                    spatial = preprocess.crop_valid(out.spatial, g.valid_fraction)
+                    targets[name] = TeacherOutput(
+                        summary=out.summary.float() if out.summary is not None else None,
+                        spatial=spatial.float())
+        return targets
+
+    def student_resolution(self, step: int) -> tuple[int, int]:
+        options = self.recipe.student.resolution
+        if len(options) == 1:
+            return tuple(options[0])
+        # Same choice on every rank (seeded by step only), so the ranks' graphs agree.
+        return tuple(options[_mix(self.recipe.train.seed, step, 0x5E5) % len(options)])
+
+    def losses(self, out: StudentOutput, preds: dict, targets: dict[str, TeacherOutput]) -> dict[str, Tensor]:
+        """Per-teacher summary and spatial losses (unweighted) plus the weighted ``total``."""
+        r = self.recipe
+        terms: dict[str, Tensor] = {}
+        total = out.patches.new_zeros(())
+        for name, target in targets.items():
+            spec = r.teachers[name]
+            target = self.unwrapped.normalize_targets(name, target)
+            pred_summary, pred_spatial = preds[name]
+            if pred_summary is not None and target.summary is not None:
+                loss = self.summary_losses[name](pred_summary, target.summary)
+                terms[f"{name}/summary"] = loss
+                total = total + spec.weight * spec.summary_weight * loss
+            if pred_spatial is not None:
+                p, t = match_grids(pred_spatial, target.spatial)
+                loss = self.spatial_losses[name](p, t)
+                terms[f"{name}/spatial"] = loss
+                total = total + spec.weight * spec.spatial_weight * loss
+        terms["total"] = total
+        return terms
+
+    def forward_losses(self, images_u8: Tensor, step: int) -> dict[str, Tensor]:
+        images01 = preprocess.to_float(images_u8.to(self.accelerator.device, non_blocking=True))
+        targets = self.teacher_targets(images01)
+        student_in = preprocess.resize(images01, self.student_resolution(step))
+        with self.accelerator.autocast():
+            out, preds = self.distiller(student_in, return_predictions=True)
+        return self.losses(out, preds, targets)
+
+    def train_step(self, batches: list[dict], step: int) -> dict[str, Tensor]:
+        acc, r = self.accelerator, self.recipe
+        # Per-step reseeding makes student-side randomness independent of history (exact resume).
+        seed = _mix(r.train.seed, step, acc.process_index)
+        torch.manual_seed(seed)
+        random.seed(seed)
+        self.distiller.train()
+        summed: dict[str, Tensor] = {}
+        for k, batch in enumerate(batches):
+            sync = k == len(batches) - 1
+            ctx = acc.no_sync(self.distiller) if not sync else contextlib.nullcontext()
+            with ctx:
+                terms = self.forward_losses(batch["image"], step)
+                acc.backward(terms["total"] / len(batches))
+            for key, v in terms.items():
+                summed[key] = summed.get(key, 0) + v.detach() / len(batches)
+        finite = bool(torch.isfinite(summed["total"]).item()) if r.train.skip_nonfinite else True
+        if not finite:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.state.skipped_steps += 1
+            self.state.nonfinite_in_row += 1
+            bad = [k for k, v in summed.items() if k != "total" and not torch.isfinite(v).item()]
+            acc.print(f"step {step}: non-finite loss from {', '.join(bad) or 'total'}; step skipped "
+                      f"({self.state.nonfinite_in_row} in a row)")
+            if self.state.nonfinite_in_row >= r.train.max_nonfinite_steps:
+                raise NonFiniteLossError(
+                    f"{self.state.nonfinite_in_row} non-finite losses in a row (from {', '.join(bad) or 'total'}); "
+                    "stopping. Lower optim.lr or enable train.grad_clip; the last checkpoint is intact.")
+        else:
+            self.state.nonfinite_in_row = 0
+            if r.train.grad_clip:
+                summed["grad_norm"] = acc.clip_grad_norm_(self.distiller.parameters(), r.train.grad_clip)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        summed["lr"] = self.scheduler.get_last_lr()[0]  # the rate this step used
+        self.scheduler.step()
+        return summed
+
+    # ------------------------------------------------------------------ loop
+    def fit(self) -> dict[str, float]:
+        acc, r = self.accelerator, self.recipe
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        if acc.is_main_process:
+            (self.out_dir / "recipe.yaml").write_text(dump_recipe(r))
+        self.registry.hook.radio_train_start(trainer=self)
+        logger = MetricsLogger(self.out_dir, r.logging, enabled=acc.is_main_process)
+        self._install_signal_handlers()
+        start = self.state.step
+        micro = r.train.grad_accum
+        it = iter(self.loader(start))
+        acc.print(f"radio-distill: {len(self.teachers)} teachers in {len(self.groups)} group(s), "
+                  f"{acc.num_processes} process(es), effective batch {self.global_batch}, "
+                  f"steps {start}->{r.train.steps}, crop {self.crop_size()}")
+        progress = _progress(start, r.train.steps, enabled=acc.is_main_process and r.logging.progress)
+        last: dict[str, float] = {}
+        t0, samples0 = time.perf_counter(), 0
+        try:
+            for step in range(start, r.train.steps):
+                batches = [next(it) for _ in range(micro)]
+                bad = sum(int((~b["valid"]).sum()) for b in batches)
+                if bad:
+                    self.state.bad_images += bad
+                    for b in batches:
+                        for e in b["errors"]:
+                            acc.print(f"skipped unreadable image: {e}")
+                terms = self.train_step(batches, step)
+                self.state.step = step + 1
+                self.state.samples_seen += self.global_batch
+                samples0 += self.global_batch
+                metrics: dict[str, float] = {}
+                done = self.state.step == r.train.steps
+                if self.state.step % r.train.log_every == 0 or done or step == start:
+                    elapsed = time.perf_counter() - t0
+                    metrics = {k: float(acc.reduce(v.float(), "mean").item()) if isinstance(v, Tensor) else float(v)
+                               for k, v in terms.items()}
+                    metrics = {("loss/" + k if k not in ("grad_norm", "lr") else k): v for k, v in metrics.items()}
+                    metrics.update(images_per_s=samples0 / max(elapsed, 1e-9),
+                                   samples=self.state.samples_seen, bad_images=self.state.bad_images)
+                    t0, samples0 = time.perf_counter(), 0
+                    logger.log(self.state.step, metrics)
+                    last = metrics
+                    progress.set_postfix(loss=f"{metrics['loss/total']:.4f}", img_s=f"{metrics['images_per_s']:.1f}")
+                progress.update(1)
+                self.registry.hook.radio_step_end(trainer=self, step=self.state.step, metrics=metrics)
+                if self.state.step % r.checkpoint.every == 0 or done or self._stop_requested:
+                    self.save_checkpoint()
+                if self._stop_requested:
+                    acc.print(f"stop requested: checkpoint written at step {self.state.step}; resume with --resume")
+                    break
+        finally:
+            progress.close()
+            logger.close()
+            self._restore_signal_handlers()
+        if self.state.step == r.train.steps and r.checkpoint.export:
+            self.export(self.out_dir / "export")
+        self.registry.hook.radio_train_end(trainer=self)
+        return last
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self) -> Path:
+        acc = self.accelerator
+        final = self.ckpt_dir / f"{CHECKPOINT_PREFIX}{self.state.step:08d}"
+        tmp = self.ckpt_dir / f".tmp-{CHECKPOINT_PREFIX}{self.state.step:08d}"
+        if acc.is_main_process:
+            self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():
+                shutil.rmtree(tmp)
+        acc.wait_for_everyone()
+        acc.save_state(str(tmp), safe_serialization=True)
+        if acc.is_main_process:
+            (tmp / STATE_FILE).write_text(json.dumps({"trainer": self.state.state_dict(),
+                                                      "recipe_steps": self.recipe.train.steps}))
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)  # atomic: a kill leaves either the old or the new directory
+            self._prune_checkpoints()
+            self.registry.hook.radio_checkpoint_saved(trainer=self, path=str(final))
+        acc.wait_for_everyone()
+        return final
+
+    def _prune_checkpoints(self) -> None:
+        for old in list_checkpoints(self.ckpt_dir)[:-self.recipe.checkpoint.keep]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def load_latest_checkpoint(self) -> Optional[Path]:
+        """Load the newest loadable checkpoint; a corrupt one is reported and the previous used."""
+        acc = self.accelerator
+        for path in reversed(list_checkpoints(self.ckpt_dir)):
+            try:
+                acc.load_state(str(path))
+                self.state.load_state_dict(json.loads((path / STATE_FILE).read_text())["trainer"])
+            except Exception as exc:  # noqa: BLE001 - fall back to an older checkpoint
+                acc.print(f"checkpoint {path} could not be loaded ({type(exc).__name__}: {exc}); trying an older one")
+                continue
+            acc.print(f"resumed from {path} (step {self.state.step})")
+            return path
+        acc.print(f"no checkpoint under {self.ckpt_dir}; starting from step 0")
+        return None
+
+    def export(self, path: Path) -> Path:
+        """Standalone student + adaptors (safetensors) with the config needed to rebuild them."""
+        from .model import save_export
+
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            save_export(self.unwrapped, self.recipe, self.teachers, path)
+        acc.wait_for_everyone()
+        return path
+
+    # ------------------------------------------------------------------ signals
+    def request_stop(self) -> None:
+        """Checkpoint after the step in flight and return from ``fit`` (what SIGTERM does)."""
+        self._stop_requested = True
+
+    def _install_signal_handlers(self) -> None:
+        self._old_handlers = {}
+
+        def request_stop(signum, frame):  # noqa: ARG001
+            if self._stop_requested:  # second signal: give up at once
+                raise KeyboardInterrupt
+            self._stop_requested = True
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._old_handlers[sig] = signal.signal(sig, request_stop)
+            except ValueError:  # not in the main thread
+                pass
+
+    def _restore_signal_handlers(self) -> None:
+        for sig, handler in getattr(self, "_old_handlers", {}).items():
+            signal.signal(sig, handler)
+
+
+def list_checkpoints(ckpt_dir: Path) -> list[Path]:
+    """Complete checkpoint directories, oldest first."""
+    if not ckpt_dir.is_dir():
+        return []
+    found = [p for p in ckpt_dir.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX)
+             and (p / STATE_FILE).is_file()]
+    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+
+
+class MetricsLogger:
+    """JSONL file + TensorBoard, on the main process only."""
+
+    def __init__(self, out_dir: Path, spec: Any, enabled: bool) -> None:
+        self.enabled = enabled
+        self.jsonl = None
+        self.tb = None
+        if not enabled:
+            return
+        if spec.jsonl:
+            self.jsonl = open(out_dir / "metrics.jsonl", "a")
+        if spec.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(out_dir / "tensorboard"))
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        if self.jsonl:
+            self.jsonl.write(json.dumps({"step": step, "time": time.time(), **metrics}) + "\n")
+            self.jsonl.flush()
+        if self.tb:
+            for k, v in metrics.items():
+                if isinstance(v, float) and math.isfinite(v):
+                    self.tb.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        if self.jsonl:
+            self.jsonl.close()
+        if self.tb:
+            self.tb.close()
+
+
+def _progress(start: int, total: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=start, disable=not enabled, desc="distill", unit="step", dynamic_ncols=True)
