@@ -271,6 +271,9 @@ def _model_at(model: type[BaseModel], loc: tuple) -> Optional[type[BaseModel]]:
 
     current: Any = model
     for part in loc:
+        if isinstance(current, tuple):  # a dict key (e.g. the teacher's name): step into the value type
+            current = current[1]
+            continue
         if not (isinstance(current, type) and issubclass(current, BaseModel)):
             return None
         field = current.model_fields.get(str(part))
