@@ -95,6 +95,8 @@ class DataSpec(Strict):
     source: ComponentSpec = Field(default_factory=lambda: ComponentSpec(name="skimage_samples"))
     batch_size: int = Field(8, ge=1, description="per-process batch size")
     num_workers: int = Field(0, ge=0)
+    #: write each rank's sample ids per step to ``samples_rank{r}.jsonl`` (audits data order).
+    log_samples: bool = False
     #: edge length the loader decodes each crop to before per-teacher resizing; None = the
     #: largest resolution any student or teacher needs.
     crop_size: Optional[Size] = None

@@ -306,6 +306,8 @@ class Trainer:
             (self.out_dir / "recipe.yaml").write_text(dump_recipe(r))
         self.registry.hook.radio_train_start(trainer=self)
         logger = MetricsLogger(self.out_dir, r.logging, enabled=acc.is_main_process)
+        sample_log = (open(self.out_dir / f"samples_rank{acc.process_index}.jsonl", "a")
+                      if r.data.log_samples else None)
         self._install_signal_handlers()
         start = self.state.step
         micro = r.train.grad_accum
@@ -325,6 +327,10 @@ class Trainer:
                     for b in batches:
                         for e in b["errors"]:
                             acc.print(f"skipped unreadable image: {e}")
+                if sample_log is not None:
+                    keys = [self.dataset.source.key(int(i)) for b in batches for i in b["index"]]
+                    sample_log.write(json.dumps({"step": step, "keys": keys}) + "\n")
+                    sample_log.flush()
                 terms = self.train_step(batches, step)
                 self.state.step = step + 1
                 self.state.samples_seen += self.global_batch
@@ -352,6 +358,8 @@ class Trainer:
         finally:
             progress.close()
             logger.close()
+            if sample_log is not None:
+                sample_log.close()
             self._restore_signal_handlers()
         if self.state.step == r.train.steps and r.checkpoint.export:
             self.export(self.out_dir / "export")
