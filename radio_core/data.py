@@ -183,23 +183,29 @@ class SampleStream:
 
 
 class StepBatchSampler(torch.utils.data.Sampler):
-    """Yields, for each (micro-)step from ``start`` on, this rank's list of SampleRefs.
+    """Yields, for each micro-step from ``start`` to ``stop``, this rank's list of SampleRefs.
 
-    Global sample numbers of micro-step ``s`` are ``s * world * batch + rank * batch + j``.
+    Sample numbers of micro-step ``s`` are ``base + s * stride + offset + j`` for j < batch_size.
+    By default ``stride = world_size * batch_size`` and ``offset = rank * batch_size``; the trainer
+    passes explicit values when ranks draw different batch sizes (teacher groups) and ``base``
+    to continue the numbering across training stages.
     """
 
     def __init__(self, length: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
-                 start: int = 0, stop: Optional[int] = None) -> None:
+                 start: int = 0, stop: Optional[int] = None, offset: Optional[int] = None,
+                 stride: Optional[int] = None, base: int = 0) -> None:
         self.stream = SampleStream(length, seed)
-        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
-        self.start, self.stop = start, stop
+        self.batch_size = batch_size
+        self.offset = rank * batch_size if offset is None else offset
+        self.stride = world_size * batch_size if stride is None else stride
+        self.base, self.start, self.stop = base, start, stop
 
     def __len__(self) -> int:
         return (self.stop - self.start) if self.stop is not None else 2**62
 
     def refs(self, step: int) -> list[SampleRef]:
-        base = step * self.world_size * self.batch_size + self.rank * self.batch_size
-        return [self.stream(base + j) for j in range(self.batch_size)]
+        first = self.base + step * self.stride + self.offset
+        return [self.stream(first + j) for j in range(self.batch_size)]
 
     def __iter__(self) -> Iterator[list[SampleRef]]:
         step = self.start

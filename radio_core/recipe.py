@@ -150,6 +150,44 @@ class LoggingSpec(Strict):
     progress: bool = True
 
 
+class GroupSpec(Strict):
+    """Teachers that run together on one partition of the ranks (AM-RADIO's teacher groups)."""
+
+    teachers: list[str]
+    #: fraction of the ranks given to this group (shares of all groups must sum to 1) ...
+    share: Optional[float] = Field(None, gt=0, le=1)
+    #: ... or an exact number of ranks.
+    ranks: Optional[int] = Field(None, ge=1)
+    #: per-rank batch size of this group (default: data.batch_size).
+    batch_size: Optional[int] = Field(None, ge=1)
+    #: student input resolution(s) on this group's ranks (default: student.resolution).
+    student_resolution: Optional[list[Size]] = None
+
+    @field_validator("student_resolution", mode="before")
+    @classmethod
+    def _res(cls, v: Any) -> Any:
+        return None if v is None else StudentSpec._res(v)
+
+
+class StageSpec(Strict):
+    """One training stage: its own teachers, groups and resolutions; the LR schedule spans
+    all stages unless ``restart_schedule``."""
+
+    name: Optional[str] = None
+    steps: int = Field(ge=1)
+    #: teachers trained in this stage (default: all of ``teachers``).
+    teachers: Optional[list[str]] = None
+    #: rank groups for this stage (default: the recipe's ``groups``, or one group).
+    groups: Optional[dict[str, GroupSpec]] = None
+    student_resolution: Optional[list[Size]] = None
+    restart_schedule: bool = False
+
+    @field_validator("student_resolution", mode="before")
+    @classmethod
+    def _res(cls, v: Any) -> Any:
+        return None if v is None else StudentSpec._res(v)
+
+
 class Recipe(Strict):
     output_dir: str = "runs/default"
     student: StudentSpec
@@ -162,6 +200,10 @@ class Recipe(Strict):
     train: TrainSpec = Field(default_factory=TrainSpec)
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
     logging: LoggingSpec = Field(default_factory=LoggingSpec)
+    #: rank groups (default: every rank runs every teacher).
+    groups: Optional[dict[str, GroupSpec]] = None
+    #: training stages (default: one stage of train.steps with every teacher).
+    stages: Optional[list[StageSpec]] = None
 
     @field_validator("teachers")
     @classmethod
@@ -169,6 +211,49 @@ class Recipe(Strict):
         if not v:
             raise ValueError("at least one teacher is required")
         return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Recipe":
+        known = set(self.teachers)
+
+        def check_names(names: list[str], where: str) -> None:
+            from .utils import closest
+
+            for n in names:
+                if n not in known:
+                    guess = closest(n, known)
+                    hint = f"; did you mean {guess!r}?" if guess else ""
+                    raise ValueError(f"{where}: teacher {n!r} is not defined under teachers "
+                                     f"({', '.join(sorted(known))}){hint}")
+
+        def check_groups(groups: dict[str, GroupSpec], stage_teachers: list[str], where: str) -> None:
+            seen: list[str] = []
+            for gname, g in groups.items():
+                check_names(g.teachers, f"{where}.{gname}.teachers")
+                seen += g.teachers
+                if g.share is not None and g.ranks is not None:
+                    raise ValueError(f"{where}.{gname}: give share or ranks, not both")
+            missing = set(stage_teachers) - set(seen)
+            if missing:
+                raise ValueError(f"{where}: teachers {sorted(missing)} are in no group")
+            shares = [g.share for g in groups.values() if g.share is not None]
+            if shares and len(shares) == len(groups) and abs(sum(shares) - 1) > 1e-6:
+                raise ValueError(f"{where}: group shares sum to {sum(shares):g}, not 1")
+
+        if self.groups:
+            check_groups(self.groups, list(self.teachers) if not self.stages else [], "groups")
+        if self.stages:
+            total = sum(s.steps for s in self.stages)
+            if "steps" in self.train.model_fields_set and self.train.steps != total:
+                raise ValueError(f"train.steps is {self.train.steps} but the stages add up to {total} steps")
+            self.train.steps = total
+            for i, st in enumerate(self.stages):
+                stage_teachers = st.teachers if st.teachers is not None else list(self.teachers)
+                check_names(stage_teachers, f"stages.{i}.teachers")
+                groups = st.groups or self.groups
+                if groups:
+                    check_groups(groups, stage_teachers, f"stages.{i}.groups" if st.groups else "groups")
+        return self
 
 
 # ---------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
@@ -18,5 +19,6 @@ def lr_multiplier(step: int, total: int, warmup: int, min_ratio: float, name: st
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def build_scheduler(optimizer: Optimizer, total: int, warmup: int, min_ratio: float, name: str) -> LambdaLR:
-    return LambdaLR(optimizer, lambda s: lr_multiplier(s, total, warmup, min_ratio, name))
+def build_scheduler(optimizer: Optimizer, multiplier: Callable[[int], float]) -> LambdaLR:
+    """``multiplier(step)`` scales the base LR; the step count is saved with the checkpoint."""
+    return LambdaLR(optimizer, multiplier)

@@ -31,10 +31,11 @@ from . import preprocess
 from .data import AugmentedImages, StepBatchSampler, _mix, collate
 from .distiller import Distiller, HeadSpec
 from .losses import match_grids
-from .protocols import StudentOutput, Teacher, TeacherOutput
+from .protocols import Teacher, TeacherOutput
 from .recipe import Recipe, dump_recipe
 from .registry import PluginError, Registry, get_registry
-from .schedule import build_scheduler
+from .partition import Slot, StagePlan, describe, plan_stages, stage_at
+from .schedule import build_scheduler, lr_multiplier
 
 CHECKPOINT_PREFIX = "step_"
 STATE_FILE = "trainer_state.json"
@@ -80,26 +81,40 @@ class TrainerState:
                 setattr(self, k, v)
 
 
-def build_teachers(recipe: Recipe, registry: Registry) -> dict[str, Teacher]:
-    teachers: dict[str, Teacher] = {}
-    for name, spec in recipe.teachers.items():
-        try:
-            teacher = registry.build("teacher", spec.plugin, **spec.args,
-                                     resolution=tuple(spec.resolution) if spec.resolution else None)
-        except PluginError as exc:
-            raise PluginError(f"teachers.{name}: {exc}") from None
-        if not isinstance(teacher, Teacher):
-            raise PluginError(f"teachers.{name}: plugin {spec.plugin!r} returned {type(teacher).__name__}, "
-                              "not a radio_core.Teacher")
-        teachers[name] = teacher.freeze()
-    return teachers
+def build_teacher(recipe: Recipe, name: str, registry: Registry, meta: bool = False) -> Teacher:
+    """Build (and freeze) one teacher; ``meta=True`` builds its architecture without weights,
+    only to learn its dimensions (plugins that don't support it are built for real)."""
+    spec = recipe.teachers[name]
+    kwargs: dict[str, Any] = dict(spec.args, resolution=tuple(spec.resolution) if spec.resolution else None)
+    if meta and accepts_kwarg(registry.get("teacher", spec.plugin).factory, "meta"):
+        kwargs["meta"] = True
+    try:
+        teacher = registry.build("teacher", spec.plugin, **kwargs)
+    except PluginError as exc:
+        raise PluginError(f"teachers.{name}: {exc}") from None
+    if not isinstance(teacher, Teacher):
+        raise PluginError(f"teachers.{name}: plugin {spec.plugin!r} returned {type(teacher).__name__}, "
+                          "not a radio_core.Teacher")
+    return teacher.freeze()
 
 
-def build_distiller(recipe: Recipe, teachers: dict[str, Teacher], registry: Registry) -> Distiller:
+def accepts_kwarg(fn: Any, name: str) -> bool:
+    """Whether ``fn`` names the parameter explicitly (a ``**kwargs`` catch-all does not count)."""
+    import inspect
+
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in params
+
+
+def build_distiller(recipe: Recipe, dims: dict[str, tuple[Optional[int], int]], registry: Registry) -> Distiller:
+    """Student + heads for every teacher of every stage (``dims``: name -> (summary, spatial))."""
     heads = [HeadSpec(name,
-                      t.summary_dim if recipe.teachers[name].use_summary else None,
-                      t.spatial_dim if recipe.teachers[name].use_spatial else None)
-             for name, t in teachers.items()]
+                      summary if recipe.teachers[name].use_summary else None,
+                      spatial if recipe.teachers[name].use_spatial else None)
+             for name, (summary, spatial) in dims.items()]
     num_cls = max(1, sum(h.summary_dim is not None for h in heads))
     try:
         student = registry.build("student", recipe.student.name, **recipe.student.args, num_cls_tokens=num_cls)
@@ -116,11 +131,25 @@ def build_distiller(recipe: Recipe, teachers: dict[str, Teacher], registry: Regi
     return Distiller(student, heads, summary_heads, spatial_heads)
 
 
-def check_resolutions(recipe: Recipe, student_multiple: int) -> None:
-    for res in recipe.student.resolution:
-        if res[0] % student_multiple or res[1] % student_multiple:
-            raise ValueError(f"student.resolution: {res[0]}x{res[1]} is not a multiple of the student's "
-                             f"size multiple {student_multiple}")
+def check_resolutions(plans: list[StagePlan], student_multiple: int) -> None:
+    for plan in plans:
+        for slots in plan.rank_slots:
+            for slot in slots:
+                for res in slot.student_resolution:
+                    if res[0] % student_multiple or res[1] % student_multiple:
+                        raise ValueError(f"student.resolution: {res[0]}x{res[1]} (stage {plan.name}, group "
+                                         f"{slot.group}) is not a multiple of the student's size multiple "
+                                         f"{student_multiple}")
+
+
+@dataclass
+class SlotRuntime:
+    """What a rank needs to run one slot: its teachers grouped by input size, and its data."""
+
+    slot: Slot
+    resize_sets: list[TeacherGroup]
+    dataset: AugmentedImages
+    iterator: Any = None
 
 
 class Trainer:
@@ -132,6 +161,8 @@ class Trainer:
         self.recipe, self.recipe_path = recipe, recipe_path
         self.registry = registry or get_registry()
         self.accelerator = accelerator or Accelerator(
+            # Without this, torchrun on a machine with no GPU silently gives N single processes.
+            cpu=not torch.cuda.is_available(),
             mixed_precision=recipe.train.mixed_precision,
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)])
         self.out_dir = Path(recipe.output_dir)
@@ -139,18 +170,30 @@ class Trainer:
         self.state = TrainerState()
         self._stop_requested = False
         self._resume = resume
+        self.teachers: dict[str, Teacher] = {}
+        self.stage: Optional[StagePlan] = None
         self._build()
 
     # ------------------------------------------------------------------ setup
     def _build(self) -> None:
         r, acc = self.recipe, self.accelerator
+        self.plans = plan_stages(r, acc.num_processes)
         torch.manual_seed(r.train.seed)
-        self.teachers = build_teachers(r, self.registry)
-        for t in self.teachers.values():
-            t.to(acc.device)
-        self.groups = group_teachers(self.teachers)
-        distiller = build_distiller(r, self.teachers, self.registry)
-        check_resolutions(r, distiller.student.size_multiple)
+        all_teachers = [t for t in r.teachers if any(t in p.teachers for p in self.plans)]
+        mine = {t for p in self.plans for slot in p.rank_slots[acc.process_index] for t in slot.teachers}
+        dims: dict[str, tuple[Optional[int], int]] = {}
+        for name in all_teachers:
+            if name in mine:
+                self.teachers[name] = build_teacher(r, name, self.registry).to(acc.device)
+                t = self.teachers[name]
+            else:  # another rank runs it; this rank only needs its dimensions for the heads
+                t = build_teacher(r, name, self.registry, meta=True)
+            dims[name] = (t.summary_dim, t.spatial_dim)
+            if name not in mine:
+                del t
+        torch.manual_seed(r.train.seed)  # same student/head init on every rank, whatever was built
+        distiller = build_distiller(r, dims, self.registry)
+        check_resolutions(self.plans, distiller.student.size_multiple)
         self.summary_losses = {n: self.registry.build("loss", s.summary_loss.name, **s.summary_loss.args)
                                for n, s in r.teachers.items()}
         self.spatial_losses = {n: self.registry.build("loss", s.spatial_loss.name, **s.spatial_loss.args)
@@ -163,15 +206,20 @@ class Trainer:
         optimizer = torch.optim.AdamW(self._param_groups(distiller, r.optim.weight_decay), **opt_kwargs)
         self.distiller, self.optimizer = acc.prepare(distiller, optimizer)
         # Not prepared: Accelerate would step it once per process; ours steps once per optimiser step.
-        self.scheduler = build_scheduler(optimizer, r.train.steps, r.schedule.warmup_steps,
-                                         r.schedule.min_lr_ratio, r.schedule.name)
+        self.scheduler = build_scheduler(optimizer, self.lr_multiplier)
         acc.register_for_checkpointing(self.scheduler)
-
-        source = self.registry.build("dataset", r.data.source.name, **r.data.source.args)
-        self.dataset = AugmentedImages(source, self.crop_size(), r.augment.scale, r.augment.ratio, r.augment.hflip)
+        self.source = self.registry.build("dataset", r.data.source.name, **r.data.source.args)
 
         if self._resume:
             self.load_latest_checkpoint()
+
+    def lr_multiplier(self, step: int) -> float:
+        sched = self.recipe.schedule
+        plan = stage_at(self.plans, step) or self.plans[-1]
+        if plan.restart_schedule:
+            return lr_multiplier(step - plan.start_step, plan.steps, sched.warmup_steps, sched.min_lr_ratio,
+                                 sched.name)
+        return lr_multiplier(step, self.recipe.train.steps, sched.warmup_steps, sched.min_lr_ratio, sched.name)
 
     def _param_groups(self, model: torch.nn.Module, weight_decay: float) -> list[dict]:
         """No weight decay on biases, norms, position embeddings and tokens (1-d or named so)."""
@@ -183,37 +231,46 @@ class Trainer:
             (no_decay if skip else decay).append(p)
         return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
-    def crop_size(self) -> tuple[int, int]:
+    def crop_size(self, slot: Slot) -> tuple[int, int]:
         if self.recipe.data.crop_size:
             return tuple(self.recipe.data.crop_size)
-        sizes = [tuple(t.input_size) for t in self.teachers.values()] + [tuple(s) for s in self.recipe.student.resolution]
+        sizes = [tuple(self.teachers[t].input_size) for t in slot.teachers] + list(slot.student_resolution)
         return (max(s[0] for s in sizes), max(s[1] for s in sizes))
 
     @property
     def unwrapped(self) -> Distiller:
         return self.accelerator.unwrap_model(self.distiller)
 
-    @property
-    def global_batch(self) -> int:
-        r = self.recipe
-        return r.data.batch_size * r.train.grad_accum * self.accelerator.num_processes
+    def effective_batch(self, plan: Optional[StagePlan] = None) -> int:
+        plan = plan or self.stage or self.plans[0]
+        return plan.consumption * self.recipe.train.grad_accum
 
-    def loader(self, start_step: int) -> torch.utils.data.DataLoader:
+    def enter_stage(self, plan: StagePlan, step: int) -> list[SlotRuntime]:
+        """Build this rank's slots for ``plan`` with loaders positioned at ``step``."""
         r, acc = self.recipe, self.accelerator
+        self.stage = plan
         micro = r.train.grad_accum
-        sampler = StepBatchSampler(len(self.dataset), r.data.batch_size, r.train.seed, rank=acc.process_index,
-                                   world_size=acc.num_processes, start=start_step * micro, stop=r.train.steps * micro)
-        return torch.utils.data.DataLoader(
-            self.dataset, batch_sampler=sampler, collate_fn=collate, num_workers=r.data.num_workers,
-            persistent_workers=r.data.num_workers > 0, pin_memory=acc.device.type == "cuda",
-            prefetch_factor=4 if r.data.num_workers > 0 else None)
+        runtimes = []
+        for slot in plan.rank_slots[acc.process_index]:
+            teachers = {t: self.teachers[t] for t in slot.teachers}
+            dataset = AugmentedImages(self.source, self.crop_size(slot), r.augment.scale, r.augment.ratio,
+                                      r.augment.hflip)
+            sampler = StepBatchSampler(len(self.source), slot.batch_size, r.train.seed, offset=slot.offset,
+                                       stride=plan.consumption, base=plan.number_base,
+                                       start=(step - plan.start_step) * micro, stop=plan.steps * micro)
+            loader = torch.utils.data.DataLoader(
+                dataset, batch_sampler=sampler, collate_fn=collate, num_workers=r.data.num_workers,
+                persistent_workers=r.data.num_workers > 0, pin_memory=acc.device.type == "cuda",
+                prefetch_factor=4 if r.data.num_workers > 0 else None)
+            runtimes.append(SlotRuntime(slot, group_teachers(teachers), dataset, iter(loader)))
+        return runtimes
 
     # ------------------------------------------------------------------ one step
     @torch.no_grad()
-    def teacher_targets(self, images01: Tensor) -> dict[str, TeacherOutput]:
+    def teacher_targets(self, images01: Tensor, resize_sets: list[TeacherGroup]) -> dict[str, TeacherOutput]:
         targets = {}
         with self.accelerator.autocast():
-            for group in self.groups:
+            for group in resize_sets:
                 g = preprocess.group_input(images01, group.input_size, group.resize_mode)
                 for name in group.names:
                     t = self.teachers[name]
@@ -224,43 +281,53 @@ class Trainer:
                         spatial=spatial.float())
         return targets
 
-    def student_resolution(self, step: int) -> tuple[int, int]:
-        options = self.recipe.student.resolution
+    def student_resolution(self, slot: Slot, step: int) -> tuple[int, int]:
+        options = slot.student_resolution
         if len(options) == 1:
             return tuple(options[0])
-        # Same choice on every rank (seeded by step only), so the ranks' graphs agree.
+        # Seeded by step only: every rank of a group makes the same choice.
         return tuple(options[_mix(self.recipe.train.seed, step, 0x5E5) % len(options)])
 
-    def losses(self, out: StudentOutput, preds: dict, targets: dict[str, TeacherOutput]) -> dict[str, Tensor]:
-        """Per-teacher summary and spatial losses (unweighted) plus the weighted ``total``."""
+    def losses(self, preds: dict, targets: dict[str, TeacherOutput], scale: dict[str, float]) -> dict[str, Tensor]:
+        """Per-teacher summary and spatial losses (unweighted) plus the weighted ``total``.
+
+        Heads of teachers absent from this batch get a zero-weighted term so that DDP sees
+        every parameter used on every rank (see radio_core.partition)."""
         r = self.recipe
         terms: dict[str, Tensor] = {}
-        total = out.patches.new_zeros(())
-        for name, target in targets.items():
+        total = next(iter(preds.values()))[1 if next(iter(preds.values()))[0] is None else 0].new_zeros(())
+        for name, (pred_summary, pred_spatial) in preds.items():
+            target = targets.get(name)
+            if target is None:
+                total = total + sum(0.0 * p.sum() for p in (pred_summary, pred_spatial) if p is not None)
+                continue
             spec = r.teachers[name]
             target = self.unwrapped.normalize_targets(name, target)
-            pred_summary, pred_spatial = preds[name]
+            w = spec.weight * scale.get(name, 1.0)
             if pred_summary is not None and target.summary is not None:
                 loss = self.summary_losses[name](pred_summary, target.summary)
                 terms[f"{name}/summary"] = loss
-                total = total + spec.weight * spec.summary_weight * loss
+                total = total + w * spec.summary_weight * loss
+            elif pred_summary is not None:
+                total = total + 0.0 * pred_summary.sum()
             if pred_spatial is not None:
                 p, t = match_grids(pred_spatial, target.spatial)
                 loss = self.spatial_losses[name](p, t)
                 terms[f"{name}/spatial"] = loss
-                total = total + spec.weight * spec.spatial_weight * loss
+                total = total + w * spec.spatial_weight * loss
         terms["total"] = total
         return terms
 
-    def forward_losses(self, images_u8: Tensor, step: int) -> dict[str, Tensor]:
+    def forward_losses(self, rt: SlotRuntime, images_u8: Tensor, step: int) -> dict[str, Tensor]:
         images01 = preprocess.to_float(images_u8.to(self.accelerator.device, non_blocking=True))
-        targets = self.teacher_targets(images01)
-        student_in = preprocess.resize(images01, self.student_resolution(step))
+        targets = self.teacher_targets(images01, rt.resize_sets)
+        student_in = preprocess.resize(images01, self.student_resolution(rt.slot, step))
         with self.accelerator.autocast():
-            out, preds = self.distiller(student_in, return_predictions=True)
-        return self.losses(out, preds, targets)
+            _, preds = self.distiller(student_in, return_predictions=True)
+        return self.losses(preds, targets, self.stage.teacher_scale(self.accelerator.num_processes))
 
-    def train_step(self, batches: list[dict], step: int) -> dict[str, Tensor]:
+    def train_step(self, work: list[tuple[SlotRuntime, dict]], step: int) -> dict[str, Tensor]:
+        """One optimiser step over this rank's (slot, batch) pairs (all micro-steps)."""
         acc, r = self.accelerator, self.recipe
         # Per-step reseeding makes student-side randomness independent of history (exact resume).
         seed = _mix(r.train.seed, step, acc.process_index)
@@ -268,14 +335,18 @@ class Trainer:
         random.seed(seed)
         self.distiller.train()
         summed: dict[str, Tensor] = {}
-        for k, batch in enumerate(batches):
-            sync = k == len(batches) - 1
-            ctx = acc.no_sync(self.distiller) if not sync else contextlib.nullcontext()
-            with ctx:
-                terms = self.forward_losses(batch["image"], step)
-                acc.backward(terms["total"] / len(batches))
+        counts: dict[str, int] = {}
+        micro = r.train.grad_accum
+        for k, (rt, batch) in enumerate(work):
+            last = k == len(work) - 1
+            with (contextlib.nullcontext() if last else acc.no_sync(self.distiller)):
+                terms = self.forward_losses(rt, batch["image"], step)
+                acc.backward(terms["total"] / micro)
             for key, v in terms.items():
-                summed[key] = summed.get(key, 0) + v.detach() / len(batches)
+                summed[key] = summed.get(key, 0) + v.detach()
+                counts[key] = counts.get(key, 0) + 1
+        summed = {k: v / counts[k] for k, v in summed.items()}
+        summed["total"] = summed["total"] * len(work) / micro  # the step's objective on this rank
         finite = bool(torch.isfinite(summed["total"]).item()) if r.train.skip_nonfinite else True
         if not finite:
             self.optimizer.zero_grad(set_to_none=True)
@@ -298,63 +369,75 @@ class Trainer:
         self.scheduler.step()
         return summed
 
+    def reduce_metrics(self, terms: dict[str, Tensor]) -> dict[str, float]:
+        """Mean of each metric over the ranks that computed it (teachers differ per rank)."""
+        acc = self.accelerator
+        keys = ["total"] + [f"{t}/{h}" for t in self.stage.teachers for h in ("summary", "spatial")]
+        values = torch.zeros(2, len(keys), device=acc.device)
+        for i, k in enumerate(keys):
+            if k in terms:
+                values[0, i], values[1, i] = terms[k].float(), 1.0
+        values = acc.reduce(values, "sum")
+        out = {f"loss/{k}": float(values[0, i] / values[1, i]) for i, k in enumerate(keys) if values[1, i] > 0}
+        # Rank 0's optimiser scalars are the same everywhere.
+        for k in ("grad_norm", "lr"):
+            if k in terms:
+                out[k] = float(terms[k])
+        return out
+
     # ------------------------------------------------------------------ loop
     def fit(self) -> dict[str, float]:
         acc, r = self.accelerator, self.recipe
         self.out_dir.mkdir(parents=True, exist_ok=True)
         if acc.is_main_process:
             (self.out_dir / "recipe.yaml").write_text(dump_recipe(r))
-        self.registry.hook.radio_train_start(trainer=self)
         logger = MetricsLogger(self.out_dir, r.logging, enabled=acc.is_main_process)
         sample_log = (open(self.out_dir / f"samples_rank{acc.process_index}.jsonl", "a")
                       if r.data.log_samples else None)
         self._install_signal_handlers()
         start = self.state.step
-        micro = r.train.grad_accum
-        it = iter(self.loader(start))
-        acc.print(f"radio-distill: {len(self.teachers)} teachers in {len(self.groups)} group(s), "
-                  f"{acc.num_processes} process(es), effective batch {self.global_batch}, "
-                  f"steps {start}->{r.train.steps}, crop {self.crop_size()}")
+        acc.print(f"radio-distill: {acc.num_processes} process(es), steps {start}->{r.train.steps}\n"
+                  + describe(self.plans, r.train.grad_accum))
+        self.registry.hook.radio_train_start(trainer=self)
         progress = _progress(start, r.train.steps, enabled=acc.is_main_process and r.logging.progress)
         last: dict[str, float] = {}
         t0, samples0 = time.perf_counter(), 0
         try:
-            for step in range(start, r.train.steps):
-                batches = [next(it) for _ in range(micro)]
-                bad = sum(int((~b["valid"]).sum()) for b in batches)
-                if bad:
-                    self.state.bad_images += bad
-                    for b in batches:
-                        for e in b["errors"]:
-                            acc.print(f"skipped unreadable image: {e}")
-                if sample_log is not None:
-                    keys = [self.dataset.source.key(int(i)) for b in batches for i in b["index"]]
-                    sample_log.write(json.dumps({"step": step, "keys": keys}) + "\n")
-                    sample_log.flush()
-                terms = self.train_step(batches, step)
-                self.state.step = step + 1
-                self.state.samples_seen += self.global_batch
-                samples0 += self.global_batch
-                metrics: dict[str, float] = {}
-                done = self.state.step == r.train.steps
-                if self.state.step % r.train.log_every == 0 or done or step == start:
-                    elapsed = time.perf_counter() - t0
-                    metrics = {k: float(acc.reduce(v.float(), "mean").item()) if isinstance(v, Tensor) else float(v)
-                               for k, v in terms.items()}
-                    metrics = {("loss/" + k if k not in ("grad_norm", "lr") else k): v for k, v in metrics.items()}
-                    metrics.update(images_per_s=samples0 / max(elapsed, 1e-9),
-                                   samples=self.state.samples_seen, bad_images=self.state.bad_images)
-                    t0, samples0 = time.perf_counter(), 0
-                    logger.log(self.state.step, metrics)
-                    last = metrics
-                    progress.set_postfix(loss=f"{metrics['loss/total']:.4f}", img_s=f"{metrics['images_per_s']:.1f}")
-                progress.update(1)
-                self.registry.hook.radio_step_end(trainer=self, step=self.state.step, metrics=metrics)
-                if self.state.step % r.checkpoint.every == 0 or done or self._stop_requested:
-                    self.save_checkpoint()
-                if self._stop_requested:
-                    acc.print(f"stop requested: checkpoint written at step {self.state.step}; resume with --resume")
-                    break
+            for plan in self.plans:
+                if plan.end_step <= self.state.step:
+                    continue
+                runtimes = self.enter_stage(plan, self.state.step)
+                for step in range(self.state.step, plan.end_step):
+                    work = [(rt, next(rt.iterator)) for _ in range(r.train.grad_accum) for rt in runtimes]
+                    self._count_bad_images(work)
+                    if sample_log is not None:
+                        keys = [self.source.key(int(i)) for _, b in work for i in b["index"]]
+                        sample_log.write(json.dumps({"step": step, "keys": keys}) + "\n")
+                        sample_log.flush()
+                    terms = self.train_step(work, step)
+                    self.state.step = step + 1
+                    self.state.samples_seen += self.effective_batch(plan)
+                    samples0 += self.effective_batch(plan)
+                    metrics: dict[str, float] = {}
+                    done = self.state.step == r.train.steps
+                    if self.state.step % r.train.log_every == 0 or done or step == start:
+                        elapsed = time.perf_counter() - t0
+                        metrics = self.reduce_metrics(terms)
+                        metrics.update(images_per_s=samples0 / max(elapsed, 1e-9), samples=self.state.samples_seen,
+                                       bad_images=self.state.bad_images, stage=plan.index)
+                        t0, samples0 = time.perf_counter(), 0
+                        logger.log(self.state.step, metrics)
+                        last = metrics
+                        progress.set_postfix(loss=f"{metrics['loss/total']:.4f}",
+                                             img_s=f"{metrics['images_per_s']:.1f}")
+                    progress.update(1)
+                    self.registry.hook.radio_step_end(trainer=self, step=self.state.step, metrics=metrics)
+                    stop = self._stop_requested_anywhere()
+                    if self.state.step % r.checkpoint.every == 0 or done or stop or self.state.step == plan.end_step:
+                        self.save_checkpoint()
+                    if stop:
+                        acc.print(f"stop requested: checkpoint written at step {self.state.step}; resume with --resume")
+                        return last
         finally:
             progress.close()
             logger.close()
@@ -365,6 +448,21 @@ class Trainer:
             self.export(self.out_dir / "export")
         self.registry.hook.radio_train_end(trainer=self)
         return last
+
+    def _count_bad_images(self, work: list) -> None:
+        for _, b in work:
+            bad = int((~b["valid"]).sum())
+            if bad:
+                self.state.bad_images += bad
+                for e in b["errors"]:
+                    self.accelerator.print(f"skipped unreadable image: {e}")
+
+    def _stop_requested_anywhere(self) -> bool:
+        """A signal may reach one rank only; all ranks must checkpoint and stop together."""
+        if self.accelerator.num_processes == 1:
+            return self._stop_requested
+        flag = torch.tensor([1.0 if self._stop_requested else 0.0], device=self.accelerator.device)
+        return bool(self.accelerator.reduce(flag, "sum").item() > 0)
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> Path:
