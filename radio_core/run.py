@@ -19,6 +19,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in output_dir")
     p.add_argument("--output-dir", help="shorthand for the override output_dir=...")
     p.add_argument("--validate", action="store_true", help="check the recipe and plugin names, then exit")
+    p.add_argument("--dry-run", action="store_true",
+                   help="build every model on the meta device and print FLOPs and memory per group and rank")
+    p.add_argument("--world-size", type=int, default=None,
+                   help="number of processes to plan for with --dry-run (default: this launch's)")
     return p.parse_args(argv)
 
 
@@ -40,6 +44,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     if args.validate:
         print(f"{args.recipe}: OK ({len(recipe.teachers)} teachers: {', '.join(recipe.teachers)})")
+        return 0
+    if args.dry_run:
+        from .planner import dry_run
+
+        world = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
+        try:
+            print(dry_run(recipe, registry, world))
+        except (RecipeError, PluginError, ValueError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
         return 0
 
     from .trainer import Trainer
