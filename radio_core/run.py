@@ -30,7 +30,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     from .recipe import RecipeError, load_recipe
     from .registry import PluginError, get_registry
-    from .validate import check_plugins
+    from .validate import check_recipe
 
     overrides = list(args.overrides)
     if args.output_dir:
@@ -38,7 +38,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         recipe = load_recipe(args.recipe, overrides)
         registry = get_registry()
-        check_plugins(recipe, registry, origin=args.recipe)
+        world = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
+        check_recipe(recipe, registry, world_size=world, origin=args.recipe)
     except (RecipeError, PluginError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -48,7 +49,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.dry_run:
         from .planner import dry_run
 
-        world = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
         try:
             print(dry_run(recipe, registry, world))
         except (RecipeError, PluginError, ValueError) as exc:
@@ -56,14 +56,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return 2
         return 0
 
-    from .trainer import Trainer
+    from .trainer import NonFiniteLossError, Trainer
 
     try:
         trainer = Trainer(recipe, registry=registry, resume=args.resume, recipe_path=args.recipe)
     except (PluginError, ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    metrics = trainer.fit()
+    try:
+        metrics = trainer.fit()
+    except (PluginError, NonFiniteLossError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 3
     if trainer.accelerator.is_main_process and metrics:
         summary = ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k.startswith("loss/"))
         print(f"done: step {trainer.state.step}; {summary}; outputs in {os.path.abspath(recipe.output_dir)}")

@@ -98,6 +98,23 @@ def build_teacher(recipe: Recipe, name: str, registry: Registry, meta: bool = Fa
     return teacher.freeze()
 
 
+def check_teacher_output(name: str, plugin: str, teacher: Teacher, out: Any, batch: int) -> None:
+    """Shape checks only (no host sync): a plugin that breaks the protocol is named."""
+    where = f"teachers.{name} (plugin {plugin!r})"
+    if not isinstance(out, TeacherOutput):
+        raise PluginError(f"{where}: forward returned {type(out).__name__}, not a TeacherOutput")
+    sp = out.spatial
+    if sp.dim() != 4 or sp.shape[0] != batch or sp.shape[1] != teacher.spatial_dim:
+        raise PluginError(f"{where}: spatial output has shape {tuple(sp.shape)}; expected "
+                          f"({batch}, spatial_dim={teacher.spatial_dim}, h, w)")
+    if teacher.summary_dim is None:
+        return
+    sm = out.summary
+    if sm is None or tuple(sm.shape) != (batch, teacher.summary_dim):
+        got = None if sm is None else tuple(sm.shape)
+        raise PluginError(f"{where}: summary output has shape {got}; expected ({batch}, {teacher.summary_dim})")
+
+
 def accepts_kwarg(fn: Any, name: str) -> bool:
     """Whether ``fn`` names the parameter explicitly (a ``**kwargs`` catch-all does not count)."""
     import inspect
@@ -207,7 +224,8 @@ class Trainer:
         self.distiller, self.optimizer = acc.prepare(distiller, optimizer)
         # Not prepared: Accelerate would step it once per process; ours steps once per optimiser step.
         self.scheduler = build_scheduler(optimizer, self.lr_multiplier)
-        acc.register_for_checkpointing(self.scheduler)
+        # Its state goes into trainer_state.json: Accelerate unpickles registered objects with
+        # weights_only=False, and a checkpoint must never be able to run code.
         self.source = self.registry.build("dataset", r.data.source.name, **r.data.source.args)
 
         if self._resume:
@@ -275,6 +293,7 @@ class Trainer:
                 for name in group.names:
                     t = self.teachers[name]
                     out = t(preprocess.teacher_input(g, t.mean, t.std))
+                    check_teacher_output(name, self.recipe.teachers[name].plugin, t, out, images01.shape[0])
                     spatial = preprocess.crop_valid(out.spatial, g.valid_fraction)
                     targets[name] = TeacherOutput(
                         summary=out.summary.float() if out.summary is not None else None,
@@ -477,6 +496,7 @@ class Trainer:
         acc.save_state(str(tmp), safe_serialization=True)
         if acc.is_main_process:
             (tmp / STATE_FILE).write_text(json.dumps({"trainer": self.state.state_dict(),
+                                                      "scheduler": self.scheduler.state_dict(),
                                                       "recipe_steps": self.recipe.train.steps}))
             if final.exists():
                 shutil.rmtree(final)
@@ -495,8 +515,10 @@ class Trainer:
         acc = self.accelerator
         for path in reversed(list_checkpoints(self.ckpt_dir)):
             try:
-                acc.load_state(str(path))
-                self.state.load_state_dict(json.loads((path / STATE_FILE).read_text())["trainer"])
+                saved = json.loads((path / STATE_FILE).read_text())
+                acc.load_state(str(path))  # safetensors model; optimizer and RNG via weights_only=True
+                self.state.load_state_dict(saved["trainer"])
+                self.scheduler.load_state_dict(saved["scheduler"])
             except Exception as exc:  # noqa: BLE001 - fall back to an older checkpoint
                 acc.print(f"checkpoint {path} could not be loaded ({type(exc).__name__}: {exc}); trying an older one")
                 continue

@@ -24,3 +24,31 @@ def check_plugins(recipe: Recipe, registry: Registry, origin: str = "<recipe>") 
             need("adaptor", t.adaptor.name, f"teachers.{tname}.adaptor.name")
     if problems:
         raise RecipeError("\n".join(problems))
+
+
+def check_recipe(recipe: Recipe, registry: Registry, world_size: int = 1, origin: str = "<recipe>") -> None:
+    """Everything that can be checked before any model is built with weights: plugin names,
+    the rank partition for ``world_size``, and student resolutions against the student's
+    size multiple (the student is built on the meta device for that)."""
+    import torch
+
+    from .partition import plan_stages
+
+    check_plugins(recipe, registry, origin)
+    try:
+        plans = plan_stages(recipe, world_size)
+    except RecipeError as exc:
+        raise RecipeError(f"{origin}: {exc}") from None
+    with torch.device("meta"):
+        student = registry.build("student", recipe.student.name, **recipe.student.args, num_cls_tokens=1)
+    multiple = student.size_multiple
+    for plan in plans:
+        for slots in plan.rank_slots:
+            for slot in slots:
+                for h, w in slot.student_resolution:
+                    if h % multiple or w % multiple:
+                        near = (max(multiple, round(h / multiple) * multiple), max(multiple, round(w / multiple) * multiple))
+                        raise RecipeError(
+                            f"{origin}: student.resolution: {h}x{w} (group {slot.group}) is not a multiple of "
+                            f"{multiple}, the input size multiple of student {recipe.student.name!r}; "
+                            f"nearest valid: {near[0]}x{near[1]}")
