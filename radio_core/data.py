@@ -163,15 +163,22 @@ class SampleRef:
     number: int  # global sample number
     index: int
     aug_seed: int
+    #: with a fixed number of views per image (teacher-feature caches): which view, else -1.
+    view: int = -1
+
+
+def view_seed(seed: int, index: int, view: int) -> int:
+    """Augmentation seed of fixed view ``view`` of image ``index``."""
+    return _mix(seed, index, view, 0xCAC4E)
 
 
 class SampleStream:
     """Maps global sample numbers to (image index, augmentation seed), epoch by epoch."""
 
-    def __init__(self, length: int, seed: int) -> None:
+    def __init__(self, length: int, seed: int, views: Optional[int] = None) -> None:
         if length <= 0:
             raise ValueError("dataset is empty")
-        self.length, self.seed = length, seed
+        self.length, self.seed, self.views = length, seed, views
         self._perm_epoch, self._perm = -1, None
 
     def __call__(self, number: int) -> SampleRef:
@@ -179,7 +186,13 @@ class SampleStream:
         if epoch != self._perm_epoch:
             g = torch.Generator().manual_seed(_mix(self.seed, epoch, 0xDA7A))
             self._perm, self._perm_epoch = torch.randperm(self.length, generator=g), epoch
-        return SampleRef(number, int(self._perm[pos]), _mix(self.seed, number, 0xA06))
+        index = int(self._perm[pos])
+        if self.views:
+            # K fixed augmentations per image: the crop depends on (image, view) only, so a
+            # teacher-feature cache computed for these seeds matches online teachers exactly.
+            view = _mix(self.seed, number, 0x71E) % self.views
+            return SampleRef(number, index, view_seed(self.seed, index, view), view)
+        return SampleRef(number, index, _mix(self.seed, number, 0xA06))
 
 
 class StepBatchSampler(torch.utils.data.Sampler):
@@ -193,8 +206,8 @@ class StepBatchSampler(torch.utils.data.Sampler):
 
     def __init__(self, length: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
                  start: int = 0, stop: Optional[int] = None, offset: Optional[int] = None,
-                 stride: Optional[int] = None, base: int = 0) -> None:
-        self.stream = SampleStream(length, seed)
+                 stride: Optional[int] = None, base: int = 0, views: Optional[int] = None) -> None:
+        self.stream = SampleStream(length, seed, views)
         self.batch_size = batch_size
         self.offset = rank * batch_size if offset is None else offset
         self.stride = world_size * batch_size if stride is None else stride
@@ -251,10 +264,12 @@ class AugmentedImages(torch.utils.data.Dataset):
     """
 
     def __init__(self, source: ImageSource, crop_size: tuple[int, int], scale=(0.25, 1.0),
-                 ratio=(3 / 4, 4 / 3), hflip: float = 0.5) -> None:
+                 ratio=(3 / 4, 4 / 3), hflip: float = 0.5, cache=None) -> None:
         self.source, self.crop_size = source, crop_size
         self.scale, self.ratio, self.hflip = scale, ratio, hflip
-        self.skipped = 0
+        #: optional ``radio_core.cache.FeatureCache``: cached teacher targets are read here, in
+        #: the loader workers, for samples with a fixed view.
+        self.cache = cache
 
     def __len__(self) -> int:
         return len(self.source)
@@ -270,14 +285,16 @@ class AugmentedImages(torch.utils.data.Dataset):
         return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
 
     def __getitem__(self, ref: SampleRef) -> dict:
+        item = {"index": ref.index, "number": ref.number, "view": ref.view}
+        if self.cache is not None:
+            item["targets"] = self.cache.read(ref.index, ref.view)
         try:
             img = self.source.load(ref.index)
         except (OSError, ValueError, SyntaxError) as exc:
             # A broken file must not kill a long run: use a black image and flag it.
-            return {"image": torch.zeros(3, *self.crop_size, dtype=torch.uint8), "index": ref.index,
-                    "number": ref.number, "valid": False, "error": f"{type(exc).__name__}: {exc}"}
-        return {"image": self.augment(img, ref.aug_seed), "index": ref.index, "number": ref.number,
-                "valid": True, "error": ""}
+            return {**item, "image": torch.zeros(3, *self.crop_size, dtype=torch.uint8), "valid": False,
+                    "error": f"{type(exc).__name__}: {exc}"}
+        return {**item, "image": self.augment(img, ref.aug_seed), "valid": True, "error": ""}
 
 
 def collate(items: list[dict]) -> dict:
@@ -285,8 +302,12 @@ def collate(items: list[dict]) -> dict:
         "image": torch.stack([it["image"] for it in items]),
         "index": torch.tensor([it["index"] for it in items]),
         "number": torch.tensor([it["number"] for it in items]),
+        "view": torch.tensor([it["view"] for it in items]),
         "valid": torch.tensor([it["valid"] for it in items]),
         "errors": [it["error"] for it in items if it["error"]],
+        **({"targets": {name: tuple(None if parts[0] is None else torch.stack(parts)
+                                    for parts in zip(*(it["targets"][name] for it in items)))
+                        for name in items[0]["targets"]}} if "targets" in items[0] else {}),
     }
 
 

@@ -81,6 +81,9 @@ class AugmentSpec(Strict):
     scale: tuple[float, float] = (0.25, 1.0)
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
     hflip: float = Field(0.5, ge=0, le=1)
+    #: K fixed augmentations per image instead of a fresh one per sample (what a teacher-feature
+    #: cache stores; set it to compare cached and online training on the same crops).
+    views: Optional[int] = Field(None, ge=1)
 
     @model_validator(mode="after")
     def _ranges(self) -> "AugmentSpec":
@@ -144,6 +147,17 @@ class CheckpointSpec(Strict):
     export: bool = True
 
 
+class CacheSpec(Strict):
+    """Read some teachers' targets from a cache built by ``python -m radio_core.cache``."""
+
+    path: str
+    #: teachers served from the cache (default: every recipe teacher the cache holds); the
+    #: others run online.
+    teachers: Optional[list[str]] = None
+    #: rebuild each cached teacher once at start to check its weights fingerprint.
+    verify: bool = True
+
+
 class LoggingSpec(Strict):
     tensorboard: bool = True
     jsonl: bool = True
@@ -200,6 +214,7 @@ class Recipe(Strict):
     train: TrainSpec = Field(default_factory=TrainSpec)
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
     logging: LoggingSpec = Field(default_factory=LoggingSpec)
+    cache: Optional[CacheSpec] = None
     #: rank groups (default: every rank runs every teacher).
     groups: Optional[dict[str, GroupSpec]] = None
     #: training stages (default: one stage of train.steps with every teacher).

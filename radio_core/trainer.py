@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from . import preprocess
+from .cache import CacheMismatchError, FeatureCache, compute_targets, run_identity
 from .data import AugmentedImages, StepBatchSampler, _mix, collate
 from .distiller import Distiller, HeadSpec
 from .losses import match_grids
@@ -199,7 +200,11 @@ class Trainer:
         all_teachers = [t for t in r.teachers if any(t in p.teachers for p in self.plans)]
         mine = {t for p in self.plans for slot in p.rank_slots[acc.process_index] for t in slot.teachers}
         dims: dict[str, tuple[Optional[int], int]] = {}
+        self.cache, self.cached = self._open_cache(all_teachers)
         for name in all_teachers:
+            if name in self.cached:
+                dims[name] = self.cache.dims(name)
+                continue
             if name in mine:
                 self.teachers[name] = build_teacher(r, name, self.registry).to(acc.device)
                 t = self.teachers[name]
@@ -227,9 +232,39 @@ class Trainer:
         # Its state goes into trainer_state.json: Accelerate unpickles registered objects with
         # weights_only=False, and a checkpoint must never be able to run code.
         self.source = self.registry.build("dataset", r.data.source.name, **r.data.source.args)
+        if self.cache is not None and r.cache.verify:
+            self._verify_cache()
 
         if self._resume:
             self.load_latest_checkpoint()
+
+    def _open_cache(self, all_teachers: list[str]) -> tuple[Optional[FeatureCache], set[str]]:
+        spec = self.recipe.cache
+        if spec is None:
+            return None, set()
+        cache = FeatureCache(spec.path)
+        names = spec.teachers if spec.teachers is not None else [t for t in all_teachers if t in cache.teachers]
+        for n in names:
+            if n not in cache.teachers:
+                raise CacheMismatchError(f"cache.teachers: {n!r} is not in the cache at {spec.path} "
+                                         f"(it holds {', '.join(cache.teachers)})")
+        views = self.recipe.augment.views
+        if views is not None and views != cache.views:
+            raise CacheMismatchError(f"augment.views is {views} but the cache at {spec.path} holds {cache.views} views")
+        return cache, set(names)
+
+    def _verify_cache(self) -> None:
+        """Rebuild each cached teacher once (weights, no forward) and compare fingerprints, data,
+        augmentation, seed and crop size with the cache's index."""
+        teachers = {n: build_teacher(self.recipe, n, self.registry) for n in self.cached}
+        crops = {tuple(self.crop_size(s)) for p in self.plans for s in p.rank_slots[self.accelerator.process_index]}
+        crop = tuple(self.cache.index["augment"]["crop_size"])
+        if crops != {crop}:
+            raise CacheMismatchError(f"data.crop_size: this run crops {sorted(crops)}, the cache at "
+                                     f"{self.cache.path} holds {crop[0]}x{crop[1]} crops; set data.crop_size "
+                                     f"to [{crop[0]}, {crop[1]}]")
+        self.cache.verify(run_identity(self.recipe, self.source, teachers, crop, self.cache.views))
+        del teachers
 
     def lr_multiplier(self, step: int) -> float:
         sched = self.recipe.schedule
@@ -252,6 +287,8 @@ class Trainer:
     def crop_size(self, slot: Slot) -> tuple[int, int]:
         if self.recipe.data.crop_size:
             return tuple(self.recipe.data.crop_size)
+        if self.cache is not None and any(t in self.cached for t in slot.teachers):
+            return tuple(self.cache.index["augment"]["crop_size"])
         sizes = [tuple(self.teachers[t].input_size) for t in slot.teachers] + list(slot.student_resolution)
         return (max(s[0] for s in sizes), max(s[1] for s in sizes))
 
@@ -270,12 +307,14 @@ class Trainer:
         micro = r.train.grad_accum
         runtimes = []
         for slot in plan.rank_slots[acc.process_index]:
-            teachers = {t: self.teachers[t] for t in slot.teachers}
+            teachers = {t: self.teachers[t] for t in slot.teachers if t not in self.cached}
+            uses_cache = any(t in self.cached for t in slot.teachers)
             dataset = AugmentedImages(self.source, self.crop_size(slot), r.augment.scale, r.augment.ratio,
-                                      r.augment.hflip)
+                                      r.augment.hflip, cache=self.cache if uses_cache else None)
+            views = self.cache.views if self.cache is not None else r.augment.views
             sampler = StepBatchSampler(len(self.source), slot.batch_size, r.train.seed, offset=slot.offset,
                                        stride=plan.consumption, base=plan.number_base,
-                                       start=(step - plan.start_step) * micro, stop=plan.steps * micro)
+                                       start=(step - plan.start_step) * micro, stop=plan.steps * micro, views=views)
             loader = torch.utils.data.DataLoader(
                 dataset, batch_sampler=sampler, collate_fn=collate, num_workers=r.data.num_workers,
                 persistent_workers=r.data.num_workers > 0, pin_memory=acc.device.type == "cuda",
@@ -286,19 +325,10 @@ class Trainer:
     # ------------------------------------------------------------------ one step
     @torch.no_grad()
     def teacher_targets(self, images01: Tensor, resize_sets: list[TeacherGroup]) -> dict[str, TeacherOutput]:
-        targets = {}
-        with self.accelerator.autocast():
-            for group in resize_sets:
-                g = preprocess.group_input(images01, group.input_size, group.resize_mode)
-                for name in group.names:
-                    t = self.teachers[name]
-                    out = t(preprocess.teacher_input(g, t.mean, t.std))
-                    check_teacher_output(name, self.recipe.teachers[name].plugin, t, out, images01.shape[0])
-                    spatial = preprocess.crop_valid(out.spatial, g.valid_fraction)
-                    targets[name] = TeacherOutput(
-                        summary=out.summary.float() if out.summary is not None else None,
-                        spatial=spatial.float())
-        return targets
+        def check(name: str, teacher: Teacher, out: Any, batch: int) -> None:
+            check_teacher_output(name, self.recipe.teachers[name].plugin, teacher, out, batch)
+
+        return compute_targets(self.teachers, resize_sets, images01, self.accelerator.autocast(), check)
 
     def student_resolution(self, slot: Slot, step: int) -> tuple[int, int]:
         options = slot.student_resolution
@@ -337,9 +367,15 @@ class Trainer:
         terms["total"] = total
         return terms
 
-    def forward_losses(self, rt: SlotRuntime, images_u8: Tensor, step: int) -> dict[str, Tensor]:
-        images01 = preprocess.to_float(images_u8.to(self.accelerator.device, non_blocking=True))
+    def forward_losses(self, rt: SlotRuntime, batch: dict, step: int) -> dict[str, Tensor]:
+        device = self.accelerator.device
+        images01 = preprocess.to_float(batch["image"].to(device, non_blocking=True))
         targets = self.teacher_targets(images01, rt.resize_sets)
+        for name in rt.slot.teachers:
+            if name in self.cached:
+                summary, spatial = batch["targets"][name]
+                targets[name] = TeacherOutput(summary=None if summary is None else summary.to(device).float(),
+                                              spatial=spatial.to(device).float())
         student_in = preprocess.resize(images01, self.student_resolution(rt.slot, step))
         with self.accelerator.autocast():
             _, preds = self.distiller(student_in, return_predictions=True)
@@ -359,7 +395,7 @@ class Trainer:
         for k, (rt, batch) in enumerate(work):
             last = k == len(work) - 1
             with (contextlib.nullcontext() if last else acc.no_sync(self.distiller)):
-                terms = self.forward_losses(rt, batch["image"], step)
+                terms = self.forward_losses(rt, batch, step)
                 acc.backward(terms["total"] / micro)
             for key, v in terms.items():
                 summed[key] = summed.get(key, 0) + v.detach()
