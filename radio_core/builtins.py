@@ -4,7 +4,7 @@ Registered through the ``radio_core`` entry-point group exactly like any third-p
 """
 from __future__ import annotations
 
-from . import adaptors, data, losses
+from . import adaptors, data, losses, shards
 from .hookspecs import hookimpl
 
 
@@ -20,3 +20,5 @@ def radio_register(registry) -> None:
     registry.add("dataset", "image_folder", data.build_image_folder)
     registry.add("dataset", "skimage_samples", data.build_skimage_samples)
     registry.add("dataset", "synthetic", data.build_synthetic)
+    registry.add("dataset", "webdataset", shards.build_webdataset)
+    registry.add("dataset", "hf_datasets", shards.build_hf_datasets)

@@ -4,6 +4,10 @@ Sampling is a pure function of (seed, global sample number): the sample number `
 epoch (``g // len``), a position in that epoch's seeded permutation, and the seed of the
 image's augmentation. A run resumed at step ``k`` therefore sees exactly the images (and
 crops) the uninterrupted run would have, whatever the number of loader workers.
+
+Any source with random access gets this; tar shards (``radio_core.shards``) get it through a
+per-member byte index, and opt in to block shuffling (shards permuted, then members within a
+few shards at a time) which needs memory per shard, not per sample.
 """
 from __future__ import annotations
 
@@ -173,26 +177,82 @@ def view_seed(seed: int, index: int, view: int) -> int:
 
 
 class SampleStream:
-    """Maps global sample numbers to (image index, augmentation seed), epoch by epoch."""
+    """Maps global sample numbers to (image index, augmentation seed), epoch by epoch.
 
-    def __init__(self, length: int, seed: int, views: Optional[int] = None) -> None:
+    Two shuffles, both seeded permutations of the whole dataset per epoch:
+
+    * global (default): ``torch.randperm(len)`` per epoch, 8 bytes per sample in memory;
+    * block (``shard_sizes`` given, from sources stored as shards): shards are permuted, taken
+      ``block_shards`` at a time, and the members of each block permuted. Memory is O(shards),
+      and consecutive sample numbers (a step's batch on every rank) read from one block, so
+      reads stay within a few files.
+    """
+
+    def __init__(self, length: int, seed: int, views: Optional[int] = None,
+                 shard_sizes: Optional[Sequence[int]] = None, block_shards: int = 1) -> None:
         if length <= 0:
             raise ValueError("dataset is empty")
         self.length, self.seed, self.views = length, seed, views
         self._perm_epoch, self._perm = -1, None
+        self.shard_sizes = None
+        if shard_sizes is not None:
+            sizes = np.asarray(list(shard_sizes), dtype=np.int64)
+            if sizes.ndim != 1 or sizes.size == 0 or (sizes <= 0).any() or int(sizes.sum()) != length:
+                raise ValueError(f"shard_sizes must be positive and sum to the dataset length {length} "
+                                 f"(got {sizes.size} shards summing to {int(sizes.sum())})")
+            if block_shards < 1:
+                raise ValueError(f"block_shards must be >= 1, got {block_shards}")
+            self.shard_sizes, self.block_shards = sizes, int(block_shards)
+            self._shard_starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+            self._blocks: dict[int, np.ndarray] = {}
 
     def __call__(self, number: int) -> SampleRef:
         epoch, pos = divmod(number, self.length)
-        if epoch != self._perm_epoch:
-            g = torch.Generator().manual_seed(_mix(self.seed, epoch, 0xDA7A))
-            self._perm, self._perm_epoch = torch.randperm(self.length, generator=g), epoch
-        index = int(self._perm[pos])
+        index = self._global_index(epoch, pos) if self.shard_sizes is None else self._block_index(epoch, pos)
         if self.views:
             # K fixed augmentations per image: the crop depends on (image, view) only, so a
             # teacher-feature cache computed for these seeds matches online teachers exactly.
             view = _mix(self.seed, number, 0x71E) % self.views
             return SampleRef(number, index, view_seed(self.seed, index, view), view)
         return SampleRef(number, index, _mix(self.seed, number, 0xA06))
+
+    def _global_index(self, epoch: int, pos: int) -> int:
+        if epoch != self._perm_epoch:
+            g = torch.Generator().manual_seed(_mix(self.seed, epoch, 0xDA7A))
+            self._perm, self._perm_epoch = torch.randperm(self.length, generator=g), epoch
+        return int(self._perm[pos])
+
+    def _block_index(self, epoch: int, pos: int) -> int:
+        if epoch != self._perm_epoch:
+            g = torch.Generator().manual_seed(_mix(self.seed, epoch, 0xB10C))
+            order = torch.randperm(len(self.shard_sizes), generator=g).numpy()
+            block_ends = np.cumsum(np.add.reduceat(self.shard_sizes[order],
+                                                   np.arange(0, len(order), self.block_shards)))
+            self._perm, self._perm_epoch = (order, block_ends), epoch
+            self._blocks.clear()
+        order, block_ends = self._perm
+        block = int(np.searchsorted(block_ends, pos, side="right"))
+        local = pos - (int(block_ends[block - 1]) if block else 0)
+        members = self._blocks.get(block)
+        if members is None:
+            shards = order[block * self.block_shards:(block + 1) * self.block_shards]
+            members = np.concatenate([np.arange(self._shard_starts[s], self._shard_starts[s] + self.shard_sizes[s])
+                                      for s in shards])
+            g = torch.Generator().manual_seed(_mix(self.seed, epoch, block, 0xB10C))
+            members = members[torch.randperm(len(members), generator=g).numpy()]
+            if len(self._blocks) >= 4:  # a batch spans at most a couple of blocks
+                self._blocks.pop(next(iter(self._blocks)))
+            self._blocks[block] = members
+        return int(members[local])
+
+
+def sampling_kwargs(source: ImageSource) -> dict:
+    """What the sampler needs from a source beyond its length: a source stored as shards opts
+    in to block shuffling by exposing ``shard_sizes`` (and optionally ``block_shards``)."""
+    sizes = getattr(source, "shard_sizes", None)
+    if sizes is None:
+        return {}
+    return {"shard_sizes": list(sizes), "block_shards": int(getattr(source, "block_shards", 1))}
 
 
 class StepBatchSampler(torch.utils.data.Sampler):
@@ -201,13 +261,15 @@ class StepBatchSampler(torch.utils.data.Sampler):
     Sample numbers of micro-step ``s`` are ``base + s * stride + offset + j`` for j < batch_size.
     By default ``stride = world_size * batch_size`` and ``offset = rank * batch_size``; the trainer
     passes explicit values when ranks draw different batch sizes (teacher groups) and ``base``
-    to continue the numbering across training stages.
+    to continue the numbering across training stages. ``shard_sizes``/``block_shards`` select
+    block shuffling (see ``SampleStream``; ``sampling_kwargs(source)`` gives them).
     """
 
     def __init__(self, length: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
                  start: int = 0, stop: Optional[int] = None, offset: Optional[int] = None,
-                 stride: Optional[int] = None, base: int = 0, views: Optional[int] = None) -> None:
-        self.stream = SampleStream(length, seed, views)
+                 stride: Optional[int] = None, base: int = 0, views: Optional[int] = None,
+                 shard_sizes: Optional[Sequence[int]] = None, block_shards: int = 1) -> None:
+        self.stream = SampleStream(length, seed, views, shard_sizes, block_shards)
         self.batch_size = batch_size
         self.offset = rank * batch_size if offset is None else offset
         self.stride = world_size * batch_size if stride is None else stride
@@ -297,6 +359,19 @@ class AugmentedImages(torch.utils.data.Dataset):
         return {**item, "image": self.augment(img, ref.aug_seed), "valid": True, "error": ""}
 
 
+def loader_worker_init(worker_id: int) -> None:  # noqa: ARG001 - DataLoader's worker_init_fn signature
+    """DataLoader ``worker_init_fn``: loader workers ignore SIGTERM and SIGINT.
+
+    Launchers signal whole process groups (torchrun signals each worker's session, a shell's
+    Ctrl-C reaches the foreground group). A decoding worker that dies on that signal makes the
+    training process fail before it can checkpoint; the training process owns stopping and
+    shuts its workers down itself."""
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def collate(items: list[dict]) -> dict:
     return {
         "image": torch.stack([it["image"] for it in items]),
@@ -327,3 +402,51 @@ def build_synthetic(size: int = 1000, height: int = 256, width: int = 256, seed:
 
 
 ImageFile.LOAD_TRUNCATED_IMAGES = bool(int(os.environ.get("RADIO_LOAD_TRUNCATED_IMAGES", "0")))
+
+
+# ---------------------------------------------------------------------------------------
+# command line: from an image folder to the scalable shard path
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """python -m radio_core.data pack FOLDER OUT [--shard-size 1000] | index SHARDS"""
+    import argparse
+    import sys
+
+    from . import shards
+
+    p = argparse.ArgumentParser(prog="python -m radio_core.data", description="Data tools.")
+    sub = p.add_subparsers(dest="command", required=True)
+    pk = sub.add_parser("pack", help="pack an image folder into webdataset tar shards plus manifest.json")
+    pk.add_argument("folder")
+    pk.add_argument("out", help="output folder (must not hold shards yet)")
+    pk.add_argument("--shard-size", type=int, default=1000, help="images per shard (default 1000)")
+    pk.add_argument("--shard-bytes", type=float, default=3e9, help="start a new shard past this many bytes")
+    pk.add_argument("--shuffle-seed", type=int, default=0, help="seed of the file order shuffle (default 0)")
+    pk.add_argument("--no-shuffle", action="store_true", help="keep the sorted file order")
+    ix = sub.add_parser("index", help="write manifest.json for existing shards (made by other tools)")
+    ix.add_argument("shards", help="directory or brace pattern, e.g. '/data/{000000..000099}.tar'")
+    args = p.parse_args(argv)
+    try:
+        if args.command == "pack":
+            m = shards.pack_folder(args.folder, args.out, args.shard_size, args.shard_bytes,
+                                   None if args.no_shuffle else args.shuffle_seed)
+            where = Path(args.out) / shards.MANIFEST
+            rate = m["count"] / max(m["seconds"], 1e-9)
+            print(f"packed {m['count']} images from {m['source']} into {len(m['shards'])} shard(s), "
+                  f"{m['bytes'] / 1e6:.1f} MB ({m['image_bytes'] / 1e6:.1f} MB of images) in {m['seconds']:.1f} s "
+                  f"({rate:.0f} images/s); manifest: {where}")
+            if m["unreadable"]:
+                print(f"skipped {len(m['unreadable'])} unreadable file(s), e.g. {m['unreadable'][0]}")
+            print(f"use it with: data.source.name=webdataset data.source.args.shards={Path(args.out).resolve()}")
+        else:
+            m = shards.index_shards(args.shards)
+            print(f"indexed {m['count']} images in {len(m['shards'])} shard(s), {m['bytes'] / 1e6:.1f} MB")
+    except (OSError, ValueError) as exc:  # missing folder, existing shards, unreadable tar
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

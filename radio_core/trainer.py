@@ -29,7 +29,7 @@ from torch import Tensor
 
 from . import preprocess
 from .cache import CacheMismatchError, FeatureCache, compute_targets, run_identity
-from .data import AugmentedImages, StepBatchSampler, _mix, collate
+from .data import AugmentedImages, StepBatchSampler, _mix, collate, loader_worker_init, sampling_kwargs
 from .distiller import Distiller, HeadSpec
 from .losses import match_grids
 from .protocols import Teacher, TeacherOutput
@@ -71,7 +71,10 @@ class TrainerState:
     samples_seen: int = 0  # global, all ranks
     nonfinite_in_row: int = 0
     skipped_steps: int = 0
-    bad_images: int = 0
+    bad_images: int = 0  # over all ranks
+    #: global number of the next sample to draw (lets a run resume on another world size).
+    next_number: int = 0
+    world_size: int = 1
 
     def state_dict(self) -> dict:
         return dict(self.__dict__)
@@ -190,6 +193,8 @@ class Trainer:
         self._resume = resume
         self.teachers: dict[str, Teacher] = {}
         self.stage: Optional[StagePlan] = None
+        self._number_shift = 0  # added to sample numbers when resuming on another world size
+        self._bad_base, self._bad_local = 0, 0
         self._build()
 
     # ------------------------------------------------------------------ setup
@@ -296,6 +301,14 @@ class Trainer:
     def unwrapped(self) -> Distiller:
         return self.accelerator.unwrap_model(self.distiller)
 
+    def expected_number(self, step: int) -> int:
+        """Global number of the first sample of ``step`` under this run's plan."""
+        plan = stage_at(self.plans, step)
+        if plan is None:
+            last = self.plans[-1]
+            return last.number_base + last.steps * self.recipe.train.grad_accum * last.consumption
+        return plan.number_base + (step - plan.start_step) * self.recipe.train.grad_accum * plan.consumption
+
     def effective_batch(self, plan: Optional[StagePlan] = None) -> int:
         plan = plan or self.stage or self.plans[0]
         return plan.consumption * self.recipe.train.grad_accum
@@ -314,11 +327,14 @@ class Trainer:
             views = self.cache.views if self.cache is not None else r.augment.views
             sampler = StepBatchSampler(len(self.source), slot.batch_size, r.train.seed, offset=slot.offset,
                                        stride=plan.consumption, base=plan.number_base,
-                                       start=(step - plan.start_step) * micro, stop=plan.steps * micro, views=views)
+                                       start=(step - plan.start_step) * micro, stop=plan.steps * micro, views=views,
+                                       **sampling_kwargs(self.source))
+            sampler.base += self._number_shift
             loader = torch.utils.data.DataLoader(
                 dataset, batch_sampler=sampler, collate_fn=collate, num_workers=r.data.num_workers,
                 persistent_workers=r.data.num_workers > 0, pin_memory=acc.device.type == "cuda",
-                prefetch_factor=4 if r.data.num_workers > 0 else None)
+                prefetch_factor=4 if r.data.num_workers > 0 else None,
+                worker_init_fn=loader_worker_init if r.data.num_workers > 0 else None)
             runtimes.append(SlotRuntime(slot, group_teachers(teachers), dataset, iter(loader)))
         return runtimes
 
@@ -471,11 +487,15 @@ class Trainer:
                         sample_log.flush()
                     terms = self.train_step(work, step)
                     self.state.step = step + 1
+                    self.state.next_number = self.expected_number(step + 1) + self._number_shift
+                    self.state.world_size = acc.num_processes
                     self.state.samples_seen += self.effective_batch(plan)
                     samples0 += self.effective_batch(plan)
                     metrics: dict[str, float] = {}
                     done = self.state.step == r.train.steps
-                    if self.state.step % r.train.log_every == 0 or done or step == start:
+                    log = self.state.step % r.train.log_every == 0 or done or step == start
+                    if log:
+                        self._sync_bad_images()
                         elapsed = time.perf_counter() - t0
                         metrics = self.reduce_metrics(terms)
                         metrics.update(images_per_s=samples0 / max(elapsed, 1e-9), samples=self.state.samples_seen,
@@ -487,8 +507,12 @@ class Trainer:
                                              img_s=f"{metrics['images_per_s']:.1f}")
                     progress.update(1)
                     self.registry.hook.radio_step_end(trainer=self, step=self.state.step, metrics=metrics)
+                    # Every rank takes the same branches below (the stop flag is reduced), so the
+                    # collectives inside stay matched.
                     stop = self._stop_requested_anywhere()
                     if self.state.step % r.checkpoint.every == 0 or done or stop or self.state.step == plan.end_step:
+                        if not log:
+                            self._sync_bad_images()
                         self.save_checkpoint()
                     if stop:
                         acc.print(f"stop requested: checkpoint written at step {self.state.step}; resume with --resume")
@@ -504,11 +528,15 @@ class Trainer:
         self.registry.hook.radio_train_end(trainer=self)
         return last
 
+    def _sync_bad_images(self) -> None:
+        local = torch.tensor([float(self._bad_local)], device=self.accelerator.device)
+        self.state.bad_images = self._bad_base + int(self.accelerator.reduce(local, "sum").item())
+
     def _count_bad_images(self, work: list) -> None:
         for _, b in work:
             bad = int((~b["valid"]).sum())
             if bad:
-                self.state.bad_images += bad
+                self._bad_local += bad
                 for e in b["errors"]:
                     self.accelerator.print(f"skipped unreadable image: {e}")
 
@@ -558,6 +586,13 @@ class Trainer:
             except Exception as exc:  # noqa: BLE001 - fall back to an older checkpoint
                 acc.print(f"checkpoint {path} could not be loaded ({type(exc).__name__}: {exc}); trying an older one")
                 continue
+            self._bad_base = self.state.bad_images
+            expected = self.expected_number(self.state.step)
+            if saved["trainer"].get("world_size", acc.num_processes) != acc.num_processes:
+                # Continue the global sample numbering where the old world size left it.
+                self._number_shift = self.state.next_number - expected
+                acc.print(f"world size changed {saved['trainer']['world_size']} -> {acc.num_processes}: "
+                          f"continuing at sample {self.state.next_number}")
             acc.print(f"resumed from {path} (step {self.state.step})")
             return path
         acc.print(f"no checkpoint under {self.ckpt_dir}; starting from step 0")
@@ -583,7 +618,9 @@ class Trainer:
         self._old_handlers = {}
 
         def request_stop(signum, frame):  # noqa: ARG001
-            if self._stop_requested:  # second signal: give up at once
+            # Launchers often deliver SIGTERM twice (to the process and its group): only a
+            # second Ctrl-C means "give up without the checkpoint".
+            if self._stop_requested and signum == signal.SIGINT:
                 raise KeyboardInterrupt
             self._stop_requested = True
 

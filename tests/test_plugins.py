@@ -16,7 +16,7 @@ BUILTIN = {
     "student": {"vit", "eradio"},
     "adaptor": {"mlp", "linear"},
     "loss": {"cosine", "smooth_l1", "mse", "l1", "cosine_smooth_l1"},
-    "dataset": {"image_folder", "skimage_samples", "synthetic"},
+    "dataset": {"image_folder", "skimage_samples", "synthetic", "webdataset", "hf_datasets"},
 }
 
 
