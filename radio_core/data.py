@@ -81,11 +81,15 @@ class SkimageSamplesSource:
     """The real photographs packaged with scikit-image, plus scikit-learn's two samples when
     scikit-learn is installed. Needs no network."""
 
-    def __init__(self, names: Optional[Sequence[str]] = None, include_sklearn: bool = True) -> None:
+    def __init__(self, names: Optional[Sequence[str]] = None, include_sklearn: bool = True,
+                 exclude: Sequence[str] = ()) -> None:
         import skimage.data
 
         self._images: list[tuple[str, np.ndarray]] = []
-        for name in names or SKIMAGE_PHOTOS:
+        for name in exclude:
+            if name not in SKIMAGE_PHOTOS:
+                raise ValueError(f"data.source.args.exclude: {name!r} is not one of {', '.join(SKIMAGE_PHOTOS)}")
+        for name in [n for n in (names or SKIMAGE_PHOTOS) if n not in exclude]:
             fn = getattr(skimage.data, name, None)
             if fn is None:
                 raise ValueError(f"data.source.args.names: scikit-image has no sample image {name!r}")
@@ -391,9 +395,10 @@ def build_image_folder(root: str, extensions: Optional[list[str]] = None) -> Ima
     return ImageFolderSource(root, extensions)
 
 
-def build_skimage_samples(names: Optional[list[str]] = None, include_sklearn: bool = True) -> SkimageSamplesSource:
+def build_skimage_samples(names: Optional[list[str]] = None, include_sklearn: bool = True,
+                          exclude: Sequence[str] = ()) -> SkimageSamplesSource:
     """Real photos shipped inside scikit-image / scikit-learn (offline)."""
-    return SkimageSamplesSource(names, include_sklearn)
+    return SkimageSamplesSource(names, include_sklearn, exclude)
 
 
 def build_synthetic(size: int = 1000, height: int = 256, width: int = 256, seed: int = 0) -> SyntheticSource:

@@ -27,7 +27,9 @@ class Distiller(nn.Module):
 
     Each teacher with a summary target reads its own CLS token: ``summary_slots[teacher]``
     indexes ``StudentOutput.summary`` (RADIO's ``cls_token_per_teacher``).
-    ``target_norms[teacher]`` (optional) holds buffers that standardise that teacher's targets.
+    ``target_norms[teacher]["summary" | "spatial"]`` (optional) hold the statistics that
+    standardise that teacher's targets (radio_core.normalize); they are buffers, so they are
+    saved with checkpoints and exports.
     """
 
     def __init__(self, student: Student, heads: list[HeadSpec], summary_heads: dict[str, nn.Module],
@@ -63,7 +65,22 @@ class Distiller(nn.Module):
     def normalize_targets(self, teacher: str, target: TeacherOutput) -> TeacherOutput:
         if teacher not in self.target_norms:
             return target
-        norm = self.target_norms[teacher]
-        return TeacherOutput(summary=norm.normalize_summary(target.summary) if target.summary is not None else None,
-                             spatial=norm.normalize_spatial(target.spatial))
+        norms = self.target_norms[teacher]
+        summary, spatial = target.summary, target.spatial
+        if summary is not None and "summary" in norms:
+            summary = norms["summary"].normalize_summary(summary)
+        if "spatial" in norms:
+            spatial = norms["spatial"].normalize_spatial(spatial)
+        return TeacherOutput(summary=summary, spatial=spatial)
+
+    def denormalize_predictions(self, teacher: str, summary: Optional[Tensor], spatial: Optional[Tensor]):
+        """Head outputs mapped back to the teacher's true feature space."""
+        if teacher not in self.target_norms:
+            return summary, spatial
+        norms = self.target_norms[teacher]
+        if summary is not None and "summary" in norms:
+            summary = norms["summary"].denormalize(summary)
+        if spatial is not None and "spatial" in norms:
+            spatial = norms["spatial"].denormalize(spatial.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return summary, spatial
 

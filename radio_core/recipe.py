@@ -158,6 +158,22 @@ class CacheSpec(Strict):
     verify: bool = True
 
 
+class EvalSpec(Strict):
+    """Evaluation during and after training (radio_core.eval)."""
+
+    #: held-out images for fidelity numbers and pictures.
+    source: ComponentSpec = Field(default_factory=lambda: ComponentSpec(
+        name="skimage_samples", args={"names": ["astronaut", "coffee", "chelsea", "rocket"],
+                                      "include_sklearn": False}))
+    #: run the fidelity evaluation every N steps (0 = never) and log it to TensorBoard/JSONL.
+    every: int = Field(0, ge=0)
+    images: int = Field(4, ge=1)
+    #: student resolutions for fidelity (default: the training resolution).
+    resolutions: Optional[list[int]] = None
+    #: write report/ (report.md + PNGs) at the end of training.
+    report: bool = False
+
+
 class LoggingSpec(Strict):
     tensorboard: bool = True
     jsonl: bool = True
@@ -215,6 +231,7 @@ class Recipe(Strict):
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
     logging: LoggingSpec = Field(default_factory=LoggingSpec)
     cache: Optional[CacheSpec] = None
+    eval: EvalSpec = Field(default_factory=EvalSpec)
     #: rank groups (default: every rank runs every teacher).
     groups: Optional[dict[str, GroupSpec]] = None
     #: training stages (default: one stage of train.steps with every teacher).

@@ -493,13 +493,16 @@ class Trainer:
                     samples0 += self.effective_batch(plan)
                     metrics: dict[str, float] = {}
                     done = self.state.step == r.train.steps
-                    log = self.state.step % r.train.log_every == 0 or done or step == start
+                    evaluate = bool(r.eval.every) and self.state.step % r.eval.every == 0
+                    log = self.state.step % r.train.log_every == 0 or done or step == start or evaluate
                     if log:
                         self._sync_bad_images()
                         elapsed = time.perf_counter() - t0
                         metrics = self.reduce_metrics(terms)
                         metrics.update(images_per_s=samples0 / max(elapsed, 1e-9), samples=self.state.samples_seen,
                                        bad_images=self.state.bad_images, stage=plan.index)
+                        if evaluate:
+                            metrics.update(self.evaluate_fidelity())
                         t0, samples0 = time.perf_counter(), 0
                         logger.log(self.state.step, metrics)
                         last = metrics
@@ -525,8 +528,45 @@ class Trainer:
             self._restore_signal_handlers()
         if self.state.step == r.train.steps and r.checkpoint.export:
             self.export(self.out_dir / "export")
+        if self.state.step == r.train.steps and r.eval.report:
+            self.write_report()
         self.registry.hook.radio_train_end(trainer=self)
         return last
+
+    def _eval_run(self):
+        from .eval.loading import LoadedRun
+
+        weights = self.out_dir / "export" / "model.safetensors"
+        return LoadedRun(self.out_dir, self.recipe, self.unwrapped, dict(self.teachers), weights)
+
+    def evaluate_fidelity(self) -> dict[str, float]:
+        """Fidelity of every head whose teacher runs on the main process, on ``eval.source``
+        images at ``eval.resolutions`` (logged as fidelity/<res>/<teacher>/<head>/<metric>)."""
+        acc = self.accelerator
+        out: dict[str, float] = {}
+        if acc.is_main_process and self.teachers:
+            from .eval.report import eval_images
+            from .eval.tasks import fidelity
+
+            run = self._eval_run()
+            res = self.recipe.eval.resolutions or [self.recipe.student.resolution[0][0]]
+            results = fidelity(run.distiller, self.teachers, eval_images(run, self.recipe.eval.images), res)
+            out = {f"fidelity/{r}/{head}/{m}": v for r, row in results.items() for head, ms in row.items()
+                   for m, v in ms.items()}
+            self.distiller.train()
+        acc.wait_for_everyone()
+        return out
+
+    def write_report(self) -> Optional[Path]:
+        acc = self.accelerator
+        path = None
+        if acc.is_main_process:
+            from .eval.report import write_report
+
+            path = write_report(self._eval_run())
+            acc.print(f"report written to {path}")
+        acc.wait_for_everyone()
+        return path
 
     def _sync_bad_images(self) -> None:
         local = torch.tensor([float(self._bad_local)], device=self.accelerator.device)

@@ -10,6 +10,14 @@ import torch
 from torch import Tensor
 
 
+def pca_basis(spatial: Tensor) -> Tensor:
+    """(C, h, w) -> (C, 3) top principal directions, to colour several maps the same way."""
+    c = spatial.shape[0]
+    x = spatial.float().reshape(c, -1).T
+    _, _, v = torch.pca_lowrank(x - x.mean(0, keepdim=True), q=min(3, c), center=False)
+    return v[:, :3]
+
+
 def pca_rgb(spatial: Tensor, basis: Optional[Tensor] = None, out_size: Optional[tuple[int, int]] = None) -> np.ndarray:
     """(C, h, w) features -> (h, w, 3) uint8: the first three principal components, each scaled
     to [0, 255] by its 1st-99th percentile. ``basis`` (C, 3) reuses a projection across images."""
@@ -17,8 +25,7 @@ def pca_rgb(spatial: Tensor, basis: Optional[Tensor] = None, out_size: Optional[
     x = spatial.float().reshape(c, -1).T  # (hw, C)
     x = x - x.mean(0, keepdim=True)
     if basis is None:
-        _, _, v = torch.pca_lowrank(x, q=min(3, c), center=False)
-        basis = v[:, :3]
+        basis = pca_basis(spatial)
     proj = x @ basis
     if proj.shape[1] < 3:
         proj = torch.cat([proj, proj.new_zeros(proj.shape[0], 3 - proj.shape[1])], 1)

@@ -1,0 +1,70 @@
+"""Running a distilled student (and its teachers) over images for evaluation."""
+from __future__ import annotations
+
+from typing import Iterable, Iterator, Optional, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+from .. import preprocess
+from ..cache import compute_targets
+from ..distiller import Distiller
+from ..protocols import Teacher, TeacherOutput
+
+
+def center_crop_tensor(img: Image.Image, size: tuple[int, int]) -> Tensor:
+    """Deterministic eval view: resize the short side, center-crop to ``size``; uint8 (3, H, W)."""
+    h, w = size
+    scale = max(h / img.height, w / img.width)
+    new = (max(w, round(img.width * scale)), max(h, round(img.height * scale)))
+    img = img.resize(new, Image.BICUBIC)
+    left, top = (new[0] - w) // 2, (new[1] - h) // 2
+    img = img.crop((left, top, left + w, top + h))
+    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+
+def batches(images: Sequence[Image.Image], size: tuple[int, int], batch_size: int) -> Iterator[Tensor]:
+    for start in range(0, len(images), batch_size):
+        yield torch.stack([center_crop_tensor(im, size) for im in images[start:start + batch_size]])
+
+
+def round_to_multiple(res: int, multiple: int) -> int:
+    return max(multiple, int(round(res / multiple)) * multiple)
+
+
+@torch.no_grad()
+def student_forward(distiller: Distiller, images01: Tensor, resolution: tuple[int, int]):
+    """Student output and every head's prediction (in the teachers' true spaces: a target
+    normaliser's inverse is applied when the run trained against normalised targets)."""
+    distiller.eval()
+    x = preprocess.resize(images01, resolution)
+    out, preds = distiller(x, return_predictions=True)
+    true_space = {}
+    for name, (summary, spatial) in preds.items():
+        true_space[name] = distiller.denormalize_predictions(name, summary, spatial)
+    return out, true_space
+
+
+@torch.no_grad()
+def teacher_forward(teachers: dict[str, Teacher], images01: Tensor) -> dict[str, TeacherOutput]:
+    from ..trainer import group_teachers
+
+    return compute_targets(teachers, group_teachers(teachers), images01)
+
+
+def summary_features(distiller: Distiller, images: Iterable[Tensor], resolution: tuple[int, int],
+                     head: Optional[str] = None) -> Tensor:
+    """Image embeddings: a teacher head's summary prediction, or (head=None) the backbone's
+    summary tokens concatenated (RADIO's backbone summary)."""
+    feats = []
+    for u8 in images:
+        out, preds = student_forward(distiller, preprocess.to_float(u8), resolution)
+        if head is None:
+            feats.append(out.summary.flatten(1))
+        else:
+            if preds[head][0] is None:
+                raise ValueError(f"teacher head {head!r} has no summary output")
+            feats.append(preds[head][0])
+    return torch.cat(feats)

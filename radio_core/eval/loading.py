@@ -1,0 +1,66 @@
+"""Load a training run for evaluation: its recipe, teachers and trained student + heads."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from ..distiller import Distiller
+from ..protocols import Teacher
+from ..recipe import Recipe, load_recipe
+from ..registry import Registry, get_registry
+
+
+@dataclass
+class LoadedRun:
+    run_dir: Path
+    recipe: Recipe
+    distiller: Distiller
+    teachers: dict[str, Teacher]
+    weights: Path
+
+
+def latest_weights(run_dir: Path) -> Path:
+    """The export if the run finished, else the newest complete checkpoint."""
+    from ..trainer import list_checkpoints
+
+    export = run_dir / "export" / "model.safetensors"
+    if export.is_file():
+        return export
+    ckpts = list_checkpoints(run_dir / "checkpoints")
+    if ckpts and (ckpts[-1] / "model.safetensors").is_file():
+        return ckpts[-1] / "model.safetensors"
+    raise FileNotFoundError(f"{run_dir}: no export/model.safetensors and no complete checkpoint")
+
+
+def load_run(run_dir: str | Path, registry: Optional[Registry] = None, with_teachers: bool = True,
+             device: str = "cpu") -> LoadedRun:
+    """Rebuild the run's student, heads and (optionally) teachers from ``recipe.yaml`` and load
+    the trained weights (safetensors: no code can run from the file)."""
+    from safetensors.torch import load_file
+
+    from ..trainer import build_distiller, build_teacher
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "recipe.yaml").is_file():
+        raise FileNotFoundError(f"{run_dir}: not a run directory (no recipe.yaml)")
+    registry = registry or get_registry()
+    recipe = load_recipe(run_dir / "recipe.yaml")
+    teachers, dims = {}, {}
+    for name in recipe.teachers:
+        t = build_teacher(recipe, name, registry, meta=not with_teachers)
+        dims[name] = (t.summary_dim, t.spatial_dim)
+        if with_teachers:
+            teachers[name] = t.to(device)
+    torch.manual_seed(0)
+    distiller = build_distiller(recipe, dims, registry)
+    weights = latest_weights(run_dir)
+    state = load_file(str(weights))
+    state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+    missing, unexpected = distiller.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise RuntimeError(f"{weights}: does not match the run's recipe (missing {missing[:5]}, "
+                           f"unexpected {unexpected[:5]})")
+    return LoadedRun(run_dir, recipe, distiller.to(device).eval(), teachers, weights)
