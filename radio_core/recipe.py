@@ -134,6 +134,10 @@ class TrainSpec(Strict):
     #: log scalars every N steps (a host sync happens only then).
     log_every: int = Field(10, ge=1)
     seed: int = 0
+    #: torch.compile the student (and heads); the first steps pay the compile time.
+    compile: bool = False
+    #: channels_last memory format for the student's convolutions (E-RADIO-like students).
+    channels_last: bool = False
     #: skip the optimiser update when the loss is not finite (one host sync per step) ...
     skip_nonfinite: bool = True
     #: ... and stop with an error after this many such steps in a row.

@@ -230,8 +230,12 @@ class Trainer:
                                           weight_decay=r.optim.weight_decay)
         if r.optim.fused is not None:
             opt_kwargs["fused"] = r.optim.fused
+        if r.train.channels_last:
+            distiller = distiller.to(memory_format=torch.channels_last)
         optimizer = torch.optim.AdamW(self._param_groups(distiller, r.optim.weight_decay), **opt_kwargs)
         self.distiller, self.optimizer = acc.prepare(distiller, optimizer)
+        if r.train.compile:
+            self.unwrapped.student.compile()  # in place: DDP and the checkpoint keys are unchanged
         # Not prepared: Accelerate would step it once per process; ours steps once per optimiser step.
         self.scheduler = build_scheduler(optimizer, self.lr_multiplier)
         # Its state goes into trainer_state.json: Accelerate unpickles registered objects with
