@@ -69,6 +69,9 @@ class TeacherSpec(Strict):
     #: use the summary target (if the teacher has one).
     use_summary: bool = True
     use_spatial: bool = True
+    #: normalise this teacher's targets with statistics estimated over the first
+    #: ``train.target_norm_batches`` batches (stored in checkpoints and exports).
+    target_norm: Literal["none", "standardize", "phi_s"] = "none"
 
     @field_validator("resolution", mode="before")
     @classmethod
@@ -134,6 +137,8 @@ class TrainSpec(Strict):
     #: log scalars every N steps (a host sync happens only then).
     log_every: int = Field(10, ge=1)
     seed: int = 0
+    #: batches (per rank) used to estimate teacher-target statistics (teachers.*.target_norm).
+    target_norm_batches: int = Field(4, ge=1)
     #: torch.compile the student (and heads); the first steps pay the compile time.
     compile: bool = False
     #: channels_last memory format for the student's convolutions (E-RADIO-like students).

@@ -149,7 +149,17 @@ def build_distiller(recipe: Recipe, dims: dict[str, tuple[Optional[int], int]], 
             if dim is not None:
                 table[h.name] = registry.build("adaptor", spec.name, in_dim=student.embed_dim, out_dim=dim,
                                                hidden_dim=hidden, **spec.args)
-    return Distiller(student, heads, summary_heads, spatial_heads)
+    norms = {}
+    for h in heads:
+        kind = recipe.teachers[h.name].target_norm
+        if kind == "none":
+            continue
+        from .normalize import build_target_norm
+
+        parts = {part: build_target_norm(kind, dim) for part, dim in (("summary", h.summary_dim),
+                                                                        ("spatial", h.spatial_dim)) if dim}
+        norms[h.name] = torch.nn.ModuleDict(parts)
+    return Distiller(student, heads, summary_heads, spatial_heads, norms)
 
 
 def check_resolutions(plans: list[StagePlan], student_multiple: int) -> None:
@@ -387,15 +397,51 @@ class Trainer:
         terms["total"] = total
         return terms
 
-    def forward_losses(self, rt: SlotRuntime, batch: dict, step: int) -> dict[str, Tensor]:
+    def slot_targets(self, rt: SlotRuntime, batch: dict, images01: Tensor) -> dict[str, TeacherOutput]:
+        """Live teachers' targets plus cached teachers' targets read by the loader."""
         device = self.accelerator.device
-        images01 = preprocess.to_float(batch["image"].to(device, non_blocking=True))
         targets = self.teacher_targets(images01, rt.resize_sets)
         for name in rt.slot.teachers:
             if name in self.cached:
                 summary, spatial = batch["targets"][name]
                 targets[name] = TeacherOutput(summary=None if summary is None else summary.to(device).float(),
                                               spatial=spatial.to(device).float())
+        return targets
+
+    def estimate_target_norms(self, runtimes: list[SlotRuntime]) -> None:
+        """Teacher-target statistics from ``train.target_norm_batches`` batches per rank, summed
+        over all ranks (so every rank ends with identical buffers, whichever teachers it runs).
+        The batches come from a separate range of sample numbers: the training order is
+        unchanged."""
+        norms = self.unwrapped.target_norms
+        if not norms or all(bool(m.ready) for parts in norms.values() for m in parts.values()):
+            return
+        r, acc = self.recipe, self.accelerator
+        for rt in runtimes:
+            sampler = StepBatchSampler(len(self.source), rt.slot.batch_size, r.train.seed + 7919,
+                                       offset=rt.slot.offset, stride=self.stage.consumption,
+                                       stop=r.train.target_norm_batches, **sampling_kwargs(self.source))
+            for refs in sampler:
+                batch = collate([rt.dataset[ref] for ref in refs])
+                images01 = preprocess.to_float(batch["image"].to(acc.device))
+                for name, target in self.slot_targets(rt, batch, images01).items():
+                    if name in norms:
+                        if "summary" in norms[name] and target.summary is not None:
+                            norms[name]["summary"].update(target.summary)
+                        if "spatial" in norms[name]:
+                            norms[name]["spatial"].update_spatial(target.spatial)
+        for name, parts in norms.items():
+            for part, m in parts.items():
+                for buf in (m._count, m._sum, m._sum_sq):
+                    buf.copy_(acc.reduce(buf, "sum") if acc.num_processes > 1 else buf)
+                m.finalize()
+        acc.print(f"target statistics estimated for {', '.join(norms)} "
+                  f"({r.train.target_norm_batches} batch(es) per rank)")
+
+    def forward_losses(self, rt: SlotRuntime, batch: dict, step: int) -> dict[str, Tensor]:
+        device = self.accelerator.device
+        images01 = preprocess.to_float(batch["image"].to(device, non_blocking=True))
+        targets = self.slot_targets(rt, batch, images01)
         student_in = preprocess.resize(images01, self.student_resolution(rt.slot, step))
         with self.accelerator.autocast():
             _, preds = self.distiller(student_in, return_predictions=True)
@@ -482,6 +528,7 @@ class Trainer:
                 if plan.end_step <= self.state.step:
                     continue
                 runtimes = self.enter_stage(plan, self.state.step)
+                self.estimate_target_norms(runtimes)
                 for step in range(self.state.step, plan.end_step):
                     work = [(rt, next(rt.iterator)) for _ in range(r.train.grad_accum) for rt in runtimes]
                     self._count_bad_images(work)
