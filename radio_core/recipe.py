@@ -137,6 +137,9 @@ class TrainSpec(Strict):
     #: log scalars every N steps (a host sync happens only then).
     log_every: int = Field(10, ge=1)
     seed: int = 0
+    #: dtype of the frozen teachers' weights: "auto" = bf16/fp16 with mixed precision on a GPU
+    #: (halves their memory), fp32 otherwise.
+    teacher_dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     #: batches (per rank) used to estimate teacher-target statistics (teachers.*.target_norm).
     target_norm_batches: int = Field(4, ge=1)
     #: torch.compile the student (and heads); the first steps pay the compile time.

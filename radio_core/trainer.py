@@ -221,7 +221,7 @@ class Trainer:
                 dims[name] = self.cache.dims(name)
                 continue
             if name in mine:
-                self.teachers[name] = build_teacher(r, name, self.registry).to(acc.device)
+                self.teachers[name] = build_teacher(r, name, self.registry).to(acc.device, self.teacher_dtype())
                 t = self.teachers[name]
             else:  # another rank runs it; this rank only needs its dimensions for the heads
                 t = build_teacher(r, name, self.registry, meta=True)
@@ -256,6 +256,13 @@ class Trainer:
 
         if self._resume:
             self.load_latest_checkpoint()
+
+    def teacher_dtype(self) -> torch.dtype:
+        choice = self.recipe.train.teacher_dtype
+        if choice == "auto":
+            mp = self.recipe.train.mixed_precision
+            choice = mp if mp != "no" and self.accelerator.device.type == "cuda" else "fp32"
+        return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[choice]
 
     def _open_cache(self, all_teachers: list[str]) -> tuple[Optional[FeatureCache], set[str]]:
         spec = self.recipe.cache
