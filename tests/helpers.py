@@ -1,0 +1,56 @@
+"""Shared helpers: a tiny version of recipes/quickstart.yaml and subprocess launchers."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+QUICKSTART = REPO / "recipes" / "quickstart.yaml"
+
+#: the quickstart's real tiny teachers and ViT-CPE student, at sizes that take ~0.2 s a step.
+TINY = [
+    "student.resolution=64", "student.args.depth=2", "student.args.embed_dim=48", "student.args.num_heads=2",
+    "teachers.clip.resolution=64", "teachers.dino.resolution=56",
+    "data.batch_size=4", "train.steps=20", "train.log_every=1", "schedule.warmup_steps=2",
+    "eval.every=0", "eval.report=false", "logging.tensorboard=false", "logging.progress=false",
+    "checkpoint.every=1000",
+]
+
+
+def tiny_recipe(tmp_path: Path, *overrides: str, name: str = "recipe.yaml") -> Path:
+    """A recipe file: the quickstart plus TINY plus ``overrides`` (later ones win)."""
+    from radio_core.recipe import apply_overrides, load_raw
+
+    import yaml
+
+    data = apply_overrides(load_raw(QUICKSTART), TINY + list(overrides))
+    data["output_dir"] = str(tmp_path / "run")
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def env() -> dict:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+
+
+def run_cli(*args: str, check: bool = True, timeout: int = 300) -> subprocess.CompletedProcess:
+    """``python -m radio_core.run ARGS`` in a subprocess."""
+    out = subprocess.run([sys.executable, "-m", "radio_core.run", *args], env=env(), capture_output=True,
+                         text=True, timeout=timeout)
+    if check and out.returncode != 0:
+        raise AssertionError(f"radio_core.run failed ({out.returncode}):\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+    return out
+
+
+def torchrun_cmd(nproc: int, *args: str) -> list[str]:
+    """Two CPU ranks: torchrun + Accelerate (MULTI_CPU over gloo)."""
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+            "--master_port", str(29500 + os.getpid() % 1000), "-m", "radio_core.run", *args]
