@@ -467,6 +467,9 @@ class Trainer:
         micro = r.train.grad_accum
         for k, (rt, batch) in enumerate(work):
             last = k == len(work) - 1
+            # Seeded by the slot's global position, not the rank: the same samples get the same
+            # student-side randomness however the groups are laid out over processes.
+            torch.manual_seed(_mix(r.train.seed, step, rt.slot.offset, k // max(1, len(work) // micro)))
             with (contextlib.nullcontext() if last else acc.no_sync(self.distiller)):
                 terms = self.forward_losses(rt, batch, step)
                 acc.backward(terms["total"] / micro)

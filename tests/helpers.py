@@ -54,3 +54,25 @@ def torchrun_cmd(nproc: int, *args: str) -> list[str]:
     """Two CPU ranks: torchrun + Accelerate (MULTI_CPU over gloo)."""
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
             "--master_port", str(29500 + os.getpid() % 1000), "-m", "radio_core.run", *args]
+
+
+def install_recorder(root: Path) -> Path:
+    """Install tests/recorder_plugin.py as a plugin distribution under ``root`` (a real
+    dist-info with an entry point in the radio_core group); returns the path to prepend to
+    PYTHONPATH."""
+    import shutil
+
+    site = root / "site"
+    info = site / "radio_test_recorder-0.1.dist-info"
+    info.mkdir(parents=True, exist_ok=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: radio-test-recorder\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[radio_core]\nrecorder = radio_test_recorder\n")
+    shutil.copy(Path(__file__).with_name("recorder_plugin.py"), site / "radio_test_recorder.py")
+    return site
+
+
+def env_with(*paths: Path, **extra: str) -> dict:
+    e = env()
+    e["PYTHONPATH"] = os.pathsep.join([str(p) for p in paths] + [e.get("PYTHONPATH", "")])
+    e.update(extra)
+    return e

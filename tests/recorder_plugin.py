@@ -1,0 +1,32 @@
+"""Body of a test-only plugin distribution (installed into a temp dir with a dist-info, like a
+third-party package): records, per rank, the teachers it built and a digest of the trained
+student + heads, through the public ``radio_train_end`` hook."""
+import hashlib
+import json
+import os
+import signal
+
+from radio_core import hookimpl
+
+
+@hookimpl
+def radio_train_end(trainer):
+    state = trainer.unwrapped.state_dict()
+    digest = hashlib.sha256()
+    for key in sorted(state):
+        digest.update(key.encode())
+        digest.update(state[key].detach().cpu().float().numpy().tobytes())
+    rank = trainer.accelerator.process_index
+    (trainer.out_dir / f"record_rank{rank}.json").write_text(json.dumps({
+        "teachers": sorted(trainer.teachers), "digest": digest.hexdigest(), "step": trainer.state.step,
+        "world": trainer.accelerator.num_processes}))
+
+
+@hookimpl
+def radio_step_end(trainer, step, metrics):
+    # RADIO_TEST_SIGTERM="step:rank": a real SIGTERM to one rank's own process at that step.
+    spec = os.environ.get("RADIO_TEST_SIGTERM")
+    if spec:
+        at, rank = map(int, spec.split(":"))
+        if step == at and trainer.accelerator.process_index == rank:
+            os.kill(os.getpid(), signal.SIGTERM)
