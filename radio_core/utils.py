@@ -15,7 +15,7 @@ def module_fingerprint(module: nn.Module, extra: Iterable[Any] = ()) -> str:
         h.update(name.encode())
         h.update(str(tuple(t.shape)).encode())
         h.update(str(t.dtype).encode())
-        h.update(t.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes()
+        h.update(t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
                  if t.numel() else b"")
     h.update(repr(tuple(extra)).encode())
     return h.hexdigest()[:16]

@@ -1,0 +1,84 @@
+"""Teacher-feature cache: bit-for-bit fp16 targets, training that matches online teachers, and
+stale caches refused with the reason."""
+import numpy as np
+import pytest
+import torch
+
+from radio_core import preprocess
+from radio_core.cache import CacheMismatchError, FeatureCache, build_cache, compute_targets
+from radio_core.data import AugmentedImages, SampleRef, view_seed
+from radio_core.recipe import load_recipe
+from radio_core.registry import get_registry
+from radio_core.trainer import Trainer, build_teacher, group_teachers
+
+from helpers import metrics, tiny_recipe
+
+VIEWS = 2
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("cache")
+    path = tiny_recipe(tmp, f"augment.views={VIEWS}")
+    recipe = load_recipe(path)
+    out = build_cache(recipe, get_registry(), tmp / "features", VIEWS, batch_size=4, progress=False)
+    return tmp, path, recipe, out
+
+
+def test_cache_holds_the_online_teacher_outputs_bit_for_bit_in_fp16(cache):
+    tmp, _, recipe, out = cache
+    fc = FeatureCache(out)
+    reg = get_registry()
+    teachers = {n: build_teacher(recipe, n, reg) for n in recipe.teachers}
+    source = reg.build("dataset", recipe.data.source.name, **recipe.data.source.args)
+    crop = tuple(fc.index["augment"]["crop_size"])
+    ds = AugmentedImages(source, crop, recipe.augment.scale, recipe.augment.ratio, recipe.augment.hflip)
+    assert fc.index["entries"] == len(source) * VIEWS
+    # Recompute online the cache's first batch of 4 crops (entries 0..3: images 0 and 1, views 0
+    # and 1), as the cache builder batched them: CPU GEMMs are only bit-reproducible per batch shape.
+    refs = [SampleRef(e, e // VIEWS, view_seed(recipe.train.seed, e // VIEWS, e % VIEWS), e % VIEWS) for e in range(4)]
+    images01 = preprocess.to_float(torch.stack([ds[r]["image"] for r in refs]))
+    online = compute_targets(teachers, group_teachers(teachers), images01)
+    for i, ref in enumerate(refs):
+        cached = fc.read(ref.index, ref.view)
+        for name, target in online.items():
+            summary, spatial = cached[name]
+            assert spatial.dtype == torch.float16
+            assert torch.equal(spatial, target.spatial[i].half()), (name, i)
+            if target.summary is not None:
+                assert torch.equal(summary, target.summary[i].half()), (name, i)
+            else:
+                assert summary is None
+    # and two views of one image are different crops, hence different targets
+    assert not torch.equal(fc.read(0, 0)["clip"][1], fc.read(0, 1)["clip"][1])
+
+
+def test_training_from_the_cache_matches_online_teachers(cache, tmp_path):
+    tmp, path, _, out = cache
+    online = Trainer(load_recipe(path, [f"output_dir={tmp_path / 'online'}"]))
+    online.fit()
+    cached = Trainer(load_recipe(path, [f"output_dir={tmp_path / 'cached'}", f"cache.path={out}"]))
+    assert cached.teachers == {}  # no teacher is built, let alone run
+    cached.fit()
+    a, b = metrics(tmp_path / "online"), metrics(tmp_path / "cached")
+    assert len(a) == len(b) == 20
+    # identical crops and models; the only difference is fp16 rounding of the targets
+    for x, y in zip(a, b):
+        assert y["loss/total"] == pytest.approx(x["loss/total"], rel=2e-3), x["step"]
+
+
+def test_a_changed_teacher_or_preprocessing_invalidates_the_cache(cache, tmp_path):
+    _, path, _, out = cache
+    with pytest.raises(CacheMismatchError) as e:
+        Trainer(load_recipe(path, [f"output_dir={tmp_path}", f"cache.path={out}",
+                                   "teachers.clip.args={tiny: {seed: 1}}"]))
+    assert "teachers.clip.fingerprint" in str(e.value) and "stale" in str(e.value)
+    with pytest.raises(CacheMismatchError, match=r"augment.hflip: cache has 0.5, this run has 0.0"):
+        Trainer(load_recipe(path, [f"output_dir={tmp_path}", f"cache.path={out}", "augment.hflip=0.0"]))
+    with pytest.raises(CacheMismatchError, match="teachers.dino.input_size"):
+        Trainer(load_recipe(path, [f"output_dir={tmp_path}", f"cache.path={out}", "teachers.dino.resolution=42",
+                                   "data.crop_size=[128, 128]"]))
+    with pytest.raises(CacheMismatchError, match="augment.views is 3 but the cache"):
+        Trainer(load_recipe(path, [f"output_dir={tmp_path}", f"cache.path={out}", "augment.views=3"]))
+    with pytest.raises(FileNotFoundError, match="no complete teacher-feature cache"):
+        FeatureCache(tmp_path / "nothing")
