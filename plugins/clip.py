@@ -1,7 +1,430 @@
-"""Placeholder: filled in by the clip plugin work."""
-from radio_core import hookimpl
+"""CLIP-family teachers through ``open_clip_torch``: DFN CLIP, OpenAI CLIP, MetaCLIP, SigLIP.
+
+Targets (AM-RADIO):
+* summary = exactly what ``model.encode_image(x)`` returns, *unnormalised*
+  (``normalize=False``): the image embedding in the space the text tower shares. The cosine
+  summary loss ignores scale, and zero-shot code normalises both sides itself.
+* spatial = the final-layer patch tokens after the image tower's final LayerNorm (``ln_post``
+  for open_clip ViTs, ``norm`` for timm towers such as SigLIP), without the projection, as a
+  (B, C, h, w) grid. SigLIP has no class token: its summary is the attention-pool output that
+  ``encode_image`` returns and every token is a patch token.
+
+Recipe args (``teachers.<name>.args``)::
+
+    model: ViT-H-14-378-quickgelu     # open_clip model name, or a path to a model-config JSON,
+                                      # or open_clip's 'local-dir:' / 'hf-hub:' schemas
+    pretrained: dfn5b                 # open_clip tag, or a local checkpoint file
+    # tiny: true                      # offline: a small random CLIP saved to and loaded from disk
+
+The published teachers (model / pretrained): DFN CLIP ViT-H/14-378 ``ViT-H-14-378-quickgelu`` /
+``dfn5b``; OpenAI CLIP ViT-L/14-336 ``ViT-L-14-336`` / ``openai`` (QuickGELU is switched on from
+the tag); MetaCLIP ``ViT-H-14-quickgelu`` / ``metaclip_fullcc`` (or ``ViT-L-14-quickgelu``);
+SigLIP ``ViT-SO400M-14-SigLIP-384`` / ``webli`` (or ``ViT-B-16-SigLIP``, ...). A local copy of
+those weights: the same ``model`` with ``pretrained: /path/to/open_clip_pytorch_model.bin``.
+
+Other resolutions than the native one resample the position embedding once, at load time, with
+open_clip's own code (``force_image_size``; bicubic for open_clip ViTs, timm's
+``set_input_size`` for timm towers). Only model-library imports happen inside the factory.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+
+from radio_core import Teacher, TeacherOutput, hookimpl
+
+PLUGIN = "clip"
+
+#: Defaults of the tiny CLIP (family "clip": an open_clip ViT; family "siglip": a timm ViT
+#: without class token and with an attention-pool head, as SigLIP's image tower).
+TINY_CLIP = dict(family="clip", embed_dim=32, image_size=64, patch_size=16, width=64, layers=2,
+                 head_width=32, text_width=32, text_layers=1, text_heads=2, context_length=16)
+TINY_SIGLIP_TIMM_MODEL = "radio_tiny_siglip_patch16_64"
+CHECKPOINT_FILE = "open_clip_pytorch_model.bin"
+
+
+class ClipTeacher(Teacher):
+    """An open_clip model; forward returns (encode_image, final patch tokens)."""
+
+    def __init__(self, model: nn.Module, model_name: str, input_size: tuple[int, int],
+                 mean: Sequence[float], std: Sequence[float]) -> None:
+        super().__init__()
+        self.model = model
+        self.model_name = model_name
+        visual = model.visual
+        tower = _vit_tower(visual, model_name)
+        self.input_size = tuple(input_size)
+        self.patch_size = int(_pair(tower.patch_embed.patch_size if tower is not visual else visual.patch_size)[0])
+        self.mean, self.std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
+        self.summary_dim = _summary_dim(visual)
+        self.spatial_dim = int(tower.num_features if tower is not visual else visual.transformer.width)
+        self.resize_mode = "resize"
+        self._tokenizer = None
+
+    @torch.no_grad()
+    def forward(self, images: Tensor) -> TeacherOutput:
+        # One pass gives both targets: the pooled+projected embedding (what encode_image
+        # returns) and the last block's tokens with the final norm applied.
+        out = self.model.visual.forward_intermediates(
+            images, indices=1, normalize_intermediates=True, output_fmt="NCHW")
+        return TeacherOutput(summary=out["image_features"], spatial=out["image_intermediates"][-1])
+
+    # -- text tower, for zero-shot evaluation ---------------------------------------------
+    @property
+    def tokenizer(self):
+        """open_clip's tokenizer for this model (built on first use: SigLIP's is a HF tokenizer
+        that needs its files, which a distillation run never does)."""
+        if self._tokenizer is None:
+            import open_clip
+
+            self._tokenizer = open_clip.get_tokenizer(self.model_name)
+        return self._tokenizer
+
+    @property
+    def has_text(self) -> bool:
+        return getattr(self.model, "text", None) is not None or getattr(self.model, "transformer", None) is not None
+
+    def drop_text_tower(self) -> None:
+        """Free the text tower (a third of DFN ViT-H's weights) when no zero-shot is needed."""
+        for name in ("text", "transformer", "token_embedding", "ln_final", "positional_embedding",
+                     "text_projection", "attn_mask"):
+            if getattr(self.model, name, None) is not None:
+                setattr(self.model, name, None)
+
+    @torch.no_grad()
+    def encode_text(self, texts: Sequence[str]) -> Tensor:
+        """Unnormalised text embeddings (N, summary_dim), in the space of the summary target."""
+        if not self.has_text:
+            raise RuntimeError(f"{PLUGIN} teacher {self.model_name}: built with text=false, so it has "
+                               "no text tower for encode_text")
+        device = next(self.model.parameters()).device
+        tokens = self.tokenizer(list(texts)).to(device)
+        return self.model.encode_text(tokens)
+
+
+# --------------------------------------------------------------------------- factory
+
+
+def build_clip_teacher(model: Optional[str] = None, pretrained: Optional[str] = None, *,
+                       resolution: Optional[Sequence[int]] = None, tiny: Union[bool, dict] = False,
+                       cache_dir: Optional[str] = None, meta: bool = False, text: bool = True,
+                       quick_gelu: Optional[bool] = None, mean: Optional[Sequence[float]] = None,
+                       std: Optional[Sequence[float]] = None) -> ClipTeacher:
+    """CLIP / SigLIP image tower via open_clip: summary = encode_image, spatial = patch tokens.
+
+    model: open_clip name (``ViT-H-14-378-quickgelu``), a model-config JSON path, or a
+    ``local-dir:``/``hf-hub:`` spec. pretrained: open_clip tag (``dfn5b``, ``openai``,
+    ``metaclip_fullcc``, ``webli``) or a local checkpoint file. resolution: (H, W) to run at
+    (default: the model's native size). tiny: build (once, cached under ``cache_dir``) and load
+    a small random CLIP (a dict overrides ``TINY_CLIP``). meta: architecture only, no weights
+    (dimension checks, planning). text: keep the text tower for ``encode_text`` (zero-shot);
+    false frees its memory in training runs. quick_gelu: force QuickGELU (default: what the tag
+    was trained with). mean/std: override the preprocessing statistics.
+    """
+    import open_clip
+
+    if tiny or isinstance(tiny, dict):  # `tiny: {}` = the defaults
+        if model is not None or pretrained is not None:
+            raise ValueError(f"{PLUGIN} teacher: give either tiny or model/pretrained, not both")
+        overrides = dict(tiny) if isinstance(tiny, dict) else {}
+        directory = _tiny_dir(cache_dir, overrides)
+        spec = make_tiny_clip(directory, **overrides)
+        model, pretrained = spec["model"], spec["pretrained"]
+    if not model:
+        raise ValueError(f"{PLUGIN} teacher needs `model` (an open_clip model name such as "
+                         "'ViT-H-14-378-quickgelu') or `tiny: true`")
+    model_name = _resolve_model_name(model)
+    schema = model_name.split(":", 1)[0] if model_name.startswith(("local-dir:", "hf-hub:")) else None
+    if schema is None and open_clip.get_model_config(model_name) is None:
+        raise ValueError(f"{PLUGIN} teacher: unknown open_clip model {model_name!r}; see "
+                         "open_clip.list_models(), or pass a model-config JSON path")
+
+    tag_cfg: dict = {}
+    checkpoint: Optional[str] = None
+    if pretrained and schema is None:
+        tag_cfg = open_clip.get_pretrained_cfg(model_name, pretrained)
+        if not tag_cfg:
+            checkpoint = os.path.expanduser(str(pretrained))
+            if not os.path.isfile(checkpoint):
+                tags = open_clip.list_pretrained_tags_by_model(model_name)
+                raise FileNotFoundError(
+                    f"{PLUGIN} teacher: pretrained={pretrained!r} is neither an open_clip tag of "
+                    f"{model_name!r} (tags: {', '.join(tags) or 'none'}) nor an existing checkpoint file")
+    # A local copy of published weights gets what all of the model's published tags agree on
+    # (OpenAI's ViT-L-14-336 weights need QuickGELU; SigLIP's need mean/std 0.5).
+    published = _published_defaults(open_clip, model_name) if checkpoint is not None else {}
+    if quick_gelu is None:
+        quick_gelu = bool(tag_cfg.get("quick_gelu", published.get("quick_gelu", False)))
+
+    # The position grid is sized here and a checkpoint's is resampled to it by open_clip on
+    # load. A size that is not a multiple of the patch (SigLIP-384 with patch 14) drops the
+    # last partial patch, as the published model does: the grid is (H // patch, W // patch).
+    native = _native_image_size(model_name) if schema is None else None
+    size = tuple(resolution) if resolution is not None else native
+
+    kwargs: dict[str, Any] = dict(force_quick_gelu=quick_gelu)
+    if size is not None:
+        kwargs["force_image_size"] = size
+    if meta:
+        with torch.device("meta"):
+            clip = open_clip.create_model(model_name, pretrained=None, load_weights=False,
+                                          device="meta", **kwargs)
+    else:
+        weights = pretrained if tag_cfg else checkpoint
+        clip = _create_checked(open_clip, model_name, model, weights, schema, kwargs)
+
+    preprocess = getattr(clip.visual, "preprocess_cfg", {}) or {}
+    preprocess = {**preprocess, **{k: v for k, v in published.items() if k in ("mean", "std")}}
+    if tag_cfg:
+        preprocess = {**preprocess, "mean": tag_cfg["mean"], "std": tag_cfg["std"]}
+    teacher = ClipTeacher(clip, model_name, input_size=_input_size(clip.visual),
+                          mean=mean or preprocess["mean"], std=std or preprocess["std"])
+    if not text:
+        teacher.drop_text_tower()
+    return teacher.freeze()
+
+
+def describe(model: Optional[str] = None, pretrained: Optional[str] = None, **kwargs: Any) -> dict:
+    """Declared dimensions and preprocessing of a CLIP teacher, built on the meta device
+    (no weights, no download)."""
+    return teacher_facts(build_clip_teacher(model, pretrained, meta=True, **kwargs))
+
+
+def _create_checked(open_clip, model_name: str, label: str, pretrained: Optional[str],
+                    schema: Optional[str], kwargs: dict) -> nn.Module:
+    """open_clip.create_model with errors that name the model (``label``, as the recipe gave it)
+    and the checkpoint."""
+    try:
+        return open_clip.create_model(model_name, pretrained=pretrained if schema is None else None,
+                                      require_pretrained=bool(pretrained) or schema == "local-dir",
+                                      **kwargs)
+    except RuntimeError as exc:
+        text = str(exc)
+        if "size mismatch" in text or "Missing key" in text or "Unexpected key" in text:
+            details = "; ".join(line.strip() for line in text.splitlines()[1:4])
+            raise ValueError(f"{PLUGIN} teacher: checkpoint {pretrained!r} does not match the "
+                             f"architecture {label!r}: {details}") from exc
+        if "download" in text.lower() or "hf hub" in text.lower():
+            raise RuntimeError(
+                f"{PLUGIN} teacher: weights for {label!r} / {pretrained!r} are not available "
+                f"offline ({text}). Fetch them where a hub is reachable (they are cached under "
+                "HF_HOME), or pass `pretrained` as a local checkpoint file") from exc
+        raise
+
+
+# --------------------------------------------------------------------------- tiny models
+
+
+def make_tiny_clip(directory: Union[str, Path], seed: int = 0, **overrides: Any) -> dict:
+    """Write a small random-initialised CLIP into ``directory`` (unless it is already there):
+    ``<name>.json`` (an open_clip model config) and ``open_clip_pytorch_model.bin`` (its state
+    dict, open_clip's own checkpoint format). Returns the factory args that load it:
+    ``{"model": <config json>, "pretrained": <checkpoint>}``.
+
+    Overrides: any key of ``TINY_CLIP``; ``family="siglip"`` gives a timm image tower without
+    class token and with an attention-pool head (fixed 64-wide, 2 blocks, patch 16).
+    """
+    import open_clip
+
+    _register_tiny_timm_models()
+    unknown = set(overrides) - set(TINY_CLIP)
+    if unknown:
+        raise ValueError(f"{PLUGIN} tiny: unknown options {sorted(unknown)}; known: {sorted(TINY_CLIP)}")
+    cfg = {**TINY_CLIP, **overrides}
+    name = f"radio-tiny-clip-{config_hash({**cfg, 'seed': seed})}"
+    directory = Path(directory)
+    spec = {"model": str(directory / f"{name}.json"), "pretrained": str(directory / CHECKPOINT_FILE)}
+    if (directory / CHECKPOINT_FILE).is_file() and Path(spec["model"]).is_file():
+        return spec
+
+    def write(tmp: Path) -> None:
+        model_cfg = _open_clip_config(cfg)
+        (tmp / f"{name}.json").write_text(json.dumps(model_cfg, indent=2))
+        # The classes open_clip.create_model instantiates for this config (the config is only
+        # registered with open_clip when loaded, from its final location).
+        model_cls = open_clip.CustomTextCLIP if model_cfg.pop("custom_text", False) else open_clip.CLIP
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            clip = model_cls(**model_cfg)
+        randomize_(clip, seed)
+        torch.save(clip.state_dict(), tmp / CHECKPOINT_FILE)
+
+    write_atomically(directory, write)
+    return spec
+
+
+def _open_clip_config(cfg: dict) -> dict:
+    text = {"context_length": cfg["context_length"], "vocab_size": 49408, "width": cfg["text_width"],
+            "heads": cfg["text_heads"], "layers": cfg["text_layers"]}
+    if cfg["family"] == "clip":
+        vision = {"image_size": cfg["image_size"], "layers": cfg["layers"], "width": cfg["width"],
+                  "head_width": cfg["head_width"], "patch_size": cfg["patch_size"]}
+        return {"embed_dim": cfg["embed_dim"], "vision_cfg": vision, "text_cfg": text}
+    if cfg["family"] == "siglip":
+        # As open_clip's SigLIP configs: timm trunk, 'map' pooling, no extra projection, so the
+        # embedding width is the trunk width. The text tower stays a plain open_clip one (its
+        # BPE tokenizer ships with open_clip; SigLIP's own needs a download).
+        vision = {"image_size": 64, "timm_model_name": TINY_SIGLIP_TIMM_MODEL, "timm_model_pretrained": False,
+                  "timm_pool": "map", "timm_proj": "none"}
+        return {"embed_dim": 64, "init_logit_bias": -10, "custom_text": True, "vision_cfg": vision,
+                "text_cfg": text}
+    raise ValueError(f"{PLUGIN} tiny: family must be 'clip' or 'siglip', got {cfg['family']!r}")
+
+
+def _register_tiny_timm_models() -> None:
+    """Register the tiny SigLIP-like timm trunk (idempotent)."""
+    import timm
+    from timm.models import register_model
+
+    if TINY_SIGLIP_TIMM_MODEL in timm.list_models(TINY_SIGLIP_TIMM_MODEL):
+        return
+
+    def radio_tiny_siglip_patch16_64(pretrained: bool = False, **kwargs: Any):
+        from timm.models.vision_transformer import VisionTransformer
+
+        for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
+            kwargs.pop(key, None)
+        args = dict(img_size=64, patch_size=16, embed_dim=64, depth=2, num_heads=2, class_token=False,
+                    global_pool="map")
+        return VisionTransformer(**{**args, **kwargs})
+
+    radio_tiny_siglip_patch16_64.__module__ = __name__
+    register_model(radio_tiny_siglip_patch16_64)
+
+
+# --------------------------------------------------------------------------- helpers
+# (config_hash, write_atomically, randomize_ and teacher_facts are shared with the dinov2 and
+# sam plugins)
+
+
+def _resolve_model_name(model: str) -> str:
+    """A model-config JSON path is registered with open_clip under its file stem."""
+    if model.endswith(".json"):
+        import open_clip
+
+        path = Path(os.path.expanduser(model))
+        if not path.is_file():
+            raise FileNotFoundError(f"{PLUGIN} teacher: model config {model!r} does not exist")
+        _register_tiny_timm_models()  # a custom config may name the tiny SigLIP-like trunk
+        if open_clip.get_model_config(path.stem) is None:
+            open_clip.add_model_config(path)
+        return path.stem
+    if model.startswith("local-dir:") and not Path(os.path.expanduser(model[len("local-dir:"):])).is_dir():
+        raise FileNotFoundError(f"{PLUGIN} teacher: local directory {model!r} does not exist")
+    return model
+
+
+def _native_image_size(model_name: str) -> tuple[int, int]:
+    import open_clip
+
+    size = open_clip.get_model_config(model_name)["vision_cfg"].get("image_size", 224)
+    return tuple(_pair(size))  # type: ignore[return-value]
+
+
+def _published_defaults(open_clip, model_name: str) -> dict:
+    """mean/std and quick_gelu on which all published tags of a model agree."""
+    tags = open_clip.list_pretrained_tags_by_model(model_name)
+    cfgs = [open_clip.get_pretrained_cfg(model_name, t) for t in tags]
+    found: dict = {}
+    stats = {(tuple(c["mean"]), tuple(c["std"])) for c in cfgs if "mean" in c}
+    if len(stats) == 1:
+        found["mean"], found["std"] = stats.pop()
+    gelu = {bool(c.get("quick_gelu", False)) for c in cfgs}
+    if len(gelu) == 1:
+        found["quick_gelu"] = gelu.pop()
+    return found
+
+
+def _vit_tower(visual: nn.Module, model_name: str) -> nn.Module:
+    """The ViT whose tokens are the spatial target: open_clip's VisionTransformer itself, or the
+    trunk of a timm image tower."""
+    trunk = getattr(visual, "trunk", None)
+    if trunk is not None and hasattr(trunk, "patch_embed") and hasattr(trunk, "forward_intermediates"):
+        return trunk
+    if hasattr(visual, "transformer") and hasattr(visual, "forward_intermediates"):
+        return visual
+    raise ValueError(f"{PLUGIN} teacher: {model_name!r} has a {type(visual).__name__} image tower; only "
+                     "ViT towers (open_clip VisionTransformer or timm ViT) give patch-token targets")
+
+
+def _input_size(visual: nn.Module) -> tuple[int, int]:
+    trunk = getattr(visual, "trunk", None)
+    size = trunk.patch_embed.img_size if trunk is not None else visual.image_size
+    return tuple(int(s) for s in _pair(size))  # type: ignore[return-value]
+
+
+def _summary_dim(visual: nn.Module) -> int:
+    if hasattr(visual, "output_dim"):
+        return int(visual.output_dim)
+    linears = [m for m in visual.head.modules() if isinstance(m, nn.Linear)]
+    if linears:
+        return int(linears[-1].out_features)
+    return int(visual.trunk.num_classes or visual.trunk.num_features)
+
+
+def _pair(v: Any) -> tuple:
+    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+
+
+def teacher_facts(teacher: Teacher) -> dict:
+    return {k: getattr(teacher, k) for k in
+            ("input_size", "patch_size", "summary_dim", "spatial_dim", "mean", "std", "resize_mode")}
+
+
+def config_hash(cfg: dict) -> str:
+    return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _tiny_dir(cache_dir: Optional[str], overrides: dict) -> Path:
+    root = Path(os.path.expanduser(cache_dir or "~/.cache/radio_distill/tiny"))
+    return root / f"{PLUGIN}-{config_hash({**TINY_CLIP, **overrides})}"
+
+
+def write_atomically(directory: Path, write) -> None:
+    """Fill a temporary sibling directory, then rename it into place (a concurrent writer of the
+    same content may win; its copy is kept)."""
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        write(tmp)
+        try:
+            os.rename(tmp, directory)
+        except OSError:
+            if not directory.is_dir():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def randomize_(model: nn.Module, seed: int) -> None:
+    """Deterministic random weights for a tiny test model: fan-in scaled normals for matrices,
+    1 + noise for parameters initialised to ones (norm scales, layer scales), small noise else."""
+    gen = torch.Generator().manual_seed(seed)
+    owners = {id(p): m for m in model.modules() for p in m.parameters(recurse=False)}
+    with torch.no_grad():
+        for _, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
+            noise = torch.randn(p.shape, generator=gen, dtype=torch.float32)
+            if p.ndim >= 2:
+                owner = owners.get(id(p))
+                fan_in = p[0].numel() if isinstance(owner, (nn.Linear, nn.Conv2d)) else p.shape[-1]
+                p.copy_(noise / fan_in ** 0.5)
+            elif p.numel() and bool((p == 1).all()):
+                p.copy_(1 + 0.1 * noise)
+            else:
+                p.copy_(0.1 * noise)
 
 
 @hookimpl
 def radio_register(registry) -> None:
-    pass
+    registry.add("teacher", "clip", build_clip_teacher)
+
+
+__all__ = ["ClipTeacher", "build_clip_teacher", "describe", "make_tiny_clip", "TINY_CLIP"]
