@@ -147,6 +147,7 @@ def build_cache(recipe: Any, registry: Any, out: str | Path, views: int, batch_s
     out = Path(out)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     names = list(teacher_names or recipe.teachers)
+    torch.manual_seed(recipe.train.seed)  # as the trainer does: random-init teachers build the same
     teachers = {n: build_teacher(recipe, n, registry).to(device) for n in names}
     source = registry.build("dataset", recipe.data.source.name, **recipe.data.source.args)
     crop = cache_crop_size(recipe, teachers)

@@ -1,4 +1,4 @@
-"""The ``radio`` console script: ``radio train|plugins|validate ...``."""
+"""The ``radio`` console script: ``radio train|validate|sweep|plugins ...``."""
 from __future__ import annotations
 
 import sys
@@ -9,6 +9,8 @@ USAGE = """usage: radio COMMAND [ARGS]
 commands:
   train RECIPE [overrides] [--resume]   train a student (same as python -m radio_core.run)
   validate RECIPE [overrides]           check a recipe and its plugin names
+  sweep SWEEP.yaml [--only NAME] [--dry-run]
+                                        run an ablation sweep (same as python -m radio_core.sweep)
   plugins [--kind KIND]                 list registered teachers, students, adaptors, losses, datasets
 """
 
@@ -27,6 +29,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from .run import main as run_main
 
         return run_main(rest + ["--validate"])
+    if cmd == "sweep":
+        from .sweep import main as sweep_main
+
+        return sweep_main(rest)
     if cmd == "plugins":
         from .plugins import main as plugins_main
 

@@ -91,8 +91,9 @@ class SkimageSamplesSource:
                 raise ValueError(f"data.source.args.exclude: {name!r} is not one of {', '.join(SKIMAGE_PHOTOS)}")
         for name in [n for n in (names or SKIMAGE_PHOTOS) if n not in exclude]:
             fn = getattr(skimage.data, name, None)
-            if fn is None:
-                raise ValueError(f"data.source.args.names: scikit-image has no sample image {name!r}")
+            if fn is None or name not in SKIMAGE_PHOTOS:
+                raise ValueError(f"data.source.args.names: {name!r} is not one of the photographs "
+                                 f"{', '.join(SKIMAGE_PHOTOS)}")
             try:
                 arr = fn()
             except Exception:  # noqa: BLE001 - a few samples need an optional download (pooch)

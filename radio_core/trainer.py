@@ -282,6 +282,7 @@ class Trainer:
     def _verify_cache(self) -> None:
         """Rebuild each cached teacher once (weights, no forward) and compare fingerprints, data,
         augmentation, seed and crop size with the cache's index."""
+        torch.manual_seed(self.recipe.train.seed)
         teachers = {n: build_teacher(self.recipe, n, self.registry) for n in self.cached}
         crops = {tuple(self.crop_size(s)) for p in self.plans for s in p.rank_slots[self.accelerator.process_index]}
         crop = tuple(self.cache.index["augment"]["crop_size"])
