@@ -1,0 +1,133 @@
+"""Student throughput: images/s of ViT-B/16-CPE, E-RADIO-B (and -S) and a CLIP ViT-L/14 image tower.
+
+    python bench/student_throughput.py                 # 224 px, batch 8, 10 timed rounds
+    python bench/student_throughput.py --quick         # < 2 min on 2 CPU cores
+    python bench/student_throughput.py --resolution 512 --batch 32 --device cuda
+
+Forward only, fp32, random weights (nothing is downloaded: the CLIP tower is
+``open_clip.create_model("ViT-L-14", pretrained=None).visual``), all models at the same input
+resolution. Rounds are interleaved (round r times every model once) so that machine-load drift
+hits every model alike; the table gives the median time per batch, images/s, and ratios
+against the CLIP ViT-L tower (the teacher a student replaces) and against ViT-B-CPE. GFLOP per
+image are counted on the meta device (math attention, so attention is included).
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+class ClipTower(nn.Module):
+    """open_clip ViT-L-14 image tower taking [0, 1] images (normalisation included, like the students)."""
+
+    def __init__(self, resolution: int, device: str = "cpu") -> None:
+        super().__init__()
+        import logging
+
+        import open_clip
+
+        level = logging.getLogger().level
+        logging.getLogger().setLevel(logging.ERROR)  # "no pretrained weights loaded": intended here
+        try:
+            model = open_clip.create_model("ViT-L-14", pretrained=None, force_image_size=resolution, device=device)
+        finally:
+            logging.getLogger().setLevel(level)
+        self.visual = model.visual
+        self.register_buffer("mean", torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(3, 1, 1))
+        self.register_buffer("std", torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(3, 1, 1))
+
+    def forward(self, images):
+        return self.visual((images - self.mean) / self.std)
+
+
+def build(name: str, resolution: int, device: str = "cpu") -> nn.Module:
+    from radio_core.registry import get_registry
+
+    registry = get_registry()
+    if name == "ViT-B/16-CPE":
+        return registry.build("student", "vit", model="vit_base_patch16_224", num_cls_tokens=3)
+    if name.startswith("E-RADIO-"):
+        return registry.build("student", "eradio", variant=name[-1].lower(), num_cls_tokens=3)
+    if name == "CLIP ViT-L/14":
+        return ClipTower(resolution, device)
+    raise ValueError(name)
+
+
+def gflops(name: str, resolution: int) -> float:
+    from radio_core.planner import count_flops
+
+    with torch.device("meta"):
+        model = build(name, resolution, device="meta").eval()
+        x = torch.rand(1, 3, resolution, resolution)
+    with torch.no_grad():
+        return count_flops(lambda: model(x)) / 1e9
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--resolution", type=int, default=224,
+                   help="input edge in px, the same for every model (a multiple of 32)")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--rounds", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--channels-last", action="store_true", help="channels_last memory format for E-RADIO's convs")
+    p.add_argument("--quick", action="store_true", help="batch 2, 3 rounds, 1 warm-up (CPU smoke run)")
+    a = p.parse_args(argv)
+    if a.quick:
+        a.batch, a.rounds, a.warmup = 2, 3, 1
+    if a.resolution % 32:
+        p.error("--resolution must be a multiple of 32 (E-RADIO's input multiple)")
+    device = torch.device("cuda" if a.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if a.device == "auto" else a.device))
+    names = ["ViT-B/16-CPE", "E-RADIO-B", "E-RADIO-S", "CLIP ViT-L/14"]
+    torch.manual_seed(0)
+    models, flops = {}, {}
+    for name in names:
+        t = time.perf_counter()
+        model = build(name, a.resolution).to(device).eval()
+        if a.channels_last and name.startswith("E-RADIO"):
+            model = model.to(memory_format=torch.channels_last)
+        models[name] = model
+        flops[name] = gflops(name, a.resolution)
+        params = sum(q.numel() for q in model.parameters()) / 1e6
+        print(f"built {name:<14} {params:7.1f}M params  {flops[name]:7.1f} GFLOP/img  ({time.perf_counter() - t:.1f}s)",
+              flush=True)
+    x = torch.rand(a.batch, 3, a.resolution, a.resolution, device=device)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    with torch.inference_mode():
+        for r in range(a.warmup + a.rounds):
+            for name in names:
+                inp = x.to(memory_format=torch.channels_last) if a.channels_last and name.startswith("E-RADIO") else x
+                sync(device)
+                t = time.perf_counter()
+                models[name](inp)
+                sync(device)
+                if r >= a.warmup:
+                    times[name].append(time.perf_counter() - t)
+    ips = {n: a.batch / statistics.median(times[n]) for n in names}
+    clip, vitb = ips["CLIP ViT-L/14"], ips["ViT-B/16-CPE"]
+    print(f"\n{a.resolution}x{a.resolution}, batch {a.batch}, fp32 forward, {device.type}, "
+          f"{torch.get_num_threads()} threads, median of {a.rounds} interleaved rounds")
+    print(f"{'model':<15} {'GFLOP/img':>9} {'ms/batch':>9} {'images/s':>9} {'vs CLIP-L':>9} {'vs ViT-B':>9}")
+    for n in names:
+        print(f"{n:<15} {flops[n]:>9.1f} {1000 * a.batch / ips[n]:>9.1f} {ips[n]:>9.2f} {ips[n] / clip:>8.2f}x "
+              f"{ips[n] / vitb:>8.2f}x")
+    return ips
+
+
+if __name__ == "__main__":
+    main()

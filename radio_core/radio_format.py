@@ -1,0 +1,485 @@
+"""Official RADIO checkpoints (``.pth.tar``) in and out.
+
+Read (``load_radio_checkpoint``) an official RADIO training/release checkpoint into this
+framework's ``vit`` student + ``mlp`` adaptor heads (a ``Distiller``, wrapped by
+``radio_core.model.RadioModel``), and write (``save_radio_checkpoint``) a trained ViT-CPE model
+back in that layout, so official tooling (NVlabs/RADIO ``hubconf.radio_model(version=<file>)``)
+can load it.
+
+Layout (facts from the official code, NVlabs/RADIO; no code taken from it)
+-----------------------------------------------------------------------
+The file is a pickled dict ``{"args": argparse.Namespace, "state_dict" | "state_dict_ema": ...}``
+(``state_dict_ema`` is preferred when present, as the official loader does).
+
+* ``base_model.patch_generator.embedder.weight`` (D, 3*p*p): bias-free patch projection;
+  ``base_model.patch_generator.pos_embed`` (1, (cpe_max_size/p)^2, D): the CPE grid;
+  ``base_model.patch_generator.cls_token.token`` (cls + registers, D); ``base_model.blocks.N.*``:
+  timm ViT blocks; ``base_model.norm.*`` only when ``args.model_norm``.
+* ``input_conditioner.norm_mean`` / ``norm_std`` (3, 1, 1).
+* ``_heads.<name|index>.*``: summary MLP; ``_feature_projections.<name|index>.*``: feature MLP.
+  MLP v2 = ``fc1``, ``blocks.i.{0: LN, 2: Linear}`` (residual), ``final.{0: LN, 2: Linear}``
+  (GELU), i.e. exactly ``radio_core.adaptors.MLPAdaptor``; MLP v1 = ``fc1``, ``norm``, ReLU,
+  ``inner.*``, ``fc2``.
+* ``_feature_normalizer.{mean, tx}``: applied to the backbone's patch features (and so before
+  the feature heads): ``(x - mean) @ tx.T``. ``_intermediate_feature_normalizer.*`` only serves
+  intermediate-layer outputs and is ignored here.
+* ``args.teachers``: list of dicts (``name``, ``type``, ``use_summary``, ``token_slot``,
+  ``mlp_version``, ``fd_upsample_factor``...); ``args.cls_token_per_teacher`` gives one CLS token
+  per unique teacher name (else one); registers = the remaining rows of the token table
+  (``register_multiple`` / ``cpe_num_registers``). A teacher's summary head reads CLS token
+  ``token_slot`` (default: its index in the list); the backbone summary concatenates the CLS
+  tokens of teachers with ``use_summary``.
+* σReparam in training checkpoints: ``<layer>.parametrizations.weight.original`` plus
+  ``...weight.0.{_u,_v,scale,_sn_version}`` (or ``...weight.0.parts.<i>.*`` for per-chunk
+  reparametrisation of qkv / w12); folded here into plain weights
+  (W * s / (uᵀWv + eps), s = softplus(scale) + 0.05 for version 2, scale for version 1).
+
+Which official versions load
+----------------------------
+Expected to load: ViT students with CPE built from timm ``vit_{tiny,small,base,large,huge}
+_patch<p>_<res>[_mlpnorm]`` names with standard blocks (optional layer scale and MLP norm), MLP
+v1 (without inner layers) / v2 heads without feature upsampling. That covers ``radio_v2.5-b``,
+``radio_v2.5-l``, ``radio_v2.5-h`` (and ``-h-norm``), ``radio_v2`` / ``radio_v2.1`` (ViT-H/16) and
+``radio_v1`` (ViT-H/14). Not supported, refused with an error naming the cause: E-RADIO
+(``eradio_v2``: a different backbone), ``radio_v2.5-g`` (DINOv2-architecture wrapper), C-RADIO v2-v4
+(SigLIP/so400m, hybrid, qk-norm or HF safetensors variants), heads with ``fd_upsample_factor`` > 1,
+MLP v1 heads with inner layers, and attention heads; unsupported heads are skipped with a warning
+(an error when asked for by name). None of the real files can be downloaded here: the tests check
+files built to this key layout against an independent re-implementation of the official forward.
+
+Safety
+------
+The official loader unpickles with ``weights_only=False`` (any code in the file runs). Here
+``torch.load(weights_only=True)`` is used with only ``argparse.Namespace`` added to torch's
+allow-list (tensors, containers, numbers, strings and dtypes are already in it); any other
+global is refused with ``RadioFormatError``.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import pickle
+import re
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .distiller import Distiller
+from .model import FeatureNormalizer, build_distiller_from_config
+
+#: what the format needs beyond torch's own weights-only allow-list.
+SAFE_GLOBALS: tuple = (argparse.Namespace,)
+#: the official version-2 σReparam adds this to softplus(scale).
+_SN_ALPHA = 0.05
+
+
+class RadioFormatError(ValueError):
+    """A RADIO-format file that is unsafe, malformed, or uses a model this importer doesn't support."""
+
+
+@dataclass
+class RadioImport:
+    distiller: Distiller
+    config: dict
+    feature_normalizer: Optional[nn.Module]
+    args: Any
+    #: teacher -> why its heads (or one of them) were not imported
+    skipped: dict[str, str] = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------ reading
+def read_checkpoint(path: str | os.PathLike, extra_safe_globals: Iterable[Any] = ()) -> dict:
+    """``torch.load`` with ``weights_only=True`` and the format's allow-list; anything else is refused."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"RADIO checkpoint {path} does not exist")
+    try:
+        with torch.serialization.safe_globals([*SAFE_GLOBALS, *extra_safe_globals]):
+            chk = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        detail = next((ln.strip() for ln in str(exc).splitlines() if "global" in ln.lower()), str(exc).splitlines()[0])
+        raise RadioFormatError(
+            f"{path}: refused to unpickle: the file references code outside the RADIO-format allow-list "
+            f"(argparse.Namespace, tensors, containers, dtypes). {detail}. Loading it would execute that code; "
+            f"if you trust the file and know the object is harmless, pass it in extra_safe_globals") from None
+    if not isinstance(chk, dict) or "args" not in chk or not ({"state_dict", "state_dict_ema"} & set(chk)):
+        keys = sorted(chk) if isinstance(chk, dict) else type(chk).__name__
+        raise RadioFormatError(f"{path}: not a RADIO checkpoint (expected a dict with 'args' and 'state_dict' or "
+                               f"'state_dict_ema'; got {keys})")
+    return chk
+
+
+def _arg(args: Any, name: str, default: Any = None) -> Any:
+    if isinstance(args, dict):
+        return args.get(name, default)
+    return getattr(args, name, default)
+
+
+def fold_official_spectral(state: dict[str, Tensor], eps: float = 1e-6) -> dict[str, Tensor]:
+    """Replace official σReparam parametrisation keys by the realised plain ``weight``."""
+    marker = ".parametrizations.weight.original"
+    out = {k: v for k, v in state.items() if ".parametrizations.weight." not in k}
+    for key in [k for k in state if k.endswith(marker)]:
+        layer = key[: -len(marker)]
+        pre = f"{layer}.parametrizations.weight.0."
+        sub = {k[len(pre):]: v for k, v in state.items() if k.startswith(pre)}
+        weight = state[key].float()
+        if any(k.startswith("parts.") for k in sub):
+            indices = {int(k.split(".")[1]) for k in sub if k.startswith("parts.")}
+            n = 3 if layer.endswith("qkv") else 2 if layer.endswith("w12") else max(indices) + 1
+            chunks = weight.split(weight.shape[0] // n, dim=0)
+            folded = []
+            for i, chunk in enumerate(chunks):
+                p = {k[len(f"parts.{i}."):]: v for k, v in sub.items() if k.startswith(f"parts.{i}.")}
+                folded.append(_sn_realise(chunk, p, eps) if p else chunk)  # no keys: an Identity part
+            weight = torch.cat(folded, dim=0)
+        elif sub:
+            weight = _sn_realise(weight, sub, eps)
+        out[f"{layer}.weight"] = weight.to(state[key].dtype)
+    return out
+
+
+def _sn_realise(weight: Tensor, p: dict[str, Tensor], eps: float) -> Tensor:
+    version = int(p["_sn_version"]) if "_sn_version" in p else 1
+    sigma = torch.dot(p["_u"].float(), torch.mv(weight.reshape(weight.shape[0], -1), p["_v"].float())) + eps
+    scale = p["scale"].float().reshape(())
+    if version == 2:
+        scale = F.softplus(scale) + _SN_ALPHA
+    elif version != 1:
+        raise RadioFormatError(f"unsupported σReparam version {version}")
+    return weight * (scale / sigma)
+
+
+def _convert_mlp(state: dict[str, Tensor], version: str, where: str) -> tuple[dict[str, Tensor], dict]:
+    """Official summary/feature MLP state -> (MLPAdaptor state, MLPAdaptor args + dims)."""
+    if version == "v2":
+        if any(k.startswith("pre_norm.") for k in state):
+            raise RadioFormatError(f"{where}: MLP v2 with pre_norm is not supported")
+        num_inner = len({k.split(".")[1] for k in state if k.startswith("blocks.")})
+        out, args = dict(state), {"num_inner": num_inner, "activation": "gelu"}
+        final = "final.2.weight"
+    elif version == "v1":
+        if any(k.startswith("inner.") for k in state):
+            raise RadioFormatError(f"{where}: MLP v1 with inner layers is not supported")
+        rename = {"fc1.": "fc1.", "norm.": "final.0.", "fc2.": "final.2."}
+        out = {}
+        for k, v in state.items():
+            prefix = next((p for p in rename if k.startswith(p)), None)
+            if prefix is None:
+                raise RadioFormatError(f"{where}: unexpected MLP v1 key {k!r}")
+            out[rename[prefix] + k[len(prefix):]] = v
+        args, final = {"num_inner": 0, "activation": "relu"}, "final.2.weight"
+    else:
+        raise RadioFormatError(f"{where}: MLP version {version!r} is not supported (v1 and v2 are)")
+    if "fc1.weight" not in out or final not in out:
+        raise RadioFormatError(f"{where}: incomplete MLP weights (keys {sorted(state)[:6]})")
+    dims = {"in_dim": out["fc1.weight"].shape[1], "hidden_dim": out["fc1.weight"].shape[0],
+            "out_dim": out[final].shape[0]}
+    return out, {**args, **dims}
+
+
+def _split_heads(state: dict[str, Tensor], prefix: str) -> dict[str, dict[str, Tensor]]:
+    out: dict[str, dict[str, Tensor]] = {}
+    for k, v in state.items():
+        if k.startswith(prefix + "."):
+            ident, _, rest = k[len(prefix) + 1:].partition(".")
+            out.setdefault(ident, {})[rest] = v
+    return out
+
+
+def _student_args(args: Any, bb: dict[str, Tensor], num_cls: int) -> dict:
+    model = str(_arg(args, "model", ""))
+    if "patch_generator.embedder.weight" not in bb or "patch_generator.pos_embed" not in bb:
+        kind = "E-RADIO" if "eradio" in model.lower() else f"model {model!r}"
+        raise RadioFormatError(f"{kind} is not supported: only ViT students with CPE (base_model.patch_generator.*) "
+                               f"load into this framework")
+    if _arg(args, "cpe_max_size") is None:
+        raise RadioFormatError(f"model {model!r} was trained without CPE (args.cpe_max_size is None): not supported")
+    if "patch_generator.patch_normalizer.weight" in bb:
+        raise RadioFormatError("patch normalisation (patch_generator.patch_normalizer) is not supported")
+    emb = bb["patch_generator.embedder.weight"]
+    dim, patch = emb.shape[0], math.isqrt(emb.shape[1] // 3)
+    if 3 * patch * patch != emb.shape[1]:
+        raise RadioFormatError(f"patch embedder weight {tuple(emb.shape)} is not (D, 3*p*p)")
+    side = math.isqrt(bb["patch_generator.pos_embed"].shape[1])
+    depth = len({k.split(".")[1] for k in bb if k.startswith("blocks.")})
+    if depth == 0 or "blocks.0.mlp.fc1.weight" not in bb or "blocks.0.attn.qkv.weight" not in bb:
+        raise RadioFormatError(f"model {model!r}: blocks are not timm ViT blocks (no blocks.0.attn.qkv / mlp.fc1)")
+    rows = bb["patch_generator.cls_token.token"].shape[0] if "patch_generator.cls_token.token" in bb else 0
+    if rows < num_cls:
+        raise RadioFormatError(f"the checkpoint has {rows} summary-token rows for {num_cls} teacher CLS tokens")
+    kwargs = dict(_arg(args, "model_kwargs", None) or {})
+    name = re.sub(r"^(vit_[a-z]+)_patch\d+", rf"\1_patch{patch}", model)
+    student = dict(model=name, embed_dim=dim, depth=depth, patch_size=patch,
+                   mlp_ratio=bb["blocks.0.mlp.fc1.weight"].shape[0] / dim,
+                   qkv_bias="blocks.0.attn.qkv.bias" in bb,
+                   init_values=1e-5 if "blocks.0.ls1.gamma" in bb else None,
+                   mlp_norm="blocks.0.mlp.norm.weight" in bb, final_norm="norm.weight" in bb,
+                   num_registers=rows - num_cls, cpe_max_size=side * patch)
+    if kwargs.get("num_heads"):
+        student["num_heads"] = int(kwargs["num_heads"])
+    return student
+
+
+def load_radio_checkpoint(path: str | os.PathLike, registry=None, adaptor_names: Optional[list[str]] = None,
+                          extra_safe_globals: Iterable[Any] = ()) -> RadioImport:
+    """Official RADIO checkpoint -> ``vit`` student + ``mlp`` heads (fp32), built by the registry.
+
+    ``adaptor_names``: teachers whose heads to import (default: every head that can be; an
+    unsupported head is then skipped with a warning instead of an error).
+    """
+    from .registry import PluginError, get_registry
+
+    chk = read_checkpoint(path, extra_safe_globals)
+    args = chk["args"]
+    raw = chk["state_dict_ema"] if "state_dict_ema" in chk else chk["state_dict"]
+    if not isinstance(raw, dict):
+        raise RadioFormatError(f"{path}: state_dict is a {type(raw).__name__}, not a dict of tensors")
+    state = {k.removeprefix("module."): v for k, v in raw.items() if isinstance(v, Tensor)}
+    sr = _arg(args, "spectral_reparam", False)
+    state = fold_official_spectral(state, eps=float(sr.get("eps", 1e-12)) if isinstance(sr, dict) else 1e-6)
+    state = {k.replace(".grandma", ".gamma"): v for k, v in state.items()}  # older layer-scale name
+
+    teachers = [dict(vars(t)) if isinstance(t, argparse.Namespace) else dict(t)
+                for t in _arg(args, "teachers", []) or []]
+    per_teacher = bool(_arg(args, "cls_token_per_teacher", True))
+    unique = list(dict.fromkeys(t["name"] for t in teachers))
+    num_cls = max(len(unique), 1) if per_teacher else 1
+
+    bb = {k[len("base_model."):]: v.float() for k, v in state.items() if k.startswith("base_model.")}
+    student_args = _student_args(args, bb, num_cls)
+    extension = _arg(args, "radio_distill", None) or {}
+
+    heads = _split_heads(state, "_heads")
+    feats = _split_heads(state, "_feature_projections")
+    default_version = str(_arg(args, "mlp_version", "v1") or "v1")
+    default_spatial = str(_arg(args, "spatial_mlp_version", None) or default_version)
+    wanted = set(adaptor_names) if adaptor_names is not None else None
+    known = {t["name"] for t in teachers} | set(extension.get("teachers", {}))
+    if wanted is not None and wanted - known:
+        raise RadioFormatError(f"{path}: no teacher {sorted(wanted - known)} in this checkpoint; "
+                               f"it has {sorted(known)}")
+
+    entries: dict[str, dict] = {}
+    head_states: dict[str, dict[str, dict[str, Tensor]]] = {}
+    slots: dict[str, int] = {}
+    skipped: dict[str, str] = {}
+
+    def add_heads(name: str, tidx: Optional[int], tconf: dict) -> None:
+        entry = {"summary_dim": None, "spatial_dim": None, "plugin": tconf.get("type"),
+                 "use_summary": bool(tconf.get("use_summary", True))}
+        entry.update({k: v for k, v in extension.get("teachers", {}).get(name, {}).items() if k in ("plugin",)})
+        summary_version = str(tconf.get("mlp_version") or default_version)
+        spatial_version = str(tconf.get("spatial_mlp_version") or tconf.get("mlp_version") or default_spatial)
+        for kind, table, version in (("summary", heads, summary_version), ("spatial", feats, spatial_version)):
+            sd = table.get(name) or (table.get(str(tidx)) if tidx is not None else None)
+            if not sd:
+                continue
+            where = f"{path}: teacher {name!r} {kind} head"
+            try:
+                if kind == "spatial" and (tconf.get("fd_upsample_factor") or 1) > 1:
+                    raise RadioFormatError(f"{where}: feature upsampling (fd_upsample_factor="
+                                           f"{tconf['fd_upsample_factor']}) is not supported")
+                converted, info = _convert_mlp({k: v.float() for k, v in sd.items()}, version, where)
+                if info["in_dim"] != student_args["embed_dim"]:
+                    raise RadioFormatError(f"{where}: input dim {info['in_dim']} != backbone dim "
+                                           f"{student_args['embed_dim']}")
+            except RadioFormatError as exc:
+                if wanted is not None and name in wanted:
+                    raise
+                skipped[name] = f"{skipped[name]}; {exc}" if name in skipped else str(exc)
+                continue
+            entry[f"{kind}_dim"] = info["out_dim"]
+            entry[f"{kind}_adaptor"] = {"name": "mlp", "hidden_dim": info["hidden_dim"],
+                                        "args": {"num_inner": info["num_inner"], "activation": info["activation"]}}
+            head_states.setdefault(name, {})[kind] = converted
+        if entry["summary_dim"] is not None:
+            slot = int(tconf.get("token_slot", tidx if tidx is not None else 0)) if per_teacher else 0
+            if not 0 <= slot < num_cls:
+                raise RadioFormatError(f"{path}: teacher {name!r}: token_slot {slot} outside the {num_cls} CLS tokens")
+            slots[name] = slot
+        if entry["summary_dim"] is not None or entry["spatial_dim"] is not None:
+            entries[name] = entry
+
+    seen = set()
+    for tidx, tconf in enumerate(teachers):
+        name = tconf["name"]
+        if name in seen or (wanted is not None and name not in wanted):
+            continue
+        seen.add(name)
+        add_heads(name, tidx, tconf)
+    # heads of teachers without a CLS token (written by save_radio_checkpoint for spatial-only teachers)
+    for name, tconf in extension.get("teachers", {}).items():
+        if name not in seen and (wanted is None or name in wanted) and (name in feats or name in heads):
+            seen.add(name)
+            add_heads(name, None, {"type": tconf.get("plugin"), "use_summary": False, **tconf})
+    if skipped and wanted is None:
+        warnings.warn(f"{path}: heads not imported: " + "; ".join(f"{k}: {v}" for k, v in skipped.items()),
+                      stacklevel=2)
+
+    mean = state.get("input_conditioner.norm_mean")
+    std = state.get("input_conditioner.norm_std")
+    if mean is not None:
+        student_args["mean"] = [float(x) for x in mean.flatten()]
+    if std is not None:
+        student_args["std"] = [float(x) for x in std.flatten()]
+    config = {
+        "format": "radio-distill-export", "version": 1, "source": "radio",
+        "student": {"name": "vit", "args": student_args, "num_cls_tokens": num_cls},
+        "teachers": entries, "adaptor": {"name": "mlp", "args": {}},
+        "hidden_dim": max((e[f"{k}_adaptor"]["hidden_dim"] for e in entries.values() for k in ("summary", "spatial")
+                           if f"{k}_adaptor" in e), default=0),
+        "summary_slots": slots, "resolution": None,
+    }
+    our_state = {f"student.{k}": v for k, v in bb.items()}
+    our_state["student.norm_mean"] = torch.tensor(student_args.get("mean", _default_mean())).view(3, 1, 1)
+    our_state["student.norm_std"] = torch.tensor(student_args.get("std", _default_std())).view(3, 1, 1)
+    for name, kinds in head_states.items():
+        for kind, sd in kinds.items():
+            our_state.update({f"{kind}_heads.{name}.{k}": v for k, v in sd.items()})
+    try:
+        distiller = build_distiller_from_config(config, registry or get_registry(), our_state, origin=str(path))
+    except PluginError as exc:
+        raise RadioFormatError(f"{path}: {exc}") from None
+    except ValueError as exc:  # e.g. the vit factory refusing the model name
+        raise RadioFormatError(f"{path}: cannot build the student for model {_arg(args, 'model')!r}: {exc}") from None
+
+    normalizer = None
+    if "_feature_normalizer.mean" in state and "_feature_normalizer.tx" in state:
+        normalizer = FeatureNormalizer(student_args["embed_dim"])
+        normalizer.load_state_dict({"mean": state["_feature_normalizer.mean"].float(),
+                                    "tx": state["_feature_normalizer.tx"].float()})
+    return RadioImport(distiller, config, normalizer, args, skipped)
+
+
+def _default_mean() -> list[float]:
+    return [0.48145466, 0.4578275, 0.40821073]
+
+
+def _default_std() -> list[float]:
+    return [0.26862954, 0.26130258, 0.27577711]
+
+
+# ------------------------------------------------------------------------------ writing
+def _mlp_state_for_radio(head: nn.Module, where: str) -> tuple[dict[str, Tensor], str]:
+    from .adaptors import MLPAdaptor
+
+    if not isinstance(head, MLPAdaptor):
+        raise RadioFormatError(f"{where}: only 'mlp' adaptors have a RADIO layout (got {type(head).__name__})")
+    state = {k: v.detach().cpu() for k, v in head.state_dict().items()}
+    if isinstance(head.final[1], nn.GELU):
+        return state, "v2"
+    if len(head.blocks):
+        raise RadioFormatError(f"{where}: a ReLU MLP with inner blocks has no RADIO layout (MLP v1 inner layers "
+                               f"are not residual)")
+    rename = {"final.0.": "norm.", "final.2.": "fc2."}
+    out = {}
+    for k, v in state.items():
+        prefix = next((p for p in rename if k.startswith(p)), None)
+        out[(rename[prefix] + k[len(prefix):]) if prefix else k] = v
+    return out, "v1"
+
+
+def save_radio_checkpoint(model, path: str | os.PathLike) -> Path:
+    """Write a ``RadioModel`` whose student is the ``vit`` plugin as an official-layout ``.pth.tar``.
+
+    Teachers with a summary head get a CLS slot in ``args.teachers`` (in slot order, so the official
+    loader builds the same token count); teachers without one are stored under
+    ``_feature_projections.<name>`` and described in ``args.radio_distill`` (the official loader
+    ignores both; ``load_radio_checkpoint`` reads them back).
+    """
+    from .spectral import folded_state_dict
+
+    student = model.student
+    config = model.config
+    arch = getattr(student, "arch", None)
+    if arch is None or not hasattr(student, "patch_generator"):
+        plugin = config.get("student", {}).get("name")
+        raise RadioFormatError(f"only the ViT-CPE student ('vit') can be written in RADIO format; this model's "
+                               f"student is {type(student).__name__} (plugin {plugin!r})")
+    d = model.distiller
+    state: dict[str, Tensor] = {}
+    for k, v in folded_state_dict(student).items():
+        if k in ("norm_mean", "norm_std"):
+            state[f"input_conditioner.{k}"] = v.detach().cpu().float().view(3, 1, 1)
+        else:
+            state[f"base_model.{k}"] = v.detach().cpu()
+
+    slot_of = dict(d.summary_slots)
+    by_slot: dict[int, str] = {}
+    for name, slot in sorted(slot_of.items(), key=lambda kv: kv[1]):
+        if name in d.summary_heads:
+            by_slot.setdefault(slot, name)
+    teacher_cfg = config.get("teachers", {})
+    names = [h.name for h in d.heads if h.name in d.summary_heads or h.name in d.spatial_heads]
+    spatial_only = [n for n in names if n not in by_slot.values()]
+    listed, extension = [], {}
+    for slot in range(student.num_cls_tokens):
+        name = by_slot.get(slot) or (spatial_only.pop(0) if spatial_only else f"unused_slot_{slot}")
+        plugin = teacher_cfg.get(name, {}).get("plugin") or "generic"
+        use_summary = name in by_slot.values() and teacher_cfg.get(name, {}).get("use_summary", True)
+        listed.append({"name": name, "type": plugin, "use_summary": bool(use_summary), "token_slot": slot})
+    for name in spatial_only:  # no CLS slot left for them: our extension field only
+        extension[name] = {"plugin": teacher_cfg.get(name, {}).get("plugin")}
+
+    versions = {}
+    for entry in listed:
+        name = entry["name"]
+        for kind, table, prefix in (("summary", d.summary_heads, "_heads"),
+                                    ("spatial", d.spatial_heads, "_feature_projections")):
+            if name in table:
+                sd, version = _mlp_state_for_radio(table[name], f"teacher {name!r} {kind} head")
+                state.update({f"{prefix}.{name}.{k}": v for k, v in sd.items()})
+                versions.setdefault(name, {})[kind] = version
+    for name in extension:
+        sd, version = _mlp_state_for_radio(d.spatial_heads[name], f"teacher {name!r} spatial head")
+        state.update({f"_feature_projections.{name}.{k}": v for k, v in sd.items()})
+        extension[name]["spatial_mlp_version"] = version
+    for entry in listed:
+        v = versions.get(entry["name"], {})
+        if "summary" in v:
+            entry["mlp_version"] = v["summary"]
+        if "spatial" in v:
+            entry["spatial_mlp_version"] = v["spatial"]
+            entry.setdefault("mlp_version", v["spatial"])
+
+    normalizer = model.feature_normalizer
+    if isinstance(normalizer, FeatureNormalizer):
+        state["_feature_normalizer.mean"] = normalizer.mean.detach().cpu()
+        state["_feature_normalizer.tx"] = normalizer.tx.detach().cpu()
+
+    size = re.match(r"^vit_([a-z]+)", arch["model"] or "vit_base")
+    model_name = f"vit_{size.group(1) if size else 'base'}_patch{arch['patch_size']}_224"
+    if arch["mlp_norm"]:
+        model_name += "_mlpnorm"
+    model_kwargs = {"embed_dim": arch["embed_dim"], "depth": arch["depth"], "num_heads": arch["num_heads"],
+                    "mlp_ratio": arch["mlp_ratio"], "qkv_bias": arch["qkv_bias"], "patch_size": arch["patch_size"]}
+    if arch["init_values"] is not None:
+        model_kwargs["init_values"] = arch["init_values"]
+    args = argparse.Namespace(
+        model=model_name, model_kwargs=model_kwargs, pretrained=False, in_chans=None, input_size=None,
+        num_classes=0, drop=0.0, drop_path=None, drop_block=None, gp=None, bn_momentum=None, bn_eps=None,
+        torchscript=False, initial_checkpoint="", cpe_max_size=arch["cpe_max_size"], teachers=listed,
+        cls_token_per_teacher=True, register_multiple=None, cpe_num_registers=arch["num_registers"] or None,
+        spectral_reparam=False, spectral_heads=False, mlp_version="v2", model_norm=bool(arch["final_norm"]),
+        dtype=torch.float32,
+        radio_distill={"format_version": 1, "teachers": {**{e["name"]: {"plugin": teacher_cfg.get(e["name"], {})
+                                                                     .get("plugin")} for e in listed}, **extension},
+                       "student": config.get("student")},
+    )
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({"args": args, "state_dict": state}, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+__all__ = ["RadioFormatError", "RadioImport", "SAFE_GLOBALS", "read_checkpoint", "load_radio_checkpoint",
+           "save_radio_checkpoint", "fold_official_spectral"]

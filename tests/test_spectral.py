@@ -1,0 +1,94 @@
+"""σReparam (radio_core.spectral): W_hat = γ/σ(W)·W with σ by power iteration."""
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from radio_core.spectral import (SpectralReparam, apply_spectral_reparam, folded_state_dict, has_spectral_reparam,
+                                 remove_spectral_reparam)
+
+
+def _layer(seed=0, shape=(24, 16)):
+    torch.manual_seed(seed)
+    return nn.Linear(shape[1], shape[0])
+
+
+def _reparam(layer) -> SpectralReparam:
+    return layer.parametrizations.weight[0]
+
+
+def test_initial_function_unchanged_and_gamma_is_sigma():
+    plain = _layer()
+    wrapped = _layer()
+    names = apply_spectral_reparam(nn.Sequential(wrapped))
+    assert names == ["0"] and parametrize.is_parametrized(wrapped, "weight")
+    x = torch.randn(5, 16)
+    for mode in (False, True):  # eval, then train (one more power iteration on a converged estimate)
+        wrapped.train(mode)
+        torch.testing.assert_close(wrapped(x), plain(x), rtol=1e-5, atol=1e-6)
+    true_sigma = torch.linalg.matrix_norm(plain.weight.detach(), ord=2)
+    torch.testing.assert_close(_reparam(wrapped).gamma.detach(), true_sigma, rtol=1e-4, atol=1e-6)
+
+
+def test_sigma_times_normalised_weight_is_consistent():
+    layer = _layer(1)
+    apply_spectral_reparam(layer)
+    rp = _reparam(layer)
+    with torch.no_grad():
+        layer.parametrizations.weight.original.mul_(3.0)  # W changes: σ must follow, W_hat must not
+    layer.train()
+    for _ in range(30):
+        layer(torch.zeros(1, 16))
+    w = layer.parametrizations.weight.original.detach()
+    sigma = rp.sigma(w).detach()
+    torch.testing.assert_close(sigma, torch.linalg.matrix_norm(w, ord=2), rtol=1e-4, atol=1e-6)
+    # σ(W) · (W / σ) reproduces W, and W_hat = γ · W/σ has spectral norm γ.
+    torch.testing.assert_close(sigma * (w / sigma), w)
+    layer.eval()
+    torch.testing.assert_close(torch.linalg.matrix_norm(layer.weight.detach(), ord=2), rp.gamma.detach(),
+                               rtol=1e-4, atol=1e-6)
+
+
+def test_power_iteration_only_in_training():
+    layer = _layer(2)
+    apply_spectral_reparam(layer)
+    rp = _reparam(layer)
+    with torch.no_grad():
+        layer.parametrizations.weight.original.add_(torch.randn(24, 16))
+    u0 = rp._u.clone()
+    layer.eval()
+    layer(torch.randn(2, 16))
+    assert torch.equal(rp._u, u0)
+    layer.train()
+    layer(torch.randn(2, 16))
+    assert not torch.equal(rp._u, u0)
+
+
+def test_gradients_reach_gamma_and_weight():
+    layer = _layer(3)
+    apply_spectral_reparam(layer)
+    layer(torch.randn(4, 16)).pow(2).sum().backward()
+    assert _reparam(layer).gamma.grad is not None
+    assert layer.parametrizations.weight.original.grad.abs().sum() > 0
+
+
+def test_fold_and_remove_bake_plain_weights():
+    torch.manual_seed(4)
+    net = nn.Sequential(nn.Linear(8, 12), nn.GELU(), nn.Linear(12, 6))
+    apply_spectral_reparam(net, filter=lambda name, m: name == "2")
+    assert has_spectral_reparam(net) and not parametrize.is_parametrized(net[0])
+    with torch.no_grad():
+        net[2].parametrizations.weight.original.mul_(0.5)
+    net.train()
+    net(torch.randn(3, 8))
+    net.eval()
+    x = torch.randn(3, 8)
+    before = net(x)
+    folded = folded_state_dict(net)
+    assert set(folded) == {"0.weight", "0.bias", "2.weight", "2.bias"}
+    plain = nn.Sequential(nn.Linear(8, 12), nn.GELU(), nn.Linear(12, 6))
+    plain.load_state_dict(folded)
+    torch.testing.assert_close(plain(x), before)
+    assert has_spectral_reparam(net)  # folded_state_dict left the module alone
+    assert remove_spectral_reparam(net) == 1
+    assert not has_spectral_reparam(net) and not parametrize.is_parametrized(net[2])
+    torch.testing.assert_close(net(x), before)

@@ -1,0 +1,67 @@
+"""E-RADIO student (plugin ``eradio``), tiny variant."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from radio_plugins.eradio import WindowAttention, build_eradio_student
+
+
+def tiny(**kw):
+    torch.manual_seed(0)
+    return build_eradio_student("tiny", **kw)
+
+
+@pytest.mark.parametrize("size", [(64, 64), (96, 160)])
+def test_forward_backward_at_two_sizes(size):
+    student = tiny(num_cls_tokens=2, window_size=2).train()
+    h, w = size
+    out = student(torch.rand(2, 3, h, w))
+    assert out.grid == (h // 16, w // 16)
+    assert out.patches.shape == (2, (h // 16) * (w // 16), student.embed_dim)
+    assert out.summary.shape == (2, 2, student.embed_dim)
+    (out.patches.pow(2).mean() + out.summary.mean()).backward()
+    missing = [n for n, p in student.named_parameters() if p.grad is None]
+    assert not missing, missing
+
+
+def test_contract_and_summary_modes(registry):
+    student = registry.build("student", "eradio", variant="tiny", num_cls_tokens=3)
+    assert student.patch_size == 16 and student.size_multiple == 32 and student.embed_dim == 64
+    student.eval()
+    x = torch.rand(1, 3, 64, 96)
+    with torch.no_grad():
+        a, b = student(x), student(x)
+    assert torch.equal(a.patches, b.patches)  # eval is deterministic (BN running stats)
+    assert torch.equal(a.summary[:, 0], a.summary[:, 2])  # repeat: every slot is the mean feature
+    torch.testing.assert_close(a.summary[:, 0], a.patches.mean(dim=1))
+    projected = tiny(num_cls_tokens=3, summary="project").eval()
+    with torch.no_grad():
+        c = projected(x)
+    assert not torch.allclose(c.summary[:, 0], c.summary[:, 1])
+    with pytest.raises(ValueError, match="multiple of 32"):
+        student(torch.rand(1, 3, 48, 64))
+    with pytest.raises(ValueError, match="unknown variant 'xl'"):
+        build_eradio_student("xl")
+
+
+def test_window_attention_masks_padding():
+    torch.manual_seed(0)
+    attn = WindowAttention(8, 2, window=2).eval()
+    x = torch.randn(1, 3, 5, 8)  # 3x5 map: windows of 2 overrun -> padding
+    with torch.no_grad():
+        out = attn(x)
+        # reference: attention over each window's real tokens only
+        ref = torch.zeros_like(x)
+        for y0 in range(0, 3, 2):
+            for x0 in range(0, 5, 2):
+                win = x[:, y0:y0 + 2, x0:x0 + 2]
+                hh, ww = win.shape[1:3]
+                ref[:, y0:y0 + hh, x0:x0 + ww] = attn._attend(win.reshape(1, hh * ww, 8), None).reshape(1, hh, ww, 8)
+        torch.testing.assert_close(out, ref)
+        # one window covering the map is plain global attention
+        big = WindowAttention(8, 2, window=8).eval()
+        big.load_state_dict(attn.state_dict())
+        tokens = x.reshape(1, 15, 8)
+        q, k, v = big.qkv(tokens).reshape(1, 15, 3, 2, 4).permute(2, 0, 3, 1, 4)
+        expect = big.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(1, 15, 8))
+        torch.testing.assert_close(big(x), expect.reshape(1, 3, 5, 8))
