@@ -37,6 +37,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--head", default=None, help="teacher head whose features to use (default: backbone; "
                                                 "zeroshot: the first CLIP-like teacher)")
     p.add_argument("--classes", type=int, help="segment: number of classes")
+    p.add_argument("--epochs", type=int, default=20, help="segment: epochs of linear-probe training")
     p.add_argument("--images", type=int, default=4, help="fidelity/report: number of held-out images")
     p.add_argument("--out", help="output folder for pictures (default: RUN_DIR/report)")
     args = p.parse_args(argv)
@@ -86,8 +87,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         if not args.classes:
             p.error("segment needs --classes")
-        print(json.dumps({k: v for k, v in linear_probe_segmentation(run.distiller, args.data, args.classes, res,
-                                                                     head=args.head).items() if k != "per_class_iou"}))
+        result = linear_probe_segmentation(run.distiller, args.data, args.classes, res, head=args.head,
+                                           epochs=args.epochs)
+        print(json.dumps({k: v for k, v in result.items() if k != "per_class_iou"}))
         return 0
     return 1
 

@@ -64,6 +64,7 @@ def read_class_folder(root: str | Path, max_per_class: Optional[int] = None) -> 
         files = sorted(p for p in (root / cls).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
         for f in files[:max_per_class]:
             with Image.open(f) as im:
+                im.load()  # read now: the file closes with the block
                 images.append(to_rgb(im))
             labels.append(label)
     return images, labels, classes
