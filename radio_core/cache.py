@@ -197,8 +197,7 @@ def build_cache(recipe: Any, registry: Any, out: str | Path, views: int, batch_s
 def cache_crop_size(recipe: Any, teachers: dict[str, Teacher]) -> tuple[int, int]:
     if recipe.data.crop_size:
         return tuple(recipe.data.crop_size)
-    sizes = [tuple(t.input_size) for t in teachers.values()] + [tuple(s) for s in recipe.student.resolution]
-    return (max(s[0] for s in sizes), max(s[1] for s in sizes))
+    return preprocess.covering_size([t.input_size for t in teachers.values()], recipe.student.resolution)
 
 
 def run_identity(recipe: Any, source: Any, teachers: dict[str, Teacher], crop: tuple[int, int], views: int) -> dict:

@@ -15,6 +15,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
+def covering_size(*size_lists: Sequence[Sequence[int]]) -> tuple[int, int]:
+    """The smallest (H, W) at least as large as every given size: the shared crop every model's
+    input is resized from."""
+    sizes = [tuple(s) for sizes in size_lists for s in sizes]
+    return (max(s[0] for s in sizes), max(s[1] for s in sizes))
+
+
 def to_float(images: Tensor) -> Tensor:
     """uint8 (B, 3, H, W) -> float32 in [0, 1] (floats pass through)."""
     return images.float().div_(255.0) if images.dtype == torch.uint8 else images

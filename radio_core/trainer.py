@@ -8,7 +8,7 @@ One optimiser step:
 Exact resume: model, optimiser and scheduler state come from ``accelerator.save_state``; the
 data position is the step number (sampling is a pure function of seed and sample number, see
 ``radio_core.data``); all other randomness (student CPE crops, window sizes, multi-resolution
-choice) is reseeded from (seed, step, rank) at the start of each step.
+choice) is reseeded from (seed, step, slot) before each forward.
 """
 from __future__ import annotations
 
@@ -37,6 +37,7 @@ from .recipe import Recipe, dump_recipe
 from .registry import PluginError, Registry, get_registry
 from .partition import Slot, StagePlan, describe, plan_stages, stage_at
 from .schedule import build_scheduler, lr_multiplier
+from .validate import check_student_resolutions
 
 CHECKPOINT_PREFIX = "step_"
 STATE_FILE = "trainer_state.json"
@@ -162,17 +163,6 @@ def build_distiller(recipe: Recipe, dims: dict[str, tuple[Optional[int], int]], 
     return Distiller(student, heads, summary_heads, spatial_heads, norms)
 
 
-def check_resolutions(plans: list[StagePlan], student_multiple: int) -> None:
-    for plan in plans:
-        for slots in plan.rank_slots:
-            for slot in slots:
-                for res in slot.student_resolution:
-                    if res[0] % student_multiple or res[1] % student_multiple:
-                        raise ValueError(f"student.resolution: {res[0]}x{res[1]} (stage {plan.name}, group "
-                                         f"{slot.group}) is not a multiple of the student's size multiple "
-                                         f"{student_multiple}")
-
-
 @dataclass
 class SlotRuntime:
     """What a rank needs to run one slot: its teachers grouped by input size, and its data."""
@@ -226,11 +216,9 @@ class Trainer:
             else:  # another rank runs it; this rank only needs its dimensions for the heads
                 t = build_teacher(r, name, self.registry, meta=True)
             dims[name] = (t.summary_dim, t.spatial_dim)
-            if name not in mine:
-                del t
         torch.manual_seed(r.train.seed)  # same student/head init on every rank, whatever was built
         distiller = build_distiller(r, dims, self.registry)
-        check_resolutions(self.plans, distiller.student.size_multiple)
+        check_student_resolutions(self.plans, distiller.student.size_multiple, r.student.name, self.recipe_path)
         self.summary_losses = {n: self.registry.build("loss", s.summary_loss.name, **s.summary_loss.args)
                                for n, s in r.teachers.items()}
         self.spatial_losses = {n: self.registry.build("loss", s.spatial_loss.name, **s.spatial_loss.args)
@@ -316,8 +304,7 @@ class Trainer:
             return tuple(self.recipe.data.crop_size)
         if self.cache is not None and any(t in self.cached for t in slot.teachers):
             return tuple(self.cache.index["augment"]["crop_size"])
-        sizes = [tuple(self.teachers[t].input_size) for t in slot.teachers] + list(slot.student_resolution)
-        return (max(s[0] for s in sizes), max(s[1] for s in sizes))
+        return preprocess.covering_size([self.teachers[t].input_size for t in slot.teachers], slot.student_resolution)
 
     @property
     def unwrapped(self) -> Distiller:
@@ -438,10 +425,9 @@ class Trainer:
                             norms[name]["summary"].update(target.summary)
                         if "spatial" in norms[name]:
                             norms[name]["spatial"].update_spatial(target.spatial)
-        for name, parts in norms.items():
-            for part, m in parts.items():
-                for buf in (m._count, m._sum, m._sum_sq):
-                    buf.copy_(acc.reduce(buf, "sum") if acc.num_processes > 1 else buf)
+        for parts in norms.values():
+            for m in parts.values():
+                m.all_reduce_()
                 m.finalize()
         acc.print(f"target statistics estimated for {', '.join(norms)} "
                   f"({r.train.target_norm_batches} batch(es) per rank)")
@@ -458,19 +444,18 @@ class Trainer:
     def train_step(self, work: list[tuple[SlotRuntime, dict]], step: int) -> dict[str, Tensor]:
         """One optimiser step over this rank's (slot, batch) pairs (all micro-steps)."""
         acc, r = self.accelerator, self.recipe
-        # Per-step reseeding makes student-side randomness independent of history (exact resume).
-        seed = _mix(r.train.seed, step, acc.process_index)
-        torch.manual_seed(seed)
-        random.seed(seed)
         self.distiller.train()
         summed: dict[str, Tensor] = {}
         counts: dict[str, int] = {}
         micro = r.train.grad_accum
         for k, (rt, batch) in enumerate(work):
             last = k == len(work) - 1
-            # Seeded by the slot's global position, not the rank: the same samples get the same
-            # student-side randomness however the groups are laid out over processes.
-            torch.manual_seed(_mix(r.train.seed, step, rt.slot.offset, k // max(1, len(work) // micro)))
+            # Reseeded per (step, slot, micro-step): student-side randomness is independent of
+            # history (exact resume) and of the rank (the same samples get the same randomness
+            # however the groups are laid out over processes).
+            seed = _mix(r.train.seed, step, rt.slot.offset, k // max(1, len(work) // micro))
+            torch.manual_seed(seed)
+            random.seed(seed)
             with (contextlib.nullcontext() if last else acc.no_sync(self.distiller)):
                 terms = self.forward_losses(rt, batch, step)
                 acc.backward(terms["total"] / micro)

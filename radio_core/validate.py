@@ -41,7 +41,11 @@ def check_recipe(recipe: Recipe, registry: Registry, world_size: int = 1, origin
         raise RecipeError(f"{origin}: {exc}") from None
     with torch.device("meta"):
         student = registry.build("student", recipe.student.name, **recipe.student.args, num_cls_tokens=1)
-    multiple = student.size_multiple
+    check_student_resolutions(plans, student.size_multiple, recipe.student.name, origin)
+
+
+def check_student_resolutions(plans: list, multiple: int, student: str, origin: str = "<recipe>") -> None:
+    """Every student resolution of every stage and group must be a multiple of ``multiple``."""
     for plan in plans:
         for slots in plan.rank_slots:
             for slot in slots:
@@ -50,5 +54,5 @@ def check_recipe(recipe: Recipe, registry: Registry, world_size: int = 1, origin
                         near = (max(multiple, round(h / multiple) * multiple), max(multiple, round(w / multiple) * multiple))
                         raise RecipeError(
                             f"{origin}: student.resolution: {h}x{w} (group {slot.group}) is not a multiple of "
-                            f"{multiple}, the input size multiple of student {recipe.student.name!r}; "
+                            f"{multiple}, the input size multiple of student {student!r}; "
                             f"nearest valid: {near[0]}x{near[1]}")
