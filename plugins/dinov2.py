@@ -101,23 +101,13 @@ def build_dinov2_teacher(model: Optional[str] = None, pretrained: Optional[str] 
     overrides ``TINY_DINOV2``; ``registers: 4`` gives the with-registers model). meta:
     architecture only, no weights.
     """
-    if tiny or isinstance(tiny, dict):  # `tiny: {}` = the defaults
-        if model is not None or pretrained is not None:
-            raise ValueError(f"{PLUGIN} teacher: give either tiny or model/pretrained, not both")
-        overrides = dict(tiny) if isinstance(tiny, dict) else {}
-        model = make_tiny_dinov2(_tiny_dir(cache_dir, overrides), **overrides)["model"]
-    if not model:
-        raise ValueError(f"{PLUGIN} teacher needs `model` (a hub id such as 'facebook/dinov2-giant' "
-                         "or a local directory) or `tiny: true`")
+    model = resolve_model(PLUGIN, model, pretrained, tiny, "facebook/dinov2-giant",
+                          lambda o: make_tiny_dinov2(_tiny_dir(cache_dir, o), **o))
     from transformers import Dinov2Model, Dinov2WithRegistersModel
 
     config = load_hf_config(PLUGIN, model, PUBLISHED_CONFIGS, MODEL_TYPES)
     model_cls = Dinov2WithRegistersModel if config.model_type == "dinov2_with_registers" else Dinov2Model
-    if meta:
-        with torch.device("meta"):
-            net = model_cls._from_config(config, attn_implementation="sdpa")
-    else:
-        net = hf_from_pretrained(PLUGIN, model_cls, pretrained or model, config, label=model)
+    net = hf_network(PLUGIN, model_cls, model, pretrained, config, meta)
     size = tuple(resolution) if resolution is not None else DEFAULT_RESOLUTION
     if upsample_to is not None:
         upsample_to = tuple(upsample_to) if isinstance(upsample_to, (list, tuple)) else (upsample_to, upsample_to)
@@ -201,6 +191,29 @@ def load_hf_config(plugin: str, model: str, published: dict, model_types: Sequen
         raise ValueError(f"{plugin} teacher: {model!r} is a {config.model_type!r} model, not one of "
                          f"{', '.join(model_types)}")
     return config
+
+
+def resolve_model(plugin: str, model: Optional[str], pretrained: Optional[str], tiny: Union[bool, dict],
+                  example: str, make_tiny) -> str:
+    """``model``, or (``tiny``) the directory of a small random model written by
+    ``make_tiny(overrides)``; shared by the transformers-based teachers."""
+    if tiny or isinstance(tiny, dict):  # `tiny: {}` = the defaults
+        if model is not None or pretrained is not None:
+            raise ValueError(f"{plugin} teacher: give either tiny or model/pretrained, not both")
+        model = make_tiny(dict(tiny) if isinstance(tiny, dict) else {})["model"]
+    if not model:
+        raise ValueError(f"{plugin} teacher needs `model` (a hub id such as {example!r} or a local directory) "
+                         "or `tiny: true`")
+    return model
+
+
+def hf_network(plugin: str, model_cls, model: str, pretrained: Optional[str], config, meta: bool) -> nn.Module:
+    """The teacher's transformers network: the architecture alone on the meta device, or the
+    weights of ``pretrained`` (else ``model``)."""
+    if meta:
+        with torch.device("meta"):
+            return model_cls._from_config(config, attn_implementation="sdpa")
+    return hf_from_pretrained(plugin, model_cls, pretrained or model, config, label=model)
 
 
 def hf_from_pretrained(plugin: str, model_cls, source: str, config, label: str) -> nn.Module:

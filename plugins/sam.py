@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from radio_core import Teacher, TeacherOutput, hookimpl
 
 from .clip import config_hash, randomize_, teacher_facts, write_atomically
-from .dinov2 import hf_from_pretrained, load_hf_config
+from .dinov2 import hf_network, load_hf_config, resolve_model
 
 PLUGIN = "sam"
 SAM_MEAN = (123.675 / 255, 116.28 / 255, 103.53 / 255)
@@ -84,14 +84,8 @@ def build_sam_teacher(model: Optional[str] = None, pretrained: Optional[str] = N
     ``cache_dir``) and load a small random SAM (a dict overrides ``TINY_SAM``). meta:
     architecture only, no weights.
     """
-    if tiny or isinstance(tiny, dict):  # `tiny: {}` = the defaults
-        if model is not None or pretrained is not None:
-            raise ValueError(f"{PLUGIN} teacher: give either tiny or model/pretrained, not both")
-        overrides = dict(tiny) if isinstance(tiny, dict) else {}
-        model = make_tiny_sam(_tiny_dir(cache_dir, overrides), **overrides)["model"]
-    if not model:
-        raise ValueError(f"{PLUGIN} teacher needs `model` (a hub id such as 'facebook/sam-vit-huge' or a "
-                         "local directory) or `tiny: true`")
+    model = resolve_model(PLUGIN, model, pretrained, tiny, "facebook/sam-vit-huge",
+                          lambda o: make_tiny_sam(_tiny_dir(cache_dir, o), **o))
     from transformers import SamVisionModel
 
     config = load_hf_config(PLUGIN, model, PUBLISHED_CONFIGS, ("sam_vision_model",),
@@ -101,11 +95,7 @@ def build_sam_teacher(model: Optional[str] = None, pretrained: Optional[str] = N
         raise ValueError(f"{PLUGIN} teacher {model!r} runs at its fixed size {side}x{side} (the framework "
                          f"resizes the longest side and pads); resolution {tuple(resolution)} is not "
                          "supported: drop `resolution` for this teacher")
-    if meta:
-        with torch.device("meta"):
-            net = SamVisionModel._from_config(config, attn_implementation="sdpa")
-    else:
-        net = hf_from_pretrained(PLUGIN, SamVisionModel, pretrained or model, config, label=model)
+    net = hf_network(PLUGIN, SamVisionModel, model, pretrained, config, meta)
     return SamTeacher(net).freeze()
 
 
