@@ -870,11 +870,9 @@ def markdown_table(rows: list[dict], columns: list[str]) -> str:
 
 def save_plots(rows: list[dict], metrics: list[str], out_dir: Path) -> list[Path]:
     """One bar chart per metric, one bar per run (runs without the value are left empty)."""
-    import matplotlib
+    from .eval.pictures import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     names = [r["name"] for r in rows]
@@ -891,11 +889,7 @@ def save_plots(rows: list[dict], metrics: list[str], out_dir: Path) -> list[Path
                 bar.set_color("tab:gray")
         ax.set_xticks(range(len(rows)), names, rotation=30, ha="right", fontsize=8)
         ax.set_title(metric)
-        fig.tight_layout()
-        path = out_dir / f"{slug(metric.replace('/', '_'))}.png"
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        paths.append(path)
+        paths.append(save_figure(fig, out_dir / f"{slug(metric.replace('/', '_'))}.png"))
     return paths
 
 

@@ -10,6 +10,25 @@ import torch
 from torch import Tensor
 
 
+def pyplot():
+    """matplotlib.pyplot on the headless Agg backend (no display on training machines)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path: str | Path) -> Path:
+    """Lay out, write as PNG and close (figures left open leak memory in long runs)."""
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=100)
+    pyplot().close(fig)
+    return path
+
+
 def pca_basis(spatial: Tensor) -> Tensor:
     """(C, h, w) -> (C, 3) top principal directions, to colour several maps the same way."""
     c = spatial.shape[0]
@@ -39,11 +58,7 @@ def pca_rgb(spatial: Tensor, basis: Optional[Tensor] = None, out_size: Optional[
 
 def save_pca_figure(image: np.ndarray, maps: dict[str, np.ndarray], path: str | Path, title: str = "") -> Path:
     """Input image beside one PCA map per head / backbone."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     n = 1 + len(maps)
     fig, axes = plt.subplots(1, n, figsize=(3 * n, 3.2))
     axes = np.atleast_1d(axes)
@@ -56,11 +71,7 @@ def save_pca_figure(image: np.ndarray, maps: dict[str, np.ndarray], path: str | 
         ax.axis("off")
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
@@ -72,11 +83,7 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
 
 def save_loss_curves(run_dir: str | Path, path: str | Path) -> Path:
     """One line per teacher head (and the total) against the step."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     rows = read_metrics(run_dir)
     keys = sorted({k for r in rows for k in r if k.startswith("loss/")})
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -89,21 +96,13 @@ def save_loss_curves(run_dir: str | Path, path: str | Path) -> Path:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title("training losses per teacher")
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def save_sweep_plot(resolutions: Sequence[int], series: dict[str, Sequence[float]], path: str | Path,
                     ylabel: str = "cosine similarity to teacher", mark: Optional[int] = 720) -> Path:
     """Metric against student input resolution, one line per teacher head."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     for name, ys in series.items():
         ax.plot(resolutions, ys, marker="o", label=name)
@@ -115,8 +114,4 @@ def save_sweep_plot(resolutions: Sequence[int], series: dict[str, Sequence[float
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title("resolution sweep (mode-switching probe)")
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
