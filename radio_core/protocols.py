@@ -17,7 +17,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Optional, Sequence
 
-import torch
 from torch import Tensor, nn
 
 ResizeMode = Literal["resize", "longest_side_pad"]

@@ -56,19 +56,24 @@ def torchrun_cmd(nproc: int, *args: str) -> list[str]:
             "--master_port", str(29500 + os.getpid() % 1000), "-m", "radio_core.run", *args]
 
 
-def install_recorder(root: Path) -> Path:
-    """Install tests/recorder_plugin.py as a plugin distribution under ``root`` (a real
-    dist-info with an entry point in the radio_core group); returns the path to prepend to
-    PYTHONPATH."""
-    import shutil
+def fake_distribution(site: Path, dist: str, module: str, source: str, entry_point: str | None = None) -> Path:
+    """A real installed-distribution layout on a sys.path entry: ``<dist>-0.1.dist-info`` with an
+    entry point in the radio_core group, and the plugin module ``<module>.py`` holding ``source``."""
+    import textwrap
 
-    site = root / "site"
-    info = site / "radio_test_recorder-0.1.dist-info"
+    info = site / f"{dist.replace('-', '_')}-0.1.dist-info"
     info.mkdir(parents=True, exist_ok=True)
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: radio-test-recorder\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text("[radio_core]\nrecorder = radio_test_recorder\n")
-    shutil.copy(Path(__file__).with_name("recorder_plugin.py"), site / "radio_test_recorder.py")
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(f"[radio_core]\n{entry_point or module} = {module}\n")
+    (site / f"{module}.py").write_text(textwrap.dedent(source))
     return site
+
+
+def install_recorder(root: Path) -> Path:
+    """Install tests/recorder_plugin.py as a plugin distribution under ``root``; returns the
+    path to prepend to PYTHONPATH."""
+    return fake_distribution(root / "site", "radio-test-recorder", "radio_test_recorder",
+                             Path(__file__).with_name("recorder_plugin.py").read_text(), entry_point="recorder")
 
 
 def env_with(*paths: Path, **extra: str) -> dict:

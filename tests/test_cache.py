@@ -1,6 +1,5 @@
 """Teacher-feature cache: bit-for-bit fp16 targets, training that matches online teachers, and
 stale caches refused with the reason."""
-import numpy as np
 import pytest
 import torch
 

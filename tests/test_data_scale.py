@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -17,6 +16,8 @@ import torch
 from radio_core.data import (AugmentedImages, SampleStream, SkimageSamplesSource, StepBatchSampler, collate,
                              loader_worker_init, sampling_kwargs)
 from radio_core.shards import TarShardSource, pack_folder
+
+from helpers import fake_distribution
 
 REPO = Path(__file__).resolve().parents[1]
 SIZES = [7, 5, 9, 3, 6, 4, 8]  # uneven shards, as a last shard always is
@@ -175,12 +176,7 @@ def install_plugins(root: Path) -> list[str]:
     site = root / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
                     "--target", str(site), str(REPO / "examples" / "third_party_plugin")], check=True)
-    plug = root / "plug"
-    info = plug / "tiny_test_student-0.1.dist-info"
-    info.mkdir(parents=True)
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: tiny-test-student\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text("[radio_core]\ntiny_test_student = tiny_test_student\n")
-    (plug / "tiny_test_student.py").write_text(textwrap.dedent(STUDENT_PLUGIN))
+    plug = fake_distribution(root / "plug", "tiny-test-student", "tiny_test_student", STUDENT_PLUGIN)
     return [str(site), str(plug)]
 
 

@@ -10,6 +10,8 @@ import pytest
 
 from radio_core.registry import PluginError, Registry
 
+from helpers import fake_distribution
+
 REPO = Path(__file__).resolve().parents[1]
 BUILTIN = {
     "teacher": {"clip", "dinov2", "sam"},
@@ -44,12 +46,7 @@ def test_unknown_name_lists_available_names(registry):
 
 
 def _fake_distribution(root: Path, dist: str, module: str, body: str) -> None:
-    """A real installed-distribution layout (dist-info + entry_points.txt) on a sys.path entry."""
-    info = root / f"{dist.replace('-', '_')}-0.1.dist-info"
-    info.mkdir(parents=True)
-    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text(f"[radio_core]\n{module} = {module}\n")
-    (root / f"{module}.py").write_text(textwrap.dedent(body))
+    fake_distribution(root, dist, module, body)
 
 
 def test_a_plugin_that_fails_to_import_is_named_and_the_rest_keep_working(tmp_path, monkeypatch):

@@ -7,7 +7,6 @@ import re
 import signal
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -17,6 +16,7 @@ from radio_core.sweep import SweepError, load_sweep, plan
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).parent))
+from helpers import fake_distribution  # noqa: E402
 from test_data_scale import install_plugins  # noqa: E402  (tiny student + example timm teacher)
 
 SAFE_NAME = re.compile(r"^[A-Za-z0-9._=,+-]+$")
@@ -139,12 +139,7 @@ def radio_step_end(trainer, step, metrics):
 def sweep_env(tmp_path_factory):
     root = tmp_path_factory.mktemp("plugins")
     paths = install_plugins(root)
-    hook = root / "hook"
-    info = hook / "sweep_test_hook-0.1.dist-info"
-    info.mkdir(parents=True)
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: sweep-test-hook\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text("[radio_core]\nsweep_test_hook = sweep_test_hook\n")
-    (hook / "sweep_test_hook.py").write_text(textwrap.dedent(KILL_HOOK))
+    hook = fake_distribution(root / "hook", "sweep-test-hook", "sweep_test_hook", KILL_HOOK)
     # Teacher weights on disk (as real teachers have): the cache identity includes a weights
     # fingerprint, which a random init at every build would change.
     import timm

@@ -5,7 +5,6 @@ import pytest
 import torch
 
 from radio_core.recipe import load_recipe
-from radio_core.registry import get_registry
 from radio_core.trainer import Trainer
 
 from helpers import metrics, tiny_recipe
