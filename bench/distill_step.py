@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import math
 import os
 import statistics
 import sys
@@ -86,7 +87,8 @@ class PlainLoop:
                 out = t(y)
                 sp = out.spatial
                 h, w = sp.shape[-2:]
-                sp = sp[..., : max(1, -(-int(h * valid[0] * 1e6) // 1_000_000)), : max(1, -(-int(w * valid[1] * 1e6) // 1_000_000))]
+                # drop the grid cells that only saw SAM's padding
+                sp = sp[..., : max(1, math.ceil(h * valid[0] - 1e-6)), : max(1, math.ceil(w * valid[1] - 1e-6))]
                 targets[name] = (out.summary, sp)
         xs = F.interpolate(x, size=self.resolution, mode="bilinear", antialias=True)
         out = self.student(xs)
@@ -120,9 +122,7 @@ def build_trainer(recipe_path: str, overrides: list[str], out: str):
     return Trainer(recipe)
 
 
-def framework_steps(trainer, batches, start: int) -> float:
-    rt = trainer.enter_stage(trainer.plans[0], 0)[0] if trainer.stage is None else trainer._bench_rt
-    trainer._bench_rt = rt
+def framework_steps(trainer, rt, batches, start: int) -> float:
     _sync(trainer.accelerator.device)
     t = time.perf_counter()
     for i, b in enumerate(batches):
@@ -140,36 +140,35 @@ def plain_steps(loop: PlainLoop, batches) -> float:
     return time.perf_counter() - t
 
 
-def step_flops(trainer, batch) -> float:
+def step_flops(trainer, rt, batch) -> float:
     from radio_core.planner import count_flops
 
-    rt = trainer._bench_rt
     return count_flops(lambda: trainer.train_step([(rt, batch)], 10_000))
 
 
-def make_batches(trainer, n: int) -> list[dict]:
+def make_batches(trainer, n: int) -> tuple:
+    """The trainer's own slot runtime for stage 0 and ``n`` batches drawn from it."""
     rt = trainer.enter_stage(trainer.plans[0], 0)[0]
-    trainer._bench_rt = rt
-    return [next(rt.iterator) for _ in range(n)]
+    return rt, [next(rt.iterator) for _ in range(n)]
 
 
 def compare(recipe: str, overrides: list[str], steps: int, rounds: int, tmp: str, label: str = "") -> dict:
     trainer = build_trainer(recipe, overrides, f"{tmp}/fw")
-    batches = make_batches(trainer, steps)
+    rt, batches = make_batches(trainer, steps)
     loop = PlainLoop(trainer)
     batch = batches[0]["image"].shape[0]
-    framework_steps(trainer, batches[:1], 0)  # warm-up both
+    framework_steps(trainer, rt, batches[:1], 0)  # warm-up both
     plain_steps(loop, batches[:1])
     fw, pl = [], []
     for r in range(rounds):
-        order = [("fw", lambda: framework_steps(trainer, batches, 1 + r * steps)), ("pl", lambda: plain_steps(loop, batches))]
+        order = [("fw", lambda: framework_steps(trainer, rt, batches, 1 + r * steps)), ("pl", lambda: plain_steps(loop, batches))]
         if r % 2:
             order.reverse()
         for name, fn in order:
             (fw if name == "fw" else pl).append(fn() / steps)
     fw_t, pl_t = statistics.median(fw), statistics.median(pl)
     return {"label": label, "trainer": trainer, "batch": batch, "framework_s": fw_t, "plain_s": pl_t,
-            "framework_ips": batch / fw_t, "plain_ips": batch / pl_t, "ratio": pl_t / fw_t, "batches": batches}
+            "framework_ips": batch / fw_t, "plain_ips": batch / pl_t, "ratio": pl_t / fw_t, "batches": batches, "rt": rt}
 
 
 def cache_speedup(recipe: str, overrides: list[str], steps: int, tmp: str, views: int = 2) -> dict:
@@ -187,9 +186,9 @@ def cache_speedup(recipe: str, overrides: list[str], steps: int, tmp: str, views
     times = {}
     for name, extra in (("online", []), ("cached", [f"cache.path={tmp}/cache"])):
         tr = build_trainer(recipe, base + extra, f"{tmp}/{name}")
-        b = make_batches(tr, steps + 1)
-        framework_steps(tr, b[:1], 0)
-        times[name] = framework_steps(tr, b[1:], 1) / steps
+        rt, b = make_batches(tr, steps + 1)
+        framework_steps(tr, rt, b[:1], 0)
+        times[name] = framework_steps(tr, rt, b[1:], 1) / steps
     return {"online_s": times["online"], "cached_s": times["cached"], "speedup": times["online"] / times["cached"],
             "build_s": build_s, "entries": n_images * views}
 
@@ -215,7 +214,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         main_cmp = compare(args.recipe, overrides, args.steps, args.rounds, tmp, "default")
         tr = main_cmp["trainer"]
-        flops = step_flops(tr, main_cmp["batches"][0])
+        flops = step_flops(tr, main_cmp["rt"], main_cmp["batches"][0])
         peak = measured_peak_flops(dtype, device)
         achieved = flops / main_cmp["framework_s"]
         cache = cache_speedup(args.recipe, overrides, args.steps, tmp)
