@@ -116,7 +116,7 @@ class PlainLoop:
 
 def build_trainer(recipe_path: str, overrides: list[str], out: str):
     from radio_core.recipe import load_recipe
-    from radio_core.trainer import Trainer
+    from radio_core.train.loop import Trainer
 
     recipe = load_recipe(recipe_path, overrides + [f"output_dir={out}", "logging.progress=false"])
     return Trainer(recipe)
@@ -141,7 +141,7 @@ def plain_steps(loop: PlainLoop, batches) -> float:
 
 
 def step_flops(trainer, rt, batch) -> float:
-    from radio_core.planner import count_flops
+    from radio_core.plan.planner import count_flops
 
     return count_flops(lambda: trainer.train_step([(rt, batch)], 10_000))
 
@@ -173,7 +173,7 @@ def compare(recipe: str, overrides: list[str], steps: int, rounds: int, tmp: str
 
 def cache_speedup(recipe: str, overrides: list[str], steps: int, tmp: str, views: int = 2) -> dict:
     """Online teachers vs teachers read from a teacher-feature cache, same crops (fixed views)."""
-    from radio_core.cache import build_cache
+    from radio_core.data.cache import build_cache
     from radio_core.recipe import load_recipe
     from radio_core.registry import get_registry
 

@@ -5,7 +5,7 @@ images), at several worker counts, against how fast a distill step consumes imag
     python bench/loader_throughput.py --quick    # < 1 min on 2 CPU cores
 
 The images are the photos packaged with scikit-image / scikit-learn, written as JPEG and
-replicated to ``--images`` files, then packed with ``radio_core.shards.pack_folder``.
+replicated to ``--images`` files, then packed with ``radio_core.data.shards.pack_folder``.
 
 Consumption rate: the built-in student/teacher plugins are not ready yet, so a stand-in is
 measured: forward + backward of timm ``vit_small_patch16_224`` (random weights) at batch 16,
@@ -24,9 +24,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from radio_core.data import (AugmentedImages, ImageFolderSource, SkimageSamplesSource, StepBatchSampler,  # noqa: E402
-                             collate, loader_worker_init, sampling_kwargs)
-from radio_core.shards import TarShardSource, pack_folder  # noqa: E402
+from radio_core.data.augment import AugmentedImages, collate, loader_worker_init
+from radio_core.data.sampling import StepBatchSampler, sampling_kwargs
+from radio_core.data.shards import TarShardSource, pack_folder  # noqa: E402
+from radio_core.data.sources import ImageFolderSource, SkimageSamplesSource
 
 
 def make_folder(root: Path, count: int) -> Path:

@@ -62,7 +62,7 @@ def build(name: str, resolution: int, device: str = "cpu") -> nn.Module:
 
 
 def gflops(name: str, resolution: int) -> float:
-    from radio_core.planner import count_flops
+    from radio_core.plan.planner import count_flops
 
     with torch.device("meta"):
         model = build(name, resolution, device="meta").eval()

@@ -28,11 +28,8 @@ open_clip's own code (``force_image_size``; bicubic for open_clip ViTs, timm's
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
@@ -40,6 +37,8 @@ import torch
 from torch import Tensor, nn
 
 from radio_core import Teacher, TeacherOutput, hookimpl
+
+from ._common import config_hash, randomize_, teacher_facts, write_atomically
 
 PLUGIN = "clip"
 
@@ -374,52 +373,9 @@ def _pair(v: Any) -> tuple:
     return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
 
 
-def teacher_facts(teacher: Teacher) -> dict:
-    return {k: getattr(teacher, k) for k in
-            ("input_size", "patch_size", "summary_dim", "spatial_dim", "mean", "std", "resize_mode")}
-
-
-def config_hash(cfg: dict) -> str:
-    return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:12]
-
-
 def _tiny_dir(cache_dir: Optional[str], overrides: dict) -> Path:
     root = Path(os.path.expanduser(cache_dir or "~/.cache/radio_distill/tiny"))
     return root / f"{PLUGIN}-{config_hash({**TINY_CLIP, **overrides})}"
-
-
-def write_atomically(directory: Path, write) -> None:
-    """Fill a temporary sibling directory, then rename it into place (a concurrent writer of the
-    same content may win; its copy is kept)."""
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
-        write(tmp)
-        try:
-            os.rename(tmp, directory)
-        except OSError:
-            if not directory.is_dir():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def randomize_(model: nn.Module, seed: int) -> None:
-    """Deterministic random weights for a tiny test model: fan-in scaled normals for matrices,
-    1 + noise for parameters initialised to ones (norm scales, layer scales), small noise else."""
-    gen = torch.Generator().manual_seed(seed)
-    owners = {id(p): m for m in model.modules() for p in m.parameters(recurse=False)}
-    with torch.no_grad():
-        for _, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
-            noise = torch.randn(p.shape, generator=gen, dtype=torch.float32)
-            if p.ndim >= 2:
-                owner = owners.get(id(p))
-                fan_in = p[0].numel() if isinstance(owner, (nn.Linear, nn.Conv2d)) else p.shape[-1]
-                p.copy_(noise / fan_in ** 0.5)
-            elif p.numel() and bool((p == 1).all()):
-                p.copy_(1 + 0.1 * noise)
-            else:
-                p.copy_(0.1 * noise)
 
 
 @hookimpl

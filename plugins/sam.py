@@ -29,8 +29,7 @@ from torch import Tensor, nn
 
 from radio_core import Teacher, TeacherOutput, hookimpl
 
-from .clip import config_hash, randomize_, teacher_facts, write_atomically
-from .dinov2 import hf_network, load_hf_config, resolve_model
+from ._common import config_hash, hf_network, load_hf_config, randomize_, resolve_model, teacher_facts, write_atomically
 
 PLUGIN = "sam"
 SAM_MEAN = (123.675 / 255, 116.28 / 255, 103.53 / 255)

@@ -22,7 +22,7 @@ official RADIO checkpoints map onto it key for key (``radio_core.radio_format``)
   every ``global_every``-th block and the last one; summary tokens skip windowed blocks (they
   rejoin at the next global block), as in RADIO. ``set_window_size(ws)`` fixes the mode for
   inference (then inputs must be multiples of ``patch * ws``).
-* ``spectral_reparam``: σReparam (``radio_core.spectral``) on every Linear of the blocks.
+* ``spectral_reparam``: σReparam (``radio_core.models.spectral``) on every Linear of the blocks.
 
 Randomness in training mode (CPE crop, position dropout, window draw) uses torch's global RNG;
 eval mode is deterministic.
@@ -397,7 +397,7 @@ def build_vit_student(model: str = "vit_base_patch16_224", *, num_cls_tokens: in
     if pretrained and student.norm_mean.device.type != "meta":
         student.load_timm_weights(pretrained)
     if spectral_reparam:
-        from radio_core.spectral import apply_spectral_reparam
+        from radio_core.models.spectral import apply_spectral_reparam
 
         apply_spectral_reparam(student.blocks)
     return student

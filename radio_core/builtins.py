@@ -4,8 +4,9 @@ Registered through the ``radio_core`` entry-point group exactly like any third-p
 """
 from __future__ import annotations
 
-from . import adaptors, data, losses, shards
+from .data import shards, sources
 from .hookspecs import hookimpl
+from .models import adaptors, losses
 
 
 @hookimpl
@@ -17,8 +18,8 @@ def radio_register(registry) -> None:
     registry.add("loss", "mse", losses.build_mse)
     registry.add("loss", "l1", losses.build_l1)
     registry.add("loss", "cosine_smooth_l1", losses.build_cosine_smooth_l1)
-    registry.add("dataset", "image_folder", data.build_image_folder)
-    registry.add("dataset", "skimage_samples", data.build_skimage_samples)
-    registry.add("dataset", "synthetic", data.build_synthetic)
+    registry.add("dataset", "image_folder", sources.build_image_folder)
+    registry.add("dataset", "skimage_samples", sources.build_skimage_samples)
+    registry.add("dataset", "synthetic", sources.build_synthetic)
     registry.add("dataset", "webdataset", shards.build_webdataset)
     registry.add("dataset", "hf_datasets", shards.build_hf_datasets)

@@ -11,12 +11,9 @@ plugins never imports model code.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pluggy
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .registry import Registry
 
 PROJECT = "radio_core"
 hookspec = pluggy.HookspecMarker(PROJECT)
@@ -24,8 +21,9 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 
 
 @hookspec
-def radio_register(registry: "Registry") -> None:
-    """Register component factories: ``registry.add("teacher", "clip", build_clip)``."""
+def radio_register(registry: Any) -> None:
+    """Register component factories on the ``radio_core.Registry`` passed in:
+    ``registry.add("teacher", "clip", build_clip)``."""
 
 
 @hookspec

@@ -28,9 +28,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
+    from .plan.checks import check_recipe
     from .recipe import RecipeError, load_recipe
     from .registry import PluginError, get_registry
-    from .validate import check_recipe
 
     overrides = list(args.overrides)
     if args.output_dir:
@@ -47,7 +47,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"{args.recipe}: OK ({len(recipe.teachers)} teachers: {', '.join(recipe.teachers)})")
         return 0
     if args.dry_run:
-        from .planner import dry_run
+        from .plan.planner import dry_run
 
         try:
             print(dry_run(recipe, registry, world))
@@ -56,7 +56,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return 2
         return 0
 
-    from .trainer import NonFiniteLossError, Trainer
+    from .train.loop import NonFiniteLossError, Trainer
 
     try:
         trainer = Trainer(recipe, registry=registry, resume=args.resume, recipe_path=args.recipe)

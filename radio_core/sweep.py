@@ -171,7 +171,7 @@ class SweepSpec(Strict):
 
 
 def _format_errors(exc: ValidationError, origin: str) -> str:
-    from .recipe import _model_at
+    from .recipe.loader import _model_at
     from .utils import closest
 
     lines = []
@@ -764,7 +764,7 @@ class Sweep:
             return self._failed_caches[key]
         if (path / "index.json").is_file():
             return None
-        from .cache import build_cache
+        from .data.cache import build_cache
         from .registry import get_registry
 
         self._bar.set_postfix_str(f"{run.name[:40]} building teacher-feature cache {key}")
@@ -898,8 +898,8 @@ def save_plots(rows: list[dict], metrics: list[str], out_dir: Path) -> list[Path
 
 
 def dry_run(sweep: Sweep, selected: list[PlannedRun]) -> int:
+    from .plan.checks import check_recipe
     from .registry import PluginError, get_registry
-    from .validate import check_recipe
 
     registry = get_registry()
     bad = 0

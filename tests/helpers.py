@@ -22,9 +22,9 @@ TINY = [
 
 def tiny_recipe(tmp_path: Path, *overrides: str, name: str = "recipe.yaml") -> Path:
     """A recipe file: the quickstart plus TINY plus ``overrides`` (later ones win)."""
-    from radio_core.recipe import apply_overrides, load_raw
-
     import yaml
+
+    from radio_core.recipe import apply_overrides, load_raw
 
     data = apply_overrides(load_raw(QUICKSTART), TINY + list(overrides))
     data["output_dir"] = str(tmp_path / "run")

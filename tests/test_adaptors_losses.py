@@ -5,8 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from radio_core.adaptors import MLPAdaptor
-from radio_core.losses import CosineLoss, CosineSmoothL1Loss, L1Loss, MSELoss, SmoothL1Loss, match_grids
+from radio_core.models.adaptors import MLPAdaptor
+from radio_core.models.losses import CosineLoss, CosineSmoothL1Loss, L1Loss, MSELoss, SmoothL1Loss, match_grids
 
 
 def test_mlp_adaptor_is_linear_layernorm_gelu_linear():

@@ -2,15 +2,16 @@
 stale caches refused with the reason."""
 import pytest
 import torch
+from helpers import metrics, tiny_recipe
 
-from radio_core import preprocess
-from radio_core.cache import CacheMismatchError, FeatureCache, build_cache, compute_targets
-from radio_core.data import AugmentedImages, SampleRef, view_seed
+from radio_core.data.augment import AugmentedImages
+from radio_core.data.cache import CacheMismatchError, FeatureCache, build_cache
+from radio_core.data.sampling import SampleRef, view_seed
+from radio_core.models import preprocess
+from radio_core.models.teachers import build_teacher, compute_targets, group_teachers
 from radio_core.recipe import load_recipe
 from radio_core.registry import get_registry
-from radio_core.trainer import Trainer, build_teacher, group_teachers
-
-from helpers import metrics, tiny_recipe
+from radio_core.train.loop import Trainer
 
 VIEWS = 2
 

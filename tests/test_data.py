@@ -4,8 +4,9 @@ import pytest
 import torch
 from PIL import Image
 
-from radio_core.data import (AugmentedImages, ImageFolderSource, SampleRef, SkimageSamplesSource,
-                             StepBatchSampler, crop_params, to_rgb)
+from radio_core.data.augment import AugmentedImages, crop_params
+from radio_core.data.sampling import SampleRef, StepBatchSampler
+from radio_core.data.sources import ImageFolderSource, SkimageSamplesSource, to_rgb
 
 
 def test_skimage_samples_are_real_rgb_photos():

@@ -12,12 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from radio_core.data import (AugmentedImages, SampleStream, SkimageSamplesSource, StepBatchSampler, collate,
-                             loader_worker_init, sampling_kwargs)
-from radio_core.shards import TarShardSource, pack_folder
-
 from helpers import fake_distribution
+
+from radio_core.data.augment import AugmentedImages, collate, loader_worker_init
+from radio_core.data.sampling import SampleStream, StepBatchSampler, sampling_kwargs
+from radio_core.data.shards import TarShardSource, pack_folder
+from radio_core.data.sources import SkimageSamplesSource
 
 REPO = Path(__file__).resolve().parents[1]
 SIZES = [7, 5, 9, 3, 6, 4, 8]  # uneven shards, as a last shard always is

@@ -4,7 +4,6 @@ import subprocess
 
 import pytest
 import torch
-
 from helpers import REPO, env_with, install_recorder, metrics, tiny_recipe, torchrun_cmd
 
 GROUPS = ["groups={clip_dino: {teachers: [clip, dino], share: 0.5, batch_size: 4},"
@@ -44,9 +43,9 @@ def test_partition_does_not_change_the_objective(two_rank_run, tmp_path):
     """One process running both groups in turn follows the same loss curve as two ranks
     running one group each: each teacher's loss is its mean over the batches that ran it."""
     tmp, site, recipe, _ = two_rank_run
-    from radio_core.recipe import load_raw
-
     import yaml
+
+    from radio_core.recipe import load_raw
 
     data = load_raw(recipe)
     data["output_dir"] = str(tmp_path / "run")
@@ -87,9 +86,10 @@ def test_planner_flops_match_a_real_forward(registry):
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
-    from radio_core.planner import student_cost, teacher_cost
+    from radio_core.models.distiller import build_distiller
+    from radio_core.models.teachers import build_teacher
+    from radio_core.plan.planner import student_cost, teacher_cost
     from radio_core.recipe import validate
-    from radio_core.trainer import build_distiller, build_teacher
 
     recipe = validate({"student": {"name": "vit", "args": {"model": "vit_small_patch16_224", "depth": 4}},
                        "teachers": {"clip": {"plugin": "clip", "args": {"tiny": True}}}})

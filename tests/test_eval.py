@@ -5,15 +5,15 @@ import json
 import numpy as np
 import pytest
 import torch
+from helpers import tiny_recipe
 from PIL import Image
+from test_train import train
 
 from radio_core.eval import metrics
-from radio_core.eval.__main__ import main as eval_main, split_labelled
+from radio_core.eval.__main__ import main as eval_main
+from radio_core.eval.__main__ import split_labelled
 from radio_core.eval.loading import load_run
 from radio_core.eval.tasks import knn, read_class_folder, teacher_knn, zero_shot
-
-from helpers import tiny_recipe
-from test_train import train
 
 CLASSES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 

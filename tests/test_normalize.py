@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from radio_core.normalize import PHIS, Standardize, build_target_norm, hadamard
+from radio_core.models.target_norm import PHIS, Standardize, build_target_norm, hadamard
 
 
 def anisotropic_features(n=4096, dim=48, seed=0) -> torch.Tensor:

@@ -7,10 +7,9 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from helpers import fake_distribution
 
 from radio_core.registry import PluginError, Registry
-
-from helpers import fake_distribution
 
 REPO = Path(__file__).resolve().parents[1]
 BUILTIN = {

@@ -8,8 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from radio_core.model import FeatureNormalizer, RadioModel
-from radio_core.radio_format import RadioFormatError, load_radio_checkpoint, read_checkpoint
+from radio_core.formats.export import FeatureNormalizer
+from radio_core.formats.radio_checkpoint import RadioFormatError, load_radio_checkpoint, read_checkpoint
+from radio_core.formats.radio_model import RadioModel
 
 D, P, SIDE = 32, 16, 8  # embed dim, patch, CPE grid side (cpe_max_size 128)
 MARKER = "RADIO_FORMAT_TEST_PWNED"
@@ -201,7 +202,7 @@ def _official(tmp_path):
 
 def test_round_trip_of_a_trained_distiller_with_a_spatial_only_teacher(tmp_path, registry):
     """Our own layout (2 CLS tokens, SAM without one, a ReLU v1 head) survives export/import."""
-    from radio_core.distiller import Distiller, HeadSpec
+    from radio_core.models.distiller import Distiller, HeadSpec
 
     torch.manual_seed(0)
     student = registry.build("student", "vit", model="vit_tiny", embed_dim=D, depth=2, num_heads=2,
@@ -274,7 +275,7 @@ def test_unsupported_models_and_heads_are_named(tmp_path):
 
 
 def test_only_vit_students_export_to_radio_format(tmp_path, registry):
-    from radio_core.distiller import Distiller, HeadSpec
+    from radio_core.models.distiller import Distiller, HeadSpec
 
     student = registry.build("student", "eradio", variant="tiny", num_cls_tokens=1)
     head = registry.build("adaptor", "mlp", in_dim=64, out_dim=8, hidden_dim=8)

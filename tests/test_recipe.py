@@ -4,8 +4,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from radio_core.plan.checks import check_plugins
 from radio_core.recipe import RecipeError, apply_overrides, load_raw, load_recipe, validate
-from radio_core.validate import check_plugins
 
 REPO = Path(__file__).resolve().parents[1]
 

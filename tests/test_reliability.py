@@ -9,14 +9,13 @@ import time
 import numpy as np
 import pytest
 import torch
+from helpers import env_with, install_recorder, metrics, tiny_recipe, torchrun_cmd
 from PIL import Image
+from test_train import train
 
 from radio_core.recipe import load_recipe
 from radio_core.registry import PluginError, Registry
-from radio_core.trainer import NonFiniteLossError, Trainer
-
-from helpers import env_with, install_recorder, metrics, tiny_recipe, torchrun_cmd
-from test_train import train
+from radio_core.train.loop import NonFiniteLossError, Trainer
 
 
 def last_per_step(rows):

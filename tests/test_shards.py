@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from radio_core.data import (AugmentedImages, ImageFolderSource, SampleRef, SkimageSamplesSource, StepBatchSampler,
-                             collate)
-from radio_core.shards import (MANIFEST, CorruptSampleError, TarShardSource, expand_shards, pack_folder,
-                               scan_tar)
+from radio_core.data.augment import AugmentedImages, collate
+from radio_core.data.sampling import SampleRef, StepBatchSampler
+from radio_core.data.shards import MANIFEST, CorruptSampleError, TarShardSource, expand_shards, pack_folder, scan_tar
+from radio_core.data.sources import ImageFolderSource, SkimageSamplesSource
 
 
 def write_photos(folder: Path) -> SkimageSamplesSource:
@@ -117,7 +117,7 @@ def test_without_manifest_the_index_is_scanned_once_and_cached(packed, tmp_path,
     assert sorted(p.name for p in (out / ".radio_index").iterdir()) == [f"{s['name']}.index.json"
                                                                        for s in packed[1]["shards"]]
 
-    import radio_core.shards as shards_mod
+    import radio_core.data.shards as shards_mod
 
     def no_scan(*a, **k):
         raise AssertionError("the cached index should have been used")
@@ -215,7 +215,7 @@ def test_pack_command_line(photos, tmp_path):
 
 
 def test_index_command_writes_a_manifest_for_foreign_shards(packed, tmp_path):
-    from radio_core.data import main
+    from radio_core.data.__main__ import main
 
     out = copy_shards(packed, tmp_path / "s")
     (out / MANIFEST).unlink()

@@ -1,10 +1,15 @@
-"""σReparam (radio_core.spectral): W_hat = γ/σ(W)·W with σ by power iteration."""
+"""σReparam (radio_core.models.spectral): W_hat = γ/σ(W)·W with σ by power iteration."""
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from radio_core.spectral import (SpectralReparam, apply_spectral_reparam, folded_state_dict, has_spectral_reparam,
-                                 remove_spectral_reparam)
+from radio_core.models.spectral import (
+    SpectralReparam,
+    apply_spectral_reparam,
+    folded_state_dict,
+    has_spectral_reparam,
+    remove_spectral_reparam,
+)
 
 
 def _layer(seed=0, shape=(24, 16)):

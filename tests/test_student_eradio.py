@@ -2,7 +2,6 @@
 import pytest
 import torch
 import torch.nn.functional as F
-
 from radio_plugins.eradio import WindowAttention, build_eradio_student
 
 

@@ -2,7 +2,6 @@
 import pytest
 import torch
 import torch.nn.functional as F
-
 from radio_plugins.vit import build_vit_student
 
 TINY = dict(model="vit_tiny", embed_dim=32, depth=2, num_heads=2, cpe_max_size=256)
@@ -116,7 +115,7 @@ def test_training_draws_window_sizes_and_skips_ones_that_do_not_tile(monkeypatch
 
 
 def test_registry_build_with_spectral_reparam_and_backward(registry):
-    from radio_core.spectral import has_spectral_reparam
+    from radio_core.models.spectral import has_spectral_reparam
 
     student = registry.build("student", "vit", **TINY, spectral_reparam=True, window_sizes=[2],
                              global_every=2, num_cls_tokens=3)
@@ -176,7 +175,6 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 def test_cpe_off_trains_with_the_inference_position_grid():
     """cpe=False (the ablation baseline): training positions are the deterministic resized grid."""
     import torch
-
     from radio_plugins.vit import build_vit_student
 
     torch.manual_seed(0)

@@ -4,7 +4,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from radio_plugins.clip import make_tiny_clip
 from tiny_teachers import assert_max_abs, teacher_pixels, tokens_to_grid
 

@@ -3,7 +3,6 @@ exactly Dinov2Model's own last_hidden_state (CLS, patch tokens without registers
 import pytest
 import torch
 import torch.nn.functional as F
-
 from radio_plugins.dinov2 import make_tiny_dinov2
 from tiny_teachers import assert_max_abs, teacher_pixels, tokens_to_grid
 

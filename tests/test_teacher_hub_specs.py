@@ -56,8 +56,8 @@ def test_every_teacher_of_the_paper_recipe_is_a_published_model(registry):
     """The recipe's teachers, built the way the trainer builds them for planning (meta)."""
     if not PAPER_RECIPE.is_file():
         pytest.skip("recipes/dfn_dino_sam.yaml is not there")
+    from radio_core.models.teachers import build_teacher
     from radio_core.recipe import load_recipe
-    from radio_core.trainer import build_teacher
 
     recipe = load_recipe(PAPER_RECIPE)
     published = {(plugin, args["model"]): expected for plugin, args, expected, _ in HUB_TEACHERS.values()}

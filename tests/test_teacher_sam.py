@@ -2,10 +2,10 @@
 back give exactly SamModel.get_image_embeddings (the neck output)."""
 import pytest
 import torch
-
-from radio_core.preprocess import crop_valid, group_input, teacher_input, to_float
 from radio_plugins.sam import SAM_MEAN, SAM_STD, make_tiny_sam
 from tiny_teachers import assert_max_abs, photos, teacher_pixels
+
+from radio_core.models.preprocess import crop_valid, group_input, teacher_input, to_float
 
 transformers = pytest.importorskip("transformers")
 

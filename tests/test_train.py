@@ -3,11 +3,10 @@ import json
 
 import pytest
 import torch
+from helpers import metrics, tiny_recipe
 
 from radio_core.recipe import load_recipe
-from radio_core.trainer import Trainer
-
-from helpers import metrics, tiny_recipe
+from radio_core.train.loop import Trainer
 
 
 def train(path, *overrides, resume=False, stop_at=None):

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from radio_core.preprocess import group_input, teacher_input, to_float
+from radio_core.models.preprocess import group_input, teacher_input, to_float
 
 #: fp32 agreement required between a plugin and its source library on the same pixels.
 ATOL = 1e-5

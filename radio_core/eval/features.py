@@ -8,9 +8,9 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from .. import preprocess
-from ..cache import compute_targets
-from ..distiller import Distiller
+from ..models import preprocess
+from ..models.distiller import Distiller
+from ..models.teachers import compute_targets
 from ..protocols import Teacher, TeacherOutput
 
 
@@ -49,7 +49,7 @@ def student_forward(distiller: Distiller, images01: Tensor, resolution: tuple[in
 
 @torch.no_grad()
 def teacher_forward(teachers: dict[str, Teacher], images01: Tensor) -> dict[str, TeacherOutput]:
-    from ..trainer import group_teachers
+    from ..models.teachers import group_teachers
 
     return compute_targets(teachers, group_teachers(teachers), images01)
 

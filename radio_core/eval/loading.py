@@ -7,7 +7,7 @@ from typing import Optional
 
 import torch
 
-from ..distiller import Distiller
+from ..models.distiller import Distiller
 from ..protocols import Teacher
 from ..recipe import Recipe, load_recipe
 from ..registry import Registry, get_registry
@@ -24,7 +24,7 @@ class LoadedRun:
 
 def latest_weights(run_dir: Path) -> Path:
     """The export if the run finished, else the newest complete checkpoint."""
-    from ..trainer import list_checkpoints
+    from ..formats.checkpoints import list_checkpoints
 
     export = run_dir / "export" / "model.safetensors"
     if export.is_file():
@@ -41,7 +41,8 @@ def load_run(run_dir: str | Path, registry: Optional[Registry] = None, with_teac
     the trained weights (safetensors: no code can run from the file)."""
     from safetensors.torch import load_file
 
-    from ..trainer import build_distiller, build_teacher
+    from ..models.distiller import build_distiller
+    from ..models.teachers import build_teacher
 
     run_dir = Path(run_dir)
     if not (run_dir / "recipe.yaml").is_file():

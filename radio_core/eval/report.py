@@ -5,10 +5,9 @@ import json
 from pathlib import Path
 from typing import Optional, Sequence
 
-
 import torch
 
-from .. import preprocess
+from ..models import preprocess
 from .features import center_crop_tensor, round_to_multiple, student_forward, teacher_forward
 from .loading import LoadedRun
 from .pictures import pca_basis, pca_rgb, read_metrics, save_loss_curves, save_pca_figure, save_sweep_plot

@@ -11,14 +11,13 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
-from .. import preprocess
-from ..data import IMAGE_EXTENSIONS, to_rgb
-from ..distiller import Distiller
-from ..losses import match_grids
+from ..data.sources import IMAGE_EXTENSIONS, to_rgb
+from ..models import preprocess
+from ..models.distiller import Distiller
+from ..models.losses import match_grids
 from ..protocols import Teacher
 from . import metrics
 from .features import batches, round_to_multiple, student_forward, summary_features, teacher_forward
-
 
 # --------------------------------------------------------------------------- fidelity
 

@@ -1,11 +1,10 @@
 """Feature-matching losses and the grid matching rule of AM-RADIO."""
 from __future__ import annotations
 
-
 import torch.nn.functional as F
 from torch import Tensor
 
-from .protocols import Loss
+from ..protocols import Loss
 
 
 def _channels_last(pred: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:

@@ -11,15 +11,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+from ..models.distiller import build_distiller
+from ..models.teachers import build_teacher
+from ..recipe import Recipe
+from ..registry import Registry
 from .partition import describe, plan_stages
-from .recipe import Recipe
-from .registry import Registry
-from .trainer import build_distiller, build_teacher
 
 GiB = 1024**3
 

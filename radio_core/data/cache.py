@@ -9,7 +9,7 @@ parameters, seed and K. A run whose identity differs is refused with the differi
 Cached features are never transformed: a flipped or re-cropped feature map is not the teacher's
 feature of the flipped image, so a cache only serves the exact crops it was computed for.
 
-    python -m radio_core.cache RECIPE --views 4 [--out DIR] [overrides ...]
+    python -m radio_core.data.cache RECIPE --views 4 [--out DIR] [overrides ...]
 """
 from __future__ import annotations
 
@@ -25,9 +25,11 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
-from . import preprocess
-from .data import AugmentedImages, SampleRef, collate, view_seed
-from .protocols import Teacher, TeacherOutput
+from ..models import preprocess
+from ..models.teachers import build_teacher, compute_targets, group_teachers
+from ..protocols import Teacher
+from .augment import AugmentedImages, collate
+from .sampling import SampleRef, view_seed
 
 CACHE_VERSION = 1
 INDEX = "index.json"
@@ -114,35 +116,12 @@ class FeatureCache:
         return state
 
 
-@torch.no_grad()
-def compute_targets(teachers: dict[str, Teacher], resize_sets: list, images01: torch.Tensor,
-                    autocast: Any = None, check: Any = None) -> dict[str, TeacherOutput]:
-    """Every teacher's targets for a batch of [0, 1] crops: resize once per input size, then
-    normalise, run, and crop away grid cells that only saw padding."""
-    import contextlib
-
-    targets = {}
-    with autocast if autocast is not None else contextlib.nullcontext():
-        for group in resize_sets:
-            g = preprocess.group_input(images01, group.input_size, group.resize_mode)
-            for name in group.names:
-                t = teachers[name]
-                out = t(preprocess.teacher_input(g, t.mean, t.std))
-                if check is not None:
-                    check(name, t, out, images01.shape[0])
-                spatial = preprocess.crop_valid(out.spatial, g.valid_fraction)
-                targets[name] = TeacherOutput(summary=out.summary.float() if out.summary is not None else None,
-                                              spatial=spatial.float())
-    return targets
-
-
 def build_cache(recipe: Any, registry: Any, out: str | Path, views: int, batch_size: int = 16,
                 teacher_names: Optional[Sequence[str]] = None, device: Optional[str] = None,
                 progress: bool = True) -> Path:
     """Compute and store every teacher's targets for ``views`` fixed views of every image."""
     from tqdm.auto import tqdm
 
-    from .trainer import build_teacher, group_teachers
 
     out = Path(out)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -209,7 +188,7 @@ def run_identity(recipe: Any, source: Any, teachers: dict[str, Teacher], crop: t
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="radio_core.cache", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m radio_core.data.cache", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("recipe")
     p.add_argument("overrides", nargs="*")
@@ -218,8 +197,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--teachers", nargs="*", help="cache only these teachers (default: all)")
     args = p.parse_args(argv)
-    from .recipe import RecipeError, load_recipe
-    from .registry import get_registry
+    from ..recipe import RecipeError, load_recipe
+    from ..registry import get_registry
 
     try:
         recipe = load_recipe(args.recipe, args.overrides)

@@ -29,7 +29,7 @@ from typing import Optional, Sequence
 import numpy as np
 from PIL import Image
 
-from .data import IMAGE_EXTENSIONS, to_rgb
+from .sources import IMAGE_EXTENSIONS, to_rgb
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "radio-distill-shards/1"

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from .protocols import Adaptor
+from ..protocols import Adaptor
 
 
 class MLPAdaptor(Adaptor):

@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from .recipe import GroupSpec, Recipe, RecipeError
+from ..recipe import GroupSpec, Recipe, RecipeError
 
 
 @dataclass

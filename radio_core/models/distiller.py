@@ -6,11 +6,17 @@ checkpointed); the trainer owns them.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
+import torch
 from torch import Tensor, nn
 
-from .protocols import Student, StudentOutput, TeacherOutput
+from ..protocols import Student, StudentOutput, TeacherOutput
+from ..registry import PluginError, Registry
+from .target_norm import build_target_norm
+
+if TYPE_CHECKING:
+    from ..recipe import Recipe
 
 
 @dataclass
@@ -83,4 +89,35 @@ class Distiller(nn.Module):
         if spatial is not None and "spatial" in norms:
             spatial = norms["spatial"].denormalize(spatial.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
         return summary, spatial
+
+
+def build_distiller(recipe: "Recipe", dims: dict[str, tuple[Optional[int], int]], registry: Registry) -> Distiller:
+    """Student + heads for every teacher of every stage (``dims``: name -> (summary, spatial))."""
+    heads = [HeadSpec(name,
+                      summary if recipe.teachers[name].use_summary else None,
+                      spatial if recipe.teachers[name].use_spatial else None)
+             for name, (summary, spatial) in dims.items()]
+    num_cls = max(1, sum(h.summary_dim is not None for h in heads))
+    try:
+        student = registry.build("student", recipe.student.name, **recipe.student.args, num_cls_tokens=num_cls)
+    except PluginError as exc:
+        raise PluginError(f"student: {exc}") from None
+    hidden = max(d for h in heads for d in (h.summary_dim, h.spatial_dim) if d is not None)
+    summary_heads, spatial_heads = {}, {}
+    for h in heads:
+        spec = recipe.teachers[h.name].adaptor or recipe.adaptor
+        for dim, table in ((h.summary_dim, summary_heads), (h.spatial_dim, spatial_heads)):
+            if dim is not None:
+                table[h.name] = registry.build("adaptor", spec.name, in_dim=student.embed_dim, out_dim=dim,
+                                               hidden_dim=hidden, **spec.args)
+    norms = {}
+    for h in heads:
+        kind = recipe.teachers[h.name].target_norm
+        if kind == "none":
+            continue
+        parts = {part: build_target_norm(kind, dim) for part, dim in (("summary", h.summary_dim),
+                                                                        ("spatial", h.spatial_dim)) if dim}
+        norms[h.name] = torch.nn.ModuleDict(parts)
+    return Distiller(student, heads, summary_heads, spatial_heads, norms)
+
 

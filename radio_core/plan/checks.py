@@ -1,8 +1,8 @@
 """Checks of a validated recipe against the plugin registry, before any model is built."""
 from __future__ import annotations
 
-from .recipe import Recipe, RecipeError
-from .registry import Registry
+from ..recipe import Recipe, RecipeError
+from ..registry import Registry
 
 
 def check_plugins(recipe: Recipe, registry: Registry, origin: str = "<recipe>") -> None:

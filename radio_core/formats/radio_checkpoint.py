@@ -70,8 +70,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .distiller import Distiller
-from .model import FeatureNormalizer, build_distiller_from_config
+from ..models.distiller import Distiller
+from .export import FeatureNormalizer, build_distiller_from_config
 
 #: what the format needs beyond torch's own weights-only allow-list.
 SAFE_GLOBALS: tuple = (argparse.Namespace,)
@@ -234,7 +234,7 @@ def load_radio_checkpoint(path: str | os.PathLike, registry=None, adaptor_names:
     ``adaptor_names``: teachers whose heads to import (default: every head that can be; an
     unsupported head is then skipped with a warning instead of an error).
     """
-    from .registry import PluginError, get_registry
+    from ..registry import PluginError, get_registry
 
     chk = read_checkpoint(path, extra_safe_globals)
     args = chk["args"]
@@ -368,7 +368,7 @@ def _default_std() -> list[float]:
 
 # ------------------------------------------------------------------------------ writing
 def _mlp_state_for_radio(head: nn.Module, where: str) -> tuple[dict[str, Tensor], str]:
-    from .adaptors import MLPAdaptor
+    from ..models.adaptors import MLPAdaptor
 
     if not isinstance(head, MLPAdaptor):
         raise RadioFormatError(f"{where}: only 'mlp' adaptors have a RADIO layout (got {type(head).__name__})")
@@ -394,7 +394,7 @@ def save_radio_checkpoint(model, path: str | os.PathLike) -> Path:
     ``_feature_projections.<name>`` and described in ``args.radio_distill`` (the official loader
     ignores both; ``load_radio_checkpoint`` reads them back).
     """
-    from .spectral import folded_state_dict
+    from ..models.spectral import folded_state_dict
 
     student = model.student
     config = model.config

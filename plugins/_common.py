@@ -1,0 +1,165 @@
+"""Helpers shared by the built-in teacher plugins: tiny random models written once to disk,
+config fingerprints, and loading transformers models from local directories or the HF cache.
+
+Not a plugin (no entry point): plugins import it as ``radio_plugins._common``."""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from radio_core import Teacher
+
+
+def teacher_facts(teacher: Teacher) -> dict:
+    return {k: getattr(teacher, k) for k in
+            ("input_size", "patch_size", "summary_dim", "spatial_dim", "mean", "std", "resize_mode")}
+
+
+def config_hash(cfg: dict) -> str:
+    return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def write_atomically(directory: Path, write) -> None:
+    """Fill a temporary sibling directory, then rename it into place (a concurrent writer of the
+    same content may win; its copy is kept)."""
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        write(tmp)
+        try:
+            os.rename(tmp, directory)
+        except OSError:
+            if not directory.is_dir():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def randomize_(model: nn.Module, seed: int) -> None:
+    """Deterministic random weights for a tiny test model: fan-in scaled normals for matrices,
+    1 + noise for parameters initialised to ones (norm scales, layer scales), small noise else."""
+    gen = torch.Generator().manual_seed(seed)
+    owners = {id(p): m for m in model.modules() for p in m.parameters(recurse=False)}
+    with torch.no_grad():
+        for _, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
+            noise = torch.randn(p.shape, generator=gen, dtype=torch.float32)
+            if p.ndim >= 2:
+                owner = owners.get(id(p))
+                fan_in = p[0].numel() if isinstance(owner, (nn.Linear, nn.Conv2d)) else p.shape[-1]
+                p.copy_(noise / fan_in ** 0.5)
+            elif p.numel() and bool((p == 1).all()):
+                p.copy_(1 + 0.1 * noise)
+            else:
+                p.copy_(0.1 * noise)
+
+
+def is_local_path(model: str) -> bool:
+    """A path (existing, or written like one) rather than a hub id such as 'facebook/x'."""
+    return os.path.exists(os.path.expanduser(model)) or model.startswith(("/", ".", "~"))
+
+
+def load_hf_config(plugin: str, model: str, published: dict, model_types: Sequence[str],
+                   sub_config: Optional[str] = None):
+    """The config of `model`: from a local directory, the local HF cache, or (offline, for the
+    hub ids in ``published``) the published values. ``sub_config`` picks a nested config
+    (SAM's ``vision_config``) when the file holds the full model's config."""
+    from transformers import CONFIG_MAPPING, AutoConfig
+
+    if is_local_path(model):
+        path = Path(os.path.expanduser(model))
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{plugin} teacher: local model directory {model!r} does not exist "
+                                    "or has no config.json (expected a save_pretrained directory)")
+        config = AutoConfig.from_pretrained(path)
+    else:
+        try:
+            config = AutoConfig.from_pretrained(model)
+        except OSError as exc:
+            if model not in published:
+                raise OSError(f"{plugin} teacher: {model!r} is neither a local directory nor a hub id whose "
+                              f"files are in the local HF cache (offline). Known offline: "
+                              f"{', '.join(published)}") from exc
+            values = dict(published[model])
+            config = CONFIG_MAPPING[values.pop("model_type")](**values)
+    if sub_config and config.model_type not in model_types and hasattr(config, sub_config):
+        config = getattr(config, sub_config)
+    if config.model_type not in model_types:
+        raise ValueError(f"{plugin} teacher: {model!r} is a {config.model_type!r} model, not one of "
+                         f"{', '.join(model_types)}")
+    return config
+
+
+def resolve_model(plugin: str, model: Optional[str], pretrained: Optional[str], tiny: Union[bool, dict],
+                  example: str, make_tiny) -> str:
+    """``model``, or (``tiny``) the directory of a small random model written by
+    ``make_tiny(overrides)``; shared by the transformers-based teachers."""
+    if tiny or isinstance(tiny, dict):  # `tiny: {}` = the defaults
+        if model is not None or pretrained is not None:
+            raise ValueError(f"{plugin} teacher: give either tiny or model/pretrained, not both")
+        model = make_tiny(dict(tiny) if isinstance(tiny, dict) else {})["model"]
+    if not model:
+        raise ValueError(f"{plugin} teacher needs `model` (a hub id such as {example!r} or a local directory) "
+                         "or `tiny: true`")
+    return model
+
+
+def hf_network(plugin: str, model_cls, model: str, pretrained: Optional[str], config, meta: bool) -> nn.Module:
+    """The teacher's transformers network: the architecture alone on the meta device, or the
+    weights of ``pretrained`` (else ``model``)."""
+    if meta:
+        with torch.device("meta"):
+            return model_cls._from_config(config, attn_implementation="sdpa")
+    return hf_from_pretrained(plugin, model_cls, pretrained or model, config, label=model)
+
+
+def hf_from_pretrained(plugin: str, model_cls, source: str, config, label: str) -> nn.Module:
+    """``model_cls.from_pretrained(source, config=config)`` with SDPA attention, refusing a
+    checkpoint whose tensors don't fit the architecture (naming both) or that lacks some."""
+    if is_local_path(source) and not os.path.isdir(os.path.expanduser(source)):
+        raise FileNotFoundError(f"{plugin} teacher: checkpoint directory {source!r} does not exist")
+    with _quiet_transformers():
+        try:
+            # fp32 weights whatever the file holds (transformers 5 defaults to the file's dtype);
+            # reduced precision is the framework's autocast.
+            net, info = model_cls.from_pretrained(os.path.expanduser(source), config=config, dtype=torch.float32,
+                                                  attn_implementation="sdpa", ignore_mismatched_sizes=True,
+                                                  output_loading_info=True)
+        except OSError as exc:
+            raise OSError(f"{plugin} teacher: cannot load weights from {source!r}: {exc}. Offline, hub "
+                          "weights must already be in the local HF cache; or pass `pretrained` as a local "
+                          "directory") from exc
+    mismatched = [f"{k}: checkpoint {tuple(a)} vs model {tuple(b)}" for k, a, b in sorted(info["mismatched_keys"])]
+    missing = sorted(info["missing_keys"])
+    if mismatched or missing:
+        arch = f"hidden_size={config.hidden_size}, layers={config.num_hidden_layers}"
+        problems = mismatched[:3] + [f"missing {k}" for k in missing[:3]]
+        raise ValueError(f"{plugin} teacher: checkpoint {source!r} does not match the architecture "
+                         f"{label!r} ({arch}): {'; '.join(problems)}"
+                         f"{' ...' if len(mismatched) + len(missing) > 3 else ''}")
+    return net
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """Silence the load report (SAM's prompt-encoder/mask-decoder keys are expected leftovers;
+    real problems are raised by the caller) and the progress bar."""
+    from transformers.utils import logging as hf_logging
+
+    level, bar = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bar:
+            hf_logging.enable_progress_bar()

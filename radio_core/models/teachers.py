@@ -1,0 +1,96 @@
+"""Frozen teachers: building them from a recipe, grouping by input size, computing targets."""
+from __future__ import annotations
+
+import contextlib
+import inspect
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ..protocols import Teacher, TeacherOutput
+from ..registry import PluginError, Registry
+from . import preprocess
+
+if TYPE_CHECKING:
+    from ..recipe import Recipe
+
+
+@dataclass
+class TeacherGroup:
+    """Teachers that share an input size and resize mode: their input is resized once."""
+
+    input_size: tuple[int, int]
+    resize_mode: str
+    names: list[str] = field(default_factory=list)
+
+
+def group_teachers(teachers: dict[str, Teacher]) -> list[TeacherGroup]:
+    groups: dict[tuple, TeacherGroup] = {}
+    for name, t in teachers.items():
+        key = (tuple(t.input_size), t.resize_mode)
+        groups.setdefault(key, TeacherGroup(tuple(t.input_size), t.resize_mode)).names.append(name)
+    return list(groups.values())
+
+
+def build_teacher(recipe: "Recipe", name: str, registry: Registry, meta: bool = False) -> Teacher:
+    """Build (and freeze) one teacher; ``meta=True`` builds its architecture without weights,
+    only to learn its dimensions (plugins that don't support it are built for real)."""
+    spec = recipe.teachers[name]
+    kwargs: dict[str, Any] = dict(spec.args, resolution=tuple(spec.resolution) if spec.resolution else None)
+    if meta and accepts_kwarg(registry.get("teacher", spec.plugin).factory, "meta"):
+        kwargs["meta"] = True
+    try:
+        teacher = registry.build("teacher", spec.plugin, **kwargs)
+    except PluginError as exc:
+        raise PluginError(f"teachers.{name}: {exc}") from None
+    if not isinstance(teacher, Teacher):
+        raise PluginError(f"teachers.{name}: plugin {spec.plugin!r} returned {type(teacher).__name__}, "
+                          "not a radio_core.Teacher")
+    return teacher.freeze()
+
+
+def check_teacher_output(name: str, plugin: str, teacher: Teacher, out: Any, batch: int) -> None:
+    """Shape checks only (no host sync): a plugin that breaks the protocol is named."""
+    where = f"teachers.{name} (plugin {plugin!r})"
+    if not isinstance(out, TeacherOutput):
+        raise PluginError(f"{where}: forward returned {type(out).__name__}, not a TeacherOutput")
+    sp = out.spatial
+    if sp.dim() != 4 or sp.shape[0] != batch or sp.shape[1] != teacher.spatial_dim:
+        raise PluginError(f"{where}: spatial output has shape {tuple(sp.shape)}; expected "
+                          f"({batch}, spatial_dim={teacher.spatial_dim}, h, w)")
+    if teacher.summary_dim is None:
+        return
+    sm = out.summary
+    if sm is None or tuple(sm.shape) != (batch, teacher.summary_dim):
+        got = None if sm is None else tuple(sm.shape)
+        raise PluginError(f"{where}: summary output has shape {got}; expected ({batch}, {teacher.summary_dim})")
+
+
+def accepts_kwarg(fn: Any, name: str) -> bool:
+    """Whether ``fn`` names the parameter explicitly (a ``**kwargs`` catch-all does not count)."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in params
+
+
+@torch.no_grad()
+def compute_targets(teachers: dict[str, Teacher], resize_sets: list, images01: torch.Tensor,
+                    autocast: Any = None, check: Any = None) -> dict[str, TeacherOutput]:
+    """Every teacher's targets for a batch of [0, 1] crops: resize once per input size, then
+    normalise, run, and crop away grid cells that only saw padding."""
+    targets = {}
+    with autocast if autocast is not None else contextlib.nullcontext():
+        for group in resize_sets:
+            g = preprocess.group_input(images01, group.input_size, group.resize_mode)
+            for name in group.names:
+                t = teachers[name]
+                out = t(preprocess.teacher_input(g, t.mean, t.std))
+                if check is not None:
+                    check(name, t, out, images01.shape[0])
+                spatial = preprocess.crop_valid(out.spatial, g.valid_fraction)
+                targets[name] = TeacherOutput(summary=out.summary.float() if out.summary is not None else None,
+                                              spatial=spatial.float())
+    return targets

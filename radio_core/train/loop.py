@@ -1,0 +1,336 @@
+"""The distillation training loop (Accelerate).
+
+One optimiser step:
+  batch (uint8 crops) -> per teacher group: resize once -> per teacher: normalise -> frozen
+  forward -> targets; student input: resize -> student + adaptor heads -> per-teacher losses
+  (grids matched to the larger one) -> weighted sum -> backward -> clip -> AdamW -> LR schedule.
+
+What lives elsewhere: building the optimiser and cache (``setup``), slots and loaders
+(``stages``), targets and losses (``objective``), checkpoints (``checkpoint``), logging
+(``metrics``), signals (``signals``).
+
+Exact resume: model, optimiser and scheduler state come from the checkpoint; the data position
+is the step number (sampling is a pure function of seed and sample number, see
+``radio_core.data.sampling``); all other randomness (student CPE crops, window sizes,
+multi-resolution choice) is reseeded from (seed, step, slot) before each forward.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import random
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+
+from ..data.sampling import _mix
+from ..models.distiller import Distiller, build_distiller
+from ..models.teachers import build_teacher
+from ..plan.checks import check_student_resolutions
+from ..plan.partition import StagePlan, describe, plan_stages, stage_at
+from ..protocols import Teacher
+from ..recipe import Recipe, dump_recipe
+from ..registry import Registry, get_registry
+from . import setup, stages
+from .checkpoint import Checkpointer, TrainerState
+from .metrics import BadImageCounter, MetricsLogger, progress_bar, reduce_losses
+from .objective import Objective
+from .schedule import build_scheduler, lr_multiplier
+from .signals import StopSignals
+from .stages import SlotRuntime
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+class Trainer:
+    def __init__(self, recipe: Recipe, registry: Optional[Registry] = None, resume: bool = False,
+                 accelerator: Any = None, recipe_path: str = "<recipe>") -> None:
+        self.recipe, self.recipe_path = recipe, recipe_path
+        self.registry = registry or get_registry()
+        self.accelerator = accelerator or setup.make_accelerator(recipe)
+        self.out_dir = Path(recipe.output_dir)
+        self.ckpt_dir = self.out_dir / "checkpoints"
+        self.state = TrainerState()
+        self.signals = StopSignals()
+        self.checkpointer = Checkpointer(self.accelerator, self.ckpt_dir, recipe.checkpoint.keep)
+        self.bad_images = BadImageCounter(self.accelerator)
+        self.teachers: dict[str, Teacher] = {}
+        self.stage: Optional[StagePlan] = None
+        self._number_shift = 0  # added to sample numbers when resuming on another world size
+        self._build()
+        if resume:
+            self.load_latest_checkpoint()
+
+    # ------------------------------------------------------------------ setup
+    def _build(self) -> None:
+        r, acc = self.recipe, self.accelerator
+        self.plans = plan_stages(r, acc.num_processes)
+        torch.manual_seed(r.train.seed)
+        all_teachers = [t for t in r.teachers if any(t in p.teachers for p in self.plans)]
+        mine = {t for p in self.plans for slot in p.rank_slots[acc.process_index] for t in slot.teachers}
+        self.cache, self.cached = setup.open_cache(r, all_teachers)
+        dims: dict[str, tuple[Optional[int], int]] = {}
+        for name in all_teachers:
+            if name in self.cached:
+                dims[name] = self.cache.dims(name)
+                continue
+            if name in mine:
+                t = build_teacher(r, name, self.registry).to(acc.device, setup.teacher_dtype(r, acc.device))
+                self.teachers[name] = t
+            else:  # another rank runs it; this rank only needs its dimensions for the heads
+                t = build_teacher(r, name, self.registry, meta=True)
+            dims[name] = (t.summary_dim, t.spatial_dim)
+        torch.manual_seed(r.train.seed)  # same student/head init on every rank, whatever was built
+        distiller = build_distiller(r, dims, self.registry)
+        check_student_resolutions(self.plans, distiller.student.size_multiple, r.student.name, self.recipe_path)
+        self.objective = Objective(r, self.registry, self.teachers, self.cached, acc)
+        if r.train.channels_last:
+            distiller = distiller.to(memory_format=torch.channels_last)
+        optimizer = setup.build_optimizer(r, distiller)
+        self.distiller, self.optimizer = acc.prepare(distiller, optimizer)
+        if r.train.compile:
+            self.unwrapped.student.compile()  # in place: DDP and the checkpoint keys are unchanged
+        # Not prepared: Accelerate would step it once per process; ours steps once per optimiser
+        # step. Its state goes into trainer_state.json (see train.checkpoint).
+        self.scheduler = build_scheduler(optimizer, self.lr_multiplier)
+        self.source = self.registry.build("dataset", r.data.source.name, **r.data.source.args)
+        if self.cache is not None and r.cache.verify:
+            crops = {tuple(self.crop_size(s)) for p in self.plans for s in p.rank_slots[acc.process_index]}
+            setup.verify_cache(r, self.registry, self.cache, self.cached, self.source, crops)
+
+    @property
+    def unwrapped(self) -> Distiller:
+        return self.accelerator.unwrap_model(self.distiller)
+
+    def lr_multiplier(self, step: int) -> float:
+        sched = self.recipe.schedule
+        plan = stage_at(self.plans, step) or self.plans[-1]
+        if plan.restart_schedule:
+            return lr_multiplier(step - plan.start_step, plan.steps, sched.warmup_steps, sched.min_lr_ratio,
+                                 sched.name)
+        return lr_multiplier(step, self.recipe.train.steps, sched.warmup_steps, sched.min_lr_ratio, sched.name)
+
+    def crop_size(self, slot) -> tuple[int, int]:
+        return stages.crop_size(self.recipe, slot, self.teachers, self.cache, self.cached)
+
+    def expected_number(self, step: int) -> int:
+        return stages.expected_number(self.plans, step, self.recipe.train.grad_accum)
+
+    def effective_batch(self, plan: Optional[StagePlan] = None) -> int:
+        return stages.effective_batch(plan or self.stage or self.plans[0], self.recipe.train.grad_accum)
+
+    def enter_stage(self, plan: StagePlan, step: int) -> list[SlotRuntime]:
+        """Build this rank's slots for ``plan`` with loaders positioned at ``step``."""
+        acc = self.accelerator
+        self.stage = plan
+        return stages.slot_runtimes(self.recipe, plan, acc.process_index, step, self.source, self.teachers,
+                                    self.cache, self.cached, self._number_shift, acc.device.type == "cuda")
+
+    # ------------------------------------------------------------------ loop
+    def fit(self) -> dict[str, float]:
+        acc, r = self.accelerator, self.recipe
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        if acc.is_main_process:
+            (self.out_dir / "recipe.yaml").write_text(dump_recipe(r))
+        logger = MetricsLogger(self.out_dir, r.logging, enabled=acc.is_main_process)
+        sample_log = (open(self.out_dir / f"samples_rank{acc.process_index}.jsonl", "a")
+                      if r.data.log_samples else None)
+        self.signals.install()
+        start = self.state.step
+        acc.print(f"radio-distill: {acc.num_processes} process(es), steps {start}->{r.train.steps}\n"
+                  + describe(self.plans, r.train.grad_accum))
+        self.registry.hook.radio_train_start(trainer=self)
+        progress = progress_bar(start, r.train.steps, enabled=acc.is_main_process and r.logging.progress)
+        last: dict[str, float] = {}
+        window = [time.perf_counter(), 0]  # start of the logging window, samples in it
+        try:
+            for plan in self.plans:
+                if plan.end_step <= self.state.step:
+                    continue
+                runtimes = self.enter_stage(plan, self.state.step)
+                self.objective.estimate_target_norms(self.unwrapped, runtimes, plan, self.source)
+                for step in range(self.state.step, plan.end_step):
+                    work = [(rt, next(rt.iterator)) for _ in range(r.train.grad_accum) for rt in runtimes]
+                    self.bad_images.count([b for _, b in work])
+                    if sample_log is not None:
+                        self._log_samples(sample_log, step, work)
+                    terms = self.train_step(work, step)
+                    self._advance(plan, step)
+                    window[1] += self.effective_batch(plan)
+                    metrics = self._maybe_log(logger, terms, plan, step, start, window)
+                    if metrics:
+                        last = metrics
+                        progress.set_postfix(loss=f"{metrics['loss/total']:.4f}",
+                                             img_s=f"{metrics['images_per_s']:.1f}")
+                    progress.update(1)
+                    self.registry.hook.radio_step_end(trainer=self, step=self.state.step, metrics=metrics)
+                    # Every rank takes the same branches below (the stop flag is reduced), so the
+                    # collectives inside stay matched.
+                    stop = self.signals.requested_anywhere(acc)
+                    s = self.state.step
+                    if s % r.checkpoint.every == 0 or s == r.train.steps or stop or s == plan.end_step:
+                        if not metrics:
+                            self.state.bad_images = self.bad_images.total()
+                        self.save_checkpoint()
+                    if stop:
+                        acc.print(f"stop requested: checkpoint written at step {s}; resume with --resume")
+                        return last
+        finally:
+            progress.close()
+            logger.close()
+            if sample_log is not None:
+                sample_log.close()
+            self.signals.restore()
+        if self.state.step == r.train.steps and r.checkpoint.export:
+            self.export(self.out_dir / "export")
+        if self.state.step == r.train.steps and r.eval.report:
+            self.write_report()
+        self.registry.hook.radio_train_end(trainer=self)
+        return last
+
+    def train_step(self, work: list[tuple[SlotRuntime, dict]], step: int) -> dict[str, Tensor]:
+        """One optimiser step over this rank's (slot, batch) pairs (all micro-steps)."""
+        acc, r = self.accelerator, self.recipe
+        self.distiller.train()
+        summed: dict[str, Tensor] = {}
+        counts: dict[str, int] = {}
+        micro = r.train.grad_accum
+        for k, (rt, batch) in enumerate(work):
+            last = k == len(work) - 1
+            # Reseeded per (step, slot, micro-step): student-side randomness is independent of
+            # history (exact resume) and of the rank (the same samples get the same randomness
+            # however the groups are laid out over processes).
+            seed = _mix(r.train.seed, step, rt.slot.offset, k // max(1, len(work) // micro))
+            torch.manual_seed(seed)
+            random.seed(seed)
+            with (contextlib.nullcontext() if last else acc.no_sync(self.distiller)):
+                terms = self.objective.forward_losses(self.distiller, self.unwrapped, rt, batch, step, self.stage)
+                acc.backward(terms["total"] / micro)
+            for key, v in terms.items():
+                summed[key] = summed.get(key, 0) + v.detach()
+                counts[key] = counts.get(key, 0) + 1
+        summed = {k: v / counts[k] for k, v in summed.items()}
+        summed["total"] = summed["total"] * len(work) / micro  # the step's objective on this rank
+        finite = bool(torch.isfinite(summed["total"]).item()) if r.train.skip_nonfinite else True
+        if finite:
+            self.state.nonfinite_in_row = 0
+            if r.train.grad_clip:
+                summed["grad_norm"] = acc.clip_grad_norm_(self.distiller.parameters(), r.train.grad_clip)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        else:
+            self._skip_nonfinite(summed, step)
+        summed["lr"] = self.scheduler.get_last_lr()[0]  # the rate this step used
+        self.scheduler.step()
+        return summed
+
+    # ------------------------------------------------------------------ loop helpers
+    def _skip_nonfinite(self, summed: dict[str, Tensor], step: int) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        self.state.skipped_steps += 1
+        self.state.nonfinite_in_row += 1
+        bad = [k for k, v in summed.items() if k != "total" and not torch.isfinite(v).item()]
+        self.accelerator.print(f"step {step}: non-finite loss from {', '.join(bad) or 'total'}; step skipped "
+                               f"({self.state.nonfinite_in_row} in a row)")
+        if self.state.nonfinite_in_row >= self.recipe.train.max_nonfinite_steps:
+            raise NonFiniteLossError(
+                f"{self.state.nonfinite_in_row} non-finite losses in a row (from {', '.join(bad) or 'total'}); "
+                "stopping. Lower optim.lr or enable train.grad_clip; the last checkpoint is intact.")
+
+    def _advance(self, plan: StagePlan, step: int) -> None:
+        self.state.step = step + 1
+        self.state.next_number = self.expected_number(step + 1) + self._number_shift
+        self.state.world_size = self.accelerator.num_processes
+        self.state.samples_seen += self.effective_batch(plan)
+
+    def _maybe_log(self, logger: MetricsLogger, terms: dict[str, Tensor], plan: StagePlan, step: int, start: int,
+                   window: list) -> dict[str, float]:
+        """Reduce, evaluate and log on logging steps (every rank computes the same condition)."""
+        r, s = self.recipe, self.state.step
+        evaluate = bool(r.eval.every) and s % r.eval.every == 0
+        if not (s % r.train.log_every == 0 or s == r.train.steps or step == start or evaluate):
+            return {}
+        self.state.bad_images = self.bad_images.total()
+        elapsed = time.perf_counter() - window[0]
+        metrics = reduce_losses(self.accelerator, terms, self.stage.teachers)
+        metrics.update(images_per_s=window[1] / max(elapsed, 1e-9), samples=self.state.samples_seen,
+                       bad_images=self.state.bad_images, stage=plan.index)
+        if evaluate:
+            metrics.update(self.evaluate_fidelity())
+        window[0], window[1] = time.perf_counter(), 0
+        logger.log(s, metrics)
+        return metrics
+
+    def _log_samples(self, sample_log: Any, step: int, work: list) -> None:
+        keys = [self.source.key(int(i)) for _, b in work for i in b["index"]]
+        sample_log.write(json.dumps({"step": step, "keys": keys}) + "\n")
+        sample_log.flush()
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate_fidelity(self) -> dict[str, float]:
+        """Fidelity of every head whose teacher runs on the main process (``eval.every``)."""
+        acc = self.accelerator
+        out: dict[str, float] = {}
+        if acc.is_main_process and self.teachers:
+            from ..eval.training import fidelity_metrics
+
+            out = fidelity_metrics(self.out_dir, self.recipe, self.unwrapped, self.teachers)
+            self.distiller.train()
+        acc.wait_for_everyone()
+        return out
+
+    def write_report(self) -> Optional[Path]:
+        acc = self.accelerator
+        path = None
+        if acc.is_main_process:
+            from ..eval.training import write_run_report
+
+            path = write_run_report(self.out_dir, self.recipe, self.unwrapped, self.teachers)
+            acc.print(f"report written to {path}")
+        acc.wait_for_everyone()
+        return path
+
+    # ------------------------------------------------------------------ checkpoints and export
+    def save_checkpoint(self) -> Path:
+        def saved(path: Path) -> None:
+            self.registry.hook.radio_checkpoint_saved(trainer=self, path=str(path))
+
+        return self.checkpointer.save(self.state, self.scheduler, self.recipe.train.steps, on_saved=saved)
+
+    def load_latest_checkpoint(self) -> Optional[Path]:
+        """Load the newest loadable checkpoint; a corrupt one is reported and the previous used."""
+        acc = self.accelerator
+        found = self.checkpointer.load_latest(self.state, self.scheduler)
+        if found is None:
+            acc.print(f"no checkpoint under {self.ckpt_dir}; starting from step 0")
+            return None
+        path, saved = found
+        self.bad_images.base = self.state.bad_images
+        expected = self.expected_number(self.state.step)
+        if saved["trainer"].get("world_size", acc.num_processes) != acc.num_processes:
+            # Continue the global sample numbering where the old world size left it.
+            self._number_shift = self.state.next_number - expected
+            acc.print(f"world size changed {saved['trainer']['world_size']} -> {acc.num_processes}: "
+                      f"continuing at sample {self.state.next_number}")
+        acc.print(f"resumed from {path} (step {self.state.step})")
+        return path
+
+    def export(self, path: Path) -> Path:
+        """Standalone student + adaptors (safetensors) with the config needed to rebuild them."""
+        from ..formats.export import save_export
+
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            save_export(self.unwrapped, self.recipe, self.teachers, path)
+        acc.wait_for_everyone()
+        return path
+
+    def request_stop(self) -> None:
+        """Checkpoint after the step in flight and return from ``fit`` (what SIGTERM does)."""
+        self.signals.request()

@@ -1,0 +1,88 @@
+"""What a run reports: losses reduced over ranks, the JSONL/TensorBoard log, the progress bar,
+and the count of unreadable images."""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+def reduce_losses(accelerator: Any, terms: dict[str, Tensor], teachers: list[str]) -> dict[str, float]:
+    """Mean of each loss over the ranks that computed it (teachers differ per rank)."""
+    keys = ["total"] + [f"{t}/{h}" for t in teachers for h in ("summary", "spatial")]
+    values = torch.zeros(2, len(keys), device=accelerator.device)
+    for i, k in enumerate(keys):
+        if k in terms:
+            values[0, i], values[1, i] = terms[k].float(), 1.0
+    values = accelerator.reduce(values, "sum")
+    out = {f"loss/{k}": float(values[0, i] / values[1, i]) for i, k in enumerate(keys) if values[1, i] > 0}
+    # Rank 0's optimiser scalars are the same everywhere.
+    for k in ("grad_norm", "lr"):
+        if k in terms:
+            out[k] = float(terms[k])
+    return out
+
+
+class BadImageCounter:
+    """Unreadable images seen by this rank, summed over ranks when logged or checkpointed."""
+
+    def __init__(self, accelerator: Any) -> None:
+        self.accelerator = accelerator
+        self.base, self.local = 0, 0  # base: the count a resumed run started from
+
+    def count(self, batches: list[dict]) -> None:
+        for b in batches:
+            bad = int((~b["valid"]).sum())
+            if bad:
+                self.local += bad
+                for e in b["errors"]:
+                    self.accelerator.print(f"skipped unreadable image: {e}")
+
+    def total(self) -> int:
+        local = torch.tensor([float(self.local)], device=self.accelerator.device)
+        return self.base + int(self.accelerator.reduce(local, "sum").item())
+
+
+class MetricsLogger:
+    """JSONL file + TensorBoard, on the main process only."""
+
+    def __init__(self, out_dir: Path, spec: Any, enabled: bool) -> None:
+        self.enabled = enabled
+        self.jsonl = None
+        self.tb = None
+        if not enabled:
+            return
+        if spec.jsonl:
+            self.jsonl = open(out_dir / "metrics.jsonl", "a")
+        if spec.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(out_dir / "tensorboard"))
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        if self.jsonl:
+            self.jsonl.write(json.dumps({"step": step, "time": time.time(), **metrics}) + "\n")
+            self.jsonl.flush()
+        if self.tb:
+            for k, v in metrics.items():
+                if isinstance(v, float) and math.isfinite(v):
+                    self.tb.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        if self.jsonl:
+            self.jsonl.close()
+        if self.tb:
+            self.tb.close()
+
+
+def progress_bar(start: int, total: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=start, disable=not enabled, desc="distill", unit="step", dynamic_ncols=True)

@@ -1,0 +1,134 @@
+"""The distillation objective: teacher targets (live or cached), target-normalisation
+statistics, and the weighted per-teacher summary + spatial losses of one batch."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..data.augment import collate
+from ..data.sampling import StepBatchSampler, _mix, sampling_kwargs
+from ..models import preprocess
+from ..models.distiller import Distiller
+from ..models.losses import match_grids
+from ..models.teachers import TeacherGroup, check_teacher_output, compute_targets
+from ..plan.partition import Slot, StagePlan
+from ..protocols import Teacher, TeacherOutput
+from ..recipe import Recipe
+from ..registry import Registry
+from .stages import SlotRuntime
+
+
+class Objective:
+    """Targets and losses for one rank: ``teachers`` are the live teachers this rank runs,
+    ``cached`` the names whose targets the loader reads from the feature cache."""
+
+    def __init__(self, recipe: Recipe, registry: Registry, teachers: dict[str, Teacher], cached: set[str],
+                 accelerator: Any) -> None:
+        self.recipe, self.teachers, self.cached, self.accelerator = recipe, teachers, cached, accelerator
+        self.summary_losses = {n: registry.build("loss", s.summary_loss.name, **s.summary_loss.args)
+                               for n, s in recipe.teachers.items()}
+        self.spatial_losses = {n: registry.build("loss", s.spatial_loss.name, **s.spatial_loss.args)
+                               for n, s in recipe.teachers.items()}
+
+    # -- targets ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def teacher_targets(self, images01: Tensor, resize_sets: list[TeacherGroup]) -> dict[str, TeacherOutput]:
+        def check(name: str, teacher: Teacher, out: Any, batch: int) -> None:
+            check_teacher_output(name, self.recipe.teachers[name].plugin, teacher, out, batch)
+
+        return compute_targets(self.teachers, resize_sets, images01, self.accelerator.autocast(), check)
+
+    def slot_targets(self, rt: SlotRuntime, batch: dict, images01: Tensor) -> dict[str, TeacherOutput]:
+        """Live teachers' targets plus cached teachers' targets read by the loader."""
+        device = self.accelerator.device
+        targets = self.teacher_targets(images01, rt.resize_sets)
+        for name in rt.slot.teachers:
+            if name in self.cached:
+                summary, spatial = batch["targets"][name]
+                targets[name] = TeacherOutput(summary=None if summary is None else summary.to(device).float(),
+                                              spatial=spatial.to(device).float())
+        return targets
+
+    def estimate_target_norms(self, distiller: Distiller, runtimes: list[SlotRuntime], stage: StagePlan,
+                              source: Any) -> None:
+        """Teacher-target statistics from ``train.target_norm_batches`` batches per rank, summed
+        over all ranks (so every rank ends with identical buffers, whichever teachers it runs).
+        The batches come from a separate range of sample numbers: the training order is
+        unchanged."""
+        norms = distiller.target_norms
+        if not norms or all(bool(m.ready) for parts in norms.values() for m in parts.values()):
+            return
+        r, acc = self.recipe, self.accelerator
+        for rt in runtimes:
+            sampler = StepBatchSampler(len(source), rt.slot.batch_size, r.train.seed + 7919,
+                                       offset=rt.slot.offset, stride=stage.consumption,
+                                       stop=r.train.target_norm_batches, **sampling_kwargs(source))
+            for refs in sampler:
+                batch = collate([rt.dataset[ref] for ref in refs])
+                images01 = preprocess.to_float(batch["image"].to(acc.device))
+                for name, target in self.slot_targets(rt, batch, images01).items():
+                    if name in norms:
+                        if "summary" in norms[name] and target.summary is not None:
+                            norms[name]["summary"].update(target.summary)
+                        if "spatial" in norms[name]:
+                            norms[name]["spatial"].update_spatial(target.spatial)
+        for parts in norms.values():
+            for m in parts.values():
+                m.all_reduce_()
+                m.finalize()
+        acc.print(f"target statistics estimated for {', '.join(norms)} "
+                  f"({r.train.target_norm_batches} batch(es) per rank)")
+
+    # -- student side -------------------------------------------------------------------------
+    def student_resolution(self, slot: Slot, step: int) -> tuple[int, int]:
+        options = slot.student_resolution
+        if len(options) == 1:
+            return tuple(options[0])
+        # Seeded by step only: every rank of a group makes the same choice.
+        return tuple(options[_mix(self.recipe.train.seed, step, 0x5E5) % len(options)])
+
+    def losses(self, distiller: Distiller, preds: dict, targets: dict[str, TeacherOutput],
+               scale: dict[str, float]) -> dict[str, Tensor]:
+        """Per-teacher summary and spatial losses (unweighted) plus the weighted ``total``.
+
+        Heads of teachers absent from this batch get a zero-weighted term so that DDP sees
+        every parameter used on every rank (see radio_core.plan.partition)."""
+        r = self.recipe
+        terms: dict[str, Tensor] = {}
+        first = next(iter(preds.values()))
+        total = first[1 if first[0] is None else 0].new_zeros(())
+        for name, (pred_summary, pred_spatial) in preds.items():
+            target = targets.get(name)
+            if target is None:
+                total = total + sum(0.0 * p.sum() for p in (pred_summary, pred_spatial) if p is not None)
+                continue
+            spec = r.teachers[name]
+            target = distiller.normalize_targets(name, target)
+            w = spec.weight * scale.get(name, 1.0)
+            if pred_summary is not None and target.summary is not None:
+                loss = self.summary_losses[name](pred_summary, target.summary)
+                terms[f"{name}/summary"] = loss
+                total = total + w * spec.summary_weight * loss
+            elif pred_summary is not None:
+                total = total + 0.0 * pred_summary.sum()
+            if pred_spatial is not None:
+                p, t = match_grids(pred_spatial, target.spatial)
+                loss = self.spatial_losses[name](p, t)
+                terms[f"{name}/spatial"] = loss
+                total = total + w * spec.spatial_weight * loss
+        terms["total"] = total
+        return terms
+
+    def forward_losses(self, model: torch.nn.Module, distiller: Distiller, rt: SlotRuntime, batch: dict,
+                       step: int, stage: StagePlan) -> dict[str, Tensor]:
+        """Targets, student forward (``model``: the prepared, possibly DDP-wrapped distiller)
+        and losses of one micro-batch."""
+        acc = self.accelerator
+        images01 = preprocess.to_float(batch["image"].to(acc.device, non_blocking=True))
+        targets = self.slot_targets(rt, batch, images01)
+        student_in = preprocess.resize(images01, self.student_resolution(rt.slot, step))
+        with acc.autocast():
+            _, preds = model(student_in, return_predictions=True)
+        return self.losses(distiller, preds, targets, stage.teacher_scale(acc.num_processes))

@@ -1,0 +1,81 @@
+"""Building what a run trains with: the Accelerator, the teacher dtype, the optimiser and its
+parameter groups, and the teacher-feature cache a recipe points to."""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+
+from ..data.cache import CacheMismatchError, FeatureCache, run_identity
+from ..models.teachers import build_teacher
+from ..recipe import Recipe
+from ..registry import Registry
+
+
+def make_accelerator(recipe: Recipe) -> Any:
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    return Accelerator(
+        # Without this, torchrun on a machine with no GPU silently gives N single processes.
+        cpu=not torch.cuda.is_available(),
+        mixed_precision=recipe.train.mixed_precision,
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)])
+
+
+def teacher_dtype(recipe: Recipe, device: torch.device) -> torch.dtype:
+    choice = recipe.train.teacher_dtype
+    if choice == "auto":
+        mp = recipe.train.mixed_precision
+        choice = mp if mp != "no" and device.type == "cuda" else "fp32"
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[choice]
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """No weight decay on biases, norms, position embeddings and tokens (1-d or named so)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        skip = p.ndim <= 1 or any(k in name for k in ("pos_embed", "cls_token", "register", "token"))
+        (no_decay if skip else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(recipe: Recipe, model: torch.nn.Module) -> torch.optim.Optimizer:
+    o = recipe.optim
+    kwargs: dict[str, Any] = dict(lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
+    if o.fused is not None:
+        kwargs["fused"] = o.fused
+    return torch.optim.AdamW(param_groups(model, o.weight_decay), **kwargs)
+
+
+def open_cache(recipe: Recipe, all_teachers: list[str]) -> tuple[Optional[FeatureCache], set[str]]:
+    """The recipe's teacher-feature cache and the teachers read from it (not built)."""
+    spec = recipe.cache
+    if spec is None:
+        return None, set()
+    cache = FeatureCache(spec.path)
+    names = spec.teachers if spec.teachers is not None else [t for t in all_teachers if t in cache.teachers]
+    for n in names:
+        if n not in cache.teachers:
+            raise CacheMismatchError(f"cache.teachers: {n!r} is not in the cache at {spec.path} "
+                                     f"(it holds {', '.join(cache.teachers)})")
+    views = recipe.augment.views
+    if views is not None and views != cache.views:
+        raise CacheMismatchError(f"augment.views is {views} but the cache at {spec.path} holds {cache.views} views")
+    return cache, set(names)
+
+
+def verify_cache(recipe: Recipe, registry: Registry, cache: FeatureCache, cached: set[str], source: Any,
+                 crops: set[tuple[int, int]]) -> None:
+    """Rebuild each cached teacher once (weights, no forward) and compare fingerprints, data,
+    augmentation, seed and crop size with the cache's index."""
+    torch.manual_seed(recipe.train.seed)
+    teachers = {n: build_teacher(recipe, n, registry) for n in cached}
+    crop = tuple(cache.index["augment"]["crop_size"])
+    if crops != {crop}:
+        raise CacheMismatchError(f"data.crop_size: this run crops {sorted(crops)}, the cache at "
+                                 f"{cache.path} holds {crop[0]}x{crop[1]} crops; set data.crop_size "
+                                 f"to [{crop[0]}, {crop[1]}]")
+    cache.verify(run_identity(recipe, source, teachers, crop, cache.views))

@@ -1,0 +1,78 @@
+"""Entering a stage: this rank's slots (teacher group + batch size + resolution), each with its
+teachers grouped by input size and a data loader positioned at the resume step."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..data.augment import AugmentedImages, collate, loader_worker_init
+from ..data.sampling import StepBatchSampler, sampling_kwargs
+from ..models import preprocess
+from ..models.teachers import TeacherGroup, group_teachers
+from ..plan.partition import Slot, StagePlan, stage_at
+from ..protocols import Teacher
+from ..recipe import Recipe
+
+
+@dataclass
+class SlotRuntime:
+    """What a rank needs to run one slot: its teachers grouped by input size, and its data."""
+
+    slot: Slot
+    resize_sets: list[TeacherGroup]
+    dataset: AugmentedImages
+    iterator: Any = None
+
+
+def crop_size(recipe: Recipe, slot: Slot, teachers: dict[str, Teacher], cache: Any,
+              cached: set[str]) -> tuple[int, int]:
+    """The crop every model's input of this slot is resized from."""
+    if recipe.data.crop_size:
+        return tuple(recipe.data.crop_size)
+    if cache is not None and any(t in cached for t in slot.teachers):
+        return tuple(cache.index["augment"]["crop_size"])
+    return preprocess.covering_size([teachers[t].input_size for t in slot.teachers], slot.student_resolution)
+
+
+def expected_number(plans: list[StagePlan], step: int, grad_accum: int) -> int:
+    """Global number of the first sample of ``step`` under this run's plan."""
+    plan = stage_at(plans, step)
+    if plan is None:
+        last = plans[-1]
+        return last.number_base + last.steps * grad_accum * last.consumption
+    return plan.number_base + (step - plan.start_step) * grad_accum * plan.consumption
+
+
+def slot_runtimes(recipe: Recipe, plan: StagePlan, rank: int, step: int, source: Any,
+                  teachers: dict[str, Teacher], cache: Any, cached: set[str], number_shift: int,
+                  pin_memory: bool) -> list[SlotRuntime]:
+    """This rank's slots for ``plan`` with loaders positioned at ``step``."""
+    micro = recipe.train.grad_accum
+    workers = recipe.data.num_workers
+    out = []
+    for slot in plan.rank_slots[rank]:
+        live = {t: teachers[t] for t in slot.teachers if t not in cached}
+        uses_cache = any(t in cached for t in slot.teachers)
+        dataset = AugmentedImages(source, crop_size(recipe, slot, teachers, cache, cached), recipe.augment.scale,
+                                  recipe.augment.ratio, recipe.augment.hflip, cache=cache if uses_cache else None)
+        views = cache.views if cache is not None else recipe.augment.views
+        sampler = StepBatchSampler(len(source), slot.batch_size, recipe.train.seed, offset=slot.offset,
+                                   stride=plan.consumption, base=plan.number_base,
+                                   start=(step - plan.start_step) * micro, stop=plan.steps * micro, views=views,
+                                   **sampling_kwargs(source))
+        sampler.base += number_shift
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_sampler=sampler, collate_fn=collate, num_workers=workers,
+            persistent_workers=workers > 0, pin_memory=pin_memory, prefetch_factor=4 if workers > 0 else None,
+            worker_init_fn=loader_worker_init if workers > 0 else None)
+        out.append(SlotRuntime(slot, group_teachers(live), dataset, iter(loader)))
+    return out
+
+
+def effective_batch(plan: StagePlan, grad_accum: int) -> int:
+    return plan.consumption * grad_accum
+
+
+__all__ = ["SlotRuntime", "crop_size", "expected_number", "slot_runtimes", "effective_batch"]
