@@ -56,6 +56,9 @@ class Checkpointer:
                 shutil.rmtree(tmp)
         acc.wait_for_everyone()
         acc.save_state(str(tmp), safe_serialization=True)
+        # save_state has no barrier at its end: every rank writes its own RNG file into tmp, and
+        # the main process must not rename tmp before the slowest rank has (seen on a loaded machine).
+        acc.wait_for_everyone()
         if acc.is_main_process:
             (tmp / STATE_FILE).write_text(json.dumps({"trainer": state.state_dict(),
                                                       "scheduler": scheduler.state_dict(),
