@@ -157,7 +157,7 @@ def run_sweep(sweep: Path, env: dict, *args: str, kill: str | None = None) -> su
     env = {**env, **({"SWEEP_TEST_KILL": kill} if kill else {})}
     # Its own session: the kill hook signals the sweep's process group, never pytest.
     return subprocess.run([sys.executable, "-m", "radio_core.sweep", str(sweep), "--no-progress", *args], env=env,
-                          capture_output=True, text=True, timeout=240, start_new_session=True)
+                          capture_output=True, text=True, timeout=480, start_new_session=True)
 
 
 def events(out: Path) -> list[dict]:

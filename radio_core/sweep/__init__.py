@@ -1,7 +1,7 @@
 """Ablation sweeps: one base recipe, many training runs that differ by dotted overrides.
 
-    python -m radio_core.sweep SWEEP.yaml [--only NAME] [--dry-run]
-    radio sweep SWEEP.yaml [--only NAME] [--dry-run]
+    python -m radio_core.sweep SWEEP.yaml [--only NAME] [--dry-run] [--status]
+    radio sweep SWEEP.yaml [--only NAME] [--dry-run] [--status]
 
 A sweep file (validated like a recipe: unknown keys are errors naming the file and field)::
 
@@ -17,7 +17,9 @@ A sweep file (validated like a recipe: unknown keys are errors naming the file a
     baseline: summary_loss.name-cosine,optim.lr-0.001   # or one override: optim.lr=0.001
     cache: {views: 4}                     # one teacher-feature cache per group of runs that agree
     eval: {fidelity: true, knn: {data: DIR}, zeroshot: {data: DIR}}
-    launcher: [accelerate, launch, --num_processes, "8"]   # optional; default: this python
+    launcher: local                       # default; or {name: local, command: [accelerate, launch]},
+                                          # {name: slurm, partition: gpu, gpus_per_node: 8, ...},
+                                          # {name: ray, address: http://head:8265, num_gpus: 8, ...}
 
 An *arm* is one grid point of one ``runs`` entry, named from its overrides (``key-value`` joined
 by ','; no '=' in folder names); with ``seeds`` each arm has one run per seed, named
@@ -25,6 +27,12 @@ by ','; no '=' in folder names); with ``seeds`` each arm has one run per seed, n
 overrides... output_dir=OUTPUT_DIR/runs/<name>``), so a crash is recorded and the sweep goes
 on. Re-launching the same sweep skips finished runs (marker ``SWEEP_DONE.json``, written after
 training and evaluation), resumes interrupted ones with ``--resume`` and retries failed ones.
+
+With ``slurm`` or ``ray`` each run is a job that runs ``python -m radio_core.sweep SWEEP --execute
+NAME`` (train, evaluate, mark done) on a node; its job id is recorded in the run's
+``sweep_run.json``, so relaunching never submits a run whose job is queued or running.
+``--status`` lists pending/running/done/failed per run and rebuilds the tables from the runs
+that finished; pre-empted runs (exit status 75, ``radio_core.utils.EXIT_PREEMPTED``) requeue.
 
 Output: ``runs/<name>/`` (the run's own output plus ``resolved_recipe.yaml``, ``sweep_run.json``,
 ``logs/``), ``cache/<key>/``, ``launches.jsonl`` (one line per launch, exit, skip and cache
@@ -34,7 +42,8 @@ baseline, every arm's difference from it and whether it is resolved), ``results.
 
 Modules: ``spec`` (the file), ``grid`` (arms, seeds, names, cache keys), ``state`` (what a run's
 folder says), ``local`` (training a run here), ``evaluate``, ``runner`` (the sweep loop),
-``stats``, ``tables``, ``results``, ``plots``, ``cli``.
+``worker`` (one run in a job), ``remote`` (submitting, waiting, status), ``slurm_launcher``,
+``ray_launcher``, ``stats``, ``tables``, ``results``, ``plots``, ``cli``.
 """
 from .cli import dry_run, main
 from .evaluate import evaluate

@@ -9,7 +9,7 @@ from typing import Optional, Sequence
 from ..recipe import RecipeError
 from .grid import PlannedRun
 from .runner import Sweep
-from .spec import SweepError, load_sweep
+from .spec import LocalLauncher, SweepError, load_sweep
 from .state import completed_step
 
 
@@ -53,15 +53,33 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--no-cache", action="store_true",
                    help="ignore the sweep's cache section: every run computes teacher targets online")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--status", action="store_true",
+                   help="show pending/running/done/failed per run (asking the scheduler about recorded jobs) "
+                        "and rebuild the tables from the runs that finished; launch nothing")
+    p.add_argument("--execute", metavar="NAME",
+                   help="train, evaluate and mark one run in this process (what a slurm/ray job runs)")
     args = p.parse_args(argv)
     try:
+        if args.execute:
+            from .worker import RunHere
+
+            return RunHere(args.sweep, args.output_dir, args.execute, args.no_cache)()
         spec = load_sweep(args.sweep)
         if args.no_cache:
             spec = spec.model_copy(update={"cache": None})
-        sweep = Sweep(spec, args.sweep, args.output_dir, progress=not args.no_progress)
+        sweep = Sweep(spec, args.sweep, args.output_dir, progress=not args.no_progress, no_cache=args.no_cache)
+        if args.status:
+            from .remote import print_status
+
+            sweep.write_results(quiet=True)
+            return print_status(sweep, sweep.select(args.only))
         if args.dry_run:
             return dry_run(sweep, sweep.select(args.only))
-        return sweep.run(args.only)
+        if isinstance(spec.launcher, LocalLauncher):
+            return sweep.run(args.only)
+        from .remote import run_remote
+
+        return run_remote(sweep, sweep.select(args.only), args.no_cache)
     except SweepError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -12,7 +12,9 @@ import sys
 import time
 from typing import Any, Optional
 
+from ..utils import EXIT_PREEMPTED
 from .grid import PlannedRun
+from .spec import LocalLauncher, RemoteLauncher
 from .state import RUN_STATE, completed_step, error_line, last_logged_step, read_json, record, tail_lines, write_json
 
 
@@ -36,6 +38,31 @@ def parent_death_signal() -> Any:
         prctl(1, int(signal.SIGTERM), 0, 0, 0)  # PR_SET_PDEATHSIG
 
     return set_signal
+
+
+def recipe_processes(recipe) -> int:
+    """Processes a recipe asks for: the ranks its groups name (the largest stage), else 1."""
+    def ranks(groups) -> int:
+        if groups and all(g.ranks for g in groups.values()):
+            return sum(g.ranks for g in groups.values())
+        return 1
+
+    return max([ranks(recipe.groups)] + [ranks(s.groups or recipe.groups) for s in recipe.stages or []])
+
+
+def train_prefix(launcher, run: PlannedRun) -> list[str]:
+    """What starts ``-m radio_core.run`` for this run: the local command, or this Python (with
+    torchrun on this node when the run needs several processes)."""
+    if isinstance(launcher, LocalLauncher):
+        return launcher.command or [sys.executable]
+    n = processes(launcher, run)
+    if n == 1:
+        return [sys.executable]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n)]
+
+
+def processes(launcher: RemoteLauncher, run: PlannedRun) -> int:
+    return launcher.processes or (recipe_processes(run.recipe) if run.recipe is not None else 1)
 
 
 def next_attempt(run: PlannedRun) -> int:
@@ -84,9 +111,9 @@ def _outcome(sweep: Any, run: PlannedRun, rc: int, err_path) -> tuple[str, Optio
         return "trained", None
     if sweep.stop_signal is not None:
         return "interrupted", f"stopped at step {step} by the sweep's signal"
-    if rc == 0:
-        return "interrupted", (f"the run exited at step {step} of {run.recipe.train.steps} (stop signal); "
-                               "it resumes on relaunch")
+    if rc in (0, EXIT_PREEMPTED):
+        return "interrupted", (f"the run stopped at step {step} of {run.recipe.train.steps} after a checkpoint "
+                               "(stop signal); it resumes on relaunch")
     tail = tail_lines(err_path)
     (run.run_dir / "stderr_tail.txt").write_text("\n".join(tail) + "\n")
     how = f"killed by {signal.Signals(-rc).name}" if rc < 0 else f"exit code {rc}"

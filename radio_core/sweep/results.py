@@ -44,7 +44,7 @@ def _comparisons_csv(path: Path, comparisons: list[dict], baseline: str) -> None
     _write_csv(path, rows, ["arm", "baseline", "metric", "difference", "ci_low", "ci_high", "paired", "verdict"])
 
 
-def write_results(sweep: Any) -> list[dict[str, Any]]:
+def write_results(sweep: Any, quiet: bool = False) -> list[dict[str, Any]]:
     rows = [collect_row(r) for r in sweep.runs]
     columns = result_columns(rows)
     metrics = compared_metrics(sweep.runs, columns)
@@ -76,5 +76,6 @@ def write_results(sweep: Any) -> list[dict[str, Any]]:
                                for c in comparisons]}
     (sweep.out / "summary.json").write_text(json.dumps(summary, indent=1))
     save_plots(rows, metrics, sweep.out / "plots")
-    print(text)
+    if not quiet:
+        print(text)
     return rows

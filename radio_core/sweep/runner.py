@@ -6,7 +6,6 @@ import fnmatch
 import json
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -22,12 +21,14 @@ from .state import DONE_MARKER, LAUNCH_LOG, SNAPSHOT, record, run_state, snapsho
 
 class Sweep:
     def __init__(self, spec: SweepSpec, sweep_path: str | Path, output_dir: Optional[str | Path] = None,
-                 progress: bool = True) -> None:
+                 progress: bool = True, no_cache: bool = False) -> None:
         self.spec, self.sweep_path = spec, Path(sweep_path)
         self.out = Path(output_dir or spec.output_dir).absolute()
         self.base_recipe = (self.sweep_path.parent / spec.recipe).resolve()
         self.runs = plan(spec, sweep_path, self.out)
         self.progress = progress
+        #: the cache section was dropped (--no-cache): jobs started elsewhere must drop it too.
+        self.no_cache = no_cache
         self.child: Optional[subprocess.Popen] = None
         self.stop_signal: Optional[int] = None
         self.failed_caches: dict[str, str] = {}
@@ -44,7 +45,7 @@ class Sweep:
         return chosen
 
     def command(self, run: PlannedRun, resume: bool) -> list[str]:
-        launcher = self.spec.launcher or [sys.executable]
+        launcher = local.train_prefix(self.spec.launcher, run)
         extra = [override_string("output_dir", str(run.run_dir))]
         if run.cache_key is not None:
             extra += [override_string("cache.path", str(self.out / "cache" / run.cache_key)),
@@ -84,7 +85,7 @@ class Sweep:
 
         selected = self.select(only)
         self.out.mkdir(parents=True, exist_ok=True)
-        lock = self._lock()
+        lock = self.lock()
         old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         tqdm.monitor_interval = 0  # no monitor thread: runs are started with fork + exec
         self._bar = tqdm(total=len(selected), desc="sweep", unit="run", disable=not self.progress,
@@ -110,7 +111,8 @@ class Sweep:
             return 128 + self.stop_signal
         return 0 if all(r["status"] == "ok" for r in rows if r["name"] in {x.name for x in selected}) else 1
 
-    def _lock(self):
+    def lock(self):
+        self.out.mkdir(parents=True, exist_ok=True)
         lock = open(self.out / ".sweep.lock", "a+")
         try:
             import fcntl
@@ -122,6 +124,15 @@ class Sweep:
             lock.close()
             raise SweepError(f"output_dir: another sweep is running in {self.out}") from None
         return lock
+
+    def lock_held(self) -> bool:
+        """Whether a sweep process is working in this output folder now."""
+        try:
+            lock = self.lock()
+        except SweepError:
+            return True
+        lock.close()
+        return False
 
     def execute(self, run: PlannedRun) -> str:
         """Bring one run to done: train (or resume) it, evaluate it, mark it; a status line."""
@@ -173,7 +184,7 @@ class Sweep:
                                                "wall_s": wall, "time": time.time()})
         return "ok"
 
-    def write_results(self) -> list[dict[str, Any]]:
+    def write_results(self, quiet: bool = False) -> list[dict[str, Any]]:
         from .results import write_results
 
-        return write_results(self)
+        return write_results(self, quiet)

@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator,
+                      model_validator)
 
 
 class SweepError(ValueError):
@@ -85,6 +86,85 @@ class SweepEval(Strict):
         return bool(self.fidelity_spec or self.knn or self.zeroshot)
 
 
+class LocalLauncher(Strict):
+    """Every run on this machine, one after another (the default)."""
+
+    name: Literal["local"] = "local"
+    #: command that starts ``-m radio_core.run ...`` (default: this Python interpreter), e.g.
+    #: ``[accelerate, launch, --num_processes, "8"]``.
+    command: Optional[list[str]] = None
+
+
+class RemoteLauncher(Strict):
+    #: processes per run (default: the ranks the recipe's groups ask for, else 1); more than one
+    #: are started with torchrun on the job's node.
+    processes: Optional[int] = Field(None, ge=1)
+    #: Python interpreter on the workers (default: this one; the paths must exist there).
+    python: Optional[str] = None
+    #: wait for the jobs and write the tables as they finish (false: submit and return; see
+    #: ``--status``).
+    wait: bool = True
+    #: seconds between two looks at the jobs while waiting.
+    poll_s: float = Field(10.0, gt=0)
+
+
+class SlurmLauncher(RemoteLauncher):
+    """Each run an sbatch job through submitit; pre-empted jobs checkpoint and requeue."""
+
+    name: Literal["slurm"]
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    constraint: Optional[str] = None
+    #: the job's time limit; jobs that reach it checkpoint and requeue (at most ``max_timeouts``).
+    time_min: int = Field(24 * 60, ge=1)
+    max_timeouts: int = Field(3, ge=0)
+    gpus_per_node: Optional[int] = Field(None, ge=0)
+    cpus_per_task: Optional[int] = Field(None, ge=1)
+    mem_gb: Optional[float] = Field(None, gt=0)
+    #: seconds before the time limit at which SLURM warns the job (USR2): checkpoint + requeue.
+    signal_delay_s: int = Field(120, ge=1)
+    #: shell lines run before the job (``module load ...``, ``source venv/bin/activate``).
+    setup: list[str] = Field(default_factory=list)
+    #: any other sbatch option, e.g. ``{exclusive: true, mail_type: END}``.
+    additional: dict[str, Any] = Field(default_factory=dict)
+    #: job files and logs (default: OUTPUT_DIR/jobs).
+    folder: Optional[str] = None
+    #: ``local``: submitit's local executor (jobs are local processes), to try a sweep file
+    #: without a cluster.
+    cluster: Literal["slurm", "local"] = "slurm"
+
+
+class RayLauncher(RemoteLauncher):
+    """Each run a Ray job (Job Submission API) on a running Ray cluster."""
+
+    name: Literal["ray"]
+    #: the cluster's dashboard address (default: $RAY_ADDRESS, else http://127.0.0.1:8265).
+    address: Optional[str] = None
+    num_cpus: Optional[float] = Field(None, ge=0)
+    num_gpus: Optional[float] = Field(None, ge=0)
+    resources: dict[str, float] = Field(default_factory=dict)
+    runtime_env: dict[str, Any] = Field(default_factory=dict)
+    #: a pre-empted run (its node lost, or stopped after a checkpoint) is resubmitted this often.
+    max_requeues: int = Field(3, ge=0)
+
+
+def _launcher_shorthand(v: Any) -> Any:
+    """``slurm`` -> ``{name: slurm}``; a list (the old form) -> a local launcher command."""
+    if isinstance(v, str):
+        return {"name": v}
+    if isinstance(v, list):
+        return {"name": "local", "command": v}
+    if isinstance(v, dict) and "name" not in v:
+        return {"name": "local", **v}
+    return v
+
+
+Launcher = Annotated[Union[LocalLauncher, SlurmLauncher, RayLauncher], Field(discriminator="name"),
+                     BeforeValidator(_launcher_shorthand)]
+LAUNCHERS = {"local": LocalLauncher, "slurm": SlurmLauncher, "ray": RayLauncher}
+
+
 class SweepSpec(Strict):
     recipe: str
     output_dir: str
@@ -99,8 +179,8 @@ class SweepSpec(Strict):
     baseline: Optional[str] = None
     cache: Optional[CacheShare] = None
     eval: SweepEval = Field(default_factory=SweepEval)
-    #: command that starts ``-m radio_core.run ...`` (default: this Python interpreter).
-    launcher: Optional[list[str]] = None
+    #: where runs train: ``local`` (default), ``slurm`` or ``ray``, with their options.
+    launcher: Launcher = Field(default_factory=LocalLauncher)
 
     @field_validator("grid")
     @classmethod
@@ -137,7 +217,14 @@ class SweepSpec(Strict):
         return self
 
 
-def format_errors(exc: ValidationError, origin: str) -> str:
+def _launcher_model(loc: tuple, data: Any) -> Optional[type[BaseModel]]:
+    if loc[:1] != ("launcher",) or len(loc) != 2:
+        return None
+    raw = _launcher_shorthand(data.get("launcher")) if isinstance(data, dict) else None
+    return LAUNCHERS.get(raw.get("name")) if isinstance(raw, dict) else None
+
+
+def format_errors(exc: ValidationError, origin: str, data: Any = None) -> str:
     from ..recipe.loader import _model_at
     from ..utils import closest
 
@@ -145,8 +232,14 @@ def format_errors(exc: ValidationError, origin: str) -> str:
     for err in exc.errors():
         loc = ".".join(str(x) for x in err["loc"]) or "(top level)"
         msg = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
-            parent = _model_at(SweepSpec, err["loc"][:-1])
+        if err["loc"][:1] == ("launcher",) and len(err["loc"]) > 1 and err["loc"][1] in LAUNCHERS:
+            # the union's tag is not a key of the file: launcher.slurm.partitoin -> launcher.partitoin
+            err = {**err, "loc": ("launcher",) + tuple(err["loc"][2:])}
+            loc = ".".join(str(x) for x in err["loc"])
+        if err["type"] == "union_tag_invalid":
+            msg = f"unknown launcher {err['input'].get('name')!r} (valid: {', '.join(LAUNCHERS)})"
+        elif err["type"] == "extra_forbidden":
+            parent = _launcher_model(err["loc"], data) or _model_at(SweepSpec, err["loc"][:-1])
             msg = "unknown key"
             if parent is not None:
                 guess = closest(str(err["loc"][-1]), parent.model_fields)
@@ -170,7 +263,7 @@ def load_sweep(path: str | Path) -> SweepSpec:
     try:
         spec = SweepSpec.model_validate(data)
     except ValidationError as exc:
-        raise SweepError(format_errors(exc, str(path))) from None
+        raise SweepError(format_errors(exc, str(path), data)) from None
     if not (path.parent / spec.recipe).is_file():
         raise SweepError(f"{path}: recipe: base recipe {spec.recipe!r} not found (looked for "
                          f"{(path.parent / spec.recipe).resolve()}; the path is relative to the sweep file)")
