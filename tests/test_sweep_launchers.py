@@ -205,21 +205,28 @@ def test_ray_launcher_on_a_local_ray_instance(tmp_path, launcher_env, monkeypatc
                    configure_logging=False)
     try:
         address = f"http://{ctx.dashboard_url}"
-        job_env = {k: env[k] for k in ("PYTHONPATH", "HF_HUB_OFFLINE", "OMP_NUM_THREADS")}
+        names = ["adaptor.name-mlp", "adaptor.name-linear"]
+        # the second arm is pre-empted at step 2: its job fails with exit status 75 and the
+        # waiting sweep submits it again (Ray does not requeue by itself); it resumes.
+        job_env = {**{k: env[k] for k in ("PYTHONPATH", "HF_HUB_OFFLINE", "OMP_NUM_THREADS")},
+                   "SWEEP_TEST_PREEMPT": f"{names[1]}:2"}
         out = tmp_path / "ray"
         sweep = two_arm_sweep(tmp_path, vit, out, {"name": "ray", "address": address, "num_cpus": 1, "poll_s": 0.5,
                                                    "runtime_env": {"env_vars": job_env}})
         res = run_sweep(sweep, env)
         assert res.returncode == 0, res.stdout + res.stderr
-        names = ["adaptor.name-mlp", "adaptor.name-linear"]
         rows = csv_rows(out / "results.csv")
         assert [rows[n]["status"] for n in names] == ["ok", "ok"]
-        for n in names:
-            job = json.loads((out / "runs" / n / "sweep_run.json").read_text())["job"]
-            assert job["launcher"] == "ray" and job["id"].endswith(f"{n}-1")
-            assert str(JobSubmissionClient(address).get_job_status(job["id"])).endswith("SUCCEEDED")
+        client = JobSubmissionClient(address)
+        states = [json.loads((out / "runs" / n / "sweep_run.json").read_text()) for n in names]
+        assert [[j["id"].rsplit("-", 1)[1] for j in st["jobs"]] for st in states] == [["1"], ["1", "2"]]
+        assert all(st["job"]["launcher"] == "ray" and st["job"]["id"].endswith(f"{n}-{len(st['jobs'])}")
+                   for st, n in zip(states, names))
+        assert [str(client.get_job_status(j["id"])).rsplit(".", 1)[-1] for j in states[1]["jobs"]] == ["FAILED",
+                                                                                                     "SUCCEEDED"]
+        assert [a["status"] for a in states[1]["attempts"]] == ["interrupted", "trained"]
         again = run_sweep(sweep, env)
-        assert again.returncode == 0 and "done already (skipped)" in again.stdout
-        assert [e["event"] for e in events(out)].count("submit") == 2
+        assert again.returncode == 0 and again.stdout.count("done already (skipped)") == 2
+        assert [e["event"] for e in events(out)].count("submit") == 3
     finally:
         ray.shutdown()
