@@ -9,6 +9,7 @@ resumes. A run that stops by itself after a checkpoint (SIGTERM from the schedul
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +34,13 @@ class SlurmRun(submitit.helpers.Checkpointable):
         self._here = RunHere(*self.args)
         rc = self._here()
         if rc == EXIT_PREEMPTED:
-            # Stopped after a checkpoint: requeue through submitit's own pre-emption path.
-            os.kill(os.getpid(), submitit.JobEnvironment._usr_sig())
+            # Stopped after a checkpoint: requeue through submitit's own pre-emption path (its
+            # handler requeues and exits). SLURM may be requeuing the job already (PreemptMode=
+            # REQUEUE), and then refuses a second requeue: the job ends and is restarted anyway.
+            try:
+                os.kill(os.getpid(), submitit.JobEnvironment._usr_sig())
+            except subprocess.CalledProcessError as exc:
+                return f"pre-empted; scontrol requeue refused ({exc}); SLURM requeues pre-empted jobs itself"
         if rc != 0:
             raise RuntimeError(f"run {self.args[2]} did not finish (exit status {rc}); see its logs/")
         return "ok"
