@@ -9,8 +9,9 @@ USAGE = """usage: radio COMMAND [ARGS]
 commands:
   train RECIPE [overrides] [--resume]   train a student (same as python -m radio_core.run)
   validate RECIPE [overrides]           check a recipe and its plugin names
-  sweep SWEEP.yaml [--only NAME] [--dry-run]
-                                        run an ablation sweep (same as python -m radio_core.sweep)
+  sweep SWEEP.yaml [--only NAME] [--dry-run] [--status]
+                                        run an ablation sweep (same as python -m radio_core.sweep),
+                                        here or as SLURM / Ray jobs; --status: state of every run
   plugins [--kind KIND]                 list registered teachers, students, adaptors, losses, datasets
 """
 

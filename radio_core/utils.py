@@ -30,3 +30,8 @@ def closest(name: str, options: Iterable[str]) -> str | None:
 
     match = difflib.get_close_matches(name, list(options), n=1, cutoff=0.5)
     return match[0] if match else None
+
+
+#: Exit status of a run stopped by SIGTERM/SIGINT after writing its checkpoint (EX_TEMPFAIL):
+#: "requeue me with --resume". Sweep launchers requeue on it; schedulers can too.
+EXIT_PREEMPTED = 75

@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from helpers import fake_distribution  # noqa: E402
 from test_data_scale import install_plugins  # noqa: E402  (tiny student + example timm teacher)
 
-SAFE_NAME = re.compile(r"^[A-Za-z0-9._=,+-]+$")
+SAFE_NAME = re.compile(r"^[A-Za-z0-9._,+-]+$")  # no '=': names are folder names on command lines
 
 
 def write(path: Path, data) -> Path:
@@ -83,8 +83,8 @@ def test_plan_names_overrides_and_shared_cache_keys(tmp_path):
     names = [r.name for r in runs]
     assert names == [r.name for r in plan(load_sweep(path), path)]  # stable
     assert len(set(names)) == len(names) and all(SAFE_NAME.match(n) for n in names)
-    assert names[0] == "summary_loss.name=cosine,train.seed=0"
-    assert names[4] == "wide_head,summary_loss.name=cosine,train.seed=0"
+    assert names[0] == "summary_loss.name-cosine,train.seed-0"
+    assert names[4] == "wide_head,summary_loss.name-cosine,train.seed-0"
     first = runs[0]
     assert first.run_dir == tmp_path / "out" / "runs" / first.name
     # '*' expands to every teacher; the sweep-wide override comes first
@@ -157,7 +157,7 @@ def run_sweep(sweep: Path, env: dict, *args: str, kill: str | None = None) -> su
     env = {**env, **({"SWEEP_TEST_KILL": kill} if kill else {})}
     # Its own session: the kill hook signals the sweep's process group, never pytest.
     return subprocess.run([sys.executable, "-m", "radio_core.sweep", str(sweep), "--no-progress", *args], env=env,
-                          capture_output=True, text=True, timeout=240, start_new_session=True)
+                          capture_output=True, text=True, timeout=480, start_new_session=True)
 
 
 def events(out: Path) -> list[dict]:
@@ -178,8 +178,8 @@ def test_2x2_sweep_killed_midway_and_relaunched_runs_each_run_once(tmp_path, swe
         "recipe": "base.yaml", "output_dir": str(out), "overrides": ["train.steps=3"],
         "grid": {"optim.lr": [1.0e-3, 2.0e-3], "adaptor.name": ["mlp", "linear"]},
         "cache": {"views": 2}, "eval": {"fidelity": {"images": 2}}})
-    names = ["optim.lr=0.001,adaptor.name=mlp", "optim.lr=0.001,adaptor.name=linear",
-             "optim.lr=0.002,adaptor.name=mlp", "optim.lr=0.002,adaptor.name=linear"]
+    names = ["optim.lr-0.001,adaptor.name-mlp", "optim.lr-0.001,adaptor.name-linear",
+             "optim.lr-0.002,adaptor.name-mlp", "optim.lr-0.002,adaptor.name-linear"]
 
     # Launch 1: the second run sends SIGTERM to the whole sweep at its step 2 (the first run has
     # finished). The run checkpoints step 2; the sweep waits for it, writes a partial table and
@@ -257,3 +257,37 @@ def test_failing_runs_are_recorded_and_the_others_finish(tmp_path, sweep_env):
     assert "Traceback" in (out / "runs" / "crashes" / "stderr_tail.txt").read_text()
     assert "* crashes (failed): exit code 1" in (out / "results.md").read_text()
     assert [e["run"] for e in events(out) if e["event"] == "launch"] == ["crashes", "good"]
+
+
+@pytest.mark.slow
+def test_seeded_sweep_trains_every_arm_once_per_seed_and_compares_with_the_baseline(tmp_path, sweep_env):
+    env, vit = sweep_env
+    write(tmp_path / "base.yaml", tiny_recipe(vit))
+    out = tmp_path / "out"
+    sweep = write(tmp_path / "sweep.yaml", {
+        "recipe": "base.yaml", "output_dir": str(out), "overrides": ["train.steps=2"],
+        "grid": {"adaptor.name": ["mlp", "linear"]}, "seeds": [0, 1], "baseline": "adaptor.name=mlp",
+        "eval": {"fidelity": {"images": 2}}})
+    res = run_sweep(sweep, env)
+    assert res.returncode == 0, res.stdout + res.stderr
+    rows = table(out)
+    names = [f"adaptor.name-{a},seed-{s}" for a in ("mlp", "linear") for s in (0, 1)]
+    assert list(rows) == names and all(r["status"] == "ok" for r in rows.values())
+    for name in names:  # the seed reached the run
+        recipe = yaml.safe_load((out / "runs" / name / "recipe.yaml").read_text())
+        assert recipe["train"]["seed"] == int(name[-1])
+    # different seeds: different initialisation and data order, so different losses
+    assert rows[names[0]]["loss/total"] != rows[names[1]]["loss/total"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["baseline"] == "adaptor.name-mlp"
+    assert [(a["arm"], a["n"]) for a in summary["arms"]] == [("adaptor.name-mlp", 2), ("adaptor.name-linear", 2)]
+    metric = "fidelity/32/vit/summary/cosine"
+    comp = next(c for c in summary["comparisons"] if c["metric"] == metric)
+    mlp, linear = ([float(rows[n][metric]) for n in names[i:i + 2]] for i in (0, 2))
+    assert comp["paired"] and comp["mean"] == pytest.approx(((linear[0] - mlp[0]) + (linear[1] - mlp[1])) / 2)
+    assert comp["verdict"] in ("resolved (higher)", "resolved (lower)", "inconclusive")
+    # both arms optimise the same loss: loss values are compared too
+    assert any(c["metric"] == "loss/total" for c in summary["comparisons"])
+    md = (out / "results.md").read_text()
+    assert "## Arms: mean ± 95% confidence interval" in md and "## Against the baseline arm adaptor.name-mlp" in md
+    assert (out / "plots" / "loss_total.png").is_file()

@@ -1,0 +1,190 @@
+"""The sweep: its runs in order, each trained, evaluated and marked done in its own folder;
+signals handled so that a stopped sweep resumes where it was."""
+from __future__ import annotations
+
+import fnmatch
+import json
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from ..recipe import dump_recipe
+from . import local
+from .evaluate import evaluate
+from .grid import PlannedRun, override_string, plan
+from .local import SweepInterrupted
+from .spec import SweepError, SweepSpec
+from .state import DONE_MARKER, LAUNCH_LOG, SNAPSHOT, record, run_state, snapshot_conflict, write_json
+
+
+class Sweep:
+    def __init__(self, spec: SweepSpec, sweep_path: str | Path, output_dir: Optional[str | Path] = None,
+                 progress: bool = True, no_cache: bool = False) -> None:
+        self.spec, self.sweep_path = spec, Path(sweep_path)
+        self.out = Path(output_dir or spec.output_dir).absolute()
+        self.base_recipe = (self.sweep_path.parent / spec.recipe).resolve()
+        self.runs = plan(spec, sweep_path, self.out)
+        self.progress = progress
+        #: the cache section was dropped (--no-cache): jobs started elsewhere must drop it too.
+        self.no_cache = no_cache
+        self.child: Optional[subprocess.Popen] = None
+        self.stop_signal: Optional[int] = None
+        self.failed_caches: dict[str, str] = {}
+        self._bar: Any = None
+
+    # ------------------------------------------------------------------ selection and state
+    def select(self, only: Optional[Sequence[str]]) -> list[PlannedRun]:
+        if not only:
+            return list(self.runs)
+        chosen = [r for r in self.runs if any(fnmatch.fnmatchcase(r.name, pat) for pat in only)]
+        if not chosen:
+            raise SweepError(f"--only {' '.join(only)}: no run matches; runs are: "
+                             + ", ".join(r.name for r in self.runs))
+        return chosen
+
+    def command(self, run: PlannedRun, resume: bool) -> list[str]:
+        launcher = local.train_prefix(self.spec.launcher, run)
+        extra = [override_string("output_dir", str(run.run_dir))]
+        if run.cache_key is not None:
+            extra += [override_string("cache.path", str(self.out / "cache" / run.cache_key)),
+                      f"augment.views={self.spec.cache.views}"]
+        return [*launcher, "-m", "radio_core.run", str(self.base_recipe), *run.resolved_overrides, *extra] \
+            + (["--resume"] if resume else [])
+
+    def state_of(self, run: PlannedRun) -> str:
+        return run_state(run, self.spec.eval.model_dump(mode="json"))
+
+    def log_event(self, event: str, **fields: Any) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        with open(self.out / LAUNCH_LOG, "a") as f:
+            f.write(json.dumps({"event": event, "time": time.time(), **fields}) + "\n")
+
+    def show(self, text: str) -> None:
+        if self._bar is not None:
+            self._bar.set_postfix_str(text)
+
+    # ------------------------------------------------------------------ signals
+    def _on_signal(self, signum: int, frame: Any) -> None:  # noqa: ARG002
+        if self.stop_signal is not None:  # second signal: stop waiting for the run's checkpoint
+            if self.child is not None and self.child.poll() is None:
+                self.child.kill()
+            raise SweepInterrupted
+        self.stop_signal = signum
+        if self.child is not None and self.child.poll() is None:
+            # One SIGTERM (never a second SIGINT, which aborts a run without its checkpoint):
+            # the run checkpoints after its current step and exits; --resume continues it.
+            self.child.send_signal(signal.SIGTERM)
+        else:
+            raise SweepInterrupted  # cache build or evaluation: redone on relaunch
+
+    # ------------------------------------------------------------------ main loop
+    def run(self, only: Optional[Sequence[str]] = None) -> int:
+        from tqdm.auto import tqdm
+
+        selected = self.select(only)
+        self.out.mkdir(parents=True, exist_ok=True)
+        lock = self.lock()
+        old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        tqdm.monitor_interval = 0  # no monitor thread: runs are started with fork + exec
+        self._bar = tqdm(total=len(selected), desc="sweep", unit="run", disable=not self.progress,
+                         dynamic_ncols=True)
+        try:
+            for run in selected:
+                if self.stop_signal is not None:
+                    break
+                self.show(run.name[:40])
+                status = self.execute(run)
+                self._bar.write(f"{run.name}: {status}")
+                self._bar.update(1)
+        except SweepInterrupted:
+            self._bar.write("sweep interrupted: re-launch the same command to continue")
+        finally:
+            self._bar.close()
+            self._bar = None
+            for s, h in old.items():
+                signal.signal(s, h)
+        rows = self.write_results()
+        lock.close()
+        if self.stop_signal is not None:
+            return 128 + self.stop_signal
+        return 0 if all(r["status"] == "ok" for r in rows if r["name"] in {x.name for x in selected}) else 1
+
+    def lock(self):
+        self.out.mkdir(parents=True, exist_ok=True)
+        lock = open(self.out / ".sweep.lock", "a+")
+        try:
+            import fcntl
+
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except ImportError:  # not POSIX: no protection against two sweeps in one directory
+            pass
+        except OSError:
+            lock.close()
+            raise SweepError(f"output_dir: another sweep is running in {self.out}") from None
+        return lock
+
+    def lock_held(self) -> bool:
+        """Whether a sweep process is working in this output folder now."""
+        try:
+            lock = self.lock()
+        except SweepError:
+            return True
+        lock.close()
+        return False
+
+    def execute(self, run: PlannedRun) -> str:
+        """Bring one run to done: train (or resume) it, evaluate it, mark it; a status line."""
+        state = self.state_of(run)
+        if state == "invalid":
+            run.run_dir.mkdir(parents=True, exist_ok=True)
+            record(run, status="failed", error=run.error, resolved_overrides=[])
+            self.log_event("invalid", run=run.name, error=run.error)
+            return f"failed: {run.error}"
+        if state == "done":
+            self.log_event("skip", run=run.name)
+            return "done already (skipped)"
+        conflict = snapshot_conflict(run)
+        if conflict:
+            record(run, status="failed", error=conflict)
+            self.log_event("conflict", run=run.name, error=conflict)
+            return f"failed: {conflict}"
+
+        run.run_dir.mkdir(parents=True, exist_ok=True)
+        (run.run_dir / DONE_MARKER).unlink(missing_ok=True)
+        (run.run_dir / SNAPSHOT).write_text(dump_recipe(run.recipe))
+        record(run, overrides=run.overrides, resolved_overrides=run.resolved_overrides, arm=run.arm, seed=run.seed,
+               base_recipe=str(self.base_recipe), status="running", error=None)
+        if state != "evaluate":
+            failure = local.train(self, run)
+            if failure is not None:
+                return failure
+        return self._evaluate_and_mark(run)
+
+    def _evaluate_and_mark(self, run: PlannedRun) -> str:
+        results, eval_s = {}, 0.0
+        if self.spec.eval.enabled:
+            self.show(f"{run.name[:40]} evaluating")
+            t0 = time.perf_counter()
+            try:
+                results = evaluate(run.run_dir, self.spec.eval)
+            except SweepInterrupted:
+                raise
+            except Exception as exc:  # noqa: BLE001 - a broken evaluation fails this run only
+                error = f"evaluation: {type(exc).__name__}: {exc}"
+                record(run, status="failed", error=error)
+                self.log_event("eval_failed", run=run.name, error=error)
+                return f"failed: {error}"
+            eval_s = time.perf_counter() - t0
+        state_now = record(run, status="ok", error=None, eval=results, eval_s=eval_s)
+        wall = sum(a.get("wall_s", 0) for a in state_now["attempts"]) + eval_s
+        # Written last: its presence means training and evaluation both completed.
+        write_json(run.run_dir / DONE_MARKER, {"eval_spec": self.spec.eval.model_dump(mode="json"), "eval": results,
+                                               "wall_s": wall, "time": time.time()})
+        return "ok"
+
+    def write_results(self, quiet: bool = False) -> list[dict[str, Any]]:
+        from .results import write_results
+
+        return write_results(self, quiet)
