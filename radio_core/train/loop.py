@@ -57,6 +57,8 @@ class Trainer:
         self.ckpt_dir = self.out_dir / "checkpoints"
         self.state = TrainerState()
         self.signals = StopSignals()
+        #: fit() returned early because SIGTERM/SIGINT asked it to (after a checkpoint).
+        self.stopped = False
         self.checkpointer = Checkpointer(self.accelerator, self.ckpt_dir, recipe.checkpoint.keep)
         self.bad_images = BadImageCounter(self.accelerator)
         self.teachers: dict[str, Teacher] = {}
@@ -179,6 +181,7 @@ class Trainer:
                         self.save_checkpoint()
                     if stop:
                         acc.print(f"stop requested: checkpoint written at step {s}; resume with --resume")
+                        self.stopped = True
                         return last
         finally:
             progress.close()
