@@ -213,8 +213,11 @@ class Registry:
         except (PluginError, KeyboardInterrupt):
             raise
         except Exception as exc:  # noqa: BLE001 - one line naming the plugin, not a traceback
+            # Name the files it was given: the library's own message often does not.
+            files = "".join(f", {k}={short_repr(v, 160)}" for k, v in kwargs.items()
+                            if k in ("pretrained", "checkpoint", "path", "root") and isinstance(v, str))
             raise PluginError(f"{kind} {name!r} (plugin {comp.plugin!r}, {comp.distribution}) "
-                              f"could not be built with args {sorted(kwargs)}: "
+                              f"could not be built with args {sorted(kwargs)}{files}: "
                               f"{type(exc).__name__}: {short_repr(exc, 400, quote=False)}") from exc
 
     @property

@@ -63,3 +63,63 @@ def bounded_message(message: str) -> str:
     if extra > 0:
         lines.append(f"... and {extra} more problem(s)")
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------ weights files
+class WeightsError(ValueError):
+    """A weights file that cannot be used; the message names the file and what is wrong."""
+
+
+def read_safetensors(path: Any, what: str = "weights") -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file (no code can run from it), refusing a file that is
+    missing, a directory, malformed (a header that lies about shapes, dtypes or offsets) or
+    that holds non-finite floats. One WeightsError line naming the file otherwise."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if path.is_dir():
+        raise WeightsError(f"{path}: is a directory, not a {what} file")
+    if not path.is_file():
+        raise WeightsError(f"{path}: {what} file not found")
+    try:
+        state = load_file(str(path))
+    except Exception as exc:  # noqa: BLE001 - SafetensorError, OSError, ...: one line naming the file
+        raise WeightsError(f"{path}: not a valid safetensors {what} file "
+                           f"({short_repr(exc, 200, quote=False)})") from None
+    check_finite(state, str(path))
+    return state
+
+
+def check_finite(state: dict[str, torch.Tensor], origin: str) -> None:
+    """Every floating tensor finite, or a WeightsError naming the first bad one."""
+    bad = [k for k, t in state.items() if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all())]
+    if bad:
+        t = state[bad[0]]
+        count = int((~torch.isfinite(t)).sum())
+        raise WeightsError(f"{origin}: non-finite values in {len(bad)} tensor(s), e.g. {bad[0]!r} "
+                           f"({count} of {t.numel()} NaN/inf)")
+
+
+def check_dtypes(state: dict[str, torch.Tensor], reference: dict[str, torch.Tensor], origin: str) -> None:
+    """``state`` (from a file) against the tensors of the module it is loaded into: a floating
+    tensor must be floating, any other must have the module's dtype, and the floating tensors
+    must not mix dtypes (a half-converted file). Raises WeightsError naming an example."""
+    float_dtypes: dict[torch.dtype, str] = {}
+    for key, t in state.items():
+        ref = reference.get(key)
+        if ref is None:
+            continue
+        if ref.is_floating_point():
+            if not t.is_floating_point():
+                raise WeightsError(f"{origin}: {key!r} holds {str(t.dtype).removeprefix('torch.')} values; "
+                                   f"the model expects floating point")
+            if ref.dtype == torch.get_default_dtype():  # buffers kept in float64 are their own class
+                float_dtypes.setdefault(t.dtype, key)
+        elif t.dtype != ref.dtype:
+            raise WeightsError(f"{origin}: {key!r} holds {str(t.dtype).removeprefix('torch.')}; the model expects "
+                               f"{str(ref.dtype).removeprefix('torch.')}")
+    if len(float_dtypes) > 1:
+        examples = ", ".join(f"{str(d).removeprefix('torch.')} ({k!r})" for d, k in float_dtypes.items())
+        raise WeightsError(f"{origin}: mixed floating dtypes: {examples}; convert the whole file to one dtype")
