@@ -10,6 +10,8 @@ import os
 import sys
 from typing import Optional, Sequence
 
+from .utils import EXIT_PREEMPTED
+
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="radio_core.run", description=__doc__,
@@ -17,19 +19,21 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("recipe", help="path to a YAML recipe")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=100 teachers.dino.weight=0.5")
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in output_dir")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start a new run in an output_dir that holds one, removing that run's outputs")
     p.add_argument("--output-dir", help="shorthand for the override output_dir=...")
     p.add_argument("--validate", action="store_true", help="check the recipe and plugin names, then exit")
     p.add_argument("--dry-run", action="store_true",
                    help="build every model on the meta device and print FLOPs and memory per group and rank")
     p.add_argument("--world-size", type=int, default=None,
                    help="number of processes to plan for with --dry-run (default: this launch's)")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)  # overrides may follow the flags
 
 
 #: exit statuses (README "Exit codes"): 0 done; 1 internal error; 2 refused before training
 #: (recipe, plugin, export, resume); 3 failed during training; 75 (EX_TEMPFAIL) stopped by
 #: SIGTERM/SIGINT after writing a checkpoint: requeue it with --resume.
-EXIT_OK, EXIT_INTERNAL, EXIT_REFUSED, EXIT_FAILED, EXIT_STOPPED = 0, 1, 2, 3, 75
+EXIT_OK, EXIT_INTERNAL, EXIT_REFUSED, EXIT_FAILED, EXIT_STOPPED = 0, 1, 2, 3, EXIT_PREEMPTED
 
 
 def error(exc: BaseException | str) -> None:
@@ -97,16 +101,17 @@ def _main(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace, recipe, registry) -> int:
     from .registry import PluginError
-    from .train.loop import NonFiniteLossError, Trainer
+    from .train.loop import BadDataError, NonFiniteLossError, Trainer
 
     try:
-        trainer = Trainer(recipe, registry=registry, resume=args.resume, recipe_path=args.recipe)
-    except (PluginError, ValueError, OSError) as exc:
+        trainer = Trainer(recipe, registry=registry, resume=args.resume, recipe_path=args.recipe,
+                          overwrite=args.overwrite)
+    except (PluginError, ValueError, OSError) as exc:  # ResumeError, RunExistsError, CacheMismatchError, ...
         error(exc)
         return EXIT_REFUSED
     try:
         metrics = trainer.fit()
-    except (PluginError, NonFiniteLossError, ValueError, OSError) as exc:
+    except (PluginError, NonFiniteLossError, BadDataError, ValueError, OSError) as exc:
         error(exc)
         return EXIT_FAILED
     if trainer.stopped:

@@ -151,6 +151,10 @@ class DataSpec(Strict):
     num_workers: Annotated[int, _StrictType(), Field(ge=0, le=1024)] = 0
     #: write each rank's sample ids per step to ``samples_rank{r}.jsonl`` (audits data order).
     log_samples: Bool = False
+    #: samples the decoder refuses are skipped and counted (``bad_images``); the run stops when
+    #: more than this fraction of the samples seen are bad (judged over at least 1000 samples,
+    #: so that a few bad files early on do not stop it).
+    max_bad_fraction: Float = Field(0.01, ge=0, le=1)
     #: edge length the loader decodes each crop to before per-teacher resizing; None = the
     #: largest resolution any student or teacher needs.
     crop_size: Optional[Size] = None
