@@ -353,17 +353,36 @@ def _init_linear(m: nn.Module) -> None:
 
 
 def _read_state_dict(path: Path) -> dict[str, Tensor]:
-    if not path.is_file():
-        raise FileNotFoundError(f"student 'vit': pretrained checkpoint {path} does not exist")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    """The file's tensors; refused in one line naming the file when it is missing, unreadable,
+    not a dict of tensors, not floating point, mixed in dtype, or not finite."""
+    from radio_core import WeightsError, check_finite, read_safetensors
 
-        state: Any = load_file(str(path))
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)  # no code runs from the file
+    where = f"student 'vit': pretrained {path}"
+    if not path.is_file():
+        raise FileNotFoundError(f"{where}: no such checkpoint file")
+    try:
+        if path.suffix == ".safetensors":
+            state: Any = read_safetensors(path, "checkpoint")
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)  # no code runs from the file
+    except WeightsError as exc:
+        raise ValueError(f"student 'vit': pretrained {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - not a torch file, truncated, a refused pickle global: one line
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise ValueError(f"{where}: not a readable checkpoint ({type(exc).__name__}: {first})") from None
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items()):
+        raise ValueError(f"{where}: not a state dict (a mapping of names to tensors)")
+    dtypes = {v.dtype for v in state.values()}
+    if any(not d.is_floating_point for d in dtypes) or len(dtypes) > 1:
+        raise ValueError(f"{where}: tensors must all share one floating dtype, found "
+                         f"{sorted(str(d).removeprefix('torch.') for d in dtypes)}")
+    try:
+        check_finite(state, where)
+    except WeightsError as exc:
+        raise ValueError(str(exc)) from None
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 

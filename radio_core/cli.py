@@ -7,7 +7,8 @@ from typing import Optional, Sequence
 USAGE = """usage: radio COMMAND [ARGS]
 
 commands:
-  train RECIPE [overrides] [--resume]   train a student (same as python -m radio_core.run)
+  train RECIPE [overrides] [--resume | --overwrite]
+                                        train a student (same as python -m radio_core.run)
   validate RECIPE [overrides]           check a recipe and its plugin names
   sweep SWEEP.yaml [--only NAME] [--dry-run] [--status]
                                         run an ablation sweep (same as python -m radio_core.sweep),

@@ -1,7 +1,15 @@
-"""Plugin discovery (entry-point group ``radio_core``) and lookup of components by name."""
+"""Plugin discovery (entry-point group ``radio_core``) and lookup of components by name.
+
+Two plugins that register the same (kind, name) do not shadow each other: both are kept, the
+plain name becomes ambiguous (using it is an error that names both distributions), and a recipe
+picks one explicitly with a qualified name ``DIST:NAME`` (distribution or entry-point name,
+e.g. ``plugin: radio-distill:clip``). A plugin whose import or registration fails in any way,
+``sys.exit`` included, is recorded in ``failures`` with nothing of it registered.
+"""
 from __future__ import annotations
 
 import inspect
+import re
 import traceback
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -11,7 +19,7 @@ import pluggy
 
 from . import hookspecs
 from .protocols import KINDS
-from .utils import closest
+from .utils import closest, short_repr
 
 ENTRY_POINT_GROUP = "radio_core"
 
@@ -38,13 +46,21 @@ class LoadFailure:
     traceback: str = field(repr=False, default="")
 
 
+def _normalise(dist: str) -> str:
+    """PEP 503 name normalisation: ``Radio_Distill`` and ``radio-distill`` are one distribution."""
+    return re.sub(r"[-_.]+", "-", dist).lower()
+
+
 class Registry:
     """Holds factories by (kind, name). Filled by the ``radio_register`` hook."""
 
     def __init__(self) -> None:
         self._components: dict[str, dict[str, Component]] = {k: {} for k in KINDS}
+        #: (kind, name) registered by more than one plugin: every claimant, in load order.
+        self._conflicts: dict[str, dict[str, list[Component]]] = {k: {} for k in KINDS}
         self.failures: list[LoadFailure] = []
         self._current: tuple[str, str] = ("<local>", "<local>")
+        self._added: list[Component] = []  # by the plugin being registered (undone if it fails)
         self.plugin_manager = pluggy.PluginManager(hookspecs.PROJECT)
         self.plugin_manager.add_hookspecs(hookspecs)
 
@@ -53,31 +69,56 @@ class Registry:
         if kind not in self._components:
             raise PluginError(f"plugin {self._current[0]!r}: unknown component kind {kind!r}; "
                               f"kinds are {', '.join(KINDS)}")
+        if not isinstance(name, str) or not name or ":" in name:
+            raise PluginError(f"plugin {self._current[0]!r}: {kind} name {name!r} must be a non-empty string "
+                              "without ':'")
         if not callable(factory):
             raise PluginError(f"plugin {self._current[0]!r}: factory for {kind} {name!r} is not callable")
-        existing = self._components[kind].get(name)
-        if existing is not None and existing.factory is not factory:
-            raise PluginError(
-                f"{kind} {name!r} is registered twice: by plugin {existing.plugin!r} "
-                f"({existing.distribution}) and by plugin {self._current[0]!r} ({self._current[1]})")
         first_line = (doc or inspect.getdoc(factory) or "").strip().splitlines()
-        self._components[kind][name] = Component(
-            kind, name, factory, plugin=self._current[0], distribution=self._current[1],
-            doc=first_line[0] if first_line else "")
+        comp = Component(kind, name, factory, plugin=self._current[0], distribution=self._current[1],
+                         doc=first_line[0] if first_line else "")
+        existing = self._components[kind].get(name)
+        if existing is not None and existing.factory is factory:
+            return
+        self._added.append(comp)
+        if existing is not None:  # a collision: neither wins; the plain name becomes ambiguous
+            del self._components[kind][name]
+            self._conflicts[kind][name] = [existing, comp]
+        elif name in self._conflicts[kind]:
+            self._conflicts[kind][name].append(comp)
+        else:
+            self._components[kind][name] = comp
+
+    def _remove(self, comp: Component) -> None:
+        claimants = self._conflicts[comp.kind].get(comp.name)
+        if claimants is not None:
+            claimants.remove(comp)
+            if len(claimants) == 1:
+                self._components[comp.kind][comp.name] = claimants[0]
+                del self._conflicts[comp.kind][comp.name]
+        elif self._components[comp.kind].get(comp.name) is comp:
+            del self._components[comp.kind][comp.name]
 
     def register_plugin(self, plugin: Any, name: str, distribution: str = "<local>") -> None:
-        """Register a plugin object (module) by hand, e.g. in tests or notebooks."""
+        """Register a plugin object (module) by hand, e.g. in tests or notebooks. If its
+        ``radio_register`` fails, nothing of it stays registered and the error propagates."""
         self.plugin_manager.register(plugin, name=name)
-        self._current = (name, distribution)
+        self._current, self._added = (name, distribution), []
         try:
             impl = getattr(plugin, "radio_register", None)
             if impl is not None:
                 impl(registry=self)
+        except BaseException:
+            for comp in reversed(self._added):
+                self._remove(comp)
+            self.plugin_manager.unregister(plugin, name=name)
+            raise
         finally:
-            self._current = ("<local>", "<local>")
+            self._current, self._added = ("<local>", "<local>"), []
 
     def load_entry_points(self, group: str = ENTRY_POINT_GROUP) -> None:
-        """Import every entry point of ``group``; a failing one is recorded, not fatal."""
+        """Import every entry point of ``group``. One that fails in any way (an exception,
+        ``sys.exit``) is recorded in ``failures`` and registers nothing; the rest load."""
         seen: set[str] = set()
         for ep in sorted(metadata.entry_points(group=group), key=lambda e: e.name):
             if ep.name in seen:  # same distribution visible twice on sys.path
@@ -87,21 +128,62 @@ class Registry:
             try:
                 plugin = ep.load()
                 self.register_plugin(plugin, name=ep.name, distribution=dist)
-            except Exception as exc:  # noqa: BLE001 - report any failure by name, keep the rest
-                self.failures.append(LoadFailure(ep.name, dist, f"{type(exc).__name__}: {exc}",
+            except KeyboardInterrupt:
+                raise
+            except BaseException as exc:  # noqa: BLE001 - SystemExit too: report by name, keep the rest
+                what = f"{type(exc).__name__}: {exc}" if not isinstance(exc, SystemExit) else \
+                    f"SystemExit({exc.code!r}) during import or registration"
+                self.failures.append(LoadFailure(ep.name, dist, short_repr(what, 300, quote=False),
                                                  traceback.format_exc()))
+
+    @property
+    def conflicts(self) -> list[tuple[str, str, list[Component]]]:
+        """(kind, name, claimants) of every name registered by more than one plugin."""
+        return [(k, n, list(c)) for k in KINDS for n, c in sorted(self._conflicts[k].items())]
+
+    def conflict_message(self, kind: str, name: str) -> str:
+        claimants = self._conflicts[kind][name]
+        who = " and ".join(f"distribution {c.distribution!r} (entry point {c.plugin!r})" for c in claimants)
+        choices = " or ".join(repr(f"{c.distribution}:{name}") for c in claimants)
+        return (f"{kind} {name!r} is registered by more than one plugin: {who}; say which one with a "
+                f"qualified name, {choices} (or uninstall one)")
 
     # -- lookup ---------------------------------------------------------------------------
     def names(self, kind: str) -> list[str]:
+        """Names usable as they are (ambiguous ones need a ``DIST:`` qualifier)."""
         return sorted(self._components[kind])
 
     def components(self, kind: Optional[str] = None) -> list[Component]:
+        """Every registered component, the claimants of ambiguous names included."""
         kinds = [kind] if kind else list(KINDS)
-        return [self._components[k][n] for k in kinds for n in sorted(self._components[k])]
+        out = []
+        for k in kinds:
+            for n in sorted(set(self._components[k]) | set(self._conflicts[k])):
+                out += self._conflicts[k].get(n) or [self._components[k][n]]
+        return out
 
     def get(self, kind: str, name: str) -> Component:
+        """The component ``name`` of ``kind``; ``DIST:NAME`` picks the one a distribution (or
+        entry point) provides when several register ``NAME``."""
         if kind not in self._components:
             raise PluginError(f"unknown component kind {kind!r}; kinds are {', '.join(KINDS)}")
+        if not isinstance(name, str):
+            raise PluginError(f"{kind} name must be a string, got {short_repr(name)}")
+        qualifier, sep, plain = name.rpartition(":")
+        if sep:
+            found = [c for c in self._conflicts[kind].get(plain) or
+                     ([self._components[kind][plain]] if plain in self._components[kind] else [])
+                     if _normalise(c.distribution) == _normalise(qualifier) or c.plugin == qualifier]
+            if len(found) == 1:
+                return found[0]
+            if found:
+                raise PluginError(self.conflict_message(kind, plain) + "; the qualifier matches more than one")
+            providers = ", ".join(sorted({c.distribution for c in self.components(kind) if c.name == plain}))
+            raise PluginError(f"unknown {kind} {short_repr(name)}: no distribution or entry point "
+                              f"{short_repr(qualifier)} provides {kind} {short_repr(plain)}"
+                              + (f" (provided by: {providers})" if providers else ""))
+        if name in self._conflicts[kind]:
+            raise PluginError(self.conflict_message(kind, name))
         try:
             return self._components[kind][name]
         except KeyError:
@@ -110,7 +192,7 @@ class Registry:
     def unknown_message(self, kind: str, name: str) -> str:
         available = self.names(kind)
         plural = "losses" if kind == "loss" else kind + "s"
-        msg = f"unknown {kind} {name!r}. Available {plural}: {', '.join(available) or '(none)'}"
+        msg = f"unknown {kind} {short_repr(name)}. Available {plural}: {', '.join(available) or '(none)'}"
         guess = closest(name, available)
         if guess:
             msg += f". Did you mean {guess!r}?"
@@ -123,13 +205,20 @@ class Registry:
         return msg
 
     def build(self, kind: str, name: str, **kwargs: Any) -> Any:
+        """``factory(**kwargs)``; any failure of the factory (a recipe ``args`` key it does not
+        accept, a value it refuses, a missing file) is a PluginError naming the component."""
         comp = self.get(kind, name)
         try:
             return comp.factory(**kwargs)
-        except TypeError as exc:
-            # Most often a recipe `args` key the factory does not accept.
+        except (PluginError, KeyboardInterrupt):
+            raise
+        except Exception as exc:  # noqa: BLE001 - one line naming the plugin, not a traceback
+            # Name the files it was given: the library's own message often does not.
+            files = "".join(f", {k}={short_repr(v, 160)}" for k, v in kwargs.items()
+                            if k in ("pretrained", "checkpoint", "path", "root") and isinstance(v, str))
             raise PluginError(f"{kind} {name!r} (plugin {comp.plugin!r}, {comp.distribution}) "
-                              f"could not be built with args {sorted(kwargs)}: {exc}") from exc
+                              f"could not be built with args {sorted(kwargs)}{files}: "
+                              f"{type(exc).__name__}: {short_repr(exc, 400, quote=False)}") from exc
 
     @property
     def hook(self):

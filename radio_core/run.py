@@ -10,6 +10,8 @@ import os
 import sys
 from typing import Optional, Sequence
 
+from .utils import EXIT_PREEMPTED
+
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="radio_core.run", description=__doc__,
@@ -17,17 +19,55 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("recipe", help="path to a YAML recipe")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=100 teachers.dino.weight=0.5")
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in output_dir")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start a new run in an output_dir that holds one, removing that run's outputs")
     p.add_argument("--output-dir", help="shorthand for the override output_dir=...")
     p.add_argument("--validate", action="store_true", help="check the recipe and plugin names, then exit")
     p.add_argument("--dry-run", action="store_true",
                    help="build every model on the meta device and print FLOPs and memory per group and rank")
     p.add_argument("--world-size", type=int, default=None,
                    help="number of processes to plan for with --dry-run (default: this launch's)")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)  # overrides may follow the flags
+
+
+#: exit statuses (README "Exit codes"): 0 done; 1 internal error; 2 refused before training
+#: (recipe, plugin, export, resume); 3 failed during training; 75 (EX_TEMPFAIL) stopped by
+#: SIGTERM/SIGINT after writing a checkpoint: requeue it with --resume.
+EXIT_OK, EXIT_INTERNAL, EXIT_REFUSED, EXIT_FAILED, EXIT_STOPPED = 0, 1, 2, 3, EXIT_PREEMPTED
+
+
+def error(exc: BaseException | str) -> None:
+    """Print ``error: ...`` (one line per problem, bounded in size) to stderr."""
+    from .utils import bounded_message
+
+    print(f"error: {bounded_message(str(exc))}", file=sys.stderr, flush=True)
+
+
+def warn_plugin_problems(registry) -> None:
+    for f in registry.failures:
+        print(f"warning: plugin {f.entry_point!r} from distribution {f.distribution!r} failed to load "
+              f"({f.error}); nothing it provides is available", file=sys.stderr)
+    for kind, name, _ in registry.conflicts:
+        print(f"warning: {registry.conflict_message(kind, name)}", file=sys.stderr)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Exit status as documented above; every failure is one ``error:`` line, no traceback
+    (set RADIO_TRACEBACK=1 to see one for an internal error)."""
     args = parse_args(argv)
+    try:
+        return _main(args)
+    except KeyboardInterrupt:
+        error("interrupted")
+        return 130
+    except Exception as exc:  # noqa: BLE001 - the last line of defence: one line, not a traceback
+        if os.environ.get("RADIO_TRACEBACK"):
+            raise
+        error(f"internal error: {type(exc).__name__}: {exc} (set RADIO_TRACEBACK=1 for the traceback)")
+        return EXIT_INTERNAL
+
+
+def _main(args: argparse.Namespace) -> int:
     from .plan.checks import check_recipe
     from .recipe import RecipeError, load_recipe
     from .registry import PluginError, get_registry
@@ -38,40 +78,48 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         recipe = load_recipe(args.recipe, overrides)
         registry = get_registry()
+        warn_plugin_problems(registry)
         world = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
         check_recipe(recipe, registry, world_size=world, origin=args.recipe)
     except (RecipeError, PluginError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        error(exc)
+        return EXIT_REFUSED
     if args.validate:
         print(f"{args.recipe}: OK ({len(recipe.teachers)} teachers: {', '.join(recipe.teachers)})")
-        return 0
+        return EXIT_OK
     if args.dry_run:
         from .plan.planner import dry_run
 
         try:
             print(dry_run(recipe, registry, world))
         except (RecipeError, PluginError, ValueError) as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-        return 0
+            error(exc)
+            return EXIT_REFUSED
+        return EXIT_OK
+    return _train(args, recipe, registry)
 
-    from .train.loop import NonFiniteLossError, Trainer
+
+def _train(args: argparse.Namespace, recipe, registry) -> int:
+    from .registry import PluginError
+    from .train.loop import BadDataError, NonFiniteLossError, Trainer
 
     try:
-        trainer = Trainer(recipe, registry=registry, resume=args.resume, recipe_path=args.recipe)
-    except (PluginError, ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        trainer = Trainer(recipe, registry=registry, resume=args.resume, recipe_path=args.recipe,
+                          overwrite=args.overwrite)
+    except (PluginError, ValueError, OSError) as exc:  # ResumeError, RunExistsError, CacheMismatchError, ...
+        error(exc)
+        return EXIT_REFUSED
     try:
         metrics = trainer.fit()
-    except (PluginError, NonFiniteLossError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 3
+    except (PluginError, NonFiniteLossError, BadDataError, ValueError, OSError) as exc:
+        error(exc)
+        return EXIT_FAILED
+    if trainer.stopped:
+        return EXIT_STOPPED
     if trainer.accelerator.is_main_process and metrics:
         summary = ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k.startswith("loss/"))
         print(f"done: step {trainer.state.step}; {summary}; outputs in {os.path.abspath(recipe.output_dir)}")
-    return 0
+    return EXIT_OK
 
 
 if __name__ == "__main__":

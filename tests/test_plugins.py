@@ -63,20 +63,6 @@ def test_a_plugin_that_fails_to_import_is_named_and_the_rest_keep_working(tmp_pa
     assert "plugin 'broken_teachers' from distribution 'broken-teachers' failed to import" in str(e.value)
 
 
-def test_duplicate_registration_names_both_plugins(tmp_path, monkeypatch):
-    _fake_distribution(tmp_path, "copycat", "copycat_plugin", """
-        from radio_core import hookimpl
-        @hookimpl
-        def radio_register(registry):
-            registry.add("loss", "cosine", lambda: None)
-    """)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    reg = Registry()
-    reg.load_entry_points()
-    assert len(reg.failures) == 1 and "registered twice" in reg.failures[0].error
-    assert "core" in reg.failures[0].error and "copycat_plugin" in reg.failures[0].error
-
-
 def test_third_party_plugin_installs_and_is_discovered(tmp_path):
     """pip-install examples/third_party_plugin and find its teacher through discovery."""
     target = tmp_path / "site"

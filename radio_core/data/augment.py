@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from .sampling import SampleRef
-from .sources import ImageSource
+from .sources import ImageSource, to_rgb
 
 
 def crop_params(width: int, height: int, scale: tuple[float, float], ratio: tuple[float, float],
@@ -69,12 +69,22 @@ class AugmentedImages(torch.utils.data.Dataset):
         if self.cache is not None:
             item["targets"] = self.cache.read(ref.index, ref.view)
         try:
-            img = self.source.load(ref.index)
-        except (OSError, ValueError, SyntaxError) as exc:
-            # A broken file must not kill a long run: use a black image and flag it.
+            image = self.augment(to_rgb(self.source.load(ref.index)), ref.aug_seed)
+        except Exception as exc:  # noqa: BLE001 - whatever the decoder refuses, in any source
+            # A broken file must not kill a long run: a black image, flagged invalid and counted
+            # (the trainer stops if too many are: data.max_bad_fraction).
             return {**item, "image": torch.zeros(3, *self.crop_size, dtype=torch.uint8), "valid": False,
-                    "error": f"{type(exc).__name__}: {exc}"}
-        return {**item, "image": self.augment(img, ref.aug_seed), "valid": True, "error": ""}
+                    "error": self._describe(ref.index, exc)}
+        return {**item, "image": image, "valid": True, "error": ""}
+
+    def _describe(self, index: int, exc: Exception) -> str:
+        """``KEY: Type: message`` in one bounded line."""
+        try:
+            key = self.source.key(index)
+        except Exception:  # noqa: BLE001 - a source that cannot even name the sample
+            key = f"sample {index}"
+        text = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
+        return text if key in text else f"{key}: {text}"
 
 
 def loader_worker_init(worker_id: int) -> None:  # noqa: ARG001 - DataLoader's worker_init_fn signature

@@ -27,6 +27,28 @@ def split_labelled(images: list, labels: list, test_fraction: float, seed: int =
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Exit status 0; 2 for a run, file or argument that cannot be used (one ``error:`` line);
+    1 for an internal error (RADIO_TRACEBACK=1 shows its traceback)."""
+    import os
+
+    from ..utils import bounded_message
+
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, LookupError, OSError) as exc:  # RecipeError, PluginError, WeightsError, missing files
+        print(f"error: {bounded_message(str(exc))}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # noqa: BLE001 - one line, not a traceback
+        if os.environ.get("RADIO_TRACEBACK"):
+            raise
+        print(f"error: internal error: {type(exc).__name__}: {bounded_message(str(exc))}", file=sys.stderr)
+        return 1
+
+
+def _main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="radio_core.eval", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dir", help="a training run's output_dir (recipe.yaml + export/ or checkpoints/)")

@@ -39,12 +39,13 @@ def load_run(run_dir: str | Path, registry: Optional[Registry] = None, with_teac
              device: str = "cpu") -> LoadedRun:
     """Rebuild the run's student, heads and (optionally) teachers from ``recipe.yaml`` and load
     the trained weights (safetensors: no code can run from the file)."""
-    from safetensors.torch import load_file
-
     from ..models.distiller import build_distiller
     from ..models.teachers import build_teacher
+    from ..utils import WeightsError, check_dtypes, read_safetensors
 
     run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"{run_dir}: not a run directory (no such directory)")
     if not (run_dir / "recipe.yaml").is_file():
         raise FileNotFoundError(f"{run_dir}: not a run directory (no recipe.yaml)")
     registry = registry or get_registry()
@@ -58,10 +59,15 @@ def load_run(run_dir: str | Path, registry: Optional[Registry] = None, with_teac
     torch.manual_seed(0)
     distiller = build_distiller(recipe, dims, registry)
     weights = latest_weights(run_dir)
-    state = load_file(str(weights))
+    state = read_safetensors(weights)
     state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
-    missing, unexpected = distiller.load_state_dict(state, strict=False)
+    check_dtypes(state, distiller.state_dict(), str(weights))
+    try:
+        missing, unexpected = distiller.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shape mismatches
+        detail = " ".join(line.strip() for line in str(exc).splitlines()[1:3])
+        raise WeightsError(f"{weights}: does not match the run's recipe: {detail}") from None
     if missing or unexpected:
-        raise RuntimeError(f"{weights}: does not match the run's recipe (missing {missing[:5]}, "
+        raise WeightsError(f"{weights}: does not match the run's recipe (missing {missing[:5]}, "
                            f"unexpected {unexpected[:5]})")
     return LoadedRun(run_dir, recipe, distiller.to(device).eval(), teachers, weights)

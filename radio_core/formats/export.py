@@ -12,11 +12,13 @@ directory with
   "resolution": [h, w] | null, optional "target_norms": {teacher: {kind: {"class", "args"}}}}``.
 
 Everything is rebuilt by plugin name through ``radio_core.registry`` (this module knows no
-plugin). Target-normalisation modules (``target_norms``) are named in config.json by a fixed
-name that is looked up in a table of allowed classes (``Standardize``, ``PHIS``): a config file
-never chooses code to import. They are rebuilt with ``cls.from_export(args)`` when the class
-defines it, else ``cls(**args)``; ``args`` come from the module's ``export_args()`` or, without
-one, from the constructor arguments it keeps as same-named attributes (``dim``, ``eps``).
+plugin). No file chooses code: target-normalisation modules (``target_norms``) are named in
+config.json by a fixed name looked up in a table of allowed classes (``Standardize``, ``PHIS``;
+``"standardize"`` / ``"phi_s"`` are accepted too), and their arguments are validated (``dim``: a
+positive int, ``eps``: a positive finite float, nothing else); anything else is refused naming
+the file. The shape of config.json is checked before anything is built, and the weights are read
+with safetensors and checked before loading: dtypes as the model expects (no integer or mixed
+floating dtypes) and finite values. Every problem is one ExportError line naming the file.
 """
 from __future__ import annotations
 
@@ -130,8 +132,9 @@ def write_export(distiller: Distiller, config: dict, path: str | os.PathLike) ->
 
 def load_export(path: str | os.PathLike, registry=None) -> tuple[Distiller, dict]:
     """Rebuild the distiller of an export (by plugin name, through the registry) and load its
-    weights. ``path``: the export directory, or its config.json / model.safetensors."""
-    from safetensors.torch import load_file
+    weights. ``path``: the export directory, or its config.json / model.safetensors. Every
+    problem is one ExportError line naming the file."""
+    from ..utils import WeightsError, read_safetensors, short_repr
 
     path = Path(path)
     folder = path.parent if path.is_file() else path
@@ -140,19 +143,79 @@ def load_export(path: str | os.PathLike, registry=None) -> tuple[Distiller, dict
         if not f.is_file():
             raise ExportError(f"{folder}: not an export directory (missing {f.name})")
     try:
-        config = json.loads(config_file.read_text())
-    except json.JSONDecodeError as exc:
-        raise ExportError(f"{config_file}: not valid JSON ({exc})") from None
-    if config.get("format", EXPORT_FORMAT) != EXPORT_FORMAT:
-        raise ExportError(f"{config_file}: format {config.get('format')!r} is not {EXPORT_FORMAT!r}")
-    for key in ("student", "teachers"):
-        if key not in config:
-            raise ExportError(f"{config_file}: missing field {key!r}")
-    state = load_file(str(weights_file))
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise ExportError(f"{config_file}: not valid JSON ({short_repr(exc, 200, quote=False)})") from None
+    except OSError as exc:
+        raise ExportError(f"{config_file}: cannot read ({exc.strerror or exc})") from None
+    check_export_config(config, str(config_file))
+    try:
+        state = read_safetensors(weights_file, "export weights")
+    except WeightsError as exc:
+        raise ExportError(str(exc)) from None
     state = {k.removeprefix("module."): v for k, v in state.items()}
     registry = registry or get_registry()
-    distiller = build_distiller_from_config(config, registry, state, origin=str(config_file))
+    try:
+        distiller = build_distiller_from_config(config, registry, state, origin=str(config_file))
+    except (PluginError, WeightsError) as exc:
+        raise ExportError(f"{config_file}: {exc}") from None
     return distiller, config
+
+
+def check_export_config(config: Any, origin: str) -> None:
+    """The shape of ``config.json`` (types of the fields ``_build`` reads); one ExportError line."""
+    from ..recipe.schema import teacher_name_problem
+
+    def fail(field: str, what: str) -> None:
+        raise ExportError(f"{origin}: {field}: {what}")
+
+    def is_int(v: Any, lo: int = 0) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and lo <= v <= 2**31
+
+    def component(v: Any, field: str) -> None:
+        if not isinstance(v, dict) or not isinstance(v.get("name"), str) or not v["name"]:
+            fail(field, "must be a mapping with a plugin name")
+        if not isinstance(v.get("args", {}), dict):
+            fail(f"{field}.args", "must be a mapping")
+        if "hidden_dim" in v and not is_int(v["hidden_dim"], 1):
+            fail(f"{field}.hidden_dim", "must be a positive integer")
+
+    if not isinstance(config, dict):
+        fail("(top level)", f"must be a JSON object, got {type(config).__name__}")
+    if config.get("format", EXPORT_FORMAT) != EXPORT_FORMAT:
+        fail("format", f"{config.get('format')!r:.80} is not {EXPORT_FORMAT!r}")
+    for key in ("student", "teachers"):
+        if key not in config:
+            fail(key, "missing")
+    component(config["student"], "student")
+    if not is_int(config["student"].get("num_cls_tokens", 1), 1):
+        fail("student.num_cls_tokens", "must be a positive integer")
+    if config.get("adaptor") is not None:
+        component(config["adaptor"], "adaptor")
+    if config.get("hidden_dim") is not None and not is_int(config["hidden_dim"], 1):
+        fail("hidden_dim", "must be a positive integer")
+    teachers = config["teachers"]
+    if not isinstance(teachers, dict) or not teachers:
+        fail("teachers", "must be a non-empty mapping")
+    for name, entry in teachers.items():
+        problem = teacher_name_problem(name)
+        if problem:
+            fail("teachers", problem)
+        if not isinstance(entry, dict):
+            fail(f"teachers.{name}", "must be a mapping")
+        dims = [entry.get("summary_dim"), entry.get("spatial_dim")]
+        if any(d is not None and not is_int(d, 1) for d in dims) or dims == [None, None]:
+            fail(f"teachers.{name}", "summary_dim / spatial_dim must be positive integers (at least one)")
+        for key in ("adaptor", "summary_adaptor", "spatial_adaptor"):
+            if entry.get(key) is not None:
+                component(entry[key], f"teachers.{name}.{key}")
+    slots = config.get("summary_slots")
+    if slots is not None and (not isinstance(slots, dict) or not all(is_int(v) for v in slots.values())):
+        fail("summary_slots", "must map teacher names to non-negative integers")
+    norms = config.get("target_norms", {})
+    if not isinstance(norms, dict) or not all(isinstance(v, dict) and all(isinstance(e, dict) for e in v.values())
+                                              for v in norms.values()):
+        fail("target_norms", "must map teachers to {part: {class, args}}")
 
 
 def build_distiller_from_config(config: dict, registry, state: Optional[dict[str, Tensor]] = None,
@@ -170,6 +233,9 @@ def build_distiller_from_config(config: dict, registry, state: Optional[dict[str
 
     if state is None:
         return build(None)
+    from ..utils import check_dtypes
+
+    check_dtypes(state, build("meta").state_dict(), origin)
     try:
         distiller = build("meta")
         _load(distiller, state, origin, assign=True)
@@ -285,19 +351,51 @@ def _constructor_args(module: nn.Module) -> dict:
     return args
 
 
+#: other names a config.json may use for the same classes (short names; the module path after
+#: the package layout changed).
+_TARGET_NORM_ALIASES = {"standardize": Standardize, "phi_s": PHIS,
+                        "radio_core.models.target_norm.Standardize": Standardize,
+                        "radio_core.models.target_norm.PHIS": PHIS}
+
+
+def _target_norm_args(args: Any, where: str) -> dict:
+    """``{"dim": positive int, "eps": positive finite float (optional)}`` and nothing else."""
+    import math
+
+    if not isinstance(args, dict):
+        raise ExportError(f"{where}: args must be a mapping, got {type(args).__name__}")
+    unknown = sorted(set(args) - {"dim", "eps"})
+    if unknown:
+        raise ExportError(f"{where}: unexpected argument(s) {unknown[:5]} (allowed: dim, eps)")
+    dim, eps = args.get("dim"), args.get("eps", 1e-6)
+    if not (isinstance(dim, int) and not isinstance(dim, bool) and 1 <= dim <= 1 << 20):
+        raise ExportError(f"{where}: dim must be an integer in [1, {1 << 20}], got {dim!r:.60}")
+    if not (isinstance(eps, (int, float)) and not isinstance(eps, bool) and math.isfinite(eps) and 0 < eps <= 1):
+        raise ExportError(f"{where}: eps must be a number in (0, 1], got {eps!r:.60}")
+    return {"dim": dim, "eps": float(eps)}
+
+
 def _build_target_norms(spec: dict, origin: str) -> dict[str, nn.Module]:
+    from ..utils import short_repr
+
+    table = {**_TARGET_NORM_CLASSES, **_TARGET_NORM_ALIASES}
     out: dict[str, nn.Module] = {}
     for teacher, kinds in spec.items():
-        table = {}
+        parts = {}
         for kind, entry in kinds.items():
-            path = str(entry.get("class", ""))
-            cls = _TARGET_NORM_CLASSES.get(path)
+            where = f"{origin}: target_norms[{short_repr(teacher)}][{short_repr(kind)}]"
+            name = entry.get("class")
+            cls = table.get(name) if isinstance(name, str) else None
             if cls is None:
-                raise ExportError(f"{origin}: target_norms[{teacher!r}][{kind!r}]: unknown class {path!r} (an export may "
-                                  f"name only {', '.join(sorted(set(_TARGET_NORM_NAMES.values())))})")
-            args = dict(entry.get("args", {}))
-            table[kind] = cls.from_export(args) if hasattr(cls, "from_export") else cls(**args)
-        out[teacher] = nn.ModuleDict(table) if "" not in table else table[""]
+                raise ExportError(f"{where}: refusing class {short_repr(name)}: an export may only name "
+                                  f"{', '.join(sorted(set(_TARGET_NORM_NAMES.values())))}")
+            if kind not in ("summary", "spatial", ""):
+                raise ExportError(f"{where}: the part must be 'summary' or 'spatial'")
+            try:
+                parts[kind] = cls(**_target_norm_args(entry.get("args", {}), where))
+            except ValueError as exc:
+                raise ExportError(f"{where}: {short_repr(exc, 200, quote=False)}") from None
+        out[teacher] = nn.ModuleDict(parts) if "" not in parts else parts[""]
     return out
 
 

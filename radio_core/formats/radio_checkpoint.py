@@ -108,6 +108,11 @@ def read_checkpoint(path: str | os.PathLike, extra_safe_globals: Iterable[Any] =
             f"{path}: refused to unpickle: the file references code outside the RADIO-format allow-list "
             f"(argparse.Namespace, tensors, containers, dtypes). {detail}. Loading it would execute that code; "
             f"if you trust the file and know the object is harmless, pass it in extra_safe_globals") from None
+    except Exception as exc:  # noqa: BLE001 - truncated zip, not a pickle, ...: one line naming the file
+        from ..utils import short_repr
+
+        raise RadioFormatError(f"{path}: not a readable PyTorch checkpoint ({type(exc).__name__}: "
+                               f"{short_repr(exc, 200, quote=False)})") from None
     if not isinstance(chk, dict) or "args" not in chk or not ({"state_dict", "state_dict_ema"} & set(chk)):
         keys = sorted(chk) if isinstance(chk, dict) else type(chk).__name__
         raise RadioFormatError(f"{path}: not a RADIO checkpoint (expected a dict with 'args' and 'state_dict' or "
@@ -242,6 +247,12 @@ def load_radio_checkpoint(path: str | os.PathLike, registry=None, adaptor_names:
     if not isinstance(raw, dict):
         raise RadioFormatError(f"{path}: state_dict is a {type(raw).__name__}, not a dict of tensors")
     state = {k.removeprefix("module."): v for k, v in raw.items() if isinstance(v, Tensor)}
+    from ..utils import WeightsError, check_finite
+
+    try:
+        check_finite(state, str(path))
+    except WeightsError as exc:
+        raise RadioFormatError(str(exc)) from None
     sr = _arg(args, "spectral_reparam", False)
     state = fold_official_spectral(state, eps=float(sr.get("eps", 1e-12)) if isinstance(sr, dict) else 1e-6)
     state = {k.replace(".grandma", ".gamma"): v for k, v in state.items()}  # older layer-scale name

@@ -28,7 +28,7 @@ from ..models.distiller import Distiller
 from ..models.spectral import remove_spectral_reparam
 from ..protocols import StudentOutput
 from .export import ExportError, FeatureNormalizer, load_export, write_export
-from .radio_checkpoint import load_radio_checkpoint, save_radio_checkpoint
+from .radio_checkpoint import RadioFormatError, load_radio_checkpoint, save_radio_checkpoint
 
 RADIO_SUFFIXES = (".tar", ".pth", ".pt")
 
@@ -196,16 +196,32 @@ class RadioModel(nn.Module):
         RADIO ``.pth.tar`` checkpoint (``radio_kwargs`` go to ``radio_format.load_radio_checkpoint``).
         The model is returned in eval mode; σReparam layers are baked into plain weights."""
         p = Path(path)
+        if radio_kwargs and not p.name.endswith(RADIO_SUFFIXES):
+            raise TypeError(f"unexpected arguments for an export directory: {sorted(radio_kwargs)}")
+        try:
+            model = cls._load(p, registry, **radio_kwargs)
+        except Exception as exc:  # noqa: BLE001 - every failure is one line naming the file
+            from ..utils import short_repr
+
+            msg = short_repr(exc, 600, quote=False) if isinstance(exc, (ExportError, RadioFormatError)) else \
+                f"cannot load ({type(exc).__name__}: {short_repr(exc, 400, quote=False)})"
+            if str(p) not in msg:
+                msg = f"{p}: {msg}"
+            raise (RadioFormatError if isinstance(exc, RadioFormatError) else ExportError)(msg) from None
+        return model.to(device).eval()
+
+    @classmethod
+    def _load(cls, p: Path, registry, **radio_kwargs: Any) -> "RadioModel":
+        if not p.exists():
+            raise ExportError(f"{p}: no such file or directory")
         if p.name.endswith(RADIO_SUFFIXES):
             imported = load_radio_checkpoint(p, registry=registry, **radio_kwargs)
             model = cls(imported.distiller, imported.config, imported.feature_normalizer)
         else:
-            if radio_kwargs:
-                raise TypeError(f"unexpected arguments for an export directory: {sorted(radio_kwargs)}")
             distiller, config = load_export(p, registry=registry)
             model = cls(distiller, config)
         remove_spectral_reparam(model)
-        return model.to(device).eval()
+        return model
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write this model in the export format (directory)."""

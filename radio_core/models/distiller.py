@@ -97,6 +97,10 @@ def build_distiller(recipe: "Recipe", dims: dict[str, tuple[Optional[int], int]]
                       summary if recipe.teachers[name].use_summary else None,
                       spatial if recipe.teachers[name].use_spatial else None)
              for name, (summary, spatial) in dims.items()]
+    for h in heads:
+        if h.summary_dim is None and h.spatial_dim is None:
+            raise PluginError(f"teachers.{h.name}: nothing to learn: plugin {recipe.teachers[h.name].plugin!r} gives "
+                              "no summary target and use_spatial is false")
     num_cls = max(1, sum(h.summary_dim is not None for h in heads))
     try:
         student = registry.build("student", recipe.student.name, **recipe.student.args, num_cls_tokens=num_cls)

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch import Tensor
 
 from ..protocols import Teacher, TeacherOutput
 from ..registry import PluginError, Registry
@@ -50,11 +51,26 @@ def build_teacher(recipe: "Recipe", name: str, registry: Registry, meta: bool = 
     return teacher.freeze()
 
 
-def check_teacher_output(name: str, plugin: str, teacher: Teacher, out: Any, batch: int) -> None:
-    """Shape checks only (no host sync): a plugin that breaks the protocol is named."""
+def check_teacher_output(name: str, plugin: str, teacher: Teacher, out: Any, batch: int,
+                         finite: bool = False) -> None:
+    """Type, dtype and shape checks (no host sync): a plugin that breaks the protocol is named.
+    ``finite=True`` (the trainer's first batch per teacher) also checks that the values are
+    finite, at the cost of one host sync."""
     where = f"teachers.{name} (plugin {plugin!r})"
     if not isinstance(out, TeacherOutput):
         raise PluginError(f"{where}: forward returned {type(out).__name__}, not a TeacherOutput")
+    for part, t in (("spatial", out.spatial), ("summary", out.summary)):
+        if t is None and part == "summary":
+            continue
+        if not isinstance(t, Tensor):
+            raise PluginError(f"{where}: {part} output is {type(t).__name__}, not a tensor")
+        if not t.is_floating_point():
+            raise PluginError(f"{where}: {part} output has dtype {str(t.dtype).removeprefix('torch.')}, "
+                              "not floating point")
+        if finite and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise PluginError(f"{where}: {part} output holds {bad} non-finite value(s) of {t.numel()} on the first "
+                              "batch; check the teacher's weights (pretrained=) and train.teacher_dtype")
     sp = out.spatial
     if sp.dim() != 4 or sp.shape[0] != batch or sp.shape[1] != teacher.spatial_dim:
         raise PluginError(f"{where}: spatial output has shape {tuple(sp.shape)}; expected "

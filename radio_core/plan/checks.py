@@ -1,8 +1,31 @@
 """Checks of a validated recipe against the plugin registry, before any model is built."""
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 from ..recipe import Recipe, RecipeError
-from ..registry import Registry
+from ..registry import PluginError, Registry
+
+
+def check_output_dir(recipe: Recipe, origin: str = "<recipe>") -> None:
+    """``output_dir`` must be a directory or creatable as one (nothing is created here)."""
+    path = Path(recipe.output_dir).expanduser()
+    probe = path
+    while True:
+        if probe.exists() or probe.is_symlink():
+            break
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if not probe.exists():  # a dangling symlink somewhere on the way
+        raise RecipeError(f"{origin}: output_dir: {path} cannot be created ({probe} is a broken link)")
+    if not probe.is_dir():
+        what = "is not a directory" if probe == path else f"cannot be created: {probe} is a file"
+        raise RecipeError(f"{origin}: output_dir: {path} {what}")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        verb = "is not writable" if probe == path else f"cannot be created: {probe} is not writable"
+        raise RecipeError(f"{origin}: output_dir: {path} {verb}")
 
 
 def check_plugins(recipe: Recipe, registry: Registry, origin: str = "<recipe>") -> None:
@@ -10,8 +33,10 @@ def check_plugins(recipe: Recipe, registry: Registry, origin: str = "<recipe>") 
     problems = []
 
     def need(kind: str, name: str, field: str) -> None:
-        if name not in registry.names(kind):
-            problems.append(f"{origin}: {field}: {registry.unknown_message(kind, name)}")
+        try:
+            registry.get(kind, name)
+        except PluginError as exc:
+            problems.append(f"{origin}: {field}: {exc}")
 
     need("student", recipe.student.name, "student.name")
     need("adaptor", recipe.adaptor.name, "adaptor.name")
@@ -35,12 +60,16 @@ def check_recipe(recipe: Recipe, registry: Registry, world_size: int = 1, origin
     from .partition import plan_stages
 
     check_plugins(recipe, registry, origin)
+    check_output_dir(recipe, origin)
     try:
         plans = plan_stages(recipe, world_size)
     except RecipeError as exc:
         raise RecipeError(f"{origin}: {exc}") from None
     with torch.device("meta"):
-        student = registry.build("student", recipe.student.name, **recipe.student.args, num_cls_tokens=1)
+        try:
+            student = registry.build("student", recipe.student.name, **recipe.student.args, num_cls_tokens=1)
+        except PluginError as exc:
+            raise PluginError(f"{origin}: student: {exc}") from None
     check_student_resolutions(plans, student.size_multiple, recipe.student.name, origin)
 
 

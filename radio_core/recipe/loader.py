@@ -1,30 +1,117 @@
-"""Reading recipes: YAML (``yaml.safe_load``), ``base:`` includes, dotted overrides, clear errors."""
+"""Reading recipes: YAML (``RecipeLoader``: a safe loader that refuses duplicate keys and reads
+YAML 1.2 numbers and booleans), ``base:`` includes, dotted overrides, clear bounded errors."""
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Annotated, Any, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from ..utils import closest
+from ..utils import closest, short_repr
 from .schema import Recipe, RecipeError
 
 
-def _read_yaml(path: Path) -> dict:
+#: a recipe larger than this (bytes) or expanding (YAML aliases) to more nodes is refused.
+MAX_RECIPE_BYTES = 1 << 20
+MAX_RECIPE_NODES = 100_000
+
+
+class RecipeLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` (no Python tags) that refuses duplicate mapping keys and reads numbers
+    and booleans as YAML 1.2 does: ``1e-3`` is a float, ``yes``/``no``/``on``/``off`` are strings."""
+
+    def construct_mapping(self, node, deep=False):  # noqa: ANN001 - PyYAML's signature
+        if isinstance(node, yaml.MappingNode):
+            self.flatten_mapping(node)  # resolve '<<' merge keys first: they may be overridden
+            seen: dict = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.get(key)
+                except TypeError:  # unhashable key: construct_mapping reports it
+                    continue
+                if first is not None:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {short_repr(key)} (first at line {first.line + 1})",
+                        key_node.start_mark)
+                seen[key] = key_node.start_mark
+        return super().construct_mapping(node, deep=deep)
+
+
+RecipeLoader.yaml_implicit_resolvers = {
+    k: [(tag, rx) for tag, rx in v if tag != "tag:yaml.org,2002:bool"]
+    for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"))
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """One line: ``line L, column C: problem``."""
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    problem = getattr(exc, "problem", None) or getattr(exc, "context", None) or str(exc)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return where + " ".join(str(problem).split())
+
+
+def parse_yaml(text: str, origin: str) -> Any:
+    """YAML text -> Python data with ``RecipeLoader``; every failure is one RecipeError line."""
     try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise RecipeError(f"recipe file not found: {path}") from None
-    try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=RecipeLoader)  # noqa: S506 - RecipeLoader is a SafeLoader
     except yaml.YAMLError as exc:
-        raise RecipeError(f"{path}: not valid YAML: {exc}") from None
+        raise RecipeError(f"{origin}: not valid YAML: {_yaml_problem(exc)}") from None
+    except RecursionError:
+        raise RecipeError(f"{origin}: not valid YAML: nested too deeply") from None
+    _check_size(data, origin)
+    return data
+
+
+def _check_size(data: Any, origin: str) -> None:
+    """Refuse data that expands (YAML aliases) to more than MAX_RECIPE_NODES nodes or nests
+    deeper than 50 levels."""
+    count = 0
+    stack = [(data, 0)]
+    while stack:
+        node, depth = stack.pop()
+        count += 1
+        if count > MAX_RECIPE_NODES or depth > 50:
+            what = "too large" if count > MAX_RECIPE_NODES else "nested too deeply"
+            raise RecipeError(f"{origin}: recipe is {what} (more than {MAX_RECIPE_NODES} values or 50 levels, "
+                              f"counting YAML aliases expanded)")
+        if isinstance(node, dict):
+            stack.extend((v, depth + 1) for kv in node.items() for v in kv)
+        elif isinstance(node, (list, tuple)):
+            stack.extend((v, depth + 1) for v in node)
+
+
+def _read_yaml(path: Path, origin: Optional[str] = None) -> dict:
+    """``origin``: how the file was named (``FILE: base:`` for an include)."""
+    origin = origin or str(path)
+    if path.is_dir():
+        raise RecipeError(f"{origin}: {path} is a directory, not a YAML recipe file")
+    try:
+        if path.stat().st_size > MAX_RECIPE_BYTES:
+            raise RecipeError(f"{origin}: {path} is larger than {MAX_RECIPE_BYTES} bytes; not a recipe")
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise RecipeError(f"{origin}: recipe file not found: {path}") from None
+    except UnicodeDecodeError:
+        raise RecipeError(f"{origin}: {path} is not UTF-8 text") from None
+    except OSError as exc:
+        raise RecipeError(f"{origin}: cannot read {path}: {exc.strerror or exc}") from None
+    data = parse_yaml(text, str(path))
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise RecipeError(f"{path}: a recipe must be a mapping, got {type(data).__name__}")
+    for key in data:
+        if not isinstance(key, str):
+            raise RecipeError(f"{path}: top-level key {short_repr(key)} is not a name")
     return data
 
 
@@ -42,53 +129,58 @@ def deep_merge(base: dict, over: dict) -> dict:
     return out
 
 
-def load_raw(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict:
+def load_raw(path: str | Path, _chain: tuple[Path, ...] = (), _origin: Optional[str] = None) -> dict:
     """Read a recipe and its ``base:`` chain into one merged mapping."""
     path = Path(path).resolve()
     if path in _chain:
         raise RecipeError(f"{path}: circular base include via {' -> '.join(map(str, _chain))}")
-    data = _read_yaml(path)
+    data = _read_yaml(path, _origin)
     base = data.pop("base", None)
     if base is None:
         return data
     bases = base if isinstance(base, list) else [base]
     merged: dict = {}
     for b in bases:
-        if not isinstance(b, str):
-            raise RecipeError(f"{path}: base must be a path or a list of paths, got {b!r}")
-        merged = deep_merge(merged, load_raw(path.parent / b, _chain + (path,)))
+        if not isinstance(b, str) or not b:
+            raise RecipeError(f"{path}: base: must be a path or a list of paths, got {short_repr(b)}")
+        merged = deep_merge(merged, load_raw(path.parent / b, _chain + (path,), f"{path}: base: {b}"))
     return deep_merge(merged, data)
 
 
 def apply_overrides(data: dict, overrides: list[str], source: str = "command line") -> dict:
-    """Apply ``a.b.c=value`` overrides; values are parsed as YAML (``1e-3``, ``[224, 224]``)."""
+    """Apply ``a.b.c=value`` overrides; values are parsed as YAML (``1e-3``, ``[224, 224]``).
+    ``null`` for a key that holds a mapping removes it (``teachers.sam=null`` drops a teacher)."""
     data = copy.deepcopy(data)
     for item in overrides:
-        key, sep, raw = item.partition("=")
+        key, sep, raw = str(item).partition("=")
+        shown = short_repr(item)
         if not sep or not key:
-            raise RecipeError(f"{source}: override {item!r} is not of the form key.path=value")
-        try:
-            value = yaml.safe_load(raw) if raw != "" else ""
-        except yaml.YAMLError as exc:
-            raise RecipeError(f"{source}: override {item!r}: value is not valid YAML: {exc}") from None
-        node = data
+            raise RecipeError(f"{source}: override {shown} is not of the form key.path=value")
         parts = key.split(".")
+        if not all(parts):
+            raise RecipeError(f"{source}: override {shown}: {short_repr(key)} has an empty part")
+        value = parse_yaml(raw, f"{source}: override {shown}: value") if raw != "" else ""
+        node = data
         for i, part in enumerate(parts[:-1]):
-            nxt = node.get(part) if isinstance(node, dict) else None
+            nxt = node.get(part)
             if nxt is None:
                 nxt = node[part] = {}
             if not isinstance(nxt, dict):
-                raise RecipeError(f"{source}: override {item!r}: {'.'.join(parts[:i + 1])} is not a mapping")
+                raise RecipeError(f"{source}: override {shown}: {'.'.join(parts[:i + 1])} is not a mapping")
             node = nxt
-        node[parts[-1]] = value
+        if value is None and isinstance(node.get(parts[-1]), dict):
+            del node[parts[-1]]
+        else:
+            node[parts[-1]] = value
     return data
 
 
 def _format_errors(exc: ValidationError, origin: str) -> str:
+    """One line per problem (pydantic's order), each naming file and field; bounded."""
     lines = []
     for err in exc.errors():
         loc = ".".join(str(x) for x in err["loc"]) or "(top level)"
-        msg = err["msg"]
+        msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
             parent_model = _model_at(Recipe, err["loc"][:-1])
@@ -96,37 +188,46 @@ def _format_errors(exc: ValidationError, origin: str) -> str:
                 guess = closest(str(err["loc"][-1]), parent_model.model_fields)
                 valid = ", ".join(parent_model.model_fields)
                 msg += f" (did you mean {guess!r}?)" if guess else f" (valid keys: {valid})"
-        elif "input" in err and err["type"] not in ("missing",):
-            msg += f" (got {err['input']!r})"
-        lines.append(f"{origin}: {loc}: {msg}")
+        elif "input" in err and err["type"] not in ("missing", "value_error"):
+            msg += f" (got {short_repr(err['input'])})"
+        lines.append(f"{origin}: {short_repr(loc, 120, quote=False)}: {msg}")
     return "\n".join(lines)
 
 
 def _model_at(model: type[BaseModel], loc: tuple) -> Optional[type[BaseModel]]:
-    """The pydantic model class found by walking ``loc`` through fields (dict keys skipped)."""
+    """The pydantic model class found by walking ``loc`` through fields (dict keys and list
+    indices skipped)."""
     import typing
 
+    def unwrap(ann: Any) -> Any:
+        while True:
+            origin = typing.get_origin(ann)
+            if origin is Annotated:
+                ann = typing.get_args(ann)[0]
+            elif origin is Union:
+                ann = next((a for a in typing.get_args(ann) if a is not type(None)), ann)
+            else:
+                return ann
+
     current: Any = model
+    pending_container = False
     for part in loc:
-        if isinstance(current, tuple):  # a dict key (e.g. the teacher's name): step into the value type
-            current = current[1]
+        if pending_container:  # a dict key or list index: step into the value type
+            pending_container = False
             continue
         if not (isinstance(current, type) and issubclass(current, BaseModel)):
             return None
         field = current.model_fields.get(str(part))
         if field is None:
             return None
-        ann = field.annotation
+        ann = unwrap(field.annotation)
         origin = typing.get_origin(ann)
-        if origin is dict:
-            ann = typing.get_args(ann)[1]
-            current = ("dict", ann)
-            continue
-        if origin is Union:
-            ann = next((a for a in typing.get_args(ann) if a is not type(None)), ann)
+        if origin in (dict, list):
+            ann = unwrap(typing.get_args(ann)[-1])
+            pending_container = True
         current = ann
-    if isinstance(current, tuple):
-        current = current[1]
+    if pending_container:
+        return None
     return current if isinstance(current, type) and issubclass(current, BaseModel) else None
 
 

@@ -1,70 +1,116 @@
 """The recipe schema: pydantic models with ``extra="forbid"``, one per recipe section.
 
 A recipe never names Python to import: components are referred to by registered plugin name only.
+
+Types are strict: a boolean is not a step count, ``"5"`` is not a number, and NaN/inf are not
+numbers either; sizes, counts, rates and betas are range-checked with the field named.
 """
 from __future__ import annotations
 
-from typing import Any, Literal, Optional
+import re
+from typing import Annotated, Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, model_validator
+from pydantic import Strict as _StrictType
+
+from ..utils import bounded_message, short_repr
 
 
 class RecipeError(ValueError):
-    """A recipe that cannot be used; the message names the file and the field."""
+    """A recipe that cannot be used; the message names the file and the field (bounded in size)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(bounded_message(str(message)))
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), allow_inf_nan=False)
+
+
+#: largest accepted image edge (pixels) and count (steps, batch, ranks, ...).
+MAX_SIZE = 16384
+MAX_COUNT = 2**31 - 1
+
+# Strict scalars: no bool -> int, no str -> number, no float -> int; floats accept ints.
+Int = Annotated[int, _StrictType()]
+Float = Annotated[float, _StrictType()]
+Bool = StrictBool
+Count = Annotated[int, _StrictType(), Field(ge=1, le=MAX_COUNT)]
+Count0 = Annotated[int, _StrictType(), Field(ge=0, le=MAX_COUNT)]
+Edge = Annotated[int, _StrictType(), Field(ge=1, le=MAX_SIZE)]
+Size = tuple[Edge, Edge]
+Name = Annotated[str, Field(min_length=1, max_length=200)]
 
 
 def _size(v: Any) -> Any:
     """224 -> (224, 224); [h, w] -> (h, w)."""
-    if isinstance(v, int):
+    if isinstance(v, int) and not isinstance(v, bool):
         return (v, v)
     return v
 
 
-Size = tuple[int, int]
+#: a teacher name becomes a key of torch ModuleDicts, state-dict prefixes and metric names.
+TEACHER_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]{0,63}")
+
+
+def teacher_name_problem(name: Any) -> Optional[str]:
+    """Why ``name`` cannot name a teacher (None when it can)."""
+    import torch
+
+    if not isinstance(name, str) or not TEACHER_NAME.fullmatch(name):
+        return (f"teacher name {short_repr(name)} is not usable as a module key: use letters, digits, '_' "
+                f"or '-', starting with a letter or '_', at most 64 characters")
+    if hasattr(torch.nn.ModuleDict(), name):
+        return f"teacher name {name!r} is reserved (an attribute of torch.nn.ModuleDict); choose another"
+    return None
 
 
 class ComponentSpec(Strict):
     """A registered plugin name plus the keyword arguments its factory takes."""
 
-    name: str
+    name: Name
     args: dict[str, Any] = Field(default_factory=dict)
+
+
+def _resolutions(v: Any) -> Any:
+    """224 | [h, w] | [224, [h, w], ...] -> a list of sizes."""
+    def scalar(x: Any) -> bool:
+        return isinstance(x, int) and not isinstance(x, bool)
+
+    if scalar(v) or isinstance(v, tuple) or (isinstance(v, list) and len(v) == 2 and all(scalar(x) for x in v)):
+        v = [v]
+    return [_size(x) for x in v] if isinstance(v, list) else v
 
 
 class StudentSpec(ComponentSpec):
     #: training resolution(s) of the student's input; several = multi-resolution training,
     #: one sampled per step.
-    resolution: list[Size] = Field(default_factory=lambda: [(224, 224)])
+    resolution: list[Size] = Field(default_factory=lambda: [(224, 224)], min_length=1)
 
     @field_validator("resolution", mode="before")
     @classmethod
     def _res(cls, v: Any) -> Any:
-        if isinstance(v, (int, tuple)) or (isinstance(v, list) and len(v) == 2 and all(isinstance(x, int) for x in v)):
-            v = [v]
-        return [_size(x) for x in v]
+        return _resolutions(v)
 
 
 class TeacherSpec(Strict):
     #: registered teacher plugin name (``python -m radio_core.plugins`` lists them).
-    plugin: str
+    plugin: Name
     args: dict[str, Any] = Field(default_factory=dict)
     #: input resolution the teacher runs at; None = the teacher's own default.
     resolution: Optional[Size] = None
     #: overall weight of this teacher's losses, and the split between its two heads.
-    weight: float = Field(1.0, ge=0)
-    summary_weight: float = Field(1.0, ge=0)
-    spatial_weight: float = Field(1.0, ge=0)
+    weight: Float = Field(1.0, ge=0, le=1e4)
+    summary_weight: Float = Field(1.0, ge=0, le=1e4)
+    spatial_weight: Float = Field(1.0, ge=0, le=1e4)
     summary_loss: ComponentSpec = Field(default_factory=lambda: ComponentSpec(name="cosine"))
     spatial_loss: ComponentSpec = Field(default_factory=lambda: ComponentSpec(
         name="cosine_smooth_l1", args={"cosine": 0.9, "smooth_l1": 0.1}))
     #: adaptor override for this teacher (default: the recipe's ``adaptor``).
     adaptor: Optional[ComponentSpec] = None
     #: use the summary target (if the teacher has one).
-    use_summary: bool = True
-    use_spatial: bool = True
+    use_summary: Bool = True
+    use_spatial: Bool = True
     #: normalise this teacher's targets with statistics estimated over the first
     #: ``train.target_norm_batches`` batches (stored in checkpoints and exports).
     target_norm: Literal["none", "standardize", "phi_s"] = "none"
@@ -74,31 +120,41 @@ class TeacherSpec(Strict):
     def _res(cls, v: Any) -> Any:
         return _size(v)
 
+    @model_validator(mode="after")
+    def _some_target(self) -> "TeacherSpec":
+        if not (self.use_summary or self.use_spatial):
+            raise ValueError("use_summary and use_spatial are both false: this teacher gives no target to learn")
+        return self
+
 
 class AugmentSpec(Strict):
     #: random resized crop: area fraction and aspect-ratio range (torchvision semantics).
-    scale: tuple[float, float] = (0.25, 1.0)
-    ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    hflip: float = Field(0.5, ge=0, le=1)
+    scale: tuple[Float, Float] = (0.25, 1.0)
+    ratio: tuple[Float, Float] = (3 / 4, 4 / 3)
+    hflip: Float = Field(0.5, ge=0, le=1)
     #: K fixed augmentations per image instead of a fresh one per sample (what a teacher-feature
     #: cache stores; set it to compare cached and online training on the same crops).
-    views: Optional[int] = Field(None, ge=1)
+    views: Optional[Annotated[int, _StrictType(), Field(ge=1, le=4096)]] = None
 
     @model_validator(mode="after")
     def _ranges(self) -> "AugmentSpec":
         if not 0 < self.scale[0] <= self.scale[1] <= 1:
             raise ValueError("scale must satisfy 0 < min <= max <= 1")
-        if not 0 < self.ratio[0] <= self.ratio[1]:
-            raise ValueError("ratio must satisfy 0 < min <= max")
+        if not 0 < self.ratio[0] <= self.ratio[1] <= 100:
+            raise ValueError("ratio must satisfy 0 < min <= max <= 100")
         return self
 
 
 class DataSpec(Strict):
     source: ComponentSpec = Field(default_factory=lambda: ComponentSpec(name="skimage_samples"))
-    batch_size: int = Field(8, ge=1, description="per-process batch size")
-    num_workers: int = Field(0, ge=0)
+    batch_size: Count = Field(8, description="per-process batch size")
+    num_workers: Annotated[int, _StrictType(), Field(ge=0, le=1024)] = 0
     #: write each rank's sample ids per step to ``samples_rank{r}.jsonl`` (audits data order).
-    log_samples: bool = False
+    log_samples: Bool = False
+    #: samples the decoder refuses are skipped and counted (``bad_images``); the run stops when
+    #: more than this fraction of the samples seen are bad (judged over at least 1000 samples,
+    #: so that a few bad files early on do not stop it).
+    max_bad_fraction: Float = Field(0.01, ge=0, le=1)
     #: edge length the loader decodes each crop to before per-teacher resizing; None = the
     #: largest resolution any student or teacher needs.
     crop_size: Optional[Size] = None
@@ -111,59 +167,60 @@ class DataSpec(Strict):
 
 class OptimSpec(Strict):
     name: Literal["adamw"] = "adamw"
-    lr: float = Field(1e-3, gt=0)
-    weight_decay: float = Field(0.02, ge=0)
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    fused: Optional[bool] = None
+    lr: Float = Field(1e-3, gt=0, le=1)
+    weight_decay: Float = Field(0.02, ge=0, le=10)
+    betas: tuple[Annotated[float, _StrictType(), Field(ge=0, lt=1)],
+                 Annotated[float, _StrictType(), Field(ge=0, lt=1)]] = (0.9, 0.999)
+    eps: Float = Field(1e-8, gt=0, le=1)
+    fused: Optional[Bool] = None
 
 
 class ScheduleSpec(Strict):
     name: Literal["cosine", "constant"] = "cosine"
-    warmup_steps: int = Field(0, ge=0)
+    warmup_steps: Count0 = 0
     #: final LR as a fraction of the base LR.
-    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+    min_lr_ratio: Float = Field(0.0, ge=0, le=1)
 
 
 class TrainSpec(Strict):
-    steps: int = Field(100, ge=1)
-    grad_accum: int = Field(1, ge=1)
-    grad_clip: Optional[float] = Field(1.0, gt=0)
+    steps: Count = 100
+    grad_accum: Annotated[int, _StrictType(), Field(ge=1, le=65536)] = 1
+    grad_clip: Optional[Float] = Field(1.0, gt=0)
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     #: log scalars every N steps (a host sync happens only then).
-    log_every: int = Field(10, ge=1)
-    seed: int = 0
+    log_every: Count = 10
+    seed: Annotated[int, _StrictType(), Field(ge=0, le=2**32 - 1)] = 0
     #: dtype of the frozen teachers' weights: "auto" = bf16/fp16 with mixed precision on a GPU
     #: (halves their memory), fp32 otherwise.
     teacher_dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     #: batches (per rank) used to estimate teacher-target statistics (teachers.*.target_norm).
-    target_norm_batches: int = Field(4, ge=1)
+    target_norm_batches: Annotated[int, _StrictType(), Field(ge=1, le=100000)] = 4
     #: torch.compile the student (and heads); the first steps pay the compile time.
-    compile: bool = False
+    compile: Bool = False
     #: channels_last memory format for the student's convolutions (E-RADIO-like students).
-    channels_last: bool = False
+    channels_last: Bool = False
     #: skip the optimiser update when the loss is not finite (one host sync per step) ...
-    skip_nonfinite: bool = True
+    skip_nonfinite: Bool = True
     #: ... and stop with an error after this many such steps in a row.
-    max_nonfinite_steps: int = Field(5, ge=1)
+    max_nonfinite_steps: Count = 5
 
 
 class CheckpointSpec(Strict):
-    every: int = Field(1000, ge=1)
-    keep: int = Field(3, ge=1)
+    every: Count = 1000
+    keep: Count = 3
     #: also write the standalone student + adaptor export at the end.
-    export: bool = True
+    export: Bool = True
 
 
 class CacheSpec(Strict):
     """Read some teachers' targets from a cache built by ``python -m radio_core.cache``."""
 
-    path: str
+    path: Name
     #: teachers served from the cache (default: every recipe teacher the cache holds); the
     #: others run online.
-    teachers: Optional[list[str]] = None
+    teachers: Optional[list[Name]] = None
     #: rebuild each cached teacher once at start to check its weights fingerprint.
-    verify: bool = True
+    verify: Bool = True
 
 
 class EvalSpec(Strict):
@@ -174,60 +231,60 @@ class EvalSpec(Strict):
         name="skimage_samples", args={"names": ["astronaut", "coffee", "chelsea", "rocket"],
                                       "include_sklearn": False}))
     #: run the fidelity evaluation every N steps (0 = never) and log it to TensorBoard/JSONL.
-    every: int = Field(0, ge=0)
-    images: int = Field(4, ge=1)
+    every: Count0 = 0
+    images: Annotated[int, _StrictType(), Field(ge=1, le=100000)] = 4
     #: student resolutions for fidelity (default: the training resolution).
-    resolutions: Optional[list[int]] = None
+    resolutions: Optional[list[Edge]] = Field(None, min_length=1)
     #: write report/ (report.md + PNGs) at the end of training.
-    report: bool = False
+    report: Bool = False
 
 
 class LoggingSpec(Strict):
-    tensorboard: bool = True
-    jsonl: bool = True
-    progress: bool = True
+    tensorboard: Bool = True
+    jsonl: Bool = True
+    progress: Bool = True
 
 
 class GroupSpec(Strict):
     """Teachers that run together on one partition of the ranks (AM-RADIO's teacher groups)."""
 
-    teachers: list[str]
+    teachers: list[Name] = Field(min_length=1)
     #: fraction of the ranks given to this group (shares of all groups must sum to 1) ...
-    share: Optional[float] = Field(None, gt=0, le=1)
+    share: Optional[Float] = Field(None, gt=0, le=1)
     #: ... or an exact number of ranks.
-    ranks: Optional[int] = Field(None, ge=1)
+    ranks: Optional[Annotated[int, _StrictType(), Field(ge=1, le=1_000_000)]] = None
     #: per-rank batch size of this group (default: data.batch_size).
-    batch_size: Optional[int] = Field(None, ge=1)
+    batch_size: Optional[Count] = None
     #: student input resolution(s) on this group's ranks (default: student.resolution).
-    student_resolution: Optional[list[Size]] = None
+    student_resolution: Optional[list[Size]] = Field(None, min_length=1)
 
     @field_validator("student_resolution", mode="before")
     @classmethod
     def _res(cls, v: Any) -> Any:
-        return None if v is None else StudentSpec._res(v)
+        return None if v is None else _resolutions(v)
 
 
 class StageSpec(Strict):
     """One training stage: its own teachers, groups and resolutions; the LR schedule spans
     all stages unless ``restart_schedule``."""
 
-    name: Optional[str] = None
-    steps: int = Field(ge=1)
+    name: Optional[Name] = None
+    steps: Count
     #: teachers trained in this stage (default: all of ``teachers``).
-    teachers: Optional[list[str]] = None
+    teachers: Optional[list[Name]] = Field(None, min_length=1)
     #: rank groups for this stage (default: the recipe's ``groups``, or one group).
-    groups: Optional[dict[str, GroupSpec]] = None
-    student_resolution: Optional[list[Size]] = None
-    restart_schedule: bool = False
+    groups: Optional[dict[Name, GroupSpec]] = Field(None, min_length=1)
+    student_resolution: Optional[list[Size]] = Field(None, min_length=1)
+    restart_schedule: Bool = False
 
     @field_validator("student_resolution", mode="before")
     @classmethod
     def _res(cls, v: Any) -> Any:
-        return None if v is None else StudentSpec._res(v)
+        return None if v is None else _resolutions(v)
 
 
 class Recipe(Strict):
-    output_dir: str = "runs/default"
+    output_dir: Name = "runs/default"
     student: StudentSpec
     teachers: dict[str, TeacherSpec]
     adaptor: ComponentSpec = Field(default_factory=lambda: ComponentSpec(name="mlp"))
@@ -241,15 +298,19 @@ class Recipe(Strict):
     cache: Optional[CacheSpec] = None
     eval: EvalSpec = Field(default_factory=EvalSpec)
     #: rank groups (default: every rank runs every teacher).
-    groups: Optional[dict[str, GroupSpec]] = None
+    groups: Optional[dict[Name, GroupSpec]] = Field(None, min_length=1)
     #: training stages (default: one stage of train.steps with every teacher).
-    stages: Optional[list[StageSpec]] = None
+    stages: Optional[list[StageSpec]] = Field(None, min_length=1)
 
     @field_validator("teachers")
     @classmethod
     def _some_teachers(cls, v: dict) -> dict:
         if not v:
             raise ValueError("at least one teacher is required")
+        for name in v:
+            problem = teacher_name_problem(name)
+            if problem:
+                raise ValueError(problem)
         return v
 
     @model_validator(mode="after")
@@ -284,6 +345,8 @@ class Recipe(Strict):
             check_groups(self.groups, list(self.teachers) if not self.stages else [], "groups")
         if self.stages:
             total = sum(s.steps for s in self.stages)
+            if total > MAX_COUNT:
+                raise ValueError(f"the stages add up to {total} steps, more than {MAX_COUNT}")
             if "steps" in self.train.model_fields_set and self.train.steps != total:
                 raise ValueError(f"train.steps is {self.train.steps} but the stages add up to {total} steps")
             self.train.steps = total

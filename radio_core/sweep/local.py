@@ -12,6 +12,7 @@ import sys
 import time
 from typing import Any, Optional
 
+from ..formats.checkpoints import run_artifacts
 from ..utils import EXIT_PREEMPTED
 from .grid import PlannedRun
 from .spec import LocalLauncher, RemoteLauncher
@@ -79,7 +80,9 @@ def train(sweep: Any, run: PlannedRun) -> Optional[str]:
         if problem:
             record(run, status="failed", error=problem)
             return f"failed: {problem}"
-    resume = completed_step(run.run_dir) > 0
+    # --resume also when an attempt died before its first checkpoint: a new run is refused in an
+    # output_dir that holds one, and a resume without a checkpoint starts at step 0.
+    resume = completed_step(run.run_dir) > 0 or bool(run_artifacts(run.run_dir))
     cmd = sweep.command(run, resume)
     (run.run_dir / "logs").mkdir(exist_ok=True)
     attempt = next_attempt(run)

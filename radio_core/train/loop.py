@@ -35,8 +35,9 @@ from ..protocols import Teacher
 from ..recipe import Recipe, dump_recipe
 from ..registry import Registry, get_registry
 from . import setup, stages
-from .checkpoint import Checkpointer, TrainerState
-from .metrics import BadImageCounter, MetricsLogger, progress_bar, reduce_losses
+from .checkpoint import (Checkpointer, ResumeError, RunExistsError, TrainerState,  # noqa: F401 - re-exported
+                         check_new_run, prepare_out_dir)
+from .metrics import BadDataError, BadImageCounter, MetricsLogger, progress_bar, reduce_losses  # noqa: F401
 from .objective import Objective
 from .schedule import build_scheduler, lr_multiplier
 from .signals import StopSignals
@@ -49,14 +50,21 @@ class NonFiniteLossError(RuntimeError):
 
 class Trainer:
     def __init__(self, recipe: Recipe, registry: Optional[Registry] = None, resume: bool = False,
-                 accelerator: Any = None, recipe_path: str = "<recipe>") -> None:
+                 accelerator: Any = None, recipe_path: str = "<recipe>", overwrite: bool = False) -> None:
+        """``resume``: continue from the newest loadable checkpoint in ``output_dir`` (ResumeError
+        if there are checkpoints and none loads). Without it, an ``output_dir`` that holds a run
+        is refused (RunExistsError) unless ``overwrite``, which removes that run's outputs when
+        training starts. Both checks happen before any model is built."""
         self.recipe, self.recipe_path = recipe, recipe_path
-        self.registry = registry or get_registry()
-        self.accelerator = accelerator or setup.make_accelerator(recipe)
         self.out_dir = Path(recipe.output_dir)
         self.ckpt_dir = self.out_dir / "checkpoints"
+        self._remove_outputs = check_new_run(self.out_dir, resume, overwrite)
+        self.registry = registry or get_registry()
+        self.accelerator = accelerator or setup.make_accelerator(recipe)
         self.state = TrainerState()
         self.signals = StopSignals()
+        #: fit() returned early because SIGTERM/SIGINT asked it to (after a checkpoint).
+        self.stopped = False
         self.checkpointer = Checkpointer(self.accelerator, self.ckpt_dir, recipe.checkpoint.keep)
         self.bad_images = BadImageCounter(self.accelerator)
         self.teachers: dict[str, Teacher] = {}
@@ -134,9 +142,10 @@ class Trainer:
     # ------------------------------------------------------------------ loop
     def fit(self) -> dict[str, float]:
         acc, r = self.accelerator, self.recipe
-        self.out_dir.mkdir(parents=True, exist_ok=True)
         if acc.is_main_process:
+            prepare_out_dir(self.out_dir, self.state.step, self._remove_outputs, acc.print)
             (self.out_dir / "recipe.yaml").write_text(dump_recipe(r))
+        acc.wait_for_everyone()
         logger = MetricsLogger(self.out_dir, r.logging, enabled=acc.is_main_process)
         sample_log = (open(self.out_dir / f"samples_rank{acc.process_index}.jsonl", "a")
                       if r.data.log_samples else None)
@@ -175,10 +184,11 @@ class Trainer:
                     s = self.state.step
                     if s % r.checkpoint.every == 0 or s == r.train.steps or stop or s == plan.end_step:
                         if not metrics:
-                            self.state.bad_images = self.bad_images.total()
+                            self._sync_bad_images()
                         self.save_checkpoint()
                     if stop:
                         acc.print(f"stop requested: checkpoint written at step {s}; resume with --resume")
+                        self.stopped = True
                         return last
         finally:
             progress.close()
@@ -255,7 +265,7 @@ class Trainer:
         evaluate = bool(r.eval.every) and s % r.eval.every == 0
         if not (s % r.train.log_every == 0 or s == r.train.steps or step == start or evaluate):
             return {}
-        self.state.bad_images = self.bad_images.total()
+        self._sync_bad_images()
         elapsed = time.perf_counter() - window[0]
         metrics = reduce_losses(self.accelerator, terms, self.stage.teachers)
         metrics.update(images_per_s=window[1] / max(elapsed, 1e-9), samples=self.state.samples_seen,
@@ -265,6 +275,11 @@ class Trainer:
         window[0], window[1] = time.perf_counter(), 0
         logger.log(s, metrics)
         return metrics
+
+    def _sync_bad_images(self) -> None:
+        self.state.bad_images = self.bad_images.total()
+        self.bad_images.check(self.state.bad_images, self.state.samples_seen, self.recipe.data.max_bad_fraction,
+                              self.state.step)
 
     def _log_samples(self, sample_log: Any, step: int, work: list) -> None:
         keys = [self.source.key(int(i)) for _, b in work for i in b["index"]]
@@ -303,9 +318,10 @@ class Trainer:
         return self.checkpointer.save(self.state, self.scheduler, self.recipe.train.steps, on_saved=saved)
 
     def load_latest_checkpoint(self) -> Optional[Path]:
-        """Load the newest loadable checkpoint; a corrupt one is reported and the previous used."""
+        """Load the newest loadable checkpoint; a corrupt one is reported and the previous used;
+        ResumeError (nothing changed on disk) when there are checkpoints and none loads."""
         acc = self.accelerator
-        found = self.checkpointer.load_latest(self.state, self.scheduler)
+        found = self.checkpointer.load_latest(self.state, self.scheduler, self.recipe.train.steps)
         if found is None:
             acc.print(f"no checkpoint under {self.ckpt_dir}; starting from step 0")
             return None

@@ -28,12 +28,18 @@ def reduce_losses(accelerator: Any, terms: dict[str, Tensor], teachers: list[str
     return out
 
 
+class BadDataError(RuntimeError):
+    """More than ``data.max_bad_fraction`` of the samples could not be decoded."""
+
+
 class BadImageCounter:
-    """Unreadable images seen by this rank, summed over ranks when logged or checkpointed."""
+    """Unreadable images seen by this rank, summed over ranks when logged or checkpointed; too
+    many of them stop the run (``check``)."""
 
     def __init__(self, accelerator: Any) -> None:
         self.accelerator = accelerator
         self.base, self.local = 0, 0  # base: the count a resumed run started from
+        self.examples: list[str] = []  # the first few on this rank, for the stop message
 
     def count(self, batches: list[dict]) -> None:
         for b in batches:
@@ -41,11 +47,23 @@ class BadImageCounter:
             if bad:
                 self.local += bad
                 for e in b["errors"]:
+                    if len(self.examples) < 3:
+                        self.examples.append(e)
                     self.accelerator.print(f"skipped unreadable image: {e}")
 
     def total(self) -> int:
         local = torch.tensor([float(self.local)], device=self.accelerator.device)
         return self.base + int(self.accelerator.reduce(local, "sum").item())
+
+    def check(self, bad: int, seen: int, limit: float, step: int) -> None:
+        """Stop when more than ``limit`` of the ``seen`` samples are bad, judged over at least
+        1000 samples (a few bad files early on do not stop a run). ``bad`` is the all-rank total,
+        so every rank stops at the same step."""
+        if bad > limit * max(seen, 1000):
+            examples = "; ".join(self.examples) or "(on other ranks)"
+            raise BadDataError(f"{bad} of {seen} samples ({bad / max(seen, 1):.1%}) could not be decoded, more than "
+                               f"data.max_bad_fraction={limit:g}; stopping at step {step} without an export. "
+                               f"Examples: {examples}")
 
 
 class MetricsLogger:

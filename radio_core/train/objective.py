@@ -27,6 +27,7 @@ class Objective:
     def __init__(self, recipe: Recipe, registry: Registry, teachers: dict[str, Teacher], cached: set[str],
                  accelerator: Any) -> None:
         self.recipe, self.teachers, self.cached, self.accelerator = recipe, teachers, cached, accelerator
+        self._checked: set[str] = set()  # teachers whose first outputs were checked to be finite
         self.summary_losses = {n: registry.build("loss", s.summary_loss.name, **s.summary_loss.args)
                                for n, s in recipe.teachers.items()}
         self.spatial_losses = {n: registry.build("loss", s.spatial_loss.name, **s.spatial_loss.args)
@@ -36,7 +37,9 @@ class Objective:
     @torch.no_grad()
     def teacher_targets(self, images01: Tensor, resize_sets: list[TeacherGroup]) -> dict[str, TeacherOutput]:
         def check(name: str, teacher: Teacher, out: Any, batch: int) -> None:
-            check_teacher_output(name, self.recipe.teachers[name].plugin, teacher, out, batch)
+            first = name not in self._checked  # values checked once: it costs a host sync
+            check_teacher_output(name, self.recipe.teachers[name].plugin, teacher, out, batch, finite=first)
+            self._checked.add(name)
 
         return compute_targets(self.teachers, resize_sets, images01, self.accelerator.autocast(), check)
 
