@@ -1,0 +1,278 @@
+"""The proxy benchmark's ablation suite: one command, resumable, seeds, 95% confidence intervals.
+
+    nice -n 10 python bench/proxy_ablations.py recipes/proxy/ablations.yaml [--seeds 0 1 2]
+        [--arms baseline loss_mse ...] [--smoke] [--dry-run] [--output-dir DIR] [--docs FILE]
+
+For every seed (outer loop, so a suite stopped early still has whole seeds) and every arm: one
+training run (``python -m radio_core.run``, its own process and directory, ``--resume`` when a
+checkpoint is there) and one downstream evaluation (``radio_proxy.downstream``); ``results.json``
+in the run directory marks it done, so a relaunch skips it. Then one table: per arm and metric
+the mean over seeds ± the half-width of a 95% t-interval, and per comparison the paired
+differences (same seed = same initialisation and data order) with their intervals and a verdict:
+*reproduced* (every difference resolved in the paper's direction; for ``not_worse`` claims: every
+interval's lower end above -margin), *not reproduced* (some difference resolved against it), or
+*inconclusive*. With one seed no interval exists: every verdict is inconclusive.
+
+``--smoke`` checks the pipeline, not the findings: a 64-image world, few-step tiny teachers and
+students, 32 evaluation images, seed 0.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import yaml
+
+from radio_core.recipe import deep_merge, load_raw, validate
+
+#: two-sided 97.5% quantiles of Student's t by degrees of freedom (1-10), else the normal's.
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+SMOKE_WORLD = {"train": 64, "val": 32, "test": 32}
+SMOKE = ["train.steps=4", "checkpoint.every=2", "train.log_every=2", "schedule.warmup_steps=1"]
+
+
+def mean_ci(values: Sequence[float]) -> tuple[float, Optional[float]]:
+    """Mean and the half-width of its 95% t-interval (None for fewer than two values)."""
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, None
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    return mean, T975.get(n - 1, 1.96) * sd / math.sqrt(n)
+
+
+# --------------------------------------------------------------------------- spec
+
+
+def load_spec(path: Path) -> dict:
+    spec = yaml.safe_load(path.read_text())
+    for key in ("base", "arms"):
+        if key not in spec:
+            raise SystemExit(f"{path}: missing key {key!r}")
+    known = {"base", "output_dir", "seeds", "eval", "teacher_scores", "arms", "comparisons", "overrides"}
+    unknown = set(spec) - known
+    if unknown:
+        raise SystemExit(f"{path}: unknown keys {sorted(unknown)} (known: {', '.join(sorted(known))})")
+    for c in spec.get("comparisons", []):
+        for arm in [c.get("arm"), *c.get("versus", []), *[p[0] for p in c.get("pairs", [])],
+                    *[p[1] for p in c.get("pairs", [])]]:
+            if arm is not None and arm not in spec["arms"]:
+                raise SystemExit(f"{path}: comparison {c['name']!r} names arm {arm!r}, not under arms")
+    return spec
+
+
+def arm_recipe(spec: dict, spec_path: Path, arm: str, seed: int, run_dir: Path, smoke: bool) -> dict:
+    """The full recipe mapping of one (arm, seed) run."""
+    data = deep_merge(load_raw(spec_path.parent / spec["base"]), spec["arms"][arm] or {})
+    from radio_core.recipe import apply_overrides
+
+    overrides = list(spec.get("overrides", [])) + [f"train.seed={seed}", f"output_dir={run_dir}"]
+    if smoke:
+        overrides += SMOKE
+        data = deep_merge(data, {"data": {"source": {"args": {"world": SMOKE_WORLD}}, "batch_size": 4}})
+        for name in data["teachers"]:
+            data["teachers"][name].setdefault("args", {}).update(preset="tiny", world=SMOKE_WORLD)
+        for group in (data.get("groups") or {}).values():
+            group["batch_size"] = 4
+    data = apply_overrides(data, overrides, source=f"arm {arm}")
+    validate(data, origin=f"{spec_path} arm {arm}")  # fail before launching anything
+    return data
+
+
+# --------------------------------------------------------------------------- running
+
+
+def child_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run_one(spec: dict, spec_path: Path, arm: str, seed: int, out: Path, smoke: bool, score_teachers: bool,
+            resolutions: Sequence[int]) -> dict:
+    run_dir = out / arm / f"seed{seed}"
+    done = run_dir / "results.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    run_dir.mkdir(parents=True, exist_ok=True)
+    recipe_path = run_dir / "arm_recipe.yaml"
+    recipe_path.write_text(yaml.safe_dump(arm_recipe(spec, spec_path, arm, seed, run_dir, smoke), sort_keys=False))
+    resume = any((run_dir / "checkpoints").glob("step_*")) if (run_dir / "checkpoints").is_dir() else False
+    cmd = [sys.executable, "-m", "radio_core.run", str(recipe_path)] + (["--resume"] if resume else [])
+    start, cpu0 = time.perf_counter(), child_cpu_seconds()
+    with open(run_dir / "train.log", "a") as log:
+        rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT)
+    train_wall, train_cpu = time.perf_counter() - start, child_cpu_seconds() - cpu0
+    if rc != 0:
+        tail = (run_dir / "train.log").read_text().strip().splitlines()[-5:]
+        raise SystemExit(f"{arm} seed {seed}: training failed (exit {rc}); {run_dir / 'train.log'}:\n" + "\n".join(tail))
+    from radio_proxy.downstream import evaluate_run
+
+    start, cpu0 = time.perf_counter(), time.process_time()
+    scores = evaluate_run(run_dir, resolutions, teachers=score_teachers, limit=32 if smoke else None)
+    meta = scores.pop("_meta")
+    result = {"arm": arm, "seed": seed, "scores": scores, "meta": meta,
+              "seconds": {"train_wall": train_wall, "train_cpu": train_cpu, "eval_wall": time.perf_counter() - start,
+                          "eval_cpu": time.process_time() - cpu0, "load_avg_1min": os.getloadavg()[0]}}
+    tmp = done.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=1))
+    tmp.replace(done)
+    return result
+
+
+# --------------------------------------------------------------------------- tables
+
+
+def metric_value(result: dict, metric: str) -> Optional[float]:
+    name, _, res = metric.partition("@")
+    return result["scores"].get(f"student@{res}", {}).get(name)
+
+
+def verdict(diffs: list[tuple[float, Optional[float]]], claim: str, margin: float) -> str:
+    if any(ci is None for _, ci in diffs):
+        return "inconclusive (one seed: no interval)"
+    if claim == "better":
+        if all(d - ci > 0 for d, ci in diffs):
+            return "reproduced"
+        if any(d + ci < 0 for d, ci in diffs):
+            return "not reproduced"
+        return "inconclusive"
+    if all(d - ci > -margin for d, ci in diffs):
+        return "reproduced"
+    if any(d + ci < -margin for d, ci in diffs):
+        return "not reproduced"
+    return "inconclusive"
+
+
+def comparison_rows(spec: dict, results: dict[str, dict[int, dict]]) -> list[str]:
+    lines = ["| comparison | paper finding | metric | arms | difference (95% CI) | resolved | verdict |",
+             "|---|---|---|---|---|---|---|"]
+    for c in spec.get("comparisons", []):
+        pairs = [tuple(p) for p in c.get("pairs", [])] or [
+            (c["arm"], other, m) for other in c["versus"] for m in c["metrics"]]
+        margin = float(c.get("margin", 0.0))
+        rows, diffs = [], []
+        for a, b, metric in pairs:
+            seeds = sorted(set(results.get(a, {})) & set(results.get(b, {})))
+            values = [(metric_value(results[a][s], metric), metric_value(results[b][s], metric)) for s in seeds]
+            values = [(x, y) for x, y in values if x is not None and y is not None]
+            if not values:
+                rows.append((metric, f"{a} - {b}", "not run", "-"))
+                diffs.append((0.0, None))
+                continue
+            d, ci = mean_ci([x - y for x, y in values])
+            diffs.append((d, ci))
+            threshold = -margin if c["claim"] == "not_worse" else 0.0
+            resolved = "-" if ci is None else ("yes" if (d - ci > threshold or d + ci < threshold) else "no")
+            interval = f"{d:+.3f}" + ("" if ci is None else f" ± {ci:.3f}") + f" (n={len(values)})"
+            rows.append((metric, f"{a} - {b}", interval, resolved))
+        v = verdict(diffs, c["claim"], margin)
+        for i, (metric, arms, interval, resolved) in enumerate(rows):
+            head = (c["name"], c["finding"]) if i == 0 else ("", "")
+            lines.append(f"| {head[0]} | {head[1]} | {metric} | {arms} | {interval} | {resolved} | "
+                         f"{v if i == 0 else ''} |")
+    return lines
+
+
+def arm_table(results: dict[str, dict[int, dict]], resolutions: Sequence[int]) -> list[str]:
+    from radio_proxy.downstream import METRICS
+
+    cols = [f"{m}@{r}" for r in resolutions for m in METRICS if not (m == "boundary_f" and r < 128)]
+    lines = ["| arm | seeds | " + " | ".join(cols) + " | train s (cpu) |", "|---|---|" + "---|" * (len(cols) + 1)]
+    for arm, by_seed in results.items():
+        if not by_seed:
+            continue
+        cells = []
+        for col in cols:
+            vals = [v for v in (metric_value(r, col) for r in by_seed.values()) if v is not None]
+            if not vals:
+                cells.append("-")
+                continue
+            m, ci = mean_ci(vals)
+            cells.append(f"{m:.3f}" + ("" if ci is None else f" ± {ci:.3f}"))
+        cpu = [r["seconds"]["train_cpu"] for r in by_seed.values()]
+        lines.append(f"| {arm} | {len(by_seed)} | " + " | ".join(cells) + f" | {sum(cpu) / len(cpu):.0f} |")
+    return lines
+
+
+def teacher_table(result: dict) -> list[str]:
+    from radio_proxy.downstream import table
+
+    teachers = {k: v for k, v in result["scores"].items() if k.startswith("teacher/")}
+    student = {k: v for k, v in result["scores"].items() if k.startswith("student@")}
+    return table({**teachers, **student}).splitlines()
+
+
+def write_results(spec: dict, out: Path, results: dict, resolutions: Sequence[int], command: str,
+                  teacher_arm: Optional[str], elapsed: float) -> str:
+    lines = [f"Command: `{command}`", ""]
+    if teacher_arm and teacher_arm in results and results[teacher_arm]:
+        first = results[teacher_arm][min(results[teacher_arm])]
+        lines += [f"### Teachers' own scores (and the `{teacher_arm}` student, seed {first['seed']})", "",
+                  *teacher_table(first), ""]
+    lines += ["### Arms: mean ± 95% CI over seeds", "", *arm_table(results, resolutions), "",
+              "### Comparisons (paired by seed)", "", *comparison_rows(spec, results), "",
+              f"Suite wall time of this invocation: {elapsed / 60:.1f} min."]
+    text = "\n".join(lines) + "\n"
+    (out / "results.md").write_text(text)
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    return text
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("spec", help="ablation file (recipes/proxy/ablations.yaml)")
+    p.add_argument("--seeds", type=int, nargs="+", help="override the file's seeds")
+    p.add_argument("--arms", nargs="+", help="run only these arms")
+    p.add_argument("--output-dir", help="override the file's output_dir")
+    p.add_argument("--smoke", action="store_true", help="tiny world, teachers and runs: checks the pipeline only")
+    p.add_argument("--dry-run", action="store_true", help="list the runs and their state, run nothing")
+    p.add_argument("--docs", help="also copy the results table to this markdown file")
+    args = p.parse_args(argv)
+
+    spec_path = Path(args.spec)
+    spec = load_spec(spec_path)
+    seeds = args.seeds or ([0] if args.smoke else spec.get("seeds", [0]))
+    arms = args.arms or list(spec["arms"])
+    for arm in arms:
+        if arm not in spec["arms"]:
+            raise SystemExit(f"--arms: unknown arm {arm!r} (known: {', '.join(spec['arms'])})")
+    out = Path(args.output_dir or spec.get("output_dir", "runs/proxy/ablations"))
+    resolutions = spec.get("eval", {}).get("resolutions", [64, 128])
+    teacher_arm = spec.get("teacher_scores")
+    if args.dry_run:
+        for seed in seeds:
+            for arm in arms:
+                d = out / arm / f"seed{seed}"
+                arm_recipe(spec, spec_path, arm, seed, d, args.smoke)
+                state = "done" if (d / "results.json").is_file() else ("partial" if d.is_dir() else "pending")
+                print(f"{arm:16s} seed {seed}: {state:8s} {d}")
+        return 0
+    command = "python bench/proxy_ablations.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    start = time.perf_counter()
+    results: dict[str, dict[int, dict]] = {arm: {} for arm in arms}
+    for seed in seeds:
+        for arm in arms:
+            t0 = time.perf_counter()
+            r = run_one(spec, spec_path, arm, seed, out, args.smoke, arm == teacher_arm and seed == seeds[0],
+                        resolutions)
+            results[arm][seed] = r
+            print(f"{arm} seed {seed}: train {r['seconds']['train_wall']:.0f} s wall / {r['seconds']['train_cpu']:.0f} s "
+                  f"cpu, eval {r['seconds']['eval_wall']:.0f} s ({time.perf_counter() - t0:.0f} s this call)", flush=True)
+            write_results(spec, out, results, resolutions, command, teacher_arm, time.perf_counter() - start)
+    text = write_results(spec, out, results, resolutions, command, teacher_arm, time.perf_counter() - start)
+    print(text)
+    if args.docs:
+        Path(args.docs).write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
