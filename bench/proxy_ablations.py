@@ -54,10 +54,10 @@ def mean_ci(values: Sequence[float]) -> tuple[float, Optional[float]]:
 
 def load_spec(path: Path) -> dict:
     spec = yaml.safe_load(path.read_text())
-    for key in ("base", "arms"):
+    for key in ("recipe", "arms"):
         if key not in spec:
             raise SystemExit(f"{path}: missing key {key!r}")
-    known = {"base", "output_dir", "seeds", "eval", "teacher_scores", "arms", "comparisons", "overrides"}
+    known = {"recipe", "output_dir", "seeds", "eval", "teacher_scores", "arms", "comparisons", "overrides"}
     unknown = set(spec) - known
     if unknown:
         raise SystemExit(f"{path}: unknown keys {sorted(unknown)} (known: {', '.join(sorted(known))})")
@@ -71,7 +71,7 @@ def load_spec(path: Path) -> dict:
 
 def arm_recipe(spec: dict, spec_path: Path, arm: str, seed: int, run_dir: Path, smoke: bool) -> dict:
     """The full recipe mapping of one (arm, seed) run."""
-    data = deep_merge(load_raw(spec_path.parent / spec["base"]), spec["arms"][arm] or {})
+    data = deep_merge(load_raw(spec_path.parent / spec["recipe"]), spec["arms"][arm] or {})
     from radio_core.recipe import apply_overrides
 
     overrides = list(spec.get("overrides", [])) + [f"train.seed={seed}", f"output_dir={run_dir}"]
