@@ -89,7 +89,7 @@ def score(encoder: Encoder, train: Labelled, test: Labelled, text_weights: Optio
 
 
 def student_encoder(distiller, clip_head: Optional[str], resolution: int) -> Encoder:
-    from radio_core import preprocess
+    from radio_core.models import preprocess
     from radio_core.eval.features import student_forward
 
     def run(u8: Tensor):
@@ -101,7 +101,7 @@ def student_encoder(distiller, clip_head: Optional[str], resolution: int) -> Enc
 
 
 def teacher_encoder(teacher, is_clip: bool) -> Encoder:
-    from radio_core import preprocess
+    from radio_core.models import preprocess
     from radio_core.eval.features import teacher_forward
 
     def run(u8: Tensor):

@@ -19,14 +19,14 @@ def build_proxy_world(split: str = "train", world: Optional[dict] = None):
 
 
 def _teacher_factory(kind: str):
-    def factory(preset: str = "bench", world: Optional[dict] = None, resolution=None, meta: bool = False,
+    def factory(preset: str = "standard", world: Optional[dict] = None, resolution=None, meta: bool = False,
                 **kwargs: Any):
         from .teachers import build_proxy_teacher
 
         return build_proxy_teacher(kind, preset=preset, world=world, resolution=resolution, meta=meta, **kwargs)
 
     factory.__name__ = f"build_proxy_{kind}_teacher"
-    factory.__doc__ = (f"The proxy world's {kind} teacher (preset 'quickstart' or 'bench'), trained on first use "
+    factory.__doc__ = (f"The proxy world's {kind} teacher (preset 'standard', or 'tiny' for tests), trained on first use "
                        "and loaded through the built-in plugin's local-checkpoint path.")
     return factory
 

@@ -89,7 +89,7 @@ def test_teachers_are_cached_by_fingerprint_and_loaded_by_the_builtin_plugins(re
     sam = registry.build("teacher", "proxy_sam", preset="tiny", world=SMALL)
     assert isinstance(sam, SamTeacher) and sam(torch.zeros(1, 3, 128, 128)).spatial.shape[-2:] == (16, 16)
     # meta builds (planning) need no training
-    meta = registry.build("teacher", "proxy_sam", preset="quickstart", meta=True)
+    meta = registry.build("teacher", "proxy_sam", preset="standard", meta=True)
     assert meta.spatial_dim == 32
 
 
