@@ -47,8 +47,8 @@ LOW_RES = 64  # CLIP- and DINOv2-like teachers see the world at half size; SAM a
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "standard": {
         "clip": dict(width=64, layers=2, text_width=64, text_layers=1, embed_dim=64, steps=300, batch=64, lr=2e-3),
-        "dinov2": dict(hidden=64, layers=2, steps=200, batch=32, lr=2e-3),
-        "sam": dict(hidden=64, layers=2, channels=32, steps=150, batch=8, lr=2e-3),
+        "dinov2": dict(hidden=64, layers=2, steps=600, batch=32, lr=2e-3),
+        "sam": dict(hidden=64, layers=2, channels=32, steps=500, batch=12, lr=2e-3),
     },
 }
 #: a few steps each, for tests of the caching and loading machinery.
