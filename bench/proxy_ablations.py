@@ -210,13 +210,38 @@ def teacher_table(result: dict) -> list[str]:
     return table({**teachers, **student}).splitlines()
 
 
+#: each teacher's speciality and the student resolution it is judged at (the teacher's own).
+SPECIALITIES = {"clip": ("zeroshot", 64), "dino": ("miou", 64), "sam": ("boundary_f", 128)}
+
+
+def speciality_rows(by_seed: dict[int, dict]) -> list[str]:
+    """The all-teacher student against each teacher on that teacher's speciality (target: 0.9)."""
+    lines = ["| teacher | speciality | teacher | student (mean ± CI over seeds) | ratio |", "|---|---|---|---|---|"]
+    first = next((r["scores"] for _, r in sorted(by_seed.items()) if any(k.startswith("teacher/") for k in r["scores"])),
+                 {})
+    for name, (metric, res) in SPECIALITIES.items():
+        teacher = first.get(f"teacher/{name}", {}).get(metric)
+        values = [r["scores"].get(f"student@{res}", {}).get(metric) for r in by_seed.values()]
+        values = [v for v in values if v is not None]
+        if teacher is None or not values:
+            continue
+        m, ci = mean_ci(values)
+        lines.append(f"| {name} | {metric}@{res} | {teacher:.3f} | {m:.3f}" + ("" if ci is None else f" ± {ci:.3f}")
+                     + f" | {m / teacher:.2f} |")
+    return lines
+
+
 def write_results(spec: dict, out: Path, results: dict, resolutions: Sequence[int], command: str,
                   teacher_arm: Optional[str], elapsed: float) -> str:
     lines = [f"Command: `{command}`", ""]
-    if teacher_arm and teacher_arm in results and results[teacher_arm]:
-        first = results[teacher_arm][min(results[teacher_arm])]
+    scored = [r for _, r in sorted(results.get(teacher_arm, {}).items())
+              if any(k.startswith("teacher/") for k in r["scores"])] if teacher_arm else []
+    if scored:
+        first = scored[0]
         lines += [f"### Teachers' own scores (and the `{teacher_arm}` student, seed {first['seed']})", "",
-                  *teacher_table(first), ""]
+                  *teacher_table(first), "",
+                  f"### The `{teacher_arm}` student on each teacher's speciality", "",
+                  *speciality_rows(results[teacher_arm]), ""]
     lines += ["### Arms: mean ± 95% CI over seeds", "", *arm_table(results, resolutions), "",
               "### Comparisons (paired by seed)", "", *comparison_rows(spec, results), "",
               f"Suite wall time of this invocation: {elapsed / 60:.1f} min."]

@@ -20,6 +20,7 @@ version); a changed world or config gives a new directory, hence a retrained tea
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import math
@@ -91,8 +92,18 @@ def ensure_teacher(kind: str, preset: str = "standard", world: Optional[dict] = 
     directory = teacher_dir(kind, preset, cfg, w)
     if (directory / "trained.json").is_file():
         return directory, False
-    log(f"proxy teacher {kind} ({preset}): training from scratch on the proxy world -> {directory}")
     directory.parent.mkdir(parents=True, exist_ok=True)
+    # Concurrent runs (parallel sweep arms) wait for one trainer instead of all training.
+    with open(directory.parent / f".{directory.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (directory / "trained.json").is_file():
+            return directory, False
+        _train_into(kind, preset, cfg, w, directory, log)
+    return directory, True
+
+
+def _train_into(kind: str, preset: str, cfg: dict, w: ProxyWorld, directory: Path, log) -> None:
+    log(f"proxy teacher {kind} ({preset}): training from scratch on the proxy world -> {directory}")
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
         start, cpu = time.perf_counter(), time.process_time()
@@ -104,16 +115,11 @@ def ensure_teacher(kind: str, preset: str = "standard", world: Optional[dict] = 
                 "train_cpu_seconds": time.process_time() - cpu, "load_avg_1min": os.getloadavg()[0],
                 "torch_threads": torch.get_num_threads(), **info}
         (tmp / "trained.json").write_text(json.dumps(info, indent=1))
-        try:
-            os.rename(tmp, directory)
-        except OSError:
-            if not (directory / "trained.json").is_file():
-                raise
+        os.rename(tmp, directory)
         log(f"proxy teacher {kind}: trained in {info['train_seconds']:.0f} s wall, {info['train_cpu_seconds']:.0f} s "
             f"cpu (final loss {info['final_loss']:.3f})")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return directory, True
 
 
 def build_proxy_teacher(kind: str, preset: str = "standard", world: Optional[dict] = None, resolution=None,
