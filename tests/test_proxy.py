@@ -136,3 +136,25 @@ def test_ablation_suite_smoke_runs_end_to_end(tmp_path, cache):
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and log.stat().st_size == size
     assert json.loads((out / "baseline" / "seed0" / "results.json").read_text()) == result
+
+
+def _bench():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("proxy_ablations", REPO / "bench" / "proxy_ablations.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_confidence_intervals_and_verdicts():
+    bench = _bench()
+    mean, half = bench.mean_ci([0.50, 0.52, 0.54])
+    assert mean == pytest.approx(0.52) and half == pytest.approx(4.303 * 0.02 / 3 ** 0.5)  # t(0.975, 2 df)
+    assert bench.mean_ci([0.5]) == (0.5, None)
+    assert bench.verdict([(0.05, 0.01), (0.03, 0.02)], "better", 0.0) == "reproduced"
+    assert bench.verdict([(0.05, 0.01), (-0.03, 0.02)], "better", 0.0) == "not reproduced"
+    assert bench.verdict([(0.05, 0.01), (0.01, 0.02)], "better", 0.0) == "inconclusive"
+    assert bench.verdict([(-0.01, 0.005)], "not_worse", 0.02) == "reproduced"
+    assert bench.verdict([(-0.05, 0.01)], "not_worse", 0.02) == "not reproduced"
+    assert bench.verdict([(0.05, None)], "better", 0.0).startswith("inconclusive")
