@@ -19,6 +19,7 @@ students, 32 evaluation images, seed 0.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import math
 import os
@@ -75,7 +76,7 @@ def arm_recipe(spec: dict, spec_path: Path, arm: str, seed: int, run_dir: Path, 
     from radio_core.recipe import apply_overrides
 
     overrides = list(spec.get("overrides", [])) + [f"train.seed={seed}", f"output_dir={run_dir}"]
-    if smoke:
+    if smoke:  # after the file's overrides: the smoke settings win
         overrides += SMOKE
         data = deep_merge(data, {"data": {"source": {"args": {"world": SMOKE_WORLD}}, "batch_size": 4}})
         for name in data["teachers"]:
@@ -96,12 +97,21 @@ def child_cpu_seconds() -> float:
 
 
 def run_one(spec: dict, spec_path: Path, arm: str, seed: int, out: Path, smoke: bool, score_teachers: bool,
-            resolutions: Sequence[int]) -> dict:
+            resolutions: Sequence[int], probe_images: Optional[int] = None) -> Optional[dict]:
     run_dir = out / arm / f"seed{seed}"
     done = run_dir / "results.json"
     if done.is_file():
         return json.loads(done.read_text())
     run_dir.mkdir(parents=True, exist_ok=True)
+    # Several invocations may share an output dir (arms run in parallel): one run, one owner.
+    lock = open(run_dir / ".lock", "w")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        print(f"{arm} seed {seed}: running in another process, skipped here", flush=True)
+        return None
+    if done.is_file():
+        return json.loads(done.read_text())
     recipe_path = run_dir / "arm_recipe.yaml"
     recipe_path.write_text(yaml.safe_dump(arm_recipe(spec, spec_path, arm, seed, run_dir, smoke), sort_keys=False))
     resume = any((run_dir / "checkpoints").glob("step_*")) if (run_dir / "checkpoints").is_dir() else False
@@ -110,13 +120,16 @@ def run_one(spec: dict, spec_path: Path, arm: str, seed: int, out: Path, smoke: 
     with open(run_dir / "train.log", "a") as log:
         rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT)
     train_wall, train_cpu = time.perf_counter() - start, child_cpu_seconds() - cpu0
+    if resume:  # the earlier part's time is not known here
+        train_wall = train_cpu = None
     if rc != 0:
         tail = (run_dir / "train.log").read_text().strip().splitlines()[-5:]
         raise SystemExit(f"{arm} seed {seed}: training failed (exit {rc}); {run_dir / 'train.log'}:\n" + "\n".join(tail))
     from radio_proxy.downstream import evaluate_run
 
     start, cpu0 = time.perf_counter(), time.process_time()
-    scores = evaluate_run(run_dir, resolutions, teachers=score_teachers, limit=32 if smoke else None)
+    scores = evaluate_run(run_dir, resolutions, teachers=score_teachers, limit=32 if smoke else None,
+                          probe_images=None if smoke else probe_images)
     meta = scores.pop("_meta")
     result = {"arm": arm, "seed": seed, "scores": scores, "meta": meta,
               "seconds": {"train_wall": train_wall, "train_cpu": train_cpu, "eval_wall": time.perf_counter() - start,
@@ -197,8 +210,9 @@ def arm_table(results: dict[str, dict[int, dict]], resolutions: Sequence[int]) -
                 continue
             m, ci = mean_ci(vals)
             cells.append(f"{m:.3f}" + ("" if ci is None else f" ± {ci:.3f}"))
-        cpu = [r["seconds"]["train_cpu"] for r in by_seed.values()]
-        lines.append(f"| {arm} | {len(by_seed)} | " + " | ".join(cells) + f" | {sum(cpu) / len(cpu):.0f} |")
+        cpu = [r["seconds"]["train_cpu"] for r in by_seed.values() if r["seconds"]["train_cpu"] is not None]
+        lines.append(f"| {arm} | {len(by_seed)} | " + " | ".join(cells) + f" | {sum(cpu) / len(cpu):.0f} |" if cpu
+                     else f"| {arm} | {len(by_seed)} | " + " | ".join(cells) + " | - |")
     return lines
 
 
@@ -259,6 +273,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--output-dir", help="override the file's output_dir")
     p.add_argument("--smoke", action="store_true", help="tiny world, teachers and runs: checks the pipeline only")
     p.add_argument("--dry-run", action="store_true", help="list the runs and their state, run nothing")
+    p.add_argument("--collect", action="store_true", help="only write the table from the finished runs")
     p.add_argument("--docs", help="also copy the results table to this markdown file")
     args = p.parse_args(argv)
 
@@ -281,16 +296,26 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 print(f"{arm:16s} seed {seed}: {state:8s} {d}")
         return 0
     command = "python bench/proxy_ablations.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    if args.collect:
+        seeds = args.seeds or spec.get("seeds", [0])
     start = time.perf_counter()
     results: dict[str, dict[int, dict]] = {arm: {} for arm in arms}
     for seed in seeds:
         for arm in arms:
             t0 = time.perf_counter()
+            if args.collect:
+                done = out / arm / f"seed{seed}" / "results.json"
+                if done.is_file():
+                    results[arm][seed] = json.loads(done.read_text())
+                continue
             r = run_one(spec, spec_path, arm, seed, out, args.smoke, arm == teacher_arm and seed == seeds[0],
-                        resolutions)
+                        resolutions, spec.get("eval", {}).get("probe_images"))
+            if r is None:
+                continue
             results[arm][seed] = r
-            print(f"{arm} seed {seed}: train {r['seconds']['train_wall']:.0f} s wall / {r['seconds']['train_cpu']:.0f} s "
-                  f"cpu, eval {r['seconds']['eval_wall']:.0f} s ({time.perf_counter() - t0:.0f} s this call)", flush=True)
+            sec = r["seconds"]
+            print(f"{arm} seed {seed}: train {sec['train_wall'] or 0:.0f} s wall / {sec['train_cpu'] or 0:.0f} s cpu, "
+                  f"eval {sec['eval_wall']:.0f} s ({time.perf_counter() - t0:.0f} s this call)", flush=True)
             write_results(spec, out, results, resolutions, command, teacher_arm, time.perf_counter() - start)
     text = write_results(spec, out, results, resolutions, command, teacher_arm, time.perf_counter() - start)
     print(text)

@@ -133,7 +133,8 @@ def world_of_run(recipe) -> ProxyWorld:
 
 
 def evaluate_run(run_dir: str | Path, resolutions: Sequence[int] = (64, 128), teachers: bool = False,
-                 limit: Optional[int] = None, metrics_wanted: Sequence[str] = METRICS) -> dict:
+                 limit: Optional[int] = None, metrics_wanted: Sequence[str] = METRICS,
+                 probe_images: Optional[int] = None) -> dict:
     """Downstream scores of a finished run's student at each resolution (and, with
     ``teachers``, of each of its teachers), as ``{"student@64": {...}, "teacher/clip": {...}}``."""
     from radio_core.eval.loading import load_run
@@ -141,7 +142,7 @@ def evaluate_run(run_dir: str | Path, resolutions: Sequence[int] = (64, 128), te
     start = time.perf_counter()
     run = load_run(run_dir, with_teachers=True)
     world = world_of_run(run.recipe)
-    train, test = Labelled(world, "val", limit), Labelled(world, "test", limit)
+    train, test = Labelled(world, "val", probe_images or limit), Labelled(world, "test", limit)
     clip_name = clip_teacher_name(run.teachers)
     weights = zero_shot_weights(run.teachers[clip_name], CLASSES, ZERO_SHOT_TEMPLATES) if clip_name else None
     head = clip_name if clip_name in run.distiller.summary_heads else None  # a student without a CLIP head
@@ -174,9 +175,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--resolutions", type=int, nargs="+", default=[64, 128], help="student input sizes (px)")
     p.add_argument("--teachers", action="store_true", help="also score every teacher with the same protocol")
     p.add_argument("--limit", type=int, help="use only the first N images of val and test (smoke runs)")
+    p.add_argument("--probe-images", type=int, help="fit the probes on the first N val images (default: all)")
     p.add_argument("--out", help="write the results as JSON here")
     args = p.parse_args(argv)
-    results = evaluate_run(args.run_dir, args.resolutions, args.teachers, args.limit)
+    results = evaluate_run(args.run_dir, args.resolutions, args.teachers, args.limit,
+                           probe_images=args.probe_images)
     print(table(results))
     meta = results["_meta"]
     print(f"{meta['test_images']} test images, probes fit on {meta['probe_images']}; zero-shot chance "
