@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import fcntl
 import json
-import math
 import os
 import resource
 import subprocess
@@ -34,20 +33,17 @@ import yaml
 
 from radio_core.recipe import deep_merge, load_raw, validate
 
-#: two-sided 97.5% quantiles of Student's t by degrees of freedom (1-10), else the normal's.
-T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
 SMOKE_WORLD = {"train": 64, "val": 32, "test": 32}
 SMOKE = ["train.steps=4", "checkpoint.every=2", "train.log_every=2", "schedule.warmup_steps=1"]
 
 
 def mean_ci(values: Sequence[float]) -> tuple[float, Optional[float]]:
-    """Mean and the half-width of its 95% t-interval (None for fewer than two values)."""
-    n = len(values)
-    mean = sum(values) / n
-    if n < 2:
-        return mean, None
-    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
-    return mean, T975.get(n - 1, 1.96) * sd / math.sqrt(n)
+    """Mean and the half-width of its 95% t-interval (None for fewer than two values), by the
+    sweep package's statistics."""
+    from radio_core.sweep.stats import mean_ci as interval
+
+    iv = interval(list(values))
+    return iv.mean, iv.half
 
 
 # --------------------------------------------------------------------------- spec
@@ -114,8 +110,12 @@ def run_one(spec: dict, spec_path: Path, arm: str, seed: int, out: Path, smoke: 
         return json.loads(done.read_text())
     recipe_path = run_dir / "arm_recipe.yaml"
     recipe_path.write_text(yaml.safe_dump(arm_recipe(spec, spec_path, arm, seed, run_dir, smoke), sort_keys=False))
-    resume = any((run_dir / "checkpoints").glob("step_*")) if (run_dir / "checkpoints").is_dir() else False
-    cmd = [sys.executable, "-m", "radio_core.run", str(recipe_path)] + (["--resume"] if resume else [])
+    from radio_core.formats.checkpoints import list_checkpoints, run_artifacts
+
+    resume = bool(list_checkpoints(run_dir / "checkpoints"))
+    # a run killed before its first checkpoint left only logs: start it over
+    flag = ["--resume"] if resume else (["--overwrite"] if run_artifacts(run_dir) else [])
+    cmd = [sys.executable, "-m", "radio_core.run", str(recipe_path)] + flag
     start, cpu0 = time.perf_counter(), child_cpu_seconds()
     with open(run_dir / "train.log", "a") as log:
         rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT)
