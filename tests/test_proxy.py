@@ -54,9 +54,11 @@ def test_proxy_world_is_a_dataset_source(registry, cache):
     source = registry.build("dataset", "proxy_world", split="val", world=SMALL)
     assert len(source) == 4 and source.load(0).size == (128, 128)
     assert source.key(1).endswith("/val/000001")
-    with pytest.raises(ValueError, match="split"):
+    from radio_core import PluginError
+
+    with pytest.raises(PluginError, match="split must be one of train, val, test"):
         registry.build("dataset", "proxy_world", split="holdout", world=SMALL)
-    with pytest.raises(ValueError, match="unknown option"):
+    with pytest.raises(PluginError, match="unknown option"):
         registry.build("dataset", "proxy_world", world={"trian": 3})
 
 
