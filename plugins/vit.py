@@ -34,6 +34,8 @@ Recipe arguments (``student.args``; ``num_cls_tokens`` comes from the framework)
   ``embed_dim``, ``depth``, ``num_heads``, ``patch_size``, ``mlp_ratio``, ``qkv_bias``,
   ``init_values`` (layer scale), ``final_norm`` override the preset.
 * ``cpe_max_size`` (2048), ``pos_dropout`` (0.1), ``num_registers`` or ``register_multiple``.
+* ``pos_embed: learned`` (with ``pos_grid``): timm's standard learned absolute position
+  embedding resampled to the input's grid instead of CPE (the CPE ablation's baseline).
 * ``window_sizes`` (e.g. ``[8, 16, null]``; list ``null`` to keep global among the choices),
   ``global_every`` (default depth // 4), ``window_size`` (fixed mode, e.g. for eval).
 * ``spectral_reparam``, ``drop_path_rate``, ``grad_checkpointing``, ``pretrained`` (a local
@@ -100,14 +102,19 @@ class PatchGenerator(nn.Module):
     """Image -> [summary tokens, registers, patch tokens + CPE positions]."""
 
     def __init__(self, patch_size: int, embed_dim: int, cpe_max_size: int, num_cls: int, num_registers: int,
-                 pos_dropout: float, cpe: bool = True) -> None:
+                 pos_dropout: float, cpe: bool = True, pos_embed: str = "cpe", pos_grid: Optional[int] = None) -> None:
         super().__init__()
+        if pos_embed not in ("cpe", "learned"):
+            raise ValueError(f"student 'vit': pos_embed must be 'cpe' or 'learned', got {pos_embed!r}")
         self.patch_size = patch_size
-        #: False: no random crop in training, the grid is resized to the tokens as at inference
-        #: (plain interpolated position embedding: the ablation baseline of CPE).
-        self.cpe = cpe
-        self.grid_side = math.ceil(cpe_max_size / patch_size)
-        self.pos_dropout = pos_dropout
+        #: "learned": timm's standard ViT position embedding, a (pos_grid x pos_grid) table
+        #: resampled (bicubic, timm.layers.resample_abs_pos_embed) to every input's token grid,
+        #: in training as at inference: the usual baseline CPE is compared against.
+        self.pos_embed_kind = pos_embed
+        #: False: no random crop in training, the CPE grid is resized to the tokens as at inference.
+        self.cpe = cpe and pos_embed == "cpe"
+        self.grid_side = int(pos_grid) if pos_embed == "learned" else math.ceil(cpe_max_size / patch_size)
+        self.pos_dropout = pos_dropout if pos_embed == "cpe" else 0.0
         self.embedder = nn.Linear(3 * patch_size * patch_size, embed_dim, bias=False)
         self.pos_embed = nn.Parameter(torch.randn(1, self.grid_side ** 2, embed_dim) * embed_dim ** -0.5)
         self.cls_token = ClsToken(embed_dim, num_cls, num_registers)
@@ -121,6 +128,12 @@ class PatchGenerator(nn.Module):
     def position_grid(self, batch: int, h: int, w: int) -> Tensor:
         """Positions for an (h, w) token grid: (B or 1, h*w, D)."""
         side = self.grid_side
+        if self.pos_embed_kind == "learned":
+            from timm.layers import resample_abs_pos_embed
+
+            if (h, w) == (side, side):
+                return self.pos_embed
+            return resample_abs_pos_embed(self.pos_embed, new_size=[h, w], old_size=[side, side], num_prefix_tokens=0)
         grid = self.pos_embed.reshape(1, side, side, -1).permute(0, 3, 1, 2)
         if self.training and self.cpe:
             pos = self._random_crop(grid, batch, h, w)
@@ -177,7 +190,8 @@ class ViTCPEStudent(Student):
                  window_sizes: Sequence[Optional[int]] = (), global_every: Optional[int] = None,
                  window_size: Optional[int] = None, grad_checkpointing: bool = False,
                  mean: Sequence[float] = OPENAI_CLIP_MEAN, std: Sequence[float] = OPENAI_CLIP_STD,
-                 model_name: str = "", cpe: bool = True) -> None:
+                 model_name: str = "", cpe: bool = True, pos_embed: str = "cpe",
+                 pos_grid: Optional[int] = None) -> None:
         super().__init__()
         from timm.layers import Mlp
         from timm.models.vision_transformer import Block
@@ -197,7 +211,7 @@ class ViTCPEStudent(Student):
         self.register_buffer("norm_mean", torch.tensor(mean, dtype=torch.float32).view(3, 1, 1))
         self.register_buffer("norm_std", torch.tensor(std, dtype=torch.float32).view(3, 1, 1))
         self.patch_generator = PatchGenerator(patch_size, embed_dim, cpe_max_size, num_cls_tokens, num_registers,
-                                              pos_dropout, cpe=cpe)
+                                              pos_dropout, cpe=cpe, pos_embed=pos_embed, pos_grid=pos_grid)
         norm_layer = partial(nn.LayerNorm, eps=1e-6)  # timm ViT's (and RADIO's) LayerNorm
         mlp_layer = partial(Mlp, norm_layer=norm_layer) if mlp_norm else Mlp
         dpr = [x.item() for x in torch.linspace(0, drop_path_rate, depth, device="cpu")] if depth else []
@@ -396,12 +410,18 @@ def build_vit_student(model: str = "vit_base_patch16_224", *, num_cls_tokens: in
                       window_size: Optional[int] = None, spectral_reparam: bool = False,
                       grad_checkpointing: bool = False, pretrained: Optional[str] = None,
                       mean: Sequence[float] = OPENAI_CLIP_MEAN,
-                      std: Sequence[float] = OPENAI_CLIP_STD, cpe: bool = True) -> ViTCPEStudent:
+                      std: Sequence[float] = OPENAI_CLIP_STD, cpe: bool = True, pos_embed: str = "cpe",
+                      pos_grid: Optional[int] = None) -> ViTCPEStudent:
     """ViT with CPE (any resolution/aspect), optional ViTDet windows and σReparam (RADIO's student).
 
-    ``cpe: false`` trains with the plain interpolated position embedding instead of random
-    crops of the position grid (the CPE ablation's baseline)."""
+    ``cpe: false`` trains without random crops of the CPE grid (resized as at inference).
+    ``pos_embed: learned`` replaces CPE by timm's standard learned absolute position embedding:
+    a ``pos_grid`` x ``pos_grid`` table (default: the model name's resolution / patch, else 14)
+    bicubically resampled to each input's token grid (the CPE ablation's baseline)."""
     (dim0, depth0, heads0), patch0, mlp_norm0 = parse_model_name(model)
+    if pos_embed == "learned" and pos_grid is None:
+        m = _NAME.match(model)
+        pos_grid = int(m["res"]) // (patch_size or patch0) if m and m["res"] else 14
     if register_multiple:
         # RADIO: pad summary tokens + registers up to a multiple of register_multiple.
         num_registers = register_multiple - (num_cls_tokens % register_multiple)
@@ -412,7 +432,7 @@ def build_vit_student(model: str = "vit_base_patch16_224", *, num_cls_tokens: in
         mlp_norm=mlp_norm0 if mlp_norm is None else mlp_norm, final_norm=final_norm, cpe_max_size=cpe_max_size,
         pos_dropout=pos_dropout, drop_path_rate=drop_path_rate, window_sizes=list(window_sizes or ()),
         global_every=global_every, window_size=window_size, grad_checkpointing=grad_checkpointing,
-        mean=mean, std=std, model_name=model, cpe=cpe)
+        mean=mean, std=std, model_name=model, cpe=cpe, pos_embed=pos_embed, pos_grid=pos_grid)
     if pretrained and student.norm_mean.device.type != "meta":
         student.load_timm_weights(pretrained)
     if spectral_reparam:

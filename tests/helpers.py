@@ -1,4 +1,4 @@
-"""Shared helpers: a tiny version of recipes/quickstart.yaml and subprocess launchers."""
+"""Shared helpers: a tiny version of recipes/tiny_random.yaml and subprocess launchers."""
 from __future__ import annotations
 
 import json
@@ -8,9 +8,10 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-QUICKSTART = REPO / "recipes" / "quickstart.yaml"
+#: random-init tiny teachers on scikit-image photos: fast, for tests of the machinery.
+QUICKSTART = REPO / "recipes" / "tiny_random.yaml"
 
-#: the quickstart's real tiny teachers and ViT-CPE student, at sizes that take ~0.2 s a step.
+#: tiny_random's real tiny teachers and ViT-CPE student, at sizes that take ~0.2 s a step.
 TINY = [
     "student.resolution=64", "student.args.depth=2", "student.args.embed_dim=48", "student.args.num_heads=2",
     "teachers.clip.resolution=64", "teachers.dino.resolution=56",
@@ -21,7 +22,7 @@ TINY = [
 
 
 def tiny_recipe(tmp_path: Path, *overrides: str, name: str = "recipe.yaml") -> Path:
-    """A recipe file: the quickstart plus TINY plus ``overrides`` (later ones win)."""
+    """A recipe file: tiny_random.yaml plus TINY plus ``overrides`` (later ones win)."""
     import yaml
 
     from radio_core.recipe import apply_overrides, load_raw

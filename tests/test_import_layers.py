@@ -174,5 +174,5 @@ def test_every_package_is_installed():
 
     listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
     found = {module_name(p.parent) if p.parent != ROOT / "plugins" else "radio_plugins"
-             for p in (ROOT / "radio_core").rglob("__init__.py")} | {"radio_plugins"}
+             for p in (ROOT / "radio_core").rglob("__init__.py")} | {"radio_plugins", "radio_proxy"}
     assert found == listed, f"pyproject packages: missing {sorted(found - listed)}, extra {sorted(listed - found)}"

@@ -186,3 +186,24 @@ def test_cpe_off_trains_with_the_inference_position_grid():
     torch.manual_seed(0)
     c = build_vit_student("vit_tiny", embed_dim=32, depth=1, num_heads=2, pos_dropout=0.0).train()
     assert not torch.allclose(c(x).patches, c(x).patches)  # CPE: a new crop each call
+
+
+def test_learned_absolute_position_embedding_is_timms_resampled_table():
+    """pos_embed=learned (the CPE ablation's baseline): a pos_grid^2 table, used as is at its own
+    grid and resampled by timm's resample_abs_pos_embed (bicubic) elsewhere, in training as in
+    eval; no crops, no position dropout, and only pos_grid^2 positions to train."""
+    from timm.layers import resample_abs_pos_embed
+
+    s = tiny(pos_embed="learned", pos_grid=6, patch_size=8).train()
+    pg = s.patch_generator
+    assert pg.pos_embed.shape == (1, 36, 32) and pg.pos_dropout == 0.0
+    torch.testing.assert_close(pg.position_grid(2, 6, 6), pg.pos_embed)
+    expect = resample_abs_pos_embed(pg.pos_embed.detach(), new_size=[10, 8], old_size=[6, 6], num_prefix_tokens=0)
+    torch.testing.assert_close(pg.position_grid(2, 10, 8).detach(), expect)
+    x = torch.rand(2, 3, 80, 64)
+    torch.testing.assert_close(s(x).patches, s.eval()(x).patches)  # deterministic in training too
+    # default table size: the model name's resolution / patch (timm's vit_*_patch16_224: 14x14)
+    assert build_vit_student("vit_tiny_patch16_224", embed_dim=32, depth=1, num_heads=2,
+                             pos_embed="learned").patch_generator.pos_embed.shape[1] == 14 * 14
+    with pytest.raises(ValueError, match="pos_embed"):
+        tiny(pos_embed="sincos")

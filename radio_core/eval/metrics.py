@@ -1,4 +1,4 @@
-"""Metric math: kNN classification (DINO protocol), mIoU, feature fidelity."""
+"""Metric math: kNN classification (DINO protocol), mIoU, boundary F-score, feature fidelity."""
 from __future__ import annotations
 
 import torch
@@ -61,3 +61,26 @@ def fidelity(pred: Tensor, target: Tensor) -> dict[str, float]:
     cos = F.cosine_similarity(pred, target, dim=-1).mean()
     rel = ((pred - target) ** 2).sum() / (target**2).sum().clamp(min=1e-12)
     return {"cosine": float(cos), "rel_mse": float(rel)}
+
+
+@torch.no_grad()
+def boundary_f_score(probs: Tensor, target: Tensor, tolerance: int = 1,
+                     thresholds: tuple[float, ...] = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)) -> dict[str, float]:
+    """Boundary F-measure (BSDS style, dataset-wide best fixed threshold): a predicted boundary
+    pixel is correct when a true one lies within ``tolerance`` pixels (Chebyshev), and a true one
+    is recalled when a predicted one does. probs (N, H, W) in [0, 1]; target (N, H, W) bool."""
+    k = 2 * tolerance + 1
+    target = target.bool()
+    near_true = F.max_pool2d(target[:, None].float(), k, 1, tolerance)[:, 0] > 0
+    best = {"boundary_f": 0.0, "precision": 0.0, "recall": 0.0, "threshold": thresholds[0]}
+    n_true = float(target.sum())
+    for th in thresholds:
+        pred = probs >= th
+        near_pred = F.max_pool2d(pred[:, None].float(), k, 1, tolerance)[:, 0] > 0
+        n_pred = float(pred.sum())
+        precision = float((pred & near_true).sum()) / max(n_pred, 1.0)
+        recall = float((target & near_pred).sum()) / max(n_true, 1.0)
+        f = 2 * precision * recall / max(precision + recall, 1e-12)
+        if f > best["boundary_f"]:
+            best = {"boundary_f": f, "precision": precision, "recall": recall, "threshold": th}
+    return best

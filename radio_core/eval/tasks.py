@@ -99,18 +99,49 @@ DEFAULT_TEMPLATES = ("a photo of a {}.", "a blurry photo of a {}.", "a photo of 
 
 
 @torch.no_grad()
+def zero_shot_weights(clip_teacher: Any, classnames: Sequence[str],
+                      templates: Sequence[str] = DEFAULT_TEMPLATES) -> Tensor:
+    """(classes, D) zero-shot classifier from a CLIP text tower: per class, the normalised mean
+    of its normalised prompt embeddings."""
+    weights = []
+    for name in classnames:
+        emb = F.normalize(clip_teacher.encode_text([t.format(name) for t in templates]).float(), dim=-1)
+        weights.append(F.normalize(emb.mean(0), dim=-1))
+    return torch.stack(weights)
+
+
+@torch.no_grad()
 def zero_shot(distiller: Distiller, clip_teacher: Any, head: str, images: list, labels: list,
               classnames: Sequence[str], resolution: tuple[int, int],
               templates: Sequence[str] = DEFAULT_TEMPLATES, batch_size: int = 32) -> dict:
     """Zero-shot classification through the student's CLIP summary head and the CLIP teacher's
     text tower: class embedding = mean of normalised prompt embeddings."""
-    weights = []
-    for name in classnames:
-        emb = F.normalize(clip_teacher.encode_text([t.format(name) for t in templates]).float(), dim=-1)
-        weights.append(F.normalize(emb.mean(0), dim=-1))
-    weights = torch.stack(weights)
+    weights = zero_shot_weights(clip_teacher, classnames, templates)
     feats = F.normalize(summary_features(distiller, batches(images, resolution, batch_size), resolution, head), dim=-1)
     return metrics.topk_accuracy(feats @ weights.T, torch.tensor(labels))
+
+
+def linear_probe_classification(train_feats: Tensor, train_labels: Tensor, test_feats: Tensor,
+                                test_labels: Tensor, num_classes: int, epochs: int = 100, lr: float = 1e-2,
+                                weight_decay: float = 1e-4, seed: int = 0) -> dict:
+    """A linear classifier on frozen, standardised (training statistics) image features, trained
+    full-batch with AdamW on cross-entropy; top-1 / top-5 on the test features."""
+    mu, sd = train_feats.mean(0), train_feats.std(0).clamp(min=1e-6)
+    xtr, xte = (train_feats.float() - mu) / sd, (test_feats.float() - mu) / sd
+    gen = torch.Generator().manual_seed(seed)
+    probe = torch.nn.Linear(xtr.shape[1], num_classes)
+    with torch.no_grad():
+        probe.weight.normal_(0, 0.01, generator=gen)
+        probe.bias.zero_()
+    opt = torch.optim.AdamW(probe.parameters(), lr=lr, weight_decay=weight_decay)
+    with torch.enable_grad():
+        for _ in range(epochs):
+            loss = F.cross_entropy(probe(xtr), train_labels)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    with torch.no_grad():
+        return metrics.topk_accuracy(probe(xte), test_labels)
 
 
 # --------------------------------------------------------------------------- segmentation
@@ -164,21 +195,70 @@ def linear_probe_segmentation(distiller: Distiller, root: str | Path, num_classe
     xva, yva = load(val_pairs)
     ftr = torch.cat([_spatial(distiller, xtr[i:i + batch_size], resolution, head) for i in range(0, len(xtr), batch_size)])
     fva = torch.cat([_spatial(distiller, xva[i:i + batch_size], resolution, head) for i in range(0, len(xva), batch_size)])
+    result = segmentation_probe(ftr, ytr, fva, yva, num_classes, epochs=epochs, lr=lr, batch_size=batch_size,
+                                ignore_index=ignore_index, seed=seed)
+    return {**result, "train_images": len(train_pairs), "val_images": len(val_pairs)}
+
+
+def segmentation_probe(ftr: Tensor, ytr: Tensor, fte: Tensor, yte: Tensor, num_classes: int, epochs: int = 20,
+                       lr: float = 1e-2, batch_size: int = 8, ignore_index: int = 255, seed: int = 0) -> dict:
+    """A linear (1x1 conv) head on frozen spatial features (N, C, h, w), logits bilinearly
+    upsampled to the masks (N, H, W); cross-entropy on the training pair, mIoU on the test pair."""
     torch.manual_seed(seed)
     probe = torch.nn.Conv2d(ftr.shape[1], num_classes, 1)
     # Features standardised per channel with training statistics (a frozen BatchNorm, as usual).
     mu, sd = ftr.mean((0, 2, 3), keepdim=True), ftr.std((0, 2, 3), keepdim=True).clamp(min=1e-6)
     opt = torch.optim.AdamW(probe.parameters(), lr=lr, weight_decay=1e-4)
-    for _ in range(epochs):
-        perm = torch.randperm(len(ftr))
-        for i in range(0, len(ftr), batch_size):
-            idx = perm[i:i + batch_size]
-            logits = F.interpolate(probe((ftr[idx] - mu) / sd), size=ytr.shape[-2:], mode="bilinear", align_corners=False)
-            loss = F.cross_entropy(logits, ytr[idx], ignore_index=ignore_index)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+    with torch.enable_grad():
+        for _ in range(epochs):
+            perm = torch.randperm(len(ftr))
+            for i in range(0, len(ftr), batch_size):
+                idx = perm[i:i + batch_size]
+                logits = F.interpolate(probe((ftr[idx] - mu) / sd), size=ytr.shape[-2:], mode="bilinear",
+                                       align_corners=False)
+                loss = F.cross_entropy(logits, ytr[idx], ignore_index=ignore_index)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+    conf = torch.zeros(num_classes, num_classes, dtype=torch.long)
     with torch.no_grad():
-        logits = F.interpolate(probe((fva - mu) / sd), size=yva.shape[-2:], mode="bilinear", align_corners=False)
-        conf = metrics.confusion_matrix(logits.argmax(1), yva, num_classes, ignore_index)
-    return {**metrics.miou(conf), "train_images": len(train_pairs), "val_images": len(val_pairs)}
+        for i in range(0, len(fte), 64):
+            logits = F.interpolate(probe((fte[i:i + 64] - mu) / sd), size=yte.shape[-2:], mode="bilinear",
+                                   align_corners=False)
+            conf += metrics.confusion_matrix(logits.argmax(1), yte[i:i + 64], num_classes, ignore_index)
+    return metrics.miou(conf)
+
+
+def boundary_probe(ftr: Tensor, btr: Tensor, fte: Tensor, bte: Tensor, epochs: int = 10, lr: float = 1e-2,
+                   batch_size: int = 32, tolerance: int = 1, seed: int = 0) -> dict:
+    """Fine boundaries from frozen spatial features (N, C, h, w) by a *linear* pixel-shuffle
+    read-out: each feature vector predicts the r x r pixels of its cell (r = ceil(H / h); the
+    logits are resized to the maps when r does not tile them). Trained with class-balanced
+    binary cross-entropy on the training pair (boundary maps (N, H, W) of 0/1); on the test
+    pair the boundary F-score (``metrics.boundary_f_score``) at the best fixed threshold."""
+    size = tuple(btr.shape[-2:])
+    r = -(-size[0] // ftr.shape[-2])
+    torch.manual_seed(seed)
+    probe = torch.nn.Conv2d(ftr.shape[1], r * r, 1)
+    mu, sd = ftr.mean((0, 2, 3), keepdim=True), ftr.std((0, 2, 3), keepdim=True).clamp(min=1e-6)
+    share = max(float(btr.float().mean()), 1e-4)
+    pos_weight = torch.tensor(min((1 - share) / share, 20.0) ** 0.5)
+
+    def logits(f: Tensor) -> Tensor:
+        out = F.pixel_shuffle(probe((f - mu) / sd), r)
+        return (out if out.shape[-2:] == size else F.interpolate(out, size=size, mode="bilinear",
+                                                                 align_corners=False))[:, 0]
+
+    opt = torch.optim.AdamW(probe.parameters(), lr=lr, weight_decay=1e-4)
+    with torch.enable_grad():
+        for _ in range(epochs):
+            perm = torch.randperm(len(ftr))
+            for i in range(0, len(ftr), batch_size):
+                idx = perm[i:i + batch_size]
+                loss = F.binary_cross_entropy_with_logits(logits(ftr[idx]), btr[idx].float(), pos_weight=pos_weight)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+    with torch.no_grad():
+        probs = torch.cat([logits(fte[i:i + 64]).sigmoid() for i in range(0, len(fte), 64)])
+    return metrics.boundary_f_score(probs, bte.bool(), tolerance=tolerance)

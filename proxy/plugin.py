@@ -1,0 +1,38 @@
+"""Registration of the proxy benchmark's components (light: heavy imports happen in factories).
+
+* dataset ``proxy_world``: the images of one split of the proxy world (``split``, ``world``);
+* teachers ``proxy_clip``, ``proxy_dinov2``, ``proxy_sam``: specialist teachers trained on the
+  proxy world on first use (cached by fingerprint), then loaded by the built-in ``clip``,
+  ``dinov2`` and ``sam`` plugins through their local-checkpoint path.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from radio_core import hookimpl
+
+
+def build_proxy_world(split: str = "train", world: Optional[dict] = None):
+    from .world import ProxyWorldSource
+
+    return ProxyWorldSource(split=split, world=world)
+
+
+def _teacher_factory(kind: str):
+    def factory(preset: str = "standard", world: Optional[dict] = None, resolution=None, meta: bool = False,
+                **kwargs: Any):
+        from .teachers import build_proxy_teacher
+
+        return build_proxy_teacher(kind, preset=preset, world=world, resolution=resolution, meta=meta, **kwargs)
+
+    factory.__name__ = f"build_proxy_{kind}_teacher"
+    factory.__doc__ = (f"The proxy world's {kind} teacher (preset 'standard', or 'tiny' for tests), trained on first use "
+                       "and loaded through the built-in plugin's local-checkpoint path.")
+    return factory
+
+
+@hookimpl
+def radio_register(registry) -> None:
+    registry.add("dataset", "proxy_world", build_proxy_world)
+    for kind in ("clip", "dinov2", "sam"):
+        registry.add("teacher", f"proxy_{kind}", _teacher_factory(kind))
