@@ -28,6 +28,15 @@ def config_hash(cfg: dict) -> str:
     return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:12]
 
 
+TINY_CACHE = "~/.cache/radio_distill/tiny"
+
+
+def tiny_dir(plugin: str, cache_dir: Optional[str], cfg: dict) -> Path:
+    """Where a tiny model of ``plugin`` with config ``cfg`` is cached."""
+    root = Path(os.path.expanduser(cache_dir or TINY_CACHE))
+    return root / f"{plugin}-{config_hash(cfg)}"
+
+
 def write_atomically(directory: Path, write) -> None:
     """Fill a temporary sibling directory, then rename it into place (a concurrent writer of the
     same content may win; its copy is kept)."""
