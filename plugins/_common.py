@@ -149,12 +149,45 @@ def hf_from_pretrained(plugin: str, model_cls, source: str, config, label: str) 
     mismatched = [f"{k}: checkpoint {tuple(a)} vs model {tuple(b)}" for k, a, b in sorted(info["mismatched_keys"])]
     missing = sorted(info["missing_keys"])
     if mismatched or missing:
-        arch = f"hidden_size={config.hidden_size}, layers={config.num_hidden_layers}"
+        arch = describe_architecture(config)
         problems = mismatched[:3] + [f"missing {k}" for k in missing[:3]]
         raise ValueError(f"{plugin} teacher: checkpoint {source!r} does not match the architecture "
                          f"{label!r} ({arch}): {'; '.join(problems)}"
                          f"{' ...' if len(mismatched) + len(missing) > 3 else ''}")
     return net
+
+
+def hf_vision_encoder(plugin: str, vision_cls, full_cls, full_type: str, model: str, pretrained: Optional[str],
+                      config, meta: bool) -> nn.Module:
+    """A vision encoder (``vision_cls`` with ``config``) from either a vision-only checkpoint or a
+    full-model one (``full_cls``, model type ``full_type``: the hub layout of SAM2/SAM3, whose keys
+    carry a ``vision_encoder.`` prefix that the vision class does not strip). The full model is
+    loaded with ``config`` as its vision config, so a mismatching checkpoint is refused, and only
+    its ``vision_encoder`` is kept."""
+    if meta:
+        return hf_network(plugin, vision_cls, model, pretrained, config, meta=True)
+    from transformers import AutoConfig
+
+    source = pretrained or model
+    try:
+        with _quiet_transformers():
+            source_config = AutoConfig.from_pretrained(os.path.expanduser(source))
+    except (OSError, ValueError):
+        source_config = None  # hf_from_pretrained reports the missing directory / offline hub id
+    if source_config is not None and source_config.model_type == full_type:
+        source_config.vision_config = config
+        full = hf_from_pretrained(plugin, full_cls, source, source_config, label=model)
+        return full.vision_encoder
+    return hf_from_pretrained(plugin, vision_cls, source, config, label=model)
+
+
+def describe_architecture(config) -> str:
+    """``hidden_size=..., layers=...`` of a config, or of its (vision) backbone for nested configs."""
+    inner = getattr(config, "vision_config", None) or config
+    inner = getattr(inner, "backbone_config", None) or inner
+    parts = [f"{k}={getattr(inner, a)}" for k, a in (("hidden_size", "hidden_size"), ("layers", "num_hidden_layers"))
+             if getattr(inner, a, None) is not None]
+    return ", ".join(parts) or type(config).__name__
 
 
 @contextlib.contextmanager
