@@ -181,6 +181,38 @@ def hf_vision_encoder(plugin: str, vision_cls, full_cls, full_type: str, model: 
     return hf_from_pretrained(plugin, vision_cls, source, config, label=model)
 
 
+class LayerTap:
+    """Captures the output of block ``index`` (1-based, as ``hidden_states[index]`` counts;
+    negative counts from the end) of ``blocks`` during a forward: intermediate-layer targets."""
+
+    def __init__(self, plugin: str, blocks: nn.ModuleList, index: Optional[int]) -> None:
+        self.index = None
+        if index is not None:
+            n = len(blocks)
+            i = index + n + 1 if index < 0 else index
+            if not 1 <= i <= n:
+                raise ValueError(f"{plugin} teacher: layer {index} is not a block of this {n}-block model "
+                                 f"(1..{n}, or negative from the end)")
+            self.index = i
+        self._blocks, self._out = blocks, None
+
+    def __enter__(self) -> "LayerTap":
+        if self.index is not None:
+            def hook(_module, _inputs, output):
+                self._out = output[0] if isinstance(output, tuple) else output
+
+            self._handle = self._blocks[self.index - 1].register_forward_hook(hook)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.index is not None:
+            self._handle.remove()
+
+    @property
+    def output(self):
+        return self._out
+
+
 def describe_architecture(config) -> str:
     """``hidden_size=..., layers=...`` of a config, or of its (vision) backbone for nested configs."""
     inner = getattr(config, "vision_config", None) or config

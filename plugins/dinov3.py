@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from radio_core import Teacher, TeacherOutput, hookimpl
 
-from ._common import (hf_network, load_hf_config, randomize_, resolve_model, teacher_facts, tiny_dir,
+from ._common import (LayerTap, hf_network, load_hf_config, randomize_, resolve_model, teacher_facts, tiny_dir,
                       write_atomically)
 
 PLUGIN = "dinov3"
@@ -64,9 +64,11 @@ class Dinov3Teacher(Teacher):
     """A transformers DINOv3ViTModel."""
 
     def __init__(self, model: nn.Module, input_size: tuple[int, int],
-                 upsample_to: Optional[tuple[int, int]] = None) -> None:
+                 upsample_to: Optional[tuple[int, int]] = None, layer: Optional[int] = None) -> None:
         super().__init__()
         self.model = model
+        #: intermediate-layer target: block ``layer``'s tokens through the final norm
+        self.layer = LayerTap(PLUGIN, model.model.layer, layer).index
         config = model.config
         self.num_registers = int(config.num_register_tokens or 0)
         self.input_size = tuple(input_size)
@@ -76,9 +78,17 @@ class Dinov3Teacher(Teacher):
         self.resize_mode = "resize"
         self.upsample_to = upsample_to
 
+    def fingerprint(self) -> str:
+        base = super().fingerprint()
+        return base if self.layer is None else f"{base}-layer{self.layer}"
+
     @torch.no_grad()
     def forward(self, images: Tensor) -> TeacherOutput:
-        tokens = self.model(pixel_values=images).last_hidden_state  # [CLS, registers, patches], normed
+        # [CLS, registers..., patches] after the final layernorm
+        with LayerTap(PLUGIN, self.model.model.layer, self.layer) as tap:
+            tokens = self.model(pixel_values=images).last_hidden_state
+        if tap.index is not None:  # the tapped block's tokens, normalised like the final ones
+            tokens = self.model.norm(tap.output)
         b, _, height, width = images.shape
         h, w = height // self.patch_size, width // self.patch_size
         spatial = tokens[:, 1 + self.num_registers:].transpose(1, 2).reshape(b, -1, h, w)
@@ -90,8 +100,8 @@ class Dinov3Teacher(Teacher):
 def build_dinov3_teacher(model: Optional[str] = None, pretrained: Optional[str] = None, *,
                          resolution: Optional[Sequence[int]] = None,
                          upsample_to: Optional[Union[int, Sequence[int]]] = None,
-                         tiny: Union[bool, dict] = False, cache_dir: Optional[str] = None,
-                         meta: bool = False) -> Dinov3Teacher:
+                         layer: Optional[int] = None, tiny: Union[bool, dict] = False,
+                         cache_dir: Optional[str] = None, meta: bool = False) -> Dinov3Teacher:
     """DINOv3 via transformers: summary = CLS after the final norm, spatial = patch tokens.
 
     model: hub id (``facebook/dinov3-vit7b16-pretrain-lvd1689m``, ``-vitl16-``, ``-vith16plus-``,
@@ -112,7 +122,7 @@ def build_dinov3_teacher(model: Optional[str] = None, pretrained: Optional[str] 
     net = hf_network(PLUGIN, DINOv3ViTModel, model, pretrained, config, meta)
     if upsample_to is not None:
         upsample_to = tuple(upsample_to) if isinstance(upsample_to, (list, tuple)) else (upsample_to, upsample_to)
-    return Dinov3Teacher(net, input_size=size, upsample_to=upsample_to).freeze()
+    return Dinov3Teacher(net, input_size=size, upsample_to=upsample_to, layer=layer).freeze()
 
 
 def describe(model: Optional[str] = None, pretrained: Optional[str] = None, **kwargs: Any) -> dict:

@@ -14,7 +14,7 @@ Tensor layout conventions
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, Optional, Sequence
 
 from torch import Tensor, nn
@@ -50,6 +50,9 @@ class StudentOutput:
     summary: Tensor
     patches: Tensor
     grid: tuple[int, int]
+    #: patch tokens (B, h*w, D) after block k (1-based), for the blocks the framework asked for
+    #: through ``Student.intermediate_layers`` (intermediate-layer targets); else empty.
+    intermediates: dict[int, Tensor] = field(default_factory=dict)
 
     def spatial(self) -> Tensor:
         """Patch tokens as a (B, D, h, w) grid."""
@@ -118,6 +121,9 @@ class Student(nn.Module):
     embed_dim: int
     patch_size: int
     num_cls_tokens: int
+    #: 1-based block indices whose patch tokens ``forward`` also returns in
+    #: ``StudentOutput.intermediates``; set by the framework when a teacher has a
+    #: ``student_layer``. Students that cannot tap blocks leave it absent.
 
     @property
     def size_multiple(self) -> int:

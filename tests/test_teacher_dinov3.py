@@ -49,3 +49,21 @@ def test_bad_resolution_and_wrong_model_type(registry, tiny, tmp_path):
 
     with pytest.raises(ValueError, match="is a 'dinov2' model, not one of dinov3_vit"):
         registry.build("teacher", "dinov3", **make_tiny_dinov2(tmp_path / "d2"), resolution=None)
+
+
+def test_intermediate_layer_target_is_that_blocks_tokens_through_the_final_norm(registry, tiny):
+    spec, ref = tiny
+    teacher = registry.build("teacher", "dinov3", **spec, resolution=(64, 96), layer=1)
+    last = registry.build("teacher", "dinov3", **spec, resolution=(64, 96), layer=-1)
+    plain = registry.build("teacher", "dinov3", **spec, resolution=(64, 96))
+    x = teacher_pixels(teacher)
+    with torch.no_grad():
+        hidden = ref(pixel_values=x, output_hidden_states=True).hidden_states
+        tokens = ref.norm(hidden[1])
+    out = teacher(x)
+    assert_max_abs(out.summary, tokens[:, 0])
+    assert_max_abs(out.spatial, tokens_to_grid(tokens[:, 5:], (4, 6)))
+    assert_max_abs(last(x).spatial, plain(x).spatial)
+    assert teacher.fingerprint() != plain.fingerprint()  # caches keep the two targets apart
+    with pytest.raises(ValueError, match="layer 3 is not a block of this 2-block model"):
+        registry.build("teacher", "dinov3", **spec, resolution=None, layer=3)
