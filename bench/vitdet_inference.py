@@ -35,14 +35,14 @@ def load(model: str | None, preset: str, device: torch.device):
 
     if model:
         return RadioModel.load(model, device=device)
-    from radio_core.distiller import Distiller
+    from radio_core.models.distiller import Distiller
 
     student = get_registry().build("student", "vit", model=preset, num_cls_tokens=2)
     return RadioModel(Distiller(student, [], {}, {}, {})).to(device).eval()
 
 
 def gflops(radio, resolution: int) -> float:
-    from radio_core.planner import count_flops
+    from radio_core.plan.planner import count_flops
 
     x = torch.rand(1, 3, resolution, resolution, device=next(radio.parameters()).device)
     with torch.no_grad():

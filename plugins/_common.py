@@ -71,6 +71,38 @@ def randomize_(model: nn.Module, seed: int) -> None:
                 p.copy_(0.1 * noise)
 
 
+# --------------------------------------------------------------------------- open_clip tiny models
+
+#: open_clip's own checkpoint file name
+OPEN_CLIP_CHECKPOINT = "open_clip_pytorch_model.bin"
+#: a tiny SigLIP-like timm trunk (no class token, attention-pool head) for offline tests
+TINY_SIGLIP_TIMM_MODEL = "radio_tiny_siglip_patch16_64"
+
+
+def register_tiny_timm_models() -> None:
+    """Register the tiny SigLIP-like timm trunk (idempotent)."""
+    import timm
+    from timm.models import register_model
+
+    if TINY_SIGLIP_TIMM_MODEL in timm.list_models(TINY_SIGLIP_TIMM_MODEL):
+        return
+
+    def radio_tiny_siglip_patch16_64(pretrained: bool = False, **kwargs):
+        from timm.models.vision_transformer import VisionTransformer
+
+        for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
+            kwargs.pop(key, None)
+        args = dict(img_size=64, patch_size=16, embed_dim=64, depth=2, num_heads=2, class_token=False,
+                    global_pool="map")
+        return VisionTransformer(**{**args, **kwargs})
+
+    radio_tiny_siglip_patch16_64.__module__ = __name__
+    register_model(radio_tiny_siglip_patch16_64)
+
+
+# --------------------------------------------------------------------------- transformers loading
+
+
 def is_local_path(model: str) -> bool:
     """A path (existing, or written like one) rather than a hub id such as 'facebook/x'."""
     return os.path.exists(os.path.expanduser(model)) or model.startswith(("/", ".", "~"))

@@ -2,8 +2,8 @@
 
 open_clip 3.x ships SigLIP2 as timm image towers (no class token, attention-pool ``map`` head,
 no extra projection) beside a text tower with SigLIP2's options (no causal mask, last-token
-pooling, biased projection). The targets are those of the CLIP plugin, whose teacher class this
-plugin reuses:
+pooling, biased projection). The targets are those of the ``clip`` teacher plugin, which this
+plugin builds through the registry (as any recipe would) and wraps:
 
 * summary = ``model.encode_image(x)`` unnormalised: the attention-pool output, the embedding
   the text tower shares (zero-shot);
@@ -32,10 +32,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from radio_core import TeacherOutput, hookimpl
+from radio_core import Teacher, TeacherOutput, get_registry, hookimpl
 
-from ._common import config_hash, randomize_, teacher_facts, tiny_dir, write_atomically
-from .clip import CHECKPOINT_FILE, TINY_SIGLIP_TIMM_MODEL, ClipTeacher, _register_tiny_timm_models, build_clip_teacher
+from ._common import (OPEN_CLIP_CHECKPOINT, TINY_SIGLIP_TIMM_MODEL, config_hash, randomize_, register_tiny_timm_models,
+                      teacher_facts, tiny_dir, write_atomically)
 
 PLUGIN = "siglip2"
 DEFAULT_MODEL, DEFAULT_TAG = "ViT-gopt-16-SigLIP2-384", "webli"
@@ -46,16 +46,35 @@ DEFAULT_MODEL, DEFAULT_TAG = "ViT-gopt-16-SigLIP2-384", "webli"
 TINY_SIGLIP2 = dict(text_width=32, text_layers=1, text_heads=2, context_length=16)
 
 
-class Siglip2Teacher(ClipTeacher):
-    """An open_clip SigLIP2 model; optionally upsamples the spatial grid bilinearly."""
+class Siglip2Teacher(Teacher):
+    """The ``clip`` plugin's open_clip teacher for a SigLIP2 model, with optional bilinear
+    upsampling of the spatial grid; ``encode_text``/``tokenizer`` are the wrapped teacher's."""
 
-    def __init__(self, clip: ClipTeacher, upsample_to: Optional[tuple[int, int]] = None) -> None:
-        super().__init__(clip.model, clip.model_name, clip.input_size, clip.mean, clip.std)
+    def __init__(self, clip: Teacher, upsample_to: Optional[tuple[int, int]] = None) -> None:
+        super().__init__()
+        self.clip = clip
+        for attr in ("input_size", "patch_size", "mean", "std", "summary_dim", "spatial_dim", "resize_mode"):
+            setattr(self, attr, getattr(clip, attr))
         self.upsample_to = upsample_to
+
+    @property
+    def model(self):
+        return self.clip.model
+
+    @property
+    def has_text(self) -> bool:
+        return self.clip.has_text
+
+    @property
+    def tokenizer(self):
+        return self.clip.tokenizer
+
+    def encode_text(self, texts) -> Tensor:
+        return self.clip.encode_text(texts)
 
     @torch.no_grad()
     def forward(self, images: Tensor) -> TeacherOutput:
-        out = super().forward(images)
+        out = self.clip(images)
         if self.upsample_to is not None and tuple(self.upsample_to) != out.grid:
             spatial = F.interpolate(out.spatial, size=self.upsample_to, mode="bilinear", align_corners=False)
             out = TeacherOutput(summary=out.summary, spatial=spatial)
@@ -88,7 +107,8 @@ def build_siglip2_teacher(model: Optional[str] = None, pretrained: Optional[str]
                          f"'SigLIP2', e.g. {DEFAULT_MODEL!r}); use the clip plugin for other CLIP models")
     if pretrained is None and not model.endswith(".json"):
         pretrained = DEFAULT_TAG  # also on the meta device: the tag carries mean/std
-    clip = build_clip_teacher(model, pretrained, resolution=resolution, meta=meta, text=text)
+    clip = get_registry().build("teacher", "clip", model=model, pretrained=pretrained, resolution=resolution,
+                                meta=meta, text=text)
     if upsample_to is not None:
         upsample_to = tuple(upsample_to) if isinstance(upsample_to, (list, tuple)) else (upsample_to, upsample_to)
     return Siglip2Teacher(clip, upsample_to=upsample_to).freeze()
@@ -105,7 +125,7 @@ def make_tiny_siglip2(directory: Union[str, Path], seed: int = 0, **overrides: A
     ``open_clip_pytorch_model.bin``. Returns ``{"model": <json>, "pretrained": <checkpoint>}``."""
     import open_clip
 
-    _register_tiny_timm_models()
+    register_tiny_timm_models()
     unknown = set(overrides) - set(TINY_SIGLIP2)
     if unknown:
         raise ValueError(f"{PLUGIN} tiny: unknown options {sorted(unknown)}; known: {sorted(TINY_SIGLIP2)}")
@@ -113,8 +133,8 @@ def make_tiny_siglip2(directory: Union[str, Path], seed: int = 0, **overrides: A
     # (open_clip picks the Gemma tokenizer, a download, for names containing "siglip")
     name = f"radio-tiny-sl2-{config_hash({**cfg, 'seed': seed})}"
     directory = Path(directory)
-    spec = {"model": str(directory / f"{name}.json"), "pretrained": str(directory / CHECKPOINT_FILE)}
-    if (directory / CHECKPOINT_FILE).is_file() and Path(spec["model"]).is_file():
+    spec = {"model": str(directory / f"{name}.json"), "pretrained": str(directory / OPEN_CLIP_CHECKPOINT)}
+    if (directory / OPEN_CLIP_CHECKPOINT).is_file() and Path(spec["model"]).is_file():
         return spec
     model_cfg = {
         "embed_dim": 64, "init_logit_bias": -10, "custom_text": True,
@@ -134,7 +154,7 @@ def make_tiny_siglip2(directory: Union[str, Path], seed: int = 0, **overrides: A
             torch.manual_seed(seed)
             clip = open_clip.CustomTextCLIP(**kwargs)
         randomize_(clip, seed)
-        torch.save(clip.state_dict(), tmp / CHECKPOINT_FILE)
+        torch.save(clip.state_dict(), tmp / OPEN_CLIP_CHECKPOINT)
 
     write_atomically(directory, write)
     return spec

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from radio_core import CropGeometry
-from radio_core.losses import CosineSmoothL1Loss, match_grids
+from radio_core.models.losses import CosineSmoothL1Loss, match_grids
 
 
 def cone(n: int, dim: int, spread: float, seed: int = 0) -> torch.Tensor:

@@ -5,7 +5,7 @@ resolutions (one non-square)."""
 import pytest
 import torch
 
-from radio_core.preprocess import group_input, to_float
+from radio_core.models.preprocess import group_input, to_float
 from radio_plugins.cradio import make_tiny_cradio
 from tiny_teachers import assert_max_abs, photos, teacher_pixels, tokens_to_grid
 

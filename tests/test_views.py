@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from radio_core.views import cut_windows, sample_windows, window_size
+from radio_core.train.views import cut_windows, sample_windows, window_size
 
 
 def test_windows_have_the_right_size_and_stay_inside_the_crop():
