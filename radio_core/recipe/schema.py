@@ -114,6 +114,10 @@ class TeacherSpec(Strict):
     #: normalise this teacher's targets with statistics estimated over the first
     #: ``train.target_norm_batches`` batches (stored in checkpoints and exports).
     target_norm: Literal["none", "standardize", "phi_s"] = "none"
+    #: intermediate-layer target: this teacher's spatial head reads the student's tokens after
+    #: block ``student_layer`` (1-based) instead of the last block (pair it with a teacher whose
+    #: target is an intermediate layer, e.g. ``args: {layer: 12}``); needs ``use_summary: false``.
+    student_layer: Optional[int] = Field(None, ge=1)
 
     @field_validator("resolution", mode="before")
     @classmethod
@@ -126,6 +130,13 @@ class TeacherSpec(Strict):
             raise ValueError("use_summary and use_spatial are both false: this teacher gives no target to learn")
         return self
 
+    @model_validator(mode="after")
+    def _intermediate(self) -> "TeacherSpec":
+        if self.student_layer is not None and self.use_summary:
+            raise ValueError("student_layer (an intermediate-layer target) needs use_summary: false: the student's "
+                             "intermediate blocks give patch tokens only")
+        return self
+
 
 class AugmentSpec(Strict):
     #: random resized crop: area fraction and aspect-ratio range (torchvision semantics).
@@ -135,6 +146,10 @@ class AugmentSpec(Strict):
     #: K fixed augmentations per image instead of a fresh one per sample (what a teacher-feature
     #: cache stores; set it to compare cached and online training on the same crops).
     views: Optional[Annotated[int, _StrictType(), Field(ge=1, le=4096)]] = None
+    #: shift-equivariant distillation: the student and each teacher group see their own window
+    #: of the crop (side ``1 - shift``, random offsets, so views differ by up to ``shift`` of the
+    #: crop); spatial losses then compare on the aligned overlap (``shift_equivariant``). 0: off.
+    shift: Float = Field(0.0, ge=0, lt=0.5)
 
     @model_validator(mode="after")
     def _ranges(self) -> "AugmentSpec":
@@ -301,6 +316,9 @@ class Recipe(Strict):
     groups: Optional[dict[Name, GroupSpec]] = Field(None, min_length=1)
     #: training stages (default: one stage of train.steps with every teacher).
     stages: Optional[list[StageSpec]] = Field(None, min_length=1)
+    #: teacher balancing plugin (kind ``balancer``, e.g. ``{name: teacher_dropping}``): per-image
+    #: weights for the teachers of a slot from their losses. None: every teacher always counts.
+    balance: Optional[ComponentSpec] = None
 
     @field_validator("teachers")
     @classmethod

@@ -38,7 +38,7 @@ from . import setup, stages
 from .checkpoint import (Checkpointer, ResumeError, RunExistsError, TrainerState,  # noqa: F401 - re-exported
                          check_new_run, prepare_out_dir)
 from .metrics import BadDataError, BadImageCounter, MetricsLogger, progress_bar, reduce_losses  # noqa: F401
-from .objective import Objective
+from .objective import Objective, build_losses
 from .schedule import build_scheduler, lr_multiplier
 from .signals import StopSignals
 from .stages import SlotRuntime
@@ -95,6 +95,7 @@ class Trainer:
             dims[name] = (t.summary_dim, t.spatial_dim)
         torch.manual_seed(r.train.seed)  # same student/head init on every rank, whatever was built
         distiller = build_distiller(r, dims, self.registry)
+        distiller.losses = torch.nn.ModuleDict(build_losses(r, self.registry, self.cached))
         check_student_resolutions(self.plans, distiller.student.size_multiple, r.student.name, self.recipe_path)
         self.objective = Objective(r, self.registry, self.teachers, self.cached, acc)
         if r.train.channels_last:
