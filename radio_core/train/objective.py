@@ -63,18 +63,20 @@ class Objective:
 
     # -- targets ------------------------------------------------------------------------------
     @torch.no_grad()
-    def teacher_targets(self, images01: Tensor, resize_sets: list[TeacherGroup]) -> dict[str, TeacherOutput]:
+    def teacher_targets(self, images01: Tensor, resize_sets: list[TeacherGroup],
+                        teachers: Optional[dict[str, Teacher]] = None) -> dict[str, TeacherOutput]:
+        """Targets of the live ``teachers`` (default: the recipe's instances) of ``resize_sets``."""
         def check(name: str, teacher: Teacher, out: Any, batch: int) -> None:
             first = name not in self._checked  # values checked once: it costs a host sync
             check_teacher_output(name, self.recipe.teachers[name].plugin, teacher, out, batch, finite=first)
             self._checked.add(name)
 
-        return compute_targets(self.teachers, resize_sets, images01, self.accelerator.autocast(), check)
+        return compute_targets(teachers or self.teachers, resize_sets, images01, self.accelerator.autocast(), check)
 
     def slot_targets(self, rt: SlotRuntime, batch: dict, images01: Tensor) -> dict[str, TeacherOutput]:
         """Live teachers' targets plus cached teachers' targets read by the loader."""
         device = self.accelerator.device
-        targets = self.teacher_targets(images01, rt.resize_sets)
+        targets = self.teacher_targets(images01, rt.resize_sets, rt.teachers)
         for name in rt.slot.teachers:
             if name in self.cached:
                 summary, spatial = batch["targets"][name]
@@ -225,7 +227,7 @@ class Objective:
         targets, geometry = {}, {}
         for group in rt.resize_sets:
             box = sample_windows(b, shift)
-            targets.update(self.teacher_targets(cut_windows(images01, box, size), [group]))
+            targets.update(self.teacher_targets(cut_windows(images01, box, size), [group], rt.teachers))
             for name in group.names:
                 geometry[name] = CropGeometry(student_box.to(device), box.to(device))
         return targets, student_in, geometry
