@@ -93,3 +93,14 @@ def test_combinations_that_cannot_work_are_refused(tmp_path):
     bad = load_recipe(tiny_recipe(tmp_path, "balance={name: teacher_droping}"))
     with pytest.raises(RecipeError, match="balance.name: unknown balancer 'teacher_droping'"):
         check_recipe(bad, get_registry())
+
+
+def test_target_norm_per_part_keeps_summaries_uncentred(tmp_path, registry):
+    from radio_core.models.distiller import build_distiller
+    from radio_core.models.target_norm import PHIS
+
+    recipe = load_recipe(tiny_recipe(tmp_path, "teachers.clip.target_norm={summary: none, spatial: phi_s}",
+                                     "teachers.dino.target_norm=standardize"))
+    distiller = build_distiller(recipe, {"clip": (32, 64), "dino": (64, 64), "sam": (None, 32)}, registry)
+    assert list(distiller.target_norms["clip"]) == ["spatial"] and isinstance(distiller.target_norms["clip"]["spatial"], PHIS)
+    assert sorted(distiller.target_norms["dino"]) == ["spatial", "summary"] and "sam" not in distiller.target_norms

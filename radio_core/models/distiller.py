@@ -132,11 +132,12 @@ def build_distiller(recipe: "Recipe", dims: dict[str, tuple[Optional[int], int]]
     norms = {}
     for h in heads:
         kind = recipe.teachers[h.name].target_norm
-        if kind == "none":
-            continue
-        parts = {part: build_target_norm(kind, dim) for part, dim in (("summary", h.summary_dim),
-                                                                        ("spatial", h.spatial_dim)) if dim}
-        norms[h.name] = torch.nn.ModuleDict(parts)
+        kinds = kind if isinstance(kind, dict) else {"summary": kind, "spatial": kind}  # per part, or one for both
+        parts = {part: build_target_norm(kinds.get(part, "none"), dim)
+                 for part, dim in (("summary", h.summary_dim), ("spatial", h.spatial_dim))
+                 if dim and kinds.get(part, "none") != "none"}
+        if parts:
+            norms[h.name] = torch.nn.ModuleDict(parts)
     return Distiller(student, heads, summary_heads, spatial_heads, norms)
 
 

@@ -113,7 +113,10 @@ class TeacherSpec(Strict):
     use_spatial: Bool = True
     #: normalise this teacher's targets with statistics estimated over the first
     #: ``train.target_norm_batches`` batches (stored in checkpoints and exports).
-    target_norm: Literal["none", "standardize", "phi_s"] = "none"
+    #: one kind for both targets, or per target: ``{summary: none, spatial: phi_s}`` (e.g. to keep
+    #: summaries un-centred for the ``angle_balanced`` loss while PHI-S balances the features).
+    target_norm: Union[Literal["none", "standardize", "phi_s"],
+                       dict[Literal["summary", "spatial"], Literal["none", "standardize", "phi_s"]]] = "none"
     #: intermediate-layer target: this teacher's spatial head reads the student's tokens after
     #: block ``student_layer`` (1-based) instead of the last block (pair it with a teacher whose
     #: target is an intermediate layer, e.g. ``args: {layer: 12}``); needs ``use_summary: false``.
