@@ -177,3 +177,23 @@ def test_later_describe_helpers_and_offline_errors(registry):
         registry.build("teacher", "dinov3", model="facebook/dinov3-vit7b16-pretrain-lvd1689m", resolution=None)
     with pytest.raises(OSError, match="local HF cache"):
         registry.build("teacher", "sam3", model="facebook/sam3", resolution=None)
+
+
+@pytest.mark.parametrize("name", ["radio_v25.yaml", "c_radio_v4.yaml"])
+def test_later_recipes_validate_for_64_ranks_with_published_teachers(registry, name):
+    """The RADIOv2.5 and C-RADIOv4 recipes: valid for 64 ranks (plugins, partition, student
+    resolution multiples, shifted views only with geometry-aware spatial losses), and every
+    teacher a published model (their dry runs are in docs/)."""
+    from radio_core.plan.checks import check_recipe
+    from radio_core.recipe import load_recipe
+
+    path = PAPER_RECIPE.parent / name
+    recipe = load_recipe(path)
+    check_recipe(recipe, registry, world_size=64, origin=str(path))
+    published = {(p, a.get("model")) for p, a, _, _ in list(HUB_TEACHERS.values()) + list(LATER_HUB_TEACHERS.values())}
+    for tname, spec in recipe.teachers.items():
+        assert (spec.plugin, spec.args["model"]) in published, tname
+    assert (PAPER_RECIPE.parents[1] / "docs" / f"dry_run_{name[:-5]}.txt").is_file()
+    if name == "c_radio_v4.yaml":
+        assert recipe.resolution_sets == {"low": [(s, s) for s in (128, 192, 224, 256, 384, 432)],
+                                          "high": [(s, s) for s in (512, 768, 1024, 1152)]}
