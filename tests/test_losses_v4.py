@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from radio_core import CropGeometry
+from radio_core import CropGeometry, PluginError
 from radio_core.models.losses import CosineSmoothL1Loss, match_grids
 
 
@@ -60,7 +60,7 @@ def test_angle_balanced_refuses_to_run_unestimated(registry):
         loss(torch.randn(2, 4), torch.randn(2, 4))
     with pytest.raises(RuntimeError, match="at least 2 summary targets"):
         loss.finalize()
-    with pytest.raises(ValueError, match="mode must be one of cosine, angle"):
+    with pytest.raises(PluginError, match="mode must be one of cosine, angle"):
         registry.build("loss", "angle_balanced", mode="sine")
 
 
@@ -121,7 +121,7 @@ def test_grid_locked_teacher_noise_cannot_be_matched_across_shifts(registry):
 
 
 def test_shift_equivariant_bad_specs(registry):
-    with pytest.raises(ValueError, match="base must be"):
+    with pytest.raises(PluginError, match="base must be"):
         registry.build("loss", "shift_equivariant", base={"loss": "mse"})
     with pytest.raises(ValueError, match="do not overlap"):
         from radio_plugins.shift_equivariant import overlap_boxes

@@ -5,6 +5,8 @@ resolutions (one non-square)."""
 import pytest
 import torch
 
+from radio_core import PluginError
+
 from radio_core.models.preprocess import group_input, to_float
 from radio_plugins.cradio import make_tiny_cradio
 from tiny_teachers import assert_max_abs, photos, teacher_pixels, tokens_to_grid
@@ -40,9 +42,9 @@ def test_matches_radio_model_on_unnormalised_pixels(registry, tiny, size):
 
 def test_bad_arguments_are_clear(registry, tiny):
     spec, _ = tiny
-    with pytest.raises(ValueError, match="multiples of the patch size 16"):
+    with pytest.raises(PluginError, match="multiples of the patch size 16"):
         registry.build("teacher", "cradio", **spec, resolution=(50, 64))
-    with pytest.raises(ValueError, match="exceeds the position grid's max_img_size 256"):
+    with pytest.raises(PluginError, match="exceeds the position grid's max_img_size 256"):
         registry.build("teacher", "cradio", **spec, resolution=(512, 512))
-    with pytest.raises(ValueError, match="summary_token 3 is not one of the 3 class tokens"):
+    with pytest.raises(PluginError, match="summary_token 3 is not one of the 3 class tokens"):
         registry.build("teacher", "cradio", **spec, resolution=None, summary_token=3)

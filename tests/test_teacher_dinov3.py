@@ -4,6 +4,8 @@ registers), at two resolutions (one non-square; RoPE needs no position table).""
 import pytest
 import torch
 
+from radio_core import PluginError
+
 from radio_plugins.dinov3 import make_tiny_dinov3
 from tiny_teachers import assert_max_abs, teacher_pixels, tokens_to_grid
 
@@ -43,11 +45,11 @@ def test_teacher_stays_in_eval_so_rope_is_not_jittered(registry, tiny):
 
 def test_bad_resolution_and_wrong_model_type(registry, tiny, tmp_path):
     spec, _ = tiny
-    with pytest.raises(ValueError, match="multiples of the patch size 16"):
+    with pytest.raises(PluginError, match="multiples of the patch size 16"):
         registry.build("teacher", "dinov3", **spec, resolution=(100, 100))
     from radio_plugins.dinov2 import make_tiny_dinov2
 
-    with pytest.raises(ValueError, match="is a 'dinov2' model, not one of dinov3_vit"):
+    with pytest.raises(PluginError, match="is a 'dinov2' model, not one of dinov3_vit"):
         registry.build("teacher", "dinov3", **make_tiny_dinov2(tmp_path / "d2"), resolution=None)
 
 
@@ -65,5 +67,5 @@ def test_intermediate_layer_target_is_that_blocks_tokens_through_the_final_norm(
     assert_max_abs(out.spatial, tokens_to_grid(tokens[:, 5:], (4, 6)))
     assert_max_abs(last(x).spatial, plain(x).spatial)
     assert teacher.fingerprint() != plain.fingerprint()  # caches keep the two targets apart
-    with pytest.raises(ValueError, match="layer 3 is not a block of this 2-block model"):
+    with pytest.raises(PluginError, match="layer 3 is not a block of this 2-block model"):
         registry.build("teacher", "dinov3", **spec, resolution=None, layer=3)

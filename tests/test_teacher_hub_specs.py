@@ -173,9 +173,11 @@ def test_later_describe_helpers_and_offline_errors(registry):
     assert sam2.describe("facebook/sam2.1-hiera-base-plus")["spatial_dim"] == 256
     assert sam3.describe("facebook/sam3")["patch_size"] == 14
     assert cradio.describe("nvidia/C-RADIOv4-H")["summary_dim"] == 2560
-    with pytest.raises(OSError, match="local HF cache"):
+    from radio_core import PluginError
+
+    with pytest.raises(PluginError, match="local HF cache"):
         registry.build("teacher", "dinov3", model="facebook/dinov3-vit7b16-pretrain-lvd1689m", resolution=None)
-    with pytest.raises(OSError, match="local HF cache"):
+    with pytest.raises(PluginError, match="local HF cache"):
         registry.build("teacher", "sam3", model="facebook/sam3", resolution=None)
 
 

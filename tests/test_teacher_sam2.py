@@ -4,6 +4,8 @@ resolutions (one non-square)."""
 import pytest
 import torch
 
+from radio_core import PluginError
+
 from radio_plugins.sam2 import make_tiny_sam2
 from tiny_teachers import assert_max_abs, teacher_pixels
 
@@ -39,5 +41,5 @@ def test_matches_sam2_vision_encoder(registry, tiny, size):
 
 def test_bad_resolution_is_refused(registry, tiny):
     spec, _ = tiny
-    with pytest.raises(ValueError, match="multiples of 32"):
+    with pytest.raises(PluginError, match="multiples of 32"):
         registry.build("teacher", "sam2", **spec, resolution=(112, 112))

@@ -4,6 +4,8 @@ tokens, or the stride-14 FPN level), at two resolutions (one non-square)."""
 import pytest
 import torch
 
+from radio_core import PluginError
+
 from radio_plugins.sam3 import make_tiny_sam3
 from tiny_teachers import assert_max_abs, teacher_pixels, tokens_to_grid
 
@@ -41,7 +43,7 @@ def test_matches_sam3_vision_encoder(registry, tiny, size):
 
 
 def test_bad_feature_and_resolution(registry, tiny):
-    with pytest.raises(ValueError, match="feature must be one of backbone, fpn"):
+    with pytest.raises(PluginError, match="feature must be one of backbone, fpn"):
         registry.build("teacher", "sam3", **tiny, resolution=None, feature="neck")
-    with pytest.raises(ValueError, match="multiples of the patch size 14"):
+    with pytest.raises(PluginError, match="multiples of the patch size 14"):
         registry.build("teacher", "sam3", **tiny, resolution=(100, 100))

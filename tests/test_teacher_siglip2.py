@@ -5,6 +5,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from radio_core import PluginError
 import torch.nn.functional as F
 
 from radio_plugins.siglip2 import make_tiny_siglip2
@@ -56,5 +58,5 @@ def test_upsample_and_text_tower(registry, tiny):
 
 
 def test_other_clip_models_are_refused(registry):
-    with pytest.raises(ValueError, match="not an open_clip SigLIP2 model"):
+    with pytest.raises(PluginError, match="not an open_clip SigLIP2 model"):
         registry.build("teacher", "siglip2", model="ViT-SO400M-14-SigLIP-384", resolution=None, meta=True)
