@@ -28,6 +28,15 @@ def config_hash(cfg: dict) -> str:
     return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:12]
 
 
+TINY_CACHE = "~/.cache/radio_distill/tiny"
+
+
+def tiny_dir(plugin: str, cache_dir: Optional[str], cfg: dict) -> Path:
+    """Where a tiny model of ``plugin`` with config ``cfg`` is cached."""
+    root = Path(os.path.expanduser(cache_dir or TINY_CACHE))
+    return root / f"{plugin}-{config_hash(cfg)}"
+
+
 def write_atomically(directory: Path, write) -> None:
     """Fill a temporary sibling directory, then rename it into place (a concurrent writer of the
     same content may win; its copy is kept)."""
@@ -60,6 +69,38 @@ def randomize_(model: nn.Module, seed: int) -> None:
                 p.copy_(1 + 0.1 * noise)
             else:
                 p.copy_(0.1 * noise)
+
+
+# --------------------------------------------------------------------------- open_clip tiny models
+
+#: open_clip's own checkpoint file name
+OPEN_CLIP_CHECKPOINT = "open_clip_pytorch_model.bin"
+#: a tiny SigLIP-like timm trunk (no class token, attention-pool head) for offline tests
+TINY_SIGLIP_TIMM_MODEL = "radio_tiny_siglip_patch16_64"
+
+
+def register_tiny_timm_models() -> None:
+    """Register the tiny SigLIP-like timm trunk (idempotent)."""
+    import timm
+    from timm.models import register_model
+
+    if TINY_SIGLIP_TIMM_MODEL in timm.list_models(TINY_SIGLIP_TIMM_MODEL):
+        return
+
+    def radio_tiny_siglip_patch16_64(pretrained: bool = False, **kwargs):
+        from timm.models.vision_transformer import VisionTransformer
+
+        for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
+            kwargs.pop(key, None)
+        args = dict(img_size=64, patch_size=16, embed_dim=64, depth=2, num_heads=2, class_token=False,
+                    global_pool="map")
+        return VisionTransformer(**{**args, **kwargs})
+
+    radio_tiny_siglip_patch16_64.__module__ = __name__
+    register_model(radio_tiny_siglip_patch16_64)
+
+
+# --------------------------------------------------------------------------- transformers loading
 
 
 def is_local_path(model: str) -> bool:
@@ -140,12 +181,77 @@ def hf_from_pretrained(plugin: str, model_cls, source: str, config, label: str) 
     mismatched = [f"{k}: checkpoint {tuple(a)} vs model {tuple(b)}" for k, a, b in sorted(info["mismatched_keys"])]
     missing = sorted(info["missing_keys"])
     if mismatched or missing:
-        arch = f"hidden_size={config.hidden_size}, layers={config.num_hidden_layers}"
+        arch = describe_architecture(config)
         problems = mismatched[:3] + [f"missing {k}" for k in missing[:3]]
         raise ValueError(f"{plugin} teacher: checkpoint {source!r} does not match the architecture "
                          f"{label!r} ({arch}): {'; '.join(problems)}"
                          f"{' ...' if len(mismatched) + len(missing) > 3 else ''}")
     return net
+
+
+def hf_vision_encoder(plugin: str, vision_cls, full_cls, full_type: str, model: str, pretrained: Optional[str],
+                      config, meta: bool) -> nn.Module:
+    """A vision encoder (``vision_cls`` with ``config``) from either a vision-only checkpoint or a
+    full-model one (``full_cls``, model type ``full_type``: the hub layout of SAM2/SAM3, whose keys
+    carry a ``vision_encoder.`` prefix that the vision class does not strip). The full model is
+    loaded with ``config`` as its vision config, so a mismatching checkpoint is refused, and only
+    its ``vision_encoder`` is kept."""
+    if meta:
+        return hf_network(plugin, vision_cls, model, pretrained, config, meta=True)
+    from transformers import AutoConfig
+
+    source = pretrained or model
+    try:
+        with _quiet_transformers():
+            source_config = AutoConfig.from_pretrained(os.path.expanduser(source))
+    except (OSError, ValueError):
+        source_config = None  # hf_from_pretrained reports the missing directory / offline hub id
+    if source_config is not None and source_config.model_type == full_type:
+        source_config.vision_config = config
+        full = hf_from_pretrained(plugin, full_cls, source, source_config, label=model)
+        return full.vision_encoder
+    return hf_from_pretrained(plugin, vision_cls, source, config, label=model)
+
+
+class LayerTap:
+    """Captures the output of block ``index`` (1-based, as ``hidden_states[index]`` counts;
+    negative counts from the end) of ``blocks`` during a forward: intermediate-layer targets."""
+
+    def __init__(self, plugin: str, blocks: nn.ModuleList, index: Optional[int]) -> None:
+        self.index = None
+        if index is not None:
+            n = len(blocks)
+            i = index + n + 1 if index < 0 else index
+            if not 1 <= i <= n:
+                raise ValueError(f"{plugin} teacher: layer {index} is not a block of this {n}-block model "
+                                 f"(1..{n}, or negative from the end)")
+            self.index = i
+        self._blocks, self._out = blocks, None
+
+    def __enter__(self) -> "LayerTap":
+        if self.index is not None:
+            def hook(_module, _inputs, output):
+                self._out = output[0] if isinstance(output, tuple) else output
+
+            self._handle = self._blocks[self.index - 1].register_forward_hook(hook)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.index is not None:
+            self._handle.remove()
+
+    @property
+    def output(self):
+        return self._out
+
+
+def describe_architecture(config) -> str:
+    """``hidden_size=..., layers=...`` of a config, or of its (vision) backbone for nested configs."""
+    inner = getattr(config, "vision_config", None) or config
+    inner = getattr(inner, "backbone_config", None) or inner
+    parts = [f"{k}={getattr(inner, a)}" for k, a in (("hidden_size", "hidden_size"), ("layers", "num_hidden_layers"))
+             if getattr(inner, a, None) is not None]
+    return ", ".join(parts) or type(config).__name__
 
 
 @contextlib.contextmanager

@@ -38,7 +38,8 @@ from torch import Tensor, nn
 
 from radio_core import Teacher, TeacherOutput, hookimpl
 
-from ._common import config_hash, randomize_, teacher_facts, write_atomically
+from ._common import (OPEN_CLIP_CHECKPOINT, TINY_SIGLIP_TIMM_MODEL, config_hash, randomize_, register_tiny_timm_models,
+                      teacher_facts, write_atomically)
 
 PLUGIN = "clip"
 
@@ -46,8 +47,7 @@ PLUGIN = "clip"
 #: without class token and with an attention-pool head, as SigLIP's image tower).
 TINY_CLIP = dict(family="clip", embed_dim=32, image_size=64, patch_size=16, width=64, layers=2,
                  head_width=32, text_width=32, text_layers=1, text_heads=2, context_length=16)
-TINY_SIGLIP_TIMM_MODEL = "radio_tiny_siglip_patch16_64"
-CHECKPOINT_FILE = "open_clip_pytorch_model.bin"
+CHECKPOINT_FILE = OPEN_CLIP_CHECKPOINT
 
 
 class ClipTeacher(Teacher):
@@ -233,7 +233,7 @@ def make_tiny_clip(directory: Union[str, Path], seed: int = 0, **overrides: Any)
     """
     import open_clip
 
-    _register_tiny_timm_models()
+    register_tiny_timm_models()
     unknown = set(overrides) - set(TINY_CLIP)
     if unknown:
         raise ValueError(f"{PLUGIN} tiny: unknown options {sorted(unknown)}; known: {sorted(TINY_CLIP)}")
@@ -278,27 +278,6 @@ def _open_clip_config(cfg: dict) -> dict:
     raise ValueError(f"{PLUGIN} tiny: family must be 'clip' or 'siglip', got {cfg['family']!r}")
 
 
-def _register_tiny_timm_models() -> None:
-    """Register the tiny SigLIP-like timm trunk (idempotent)."""
-    import timm
-    from timm.models import register_model
-
-    if TINY_SIGLIP_TIMM_MODEL in timm.list_models(TINY_SIGLIP_TIMM_MODEL):
-        return
-
-    def radio_tiny_siglip_patch16_64(pretrained: bool = False, **kwargs: Any):
-        from timm.models.vision_transformer import VisionTransformer
-
-        for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
-            kwargs.pop(key, None)
-        args = dict(img_size=64, patch_size=16, embed_dim=64, depth=2, num_heads=2, class_token=False,
-                    global_pool="map")
-        return VisionTransformer(**{**args, **kwargs})
-
-    radio_tiny_siglip_patch16_64.__module__ = __name__
-    register_model(radio_tiny_siglip_patch16_64)
-
-
 # --------------------------------------------------------------------------- helpers
 # (config_hash, write_atomically, randomize_ and teacher_facts are shared with the dinov2 and
 # sam plugins)
@@ -312,7 +291,7 @@ def _resolve_model_name(model: str) -> str:
         path = Path(os.path.expanduser(model))
         if not path.is_file():
             raise FileNotFoundError(f"{PLUGIN} teacher: model config {model!r} does not exist")
-        _register_tiny_timm_models()  # a custom config may name the tiny SigLIP-like trunk
+        register_tiny_timm_models()  # a custom config may name the tiny SigLIP-like trunk
         if open_clip.get_model_config(path.stem) is None:
             open_clip.add_model_config(path)
         return path.stem

@@ -29,7 +29,8 @@ from torch import Tensor, nn
 
 from radio_core import Teacher, TeacherOutput, hookimpl
 
-from ._common import config_hash, hf_network, load_hf_config, randomize_, resolve_model, teacher_facts, write_atomically
+from ._common import (LayerTap, config_hash, hf_network, load_hf_config, randomize_, resolve_model, teacher_facts,
+                      write_atomically)
 
 PLUGIN = "dinov2"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -60,9 +61,11 @@ class Dinov2Teacher(Teacher):
     """A transformers Dinov2Model / Dinov2WithRegistersModel."""
 
     def __init__(self, model: nn.Module, input_size: tuple[int, int],
-                 upsample_to: Optional[tuple[int, int]] = None) -> None:
+                 upsample_to: Optional[tuple[int, int]] = None, layer: Optional[int] = None) -> None:
         super().__init__()
         self.model = model
+        #: intermediate-layer target: block ``layer``'s tokens through the final norm
+        self.layer = LayerTap(PLUGIN, model.encoder.layer, layer).index
         config = model.config
         self.num_registers = int(getattr(config, "num_register_tokens", 0) or 0)
         self.input_size = tuple(input_size)
@@ -72,9 +75,17 @@ class Dinov2Teacher(Teacher):
         self.resize_mode = "resize"
         self.upsample_to = upsample_to
 
+    def fingerprint(self) -> str:
+        base = super().fingerprint()
+        return base if self.layer is None else f"{base}-layer{self.layer}"
+
     @torch.no_grad()
     def forward(self, images: Tensor) -> TeacherOutput:
-        tokens = self.model(pixel_values=images).last_hidden_state  # after the final layernorm
+        # [CLS, registers..., patches] after the final layernorm
+        with LayerTap(PLUGIN, self.model.encoder.layer, self.layer) as tap:
+            tokens = self.model(pixel_values=images).last_hidden_state
+        if tap.index is not None:  # the tapped block's tokens, normalised like the final ones
+            tokens = self.model.layernorm(tap.output)
         b, _, height, width = images.shape
         h, w = height // self.patch_size, width // self.patch_size
         patches = tokens[:, 1 + self.num_registers:]
@@ -87,13 +98,16 @@ class Dinov2Teacher(Teacher):
 def build_dinov2_teacher(model: Optional[str] = None, pretrained: Optional[str] = None, *,
                          resolution: Optional[Sequence[int]] = None,
                          upsample_to: Optional[Union[int, Sequence[int]]] = None,
-                         tiny: Union[bool, dict] = False, cache_dir: Optional[str] = None,
-                         meta: bool = False) -> Dinov2Teacher:
+                         layer: Optional[int] = None, tiny: Union[bool, dict] = False,
+                         cache_dir: Optional[str] = None, meta: bool = False) -> Dinov2Teacher:
     """DINOv2 via transformers: summary = CLS after the final norm, spatial = patch tokens.
 
     model: hub id (``facebook/dinov2-giant``, ``facebook/dinov2-with-registers-giant``, small /
     base / large) or a local directory. pretrained: optional local directory holding the
     weights of the architecture `model` names. resolution: (H, W) to run at (default 224).
+    layer: intermediate-layer target: the tokens after block ``layer`` (1-based; negative from the
+    end), through the model's final norm, instead of the last block's (one more teacher entry
+    in the recipe, with ``student_layer`` naming the student block that learns it).
     upsample_to: output grid (h, w) (or one int) to bilinearly upsample the spatial target to.
     tiny: build (once, cached under ``cache_dir``) and load a small random DINOv2 (a dict
     overrides ``TINY_DINOV2``; ``registers: 4`` gives the with-registers model). meta:
@@ -109,7 +123,7 @@ def build_dinov2_teacher(model: Optional[str] = None, pretrained: Optional[str] 
     size = tuple(resolution) if resolution is not None else DEFAULT_RESOLUTION
     if upsample_to is not None:
         upsample_to = tuple(upsample_to) if isinstance(upsample_to, (list, tuple)) else (upsample_to, upsample_to)
-    return Dinov2Teacher(net, input_size=size, upsample_to=upsample_to).freeze()
+    return Dinov2Teacher(net, input_size=size, upsample_to=upsample_to, layer=layer).freeze()
 
 
 def describe(model: Optional[str] = None, pretrained: Optional[str] = None, **kwargs: Any) -> dict:

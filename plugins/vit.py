@@ -230,6 +230,8 @@ class ViTCPEStudent(Student):
         self.window_size: Optional[int] = None
         self.set_window_size(window_size)
         self.grad_checkpointing = grad_checkpointing
+        #: 1-based blocks whose patch tokens forward also returns (intermediate-layer targets)
+        self.intermediate_layers: tuple[int, ...] = ()
 
     # -- contract ----------------------------------------------------------------------------
     @property
@@ -261,10 +263,11 @@ class ViTCPEStudent(Student):
         window = self._choose_window(h, w)
         x = (images - self.norm_mean.to(images.dtype)) / self.norm_std.to(images.dtype)
         tokens = self.patch_generator(x)
-        tokens = self._run_blocks(tokens, h, w, window)
+        taps: dict[int, Tensor] = {}
+        tokens = self._run_blocks(tokens, h, w, window, taps)
         tokens = self.norm(tokens)
         return StudentOutput(summary=tokens[:, :self.num_cls_tokens],
-                             patches=tokens[:, self.num_prefix_tokens:], grid=(h, w))
+                             patches=tokens[:, self.num_prefix_tokens:], grid=(h, w), intermediates=taps)
 
     # -- internals -----------------------------------------------------------------------------
     def _choose_window(self, h: int, w: int) -> Optional[int]:
@@ -285,13 +288,18 @@ class ViTCPEStudent(Student):
             return checkpoint(block, x, use_reentrant=False)
         return block(x)
 
-    def _run_blocks(self, tokens: Tensor, h: int, w: int, ws: Optional[int]) -> Tensor:
+    def _run_blocks(self, tokens: Tensor, h: int, w: int, ws: Optional[int], taps: dict[int, Tensor]) -> Tensor:
+        """The blocks; ``taps`` receives the raster-order patch tokens after each block in
+        ``intermediate_layers`` (1-based)."""
+        k = self.num_prefix_tokens
         if not ws:
-            for block in self.blocks:
+            for i, block in enumerate(self.blocks):
                 tokens = self._block(block, tokens)
+                if i + 1 in self.intermediate_layers:
+                    taps[i + 1] = tokens[:, k:]
             return tokens
         b, _, d = tokens.shape
-        n, k, t = h * w, self.num_prefix_tokens, ws * ws
+        n, t = h * w, ws * ws
         prefix, patches = tokens[:, :k], to_windows(tokens[:, k:], h, w, ws)
         for i, block in enumerate(self.blocks):
             if self.is_global_block(i):  # every token attends globally (window order is harmless)
@@ -299,6 +307,8 @@ class ViTCPEStudent(Student):
                 prefix, patches = x[:, :k], x[:, k:]
             else:  # patches attend within their window; summary tokens skip the block
                 patches = self._block(block, patches.reshape(b * n // t, t, d)).reshape(b, n, d)
+            if i + 1 in self.intermediate_layers:
+                taps[i + 1] = from_windows(patches, h, w, ws)
         return torch.cat([prefix, from_windows(patches, h, w, ws)], dim=1)
 
     # -- initialisation from a timm checkpoint ------------------------------------------------

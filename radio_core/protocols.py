@@ -14,7 +14,7 @@ Tensor layout conventions
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, Optional, Sequence
 
 from torch import Tensor, nn
@@ -50,6 +50,9 @@ class StudentOutput:
     summary: Tensor
     patches: Tensor
     grid: tuple[int, int]
+    #: patch tokens (B, h*w, D) after block k (1-based), for the blocks the framework asked for
+    #: through ``Student.intermediate_layers`` (intermediate-layer targets); else empty.
+    intermediates: dict[int, Tensor] = field(default_factory=dict)
 
     def spatial(self) -> Tensor:
         """Patch tokens as a (B, D, h, w) grid."""
@@ -118,6 +121,9 @@ class Student(nn.Module):
     embed_dim: int
     patch_size: int
     num_cls_tokens: int
+    #: 1-based block indices whose patch tokens ``forward`` also returns in
+    #: ``StudentOutput.intermediates``; set by the framework when a teacher has a
+    #: ``student_layer``. Students that cannot tap blocks leave it absent.
 
     @property
     def size_multiple(self) -> int:
@@ -138,16 +144,37 @@ class Adaptor(nn.Module):
     out_dim: int
 
 
+@dataclass
+class CropGeometry:
+    """Where the student's view and a teacher's view lie in the sample's shared crop: per
+    sample boxes (B, 4) as (x0, y0, x1, y1) fractions of the crop (0..1). Views differ when
+    the recipe shifts teacher and student views against each other (``augment.shift``)."""
+
+    student_box: Tensor
+    teacher_box: Tensor
+
+
 class Loss(nn.Module):
     """Scalar distance between a prediction and a target of the same shape.
 
     Summary losses get (B, D); spatial losses get (B, C, h, w) grids that the framework has
     already interpolated to the larger of the two grids. Factories are called with the
     recipe's ``args``.
+
+    Optional extensions, detected by attribute:
+
+    * ``wants_geometry = True``: a spatial loss gets the student and teacher grids as they come
+      (not interpolated) and ``geometry=CropGeometry`` so it can compare them where the views
+      overlap. With shifted views every spatial loss must want geometry.
+    * statistics: ``observe(target)``, ``prepare_statistics(dim, device)``,
+      ``all_reduce_(group)``, ``finalize()`` and a ``ready`` buffer. The framework feeds the
+      targets of its estimation batches (the ones target norms use, in the space the loss
+      sees) before the first step; the loss module lives in the distiller, so its buffers are
+      saved in checkpoints.
     """
 
     def forward(self, pred: Tensor, target: Tensor) -> Tensor:  # pragma: no cover - interface
         raise NotImplementedError
 
 
-KINDS = ("teacher", "student", "adaptor", "loss", "dataset")
+KINDS = ("teacher", "student", "adaptor", "loss", "dataset", "balancer")

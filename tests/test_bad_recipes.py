@@ -43,7 +43,7 @@ CASES = [
     (edit("student", "DELETE"), ["student: Field required"]),
     (edit("teachers", {}), ["teachers", "at least one teacher"]),
     (edit("teachers", "DELETE"), ["teachers: Field required"]),
-    (edit("teachers.dino.plugin", "dinov3"), ["teachers.dino.plugin: unknown teacher 'dinov3'", "Did you mean 'dinov2'"]),
+    (edit("teachers.dino.plugin", "dinov22"), ["teachers.dino.plugin: unknown teacher 'dinov22'", "Did you mean 'dinov2'"]),
     (edit("student.name", "vitt"), ["student.name: unknown student 'vitt'", "Did you mean 'vit'"]),
     (edit("adaptor.name", "mpl"), ["adaptor.name: unknown adaptor 'mpl'", "Did you mean 'mlp'"]),
     (edit("teachers.clip.summary_loss", {"name": "cosin"}), ["teachers.clip.summary_loss.name", "Did you mean 'cosine'"]),

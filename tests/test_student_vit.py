@@ -102,7 +102,7 @@ def test_training_draws_window_sizes_and_skips_ones_that_do_not_tile(monkeypatch
     student = tiny(window_sizes=[2, None], global_every=2).train()
     chosen = []
     real = student._run_blocks
-    monkeypatch.setattr(student, "_run_blocks", lambda t, h, w, ws: chosen.append(ws) or real(t, h, w, ws))
+    monkeypatch.setattr(student, "_run_blocks", lambda t, h, w, ws, taps: chosen.append(ws) or real(t, h, w, ws, taps))
     for _ in range(12):
         student(torch.rand(1, 3, 64, 64))
     assert set(chosen) == {2, None}
@@ -207,3 +207,26 @@ def test_learned_absolute_position_embedding_is_timms_resampled_table():
                              pos_embed="learned").patch_generator.pos_embed.shape[1] == 14 * 14
     with pytest.raises(ValueError, match="pos_embed"):
         tiny(pos_embed="sincos")
+
+
+def test_intermediate_layers_are_the_raster_patch_tokens_after_those_blocks():
+    student = tiny(depth=3, num_cls_tokens=2, num_registers=1, global_every=3).eval()
+    student.intermediate_layers = (1, 2)
+    x = torch.rand(2, 3, 64, 96)
+    k = student.num_prefix_tokens
+    with torch.no_grad():
+        out = student(x)
+        tokens = student.patch_generator((x - student.norm_mean) / student.norm_std)
+        expected = {}
+        for i, block in enumerate(student.blocks):
+            tokens = block(tokens)
+            expected[i + 1] = tokens[:, k:]
+    assert sorted(out.intermediates) == [1, 2]
+    for i in (1, 2):
+        torch.testing.assert_close(out.intermediates[i], expected[i])
+    with torch.no_grad():
+        student.set_window_size(2)  # windowed blocks: taps come back in raster order
+        win = student(x)
+    assert win.intermediates[2].shape == expected[2].shape
+    student.intermediate_layers = ()
+    assert student(x).intermediates == {}

@@ -85,3 +85,14 @@ def test_missing_paths_and_wrong_model_types_are_clear_errors(registry, tmp_path
     sam = make_tiny_sam(tiny_dir / "sam", image_size=64)
     with pytest.raises(ValueError, match="is a 'sam' model, not one of dinov2"):
         registry.build("teacher", "dinov2", **sam, resolution=None)
+
+
+def test_intermediate_layer_target_matches_hidden_states(registry, tiny_dino):
+    spec, ref, registers = tiny_dino
+    teacher = registry.build("teacher", "dinov2", **spec, resolution=(112, 112), layer=1)
+    x = teacher_pixels(teacher)
+    with torch.no_grad():
+        tokens = ref.layernorm(ref(pixel_values=x, output_hidden_states=True).hidden_states[1])
+    out = teacher(x)
+    assert_max_abs(out.summary, tokens[:, 0])
+    assert_max_abs(out.spatial, tokens_to_grid(tokens[:, 1 + registers:], (8, 8)))

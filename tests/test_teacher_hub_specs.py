@@ -114,3 +114,88 @@ def test_a_local_copy_of_published_weights_gets_the_published_settings(registry,
     siglip = registry.build("teacher", "clip", model="ViT-SO400M-14-SigLIP-384", pretrained=str(local),
                             resolution=None, meta=True)
     assert siglip.mean == (0.5, 0.5, 0.5) and siglip.std == (0.5, 0.5, 0.5)
+
+
+# The later RADIO teachers (RADIOv2.5 / C-RADIOv4): SigLIP2-g, DINOv3, SAM2.1, SAM3, C-RADIO.
+LATER_HUB_TEACHERS = {
+    "siglip2-g-16-384": (
+        "siglip2", dict(model="ViT-gopt-16-SigLIP2-384", pretrained="webli"),
+        dict(input_size=(384, 384), patch_size=16, summary_dim=1536, spatial_dim=1536,
+             mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)), (24, 24)),
+    "siglip2-so400m-16-512": (
+        "siglip2", dict(model="ViT-SO400M-16-SigLIP2-512"),
+        dict(input_size=(512, 512), patch_size=16, summary_dim=1152, spatial_dim=1152), (32, 32)),
+    "dinov3-vit7b16": (
+        "dinov3", dict(model="facebook/dinov3-vit7b16-pretrain-lvd1689m"),
+        dict(input_size=(224, 224), patch_size=16, summary_dim=4096, spatial_dim=4096, num_registers=4), (14, 14)),
+    "dinov3-vitl16": (
+        "dinov3", dict(model="facebook/dinov3-vitl16-pretrain-lvd1689m", resolution=(512, 384)),
+        dict(input_size=(512, 384), patch_size=16, summary_dim=1024, spatial_dim=1024), (32, 24)),
+    "sam2.1-hiera-large": (
+        "sam2", dict(model="facebook/sam2.1-hiera-large"),
+        dict(input_size=(1024, 1024), summary_dim=None, spatial_dim=256, resize_mode="resize"), (64, 64)),
+    "sam3": (
+        "sam3", dict(model="facebook/sam3"),
+        dict(input_size=(1008, 1008), patch_size=14, summary_dim=None, spatial_dim=1024, mean=(0.5, 0.5, 0.5)),
+        (72, 72)),
+    "sam3-fpn": (
+        "sam3", dict(model="facebook/sam3", feature="fpn"), dict(spatial_dim=256), (72, 72)),
+    "c-radio-v4-h": (
+        "cradio", dict(model="nvidia/C-RADIOv4-H"),
+        dict(input_size=(512, 512), patch_size=16, summary_dim=2560, spatial_dim=1280), (32, 32)),
+    "c-radio-v4-so400m": (
+        "cradio", dict(model="nvidia/C-RADIOv4-SO400M", summary_token=0),
+        dict(summary_dim=1152, spatial_dim=1152), (32, 32)),
+}
+
+
+@pytest.mark.parametrize("key", list(LATER_HUB_TEACHERS))
+def test_later_hub_teachers_declare_the_published_dims(registry, key):
+    plugin, args, expected, grid = LATER_HUB_TEACHERS[key]
+    args = {"resolution": None, **args}
+    teacher = registry.build("teacher", plugin, **args, meta=True)
+    for attr, value in expected.items():
+        assert getattr(teacher, attr) == value, (key, attr)
+    assert all(p.device.type == "meta" for p in teacher.parameters())
+    out = teacher(torch.empty(1, 3, *teacher.input_size, device="meta"))
+    assert tuple(out.spatial.shape) == (1, teacher.spatial_dim, *grid)
+    if teacher.summary_dim is None:
+        assert out.summary is None
+    else:
+        assert tuple(out.summary.shape) == (1, teacher.summary_dim)
+
+
+def test_later_describe_helpers_and_offline_errors(registry):
+    from radio_plugins import cradio, dinov3, sam2, sam3, siglip2
+
+    assert siglip2.describe()["summary_dim"] == 1536  # the default is C-RADIOv4's SigLIP2-g-384
+    assert dinov3.describe("facebook/dinov3-vith16plus-pretrain-lvd1689m")["spatial_dim"] == 1280
+    assert sam2.describe("facebook/sam2.1-hiera-base-plus")["spatial_dim"] == 256
+    assert sam3.describe("facebook/sam3")["patch_size"] == 14
+    assert cradio.describe("nvidia/C-RADIOv4-H")["summary_dim"] == 2560
+    from radio_core import PluginError
+
+    with pytest.raises(PluginError, match="local HF cache"):
+        registry.build("teacher", "dinov3", model="facebook/dinov3-vit7b16-pretrain-lvd1689m", resolution=None)
+    with pytest.raises(PluginError, match="local HF cache"):
+        registry.build("teacher", "sam3", model="facebook/sam3", resolution=None)
+
+
+@pytest.mark.parametrize("name", ["radio_v25.yaml", "c_radio_v4.yaml"])
+def test_later_recipes_validate_for_64_ranks_with_published_teachers(registry, name):
+    """The RADIOv2.5 and C-RADIOv4 recipes: valid for 64 ranks (plugins, partition, student
+    resolution multiples, shifted views only with geometry-aware spatial losses), and every
+    teacher a published model (their dry runs are in docs/)."""
+    from radio_core.plan.checks import check_recipe
+    from radio_core.recipe import load_recipe
+
+    path = PAPER_RECIPE.parent / name
+    recipe = load_recipe(path)
+    check_recipe(recipe, registry, world_size=64, origin=str(path))
+    published = {(p, a.get("model")) for p, a, _, _ in list(HUB_TEACHERS.values()) + list(LATER_HUB_TEACHERS.values())}
+    for tname, spec in recipe.teachers.items():
+        assert (spec.plugin, spec.args["model"]) in published, tname
+    assert (PAPER_RECIPE.parents[1] / "docs" / f"dry_run_{name[:-5]}.txt").is_file()
+    if name == "c_radio_v4.yaml":
+        assert recipe.resolution_sets == {"low": [(s, s) for s in (128, 192, 224, 256, 384, 432)],
+                                          "high": [(s, s) for s in (512, 768, 1024, 1152)]}

@@ -61,6 +61,8 @@ def load_run(run_dir: str | Path, registry: Optional[Registry] = None, with_teac
     weights = latest_weights(run_dir)
     state = read_safetensors(weights)
     state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+    # a checkpoint also holds the training losses' statistics: not part of the model
+    state = {k: v for k, v in state.items() if not k.startswith("losses.")}
     check_dtypes(state, distiller.state_dict(), str(weights))
     try:
         missing, unexpected = distiller.load_state_dict(state, strict=False)

@@ -83,6 +83,8 @@ def export_config(distiller: Distiller, recipe: Any = None, teachers: Optional[M
             "plugin": getattr(spec, "plugin", None),
             "use_summary": h.name in distiller.summary_heads,
         }
+        if h.student_layer is not None:
+            entry["student_layer"] = int(h.student_layer)
         if spec is not None and getattr(spec, "adaptor", None) is not None:
             entry["adaptor"] = {"name": spec.adaptor.name, "args": dict(spec.adaptor.args)}
         teacher = (teachers or {}).get(h.name)
@@ -121,7 +123,9 @@ def write_export(distiller: Distiller, config: dict, path: str | os.PathLike) ->
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().to("cpu").contiguous().clone() for k, v in distiller.state_dict().items()}
+    # Loss modules (and their statistics) are training state, not part of the model.
+    state = {k: v.detach().to("cpu").contiguous().clone() for k, v in distiller.state_dict().items()
+             if not k.startswith("losses.")}
     tmp_w, tmp_c = path / (WEIGHTS_NAME + ".tmp"), path / (CONFIG_NAME + ".tmp")
     save_file(state, str(tmp_w), metadata={"format": "pt"})
     tmp_c.write_text(json.dumps(config, indent=2, sort_keys=False, default=_json_default) + "\n")
@@ -278,7 +282,8 @@ def _build(config: dict, registry, origin: str) -> Distiller:
     heads, summary_heads, spatial_heads = [], {}, {}
     for name, entry in config["teachers"].items():
         sdim, pdim = entry.get("summary_dim"), entry.get("spatial_dim")
-        heads.append(HeadSpec(name, sdim, pdim))
+        layer = entry.get("student_layer")
+        heads.append(HeadSpec(name, sdim, pdim, int(layer) if layer is not None else None))
         for kind, dim, table in (("summary", sdim, summary_heads), ("spatial", pdim, spatial_heads)):
             if dim is None:
                 continue

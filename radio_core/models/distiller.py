@@ -26,6 +26,8 @@ class HeadSpec:
     name: str
     summary_dim: Optional[int]  # None: no summary head
     spatial_dim: Optional[int]  # None: no spatial head
+    #: the spatial head reads the student's tokens after this block (intermediate-layer target)
+    student_layer: Optional[int] = None
 
 
 class Distiller(nn.Module):
@@ -35,17 +37,27 @@ class Distiller(nn.Module):
     indexes ``StudentOutput.summary`` (RADIO's ``cls_token_per_teacher``).
     ``target_norms[teacher]["summary" | "spatial"]`` (optional) hold the statistics that
     standardise that teacher's targets (radio_core.normalize); they are buffers, so they are
-    saved with checkpoints and exports.
+    saved with checkpoints and exports. ``losses[teacher]["summary" | "spatial"]`` are the loss
+    modules the training objective uses: kept here so that losses with statistics (buffers)
+    are checkpointed; exports leave them out.
     """
 
     def __init__(self, student: Student, heads: list[HeadSpec], summary_heads: dict[str, nn.Module],
-                 spatial_heads: dict[str, nn.Module], target_norms: Optional[dict[str, nn.Module]] = None) -> None:
+                 spatial_heads: dict[str, nn.Module], target_norms: Optional[dict[str, nn.Module]] = None,
+                 losses: Optional[dict[str, nn.Module]] = None) -> None:
         super().__init__()
         self.student = student
         self.heads = heads
         self.summary_heads = nn.ModuleDict(summary_heads)
         self.spatial_heads = nn.ModuleDict(spatial_heads)
         self.target_norms = nn.ModuleDict(target_norms or {})
+        self.losses = nn.ModuleDict(losses or {})
+        self.spatial_layers = {h.name: h.student_layer for h in heads if h.student_layer is not None}
+        if self.spatial_layers:
+            if not hasattr(student, "intermediate_layers"):
+                raise PluginError(f"teachers {sorted(self.spatial_layers)} ask for intermediate student layers "
+                                  f"(student_layer), which student {type(student).__name__} cannot return")
+            student.intermediate_layers = tuple(sorted(set(self.spatial_layers.values())))
         with_summary = [h.name for h in heads if h.summary_dim is not None]
         self.summary_slots = {name: i % max(student.num_cls_tokens, 1) for i, name in enumerate(with_summary)}
 
@@ -65,7 +77,9 @@ class Distiller(nn.Module):
         if teacher in self.spatial_heads:
             b = out.patches.shape[0]
             h, w = out.grid
-            spatial = self.spatial_heads[teacher](out.patches).transpose(1, 2).reshape(b, -1, h, w)
+            layer = self.spatial_layers.get(teacher)
+            tokens = out.patches if layer is None else out.intermediates[layer]
+            spatial = self.spatial_heads[teacher](tokens).transpose(1, 2).reshape(b, -1, h, w)
         return summary, spatial
 
     def normalize_targets(self, teacher: str, target: TeacherOutput) -> TeacherOutput:
@@ -95,7 +109,8 @@ def build_distiller(recipe: "Recipe", dims: dict[str, tuple[Optional[int], int]]
     """Student + heads for every teacher of every stage (``dims``: name -> (summary, spatial))."""
     heads = [HeadSpec(name,
                       summary if recipe.teachers[name].use_summary else None,
-                      spatial if recipe.teachers[name].use_spatial else None)
+                      spatial if recipe.teachers[name].use_spatial else None,
+                      recipe.teachers[name].student_layer)
              for name, (summary, spatial) in dims.items()]
     for h in heads:
         if h.summary_dim is None and h.spatial_dim is None:
@@ -117,11 +132,12 @@ def build_distiller(recipe: "Recipe", dims: dict[str, tuple[Optional[int], int]]
     norms = {}
     for h in heads:
         kind = recipe.teachers[h.name].target_norm
-        if kind == "none":
-            continue
-        parts = {part: build_target_norm(kind, dim) for part, dim in (("summary", h.summary_dim),
-                                                                        ("spatial", h.spatial_dim)) if dim}
-        norms[h.name] = torch.nn.ModuleDict(parts)
+        kinds = kind if isinstance(kind, dict) else {"summary": kind, "spatial": kind}  # per part, or one for both
+        parts = {part: build_target_norm(kinds.get(part, "none"), dim)
+                 for part, dim in (("summary", h.summary_dim), ("spatial", h.spatial_dim))
+                 if dim and kinds.get(part, "none") != "none"}
+        if parts:
+            norms[h.name] = torch.nn.ModuleDict(parts)
     return Distiller(student, heads, summary_heads, spatial_heads, norms)
 
 

@@ -34,11 +34,14 @@ def group_teachers(teachers: dict[str, Teacher]) -> list[TeacherGroup]:
     return list(groups.values())
 
 
-def build_teacher(recipe: "Recipe", name: str, registry: Registry, meta: bool = False) -> Teacher:
+def build_teacher(recipe: "Recipe", name: str, registry: Registry, meta: bool = False,
+                  resolution: Any = None) -> Teacher:
     """Build (and freeze) one teacher; ``meta=True`` builds its architecture without weights,
-    only to learn its dimensions (plugins that don't support it are built for real)."""
+    only to learn its dimensions (plugins that don't support it are built for real).
+    ``resolution`` overrides the recipe's (a group's ``teacher_resolution``)."""
     spec = recipe.teachers[name]
-    kwargs: dict[str, Any] = dict(spec.args, resolution=tuple(spec.resolution) if spec.resolution else None)
+    resolution = resolution or spec.resolution
+    kwargs: dict[str, Any] = dict(spec.args, resolution=tuple(resolution) if resolution else None)
     if meta and accepts_kwarg(registry.get("teacher", spec.plugin).factory, "meta"):
         kwargs["meta"] = True
     try:

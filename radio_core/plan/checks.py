@@ -47,8 +47,28 @@ def check_plugins(recipe: Recipe, registry: Registry, origin: str = "<recipe>") 
         need("loss", t.spatial_loss.name, f"teachers.{tname}.spatial_loss.name")
         if t.adaptor is not None:
             need("adaptor", t.adaptor.name, f"teachers.{tname}.adaptor.name")
+    if recipe.balance is not None:
+        need("balancer", recipe.balance.name, "balance.name")
     if problems:
         raise RecipeError("\n".join(problems))
+    check_shifted_views(recipe, registry, origin)
+
+
+def check_shifted_views(recipe: Recipe, registry: Registry, origin: str = "<recipe>") -> None:
+    """With ``augment.shift`` the student's and the teachers' views differ: every spatial loss
+    must compare them on their overlap (a loss with ``wants_geometry``)."""
+    shift = recipe.augment.shift
+    if not shift:
+        return
+    for tname, t in recipe.teachers.items():
+        if not t.use_spatial:
+            continue
+        loss = registry.build("loss", t.spatial_loss.name, **t.spatial_loss.args)
+        if not getattr(loss, "wants_geometry", False):
+            base = t.spatial_loss.name
+            raise RecipeError(f"{origin}: teachers.{tname}.spatial_loss: augment.shift is {shift:g}, so student and "
+                              f"teacher views differ, but loss {base!r} compares the grids cell by cell; use "
+                              f"{{name: shift_equivariant, args: {{base: {{name: {base}}}}}}}")
 
 
 def check_recipe(recipe: Recipe, registry: Registry, world_size: int = 1, origin: str = "<recipe>") -> None:

@@ -30,6 +30,8 @@ class Slot:
     student_resolution: list[tuple[int, int]]
     #: position of this slot's samples in the global per-micro-step numbering.
     offset: int = 0
+    #: teacher -> input resolution on this slot, where the group overrides the teacher's own.
+    teacher_resolution: dict[str, tuple[int, int]] = field(default_factory=dict)
 
 
 @dataclass
@@ -102,7 +104,8 @@ def plan_stages(recipe: Recipe, world_size: int) -> list[StagePlan]:
     for i, st in enumerate(stages):
         teachers = (st.teachers if st and st.teachers is not None else list(recipe.teachers))
         steps = st.steps if st else recipe.train.steps
-        student_res = (st.student_resolution if st and st.student_resolution else recipe.student.resolution)
+        student_res = recipe.resolutions(st.student_resolution if st and st.student_resolution
+                                         else recipe.student.resolution)
         groups = (st.groups if st and st.groups else recipe.groups) or {
             "all": GroupSpec(teachers=teachers)}
         # Keep only this stage's teachers; drop groups left empty.
@@ -119,7 +122,8 @@ def plan_stages(recipe: Recipe, world_size: int) -> list[StagePlan]:
             for gname in per_rank[r]:
                 g = groups[gname]
                 slot = Slot(gname, list(g.teachers), g.batch_size or recipe.data.batch_size,
-                            [tuple(x) for x in (g.student_resolution or student_res)], offset)
+                            [tuple(x) for x in (recipe.resolutions(g.student_resolution) or student_res)], offset,
+                            {t: tuple(res) for t, res in g.teacher_resolution.items() if t in g.teachers})
                 offset += slot.batch_size
                 slots.append(slot)
                 for t in g.teachers:
@@ -153,7 +157,9 @@ def describe(plans: list[StagePlan], grad_accum: int = 1) -> str:
         for gname, ranks in by_group.items():
             s = next(s for slots in p.rank_slots for s in slots if s.group == gname)
             res = ", ".join(f"{h}x{w}" for h, w in s.student_resolution)
-            lines.append(f"  group {gname}: {len(ranks)} rank(s) {_ranges(ranks)}, teachers {', '.join(s.teachers)}, "
+            teachers = ", ".join(f"{t}@{s.teacher_resolution[t][0]}x{s.teacher_resolution[t][1]}"
+                                 if t in s.teacher_resolution else t for t in s.teachers)
+            lines.append(f"  group {gname}: {len(ranks)} rank(s) {_ranges(ranks)}, teachers {teachers}, "
                          f"batch {s.batch_size}/rank, student {res}")
     return "\n".join(lines)
 

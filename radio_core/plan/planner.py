@@ -9,6 +9,7 @@ activations saved for backward), per stage and group, for a given world size.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -43,6 +44,9 @@ class GroupPlan:
     weight_bytes: float = 0.0
     optimizer_bytes: float = 0.0
     activation_bytes: float = 0.0
+    #: stochastic multi-resolution: the student costs at each resolution the group draws from
+    #: (uniformly, one per step), in the order of ``Slot.student_resolution``.
+    student_by_resolution: list[ModelCost] = field(default_factory=list)
 
     @property
     def total_bytes(self) -> float:
@@ -50,8 +54,20 @@ class GroupPlan:
 
     @property
     def flops_per_rank_step(self) -> float:
+        """At the group's largest student resolution (the worst case)."""
         per_image = self.student.flops_per_image + sum(t.flops_per_image for t in self.teachers.values())
         return per_image * self.batch_size
+
+    def step_flops(self, choice: int) -> float:
+        """Per-rank FLOPs of a step whose resolution draw is ``choice`` (index mod set size)."""
+        costs = self.student_by_resolution or [self.student]
+        per_image = costs[choice % len(costs)].flops_per_image + sum(t.flops_per_image for t in self.teachers.values())
+        return per_image * self.batch_size
+
+    @property
+    def expected_flops_per_rank_step(self) -> float:
+        n = len(self.student_by_resolution) or 1
+        return sum(self.step_flops(i) for i in range(n)) / n
 
 
 def _math_attention():
@@ -106,7 +122,14 @@ def plan(recipe: Recipe, registry: Registry, world_size: int) -> tuple[list[Grou
             dims[name] = (teachers[name].summary_dim, teachers[name].spatial_dim)
     with torch.device("meta"):
         distiller = build_distiller(recipe, dims, registry)
-    costs: dict[str, ModelCost] = {n: teacher_cost(t) for n, t in teachers.items()}
+    costs: dict[tuple, ModelCost] = {(n, None): teacher_cost(t) for n, t in teachers.items()}
+
+    def cost(name: str, slot) -> ModelCost:
+        """A teacher's cost at the slot's resolution for it (a group override or its own)."""
+        key = (name, slot.teacher_resolution.get(name))
+        if key not in costs:
+            costs[key] = teacher_cost(build_teacher(recipe, name, registry, meta=True, resolution=key[1]))
+        return costs[key]
     rows: list[GroupPlan] = []
     student_cache: dict[tuple, ModelCost] = {}
     for p in plans:
@@ -116,13 +139,16 @@ def plan(recipe: Recipe, registry: Registry, world_size: int) -> tuple[list[Grou
                 n, _ = groups.get(s.group, (0, s))
                 groups[s.group] = (n + 1, s)
         for gname, (nranks, slot) in groups.items():
+            for r in slot.student_resolution:
+                if r not in student_cache:
+                    student_cache[r] = student_cost(distiller, r)
             res = max(slot.student_resolution, key=lambda r: r[0] * r[1])  # worst case for memory
-            if res not in student_cache:
-                student_cache[res] = student_cost(distiller, res)
             sc = student_cache[res]
             row = GroupPlan(p.name, gname, nranks, slot.batch_size, res, sc,
-                            {t: costs[t] for t in slot.teachers})
-            row.weight_bytes = sc.params * 4 + sum(costs[t].params for t in slot.teachers) * teacher_bytes
+                            {t: cost(t, slot) for t in slot.teachers})
+            if len(slot.student_resolution) > 1:
+                row.student_by_resolution = [student_cache[r] for r in slot.student_resolution]
+            row.weight_bytes = sc.params * 4 + sum(c.params for c in row.teachers.values()) * teacher_bytes
             row.optimizer_bytes = sc.params * (4 + 8)  # fp32 gradients + AdamW exp_avg, exp_avg_sq
             act_scale = 0.5 if recipe.train.mixed_precision in ("bf16", "fp16") else 1.0
             row.activation_bytes = sc.activation_bytes_per_image * slot.batch_size * act_scale
@@ -150,10 +176,38 @@ def format_plan(rows: list[GroupPlan], layout: str, world_size: int, recipe: Rec
         for name, t in r.teachers.items():
             lines.append(f"{'':<10} {'':<10} teacher {name}: {t.params / 1e6:.4g}M params, "
                          f"{t.flops_per_image / 1e9:.4g} GFLOP/img fwd")
+    lines += [""] + throughput_lines(rows)
     lines.append("")
     lines.append("Memory excludes teacher activations (freed layer by layer under no_grad), the CUDA "
                  "context and allocator fragmentation: keep ~20% headroom.")
     return "\n".join(lines)
+
+
+def throughput_lines(rows: list[GroupPlan]) -> list[str]:
+    """Throughput cost of each stage's schedule. Steps are synchronous, so the slowest rank sets
+    the pace; every group draws its student resolution from the same per-step number (index mod
+    its set size), so the expected step cost is the mean over draws of the costliest group."""
+    out = ["throughput (forward+backward FLOPs; a step lasts as long as its costliest rank):"]
+    for stage in dict.fromkeys(r.stage for r in rows):
+        group_rows = [r for r in rows if r.stage == stage]
+        sizes = [len(r.student_by_resolution) or 1 for r in group_rows]
+        draws = math.lcm(*sizes)
+        step = sum(max(r.step_flops(i) for r in group_rows) for i in range(draws)) / draws
+        worst = max(r.flops_per_rank_step for r in group_rows)
+        ranks = sum(r.ranks for r in group_rows)
+        mean_rank = sum(r.expected_flops_per_rank_step * r.ranks for r in group_rows) / ranks
+        images = sum(r.batch_size * r.ranks for r in group_rows)
+        out.append(f"  {stage}: expected step {step / 1e12:.4g} TFLOP on the slowest rank (worst draw "
+                   f"{worst / 1e12:.4g}), mean rank {mean_rank / 1e12:.4g} -> ranks busy {100 * mean_rank / step:.0f}% "
+                   f"of the step; {images} images/step, {step * ranks / images / 1e9:.4g} GFLOP of rank time per image")
+        for r in group_rows:
+            if r.student_by_resolution:
+                flops = [c.flops_per_image / 1e9 for c in r.student_by_resolution]
+                out.append(f"    group {r.group}: student drawn from {len(flops)} resolutions, "
+                           f"{min(flops):.4g}-{max(flops):.4g} GFLOP/img (mean {sum(flops) / len(flops):.4g}); "
+                           f"expected {r.expected_flops_per_rank_step / 1e12:.4g} TFLOP/rank-step vs "
+                           f"{r.flops_per_rank_step / 1e12:.4g} at its largest")
+    return out
 
 
 def dry_run(recipe: Recipe, registry: Registry, world_size: int) -> str:

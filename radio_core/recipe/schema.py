@@ -8,7 +8,7 @@ numbers either; sizes, counts, rates and betas are range-checked with the field 
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, model_validator
 from pydantic import Strict as _StrictType
@@ -113,7 +113,14 @@ class TeacherSpec(Strict):
     use_spatial: Bool = True
     #: normalise this teacher's targets with statistics estimated over the first
     #: ``train.target_norm_batches`` batches (stored in checkpoints and exports).
-    target_norm: Literal["none", "standardize", "phi_s"] = "none"
+    #: one kind for both targets, or per target: ``{summary: none, spatial: phi_s}`` (e.g. to keep
+    #: summaries un-centred for the ``angle_balanced`` loss while PHI-S balances the features).
+    target_norm: Union[Literal["none", "standardize", "phi_s"],
+                       dict[Literal["summary", "spatial"], Literal["none", "standardize", "phi_s"]]] = "none"
+    #: intermediate-layer target: this teacher's spatial head reads the student's tokens after
+    #: block ``student_layer`` (1-based) instead of the last block (pair it with a teacher whose
+    #: target is an intermediate layer, e.g. ``args: {layer: 12}``); needs ``use_summary: false``.
+    student_layer: Optional[int] = Field(None, ge=1)
 
     @field_validator("resolution", mode="before")
     @classmethod
@@ -126,6 +133,13 @@ class TeacherSpec(Strict):
             raise ValueError("use_summary and use_spatial are both false: this teacher gives no target to learn")
         return self
 
+    @model_validator(mode="after")
+    def _intermediate(self) -> "TeacherSpec":
+        if self.student_layer is not None and self.use_summary:
+            raise ValueError("student_layer (an intermediate-layer target) needs use_summary: false: the student's "
+                             "intermediate blocks give patch tokens only")
+        return self
+
 
 class AugmentSpec(Strict):
     #: random resized crop: area fraction and aspect-ratio range (torchvision semantics).
@@ -135,6 +149,10 @@ class AugmentSpec(Strict):
     #: K fixed augmentations per image instead of a fresh one per sample (what a teacher-feature
     #: cache stores; set it to compare cached and online training on the same crops).
     views: Optional[Annotated[int, _StrictType(), Field(ge=1, le=4096)]] = None
+    #: shift-equivariant distillation: the student and each teacher group see their own window
+    #: of the crop (side ``1 - shift``, random offsets, so views differ by up to ``shift`` of the
+    #: crop); spatial losses then compare on the aligned overlap (``shift_equivariant``). 0: off.
+    shift: Float = Field(0.0, ge=0, lt=0.5)
 
     @model_validator(mode="after")
     def _ranges(self) -> "AugmentSpec":
@@ -255,13 +273,23 @@ class GroupSpec(Strict):
     ranks: Optional[Annotated[int, _StrictType(), Field(ge=1, le=1_000_000)]] = None
     #: per-rank batch size of this group (default: data.batch_size).
     batch_size: Optional[Count] = None
-    #: student input resolution(s) on this group's ranks (default: student.resolution).
-    student_resolution: Optional[list[Size]] = Field(None, min_length=1)
+    #: student input resolution(s) on this group's ranks (default: student.resolution), or the
+    #: name of one of the recipe's ``resolution_sets``; one is drawn per step (the same on every
+    #: rank of the group, so each rank keeps one shape per step).
+    student_resolution: Optional[Union[Name, Annotated[list[Size], Field(min_length=1)]]] = None
+    #: teacher input resolutions on this group's ranks, overriding ``teachers.<name>.resolution``
+    #: (RADIOv2.5: every teacher at a low and a high resolution, in two groups).
+    teacher_resolution: dict[Name, Size] = Field(default_factory=dict)
 
     @field_validator("student_resolution", mode="before")
     @classmethod
     def _res(cls, v: Any) -> Any:
-        return None if v is None else _resolutions(v)
+        return v if v is None or isinstance(v, str) else _resolutions(v)
+
+    @field_validator("teacher_resolution", mode="before")
+    @classmethod
+    def _teacher_res(cls, v: Any) -> Any:
+        return {k: _size(x) for k, x in v.items()} if isinstance(v, dict) else v
 
 
 class StageSpec(Strict):
@@ -274,12 +302,15 @@ class StageSpec(Strict):
     teachers: Optional[list[Name]] = Field(None, min_length=1)
     #: rank groups for this stage (default: the recipe's ``groups``, or one group).
     groups: Optional[dict[Name, GroupSpec]] = Field(None, min_length=1)
-    student_resolution: Optional[list[Size]] = Field(None, min_length=1)
+    #: resolution(s) or the name of a ``resolution_sets`` entry (as for groups)
+    student_resolution: Optional[Union[Name, Annotated[list[Size], Field(min_length=1)]]] = None
     restart_schedule: Bool = False
 
     @field_validator("student_resolution", mode="before")
     @classmethod
     def _res(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            return v
         return None if v is None else _resolutions(v)
 
 
@@ -301,6 +332,26 @@ class Recipe(Strict):
     groups: Optional[dict[Name, GroupSpec]] = Field(None, min_length=1)
     #: training stages (default: one stage of train.steps with every teacher).
     stages: Optional[list[StageSpec]] = Field(None, min_length=1)
+    #: teacher balancing plugin (kind ``balancer``, e.g. ``{name: teacher_dropping}``): per-image
+    #: weights for the teachers of a slot from their losses. None: every teacher always counts.
+    balance: Optional[ComponentSpec] = None
+    #: named partitions of student resolutions for stochastic multi-resolution training, e.g.
+    #: ``{low: [128, 192, 224, 256, 384, 432], high: [512, 768, 1024, 1152]}`` (C-RADIOv4); groups
+    #: and stages name them in ``student_resolution``.
+    resolution_sets: dict[str, list[Size]] = Field(default_factory=dict)
+
+    @field_validator("resolution_sets", mode="before")
+    @classmethod
+    def _sets(cls, v: Any) -> Any:
+        # a set is a list of sizes: [128, 192] is two square sizes (not one 128x192 size)
+        return {k: [_size(y) for y in x] if isinstance(x, list) else x for k, x in v.items()} \
+            if isinstance(v, dict) else v
+
+    def resolutions(self, value: Any) -> Optional[list[Size]]:
+        """A ``student_resolution`` value as a list of sizes (a set name resolved)."""
+        if isinstance(value, str):
+            return list(self.resolution_sets[value])
+        return value
 
     @field_validator("teachers")
     @classmethod
@@ -327,10 +378,19 @@ class Recipe(Strict):
                     raise ValueError(f"{where}: teacher {n!r} is not defined under teachers "
                                      f"({', '.join(sorted(known))}){hint}")
 
+        def check_set(value: Any, where: str) -> None:
+            if isinstance(value, str) and value not in self.resolution_sets:
+                sets = ", ".join(sorted(self.resolution_sets)) or "none defined"
+                raise ValueError(f"{where}: {value!r} is not one of the recipe's resolution_sets ({sets})")
+
         def check_groups(groups: dict[str, GroupSpec], stage_teachers: list[str], where: str) -> None:
             seen: list[str] = []
             for gname, g in groups.items():
                 check_names(g.teachers, f"{where}.{gname}.teachers")
+                check_set(g.student_resolution, f"{where}.{gname}.student_resolution")
+                stray = sorted(set(g.teacher_resolution) - set(g.teachers))
+                if stray:
+                    raise ValueError(f"{where}.{gname}.teacher_resolution: {stray} are not teachers of this group")
                 seen += g.teachers
                 if g.share is not None and g.ranks is not None:
                     raise ValueError(f"{where}.{gname}: give share or ranks, not both")
@@ -353,6 +413,7 @@ class Recipe(Strict):
             for i, st in enumerate(self.stages):
                 stage_teachers = st.teachers if st.teachers is not None else list(self.teachers)
                 check_names(stage_teachers, f"stages.{i}.teachers")
+                check_set(st.student_resolution, f"stages.{i}.student_resolution")
                 groups = st.groups or self.groups
                 if groups:
                     check_groups(groups, stage_teachers, f"stages.{i}.groups" if st.groups else "groups")

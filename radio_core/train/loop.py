@@ -38,7 +38,7 @@ from . import setup, stages
 from .checkpoint import (Checkpointer, ResumeError, RunExistsError, TrainerState,  # noqa: F401 - re-exported
                          check_new_run, prepare_out_dir)
 from .metrics import BadDataError, BadImageCounter, MetricsLogger, progress_bar, reduce_losses  # noqa: F401
-from .objective import Objective
+from .objective import Objective, build_losses
 from .schedule import build_scheduler, lr_multiplier
 from .signals import StopSignals
 from .stages import SlotRuntime
@@ -68,6 +68,8 @@ class Trainer:
         self.checkpointer = Checkpointer(self.accelerator, self.ckpt_dir, recipe.checkpoint.keep)
         self.bad_images = BadImageCounter(self.accelerator)
         self.teachers: dict[str, Teacher] = {}
+        #: (teacher, resolution) -> instance, for groups that run a teacher at their own resolution
+        self.teacher_variants: dict[tuple, Teacher] = {}
         self.stage: Optional[StagePlan] = None
         self._number_shift = 0  # added to sample numbers when resuming on another world size
         self._build()
@@ -80,21 +82,29 @@ class Trainer:
         self.plans = plan_stages(r, acc.num_processes)
         torch.manual_seed(r.train.seed)
         all_teachers = [t for t in r.teachers if any(t in p.teachers for p in self.plans)]
-        mine = {t for p in self.plans for slot in p.rank_slots[acc.process_index] for t in slot.teachers}
+        # (teacher, group resolution override or None) for every slot this rank runs
+        mine = {(t, slot.teacher_resolution.get(t)) for p in self.plans for slot in p.rank_slots[acc.process_index]
+                for t in slot.teachers}
         self.cache, self.cached = setup.open_cache(r, all_teachers)
         dims: dict[str, tuple[Optional[int], int]] = {}
         for name in all_teachers:
             if name in self.cached:
                 dims[name] = self.cache.dims(name)
                 continue
-            if name in mine:
-                t = build_teacher(r, name, self.registry).to(acc.device, setup.teacher_dtype(r, acc.device))
-                self.teachers[name] = t
-            else:  # another rank runs it; this rank only needs its dimensions for the heads
+            for res in sorted((res for n, res in mine if n == name), key=lambda x: x or (0, 0)):
+                t = build_teacher(r, name, self.registry, resolution=res).to(acc.device,
+                                                                           setup.teacher_dtype(r, acc.device))
+                if res is None:
+                    self.teachers[name] = t
+                else:
+                    self.teacher_variants[(name, res)] = t
+                    self.teachers.setdefault(name, t)  # evaluation uses one instance per teacher
+            if name not in self.teachers:  # another rank runs it; this rank only needs its dimensions
                 t = build_teacher(r, name, self.registry, meta=True)
             dims[name] = (t.summary_dim, t.spatial_dim)
         torch.manual_seed(r.train.seed)  # same student/head init on every rank, whatever was built
         distiller = build_distiller(r, dims, self.registry)
+        distiller.losses = torch.nn.ModuleDict(build_losses(r, self.registry, self.cached))
         check_student_resolutions(self.plans, distiller.student.size_multiple, r.student.name, self.recipe_path)
         self.objective = Objective(r, self.registry, self.teachers, self.cached, acc)
         if r.train.channels_last:
@@ -124,7 +134,7 @@ class Trainer:
         return lr_multiplier(step, self.recipe.train.steps, sched.warmup_steps, sched.min_lr_ratio, sched.name)
 
     def crop_size(self, slot) -> tuple[int, int]:
-        return stages.crop_size(self.recipe, slot, self.teachers, self.cache, self.cached)
+        return stages.crop_size(self.recipe, slot, self.teachers, self.cache, self.cached, self.teacher_variants)
 
     def expected_number(self, step: int) -> int:
         return stages.expected_number(self.plans, step, self.recipe.train.grad_accum)
@@ -137,7 +147,8 @@ class Trainer:
         acc = self.accelerator
         self.stage = plan
         return stages.slot_runtimes(self.recipe, plan, acc.process_index, step, self.source, self.teachers,
-                                    self.cache, self.cached, self._number_shift, acc.device.type == "cuda")
+                                    self.cache, self.cached, self._number_shift, acc.device.type == "cuda",
+                                    self.teacher_variants)
 
     # ------------------------------------------------------------------ loop
     def fit(self) -> dict[str, float]:

@@ -2,10 +2,10 @@
 statistics, and the weighted per-teacher summary + spatial losses of one batch."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..data.augment import collate
 from ..data.sampling import StepBatchSampler, _mix, sampling_kwargs
@@ -14,10 +14,40 @@ from ..models.distiller import Distiller
 from ..models.losses import match_grids
 from ..models.teachers import TeacherGroup, check_teacher_output, compute_targets
 from ..plan.partition import Slot, StagePlan
-from ..protocols import Teacher, TeacherOutput
-from ..recipe import Recipe
+from ..protocols import CropGeometry, Teacher, TeacherOutput
+from ..recipe import Recipe, RecipeError
 from ..registry import Registry
 from .stages import SlotRuntime
+from .views import cut_windows, sample_windows, window_size
+
+
+def build_losses(recipe: Recipe, registry: Registry, cached: set[str]) -> dict[str, nn.ModuleDict]:
+    """Each teacher's summary and spatial loss modules (they live in the distiller, so losses
+    with statistics are checkpointed). With shifted views (``augment.shift``) every spatial
+    loss must compare on the views' overlap, and no teacher may be read from the cache (its
+    features were computed on the unshifted crop)."""
+    shift = recipe.augment.shift
+    if shift > 0 and cached:
+        raise RecipeError(f"augment.shift is {shift:g} but teachers {sorted(cached)} are read from the feature "
+                          "cache, whose features were computed on unshifted crops; run them online (cache.teachers) "
+                          "or set augment.shift: 0")
+    out = {}
+    for name, spec in recipe.teachers.items():
+        summary = registry.build("loss", spec.summary_loss.name, **spec.summary_loss.args)
+        spatial = registry.build("loss", spec.spatial_loss.name, **spec.spatial_loss.args)
+        if shift > 0 and spec.use_spatial and not getattr(spatial, "wants_geometry", False):
+            base = spec.spatial_loss.name
+            raise RecipeError(f"teachers.{name}.spatial_loss: augment.shift is {shift:g}, so student and teacher "
+                              f"views differ, but loss {base!r} compares the grids cell by cell; use "
+                              f"{{name: shift_equivariant, args: {{base: {{name: {base}}}}}}}")
+        out[name] = nn.ModuleDict({"summary": summary, "spatial": spatial})
+    return out
+
+
+def stateful_losses(distiller: Distiller) -> dict[tuple[str, str], nn.Module]:
+    """(teacher, part) -> loss modules that estimate statistics before training."""
+    return {(n, part): m for n, parts in distiller.losses.items() for part, m in parts.items()
+            if hasattr(m, "observe") and hasattr(m, "finalize")}
 
 
 class Objective:
@@ -28,25 +58,25 @@ class Objective:
                  accelerator: Any) -> None:
         self.recipe, self.teachers, self.cached, self.accelerator = recipe, teachers, cached, accelerator
         self._checked: set[str] = set()  # teachers whose first outputs were checked to be finite
-        self.summary_losses = {n: registry.build("loss", s.summary_loss.name, **s.summary_loss.args)
-                               for n, s in recipe.teachers.items()}
-        self.spatial_losses = {n: registry.build("loss", s.spatial_loss.name, **s.spatial_loss.args)
-                               for n, s in recipe.teachers.items()}
+        spec = recipe.balance
+        self.balancer = registry.build("balancer", spec.name, **spec.args) if spec is not None else None
 
     # -- targets ------------------------------------------------------------------------------
     @torch.no_grad()
-    def teacher_targets(self, images01: Tensor, resize_sets: list[TeacherGroup]) -> dict[str, TeacherOutput]:
+    def teacher_targets(self, images01: Tensor, resize_sets: list[TeacherGroup],
+                        teachers: Optional[dict[str, Teacher]] = None) -> dict[str, TeacherOutput]:
+        """Targets of the live ``teachers`` (default: the recipe's instances) of ``resize_sets``."""
         def check(name: str, teacher: Teacher, out: Any, batch: int) -> None:
             first = name not in self._checked  # values checked once: it costs a host sync
             check_teacher_output(name, self.recipe.teachers[name].plugin, teacher, out, batch, finite=first)
             self._checked.add(name)
 
-        return compute_targets(self.teachers, resize_sets, images01, self.accelerator.autocast(), check)
+        return compute_targets(teachers or self.teachers, resize_sets, images01, self.accelerator.autocast(), check)
 
     def slot_targets(self, rt: SlotRuntime, batch: dict, images01: Tensor) -> dict[str, TeacherOutput]:
         """Live teachers' targets plus cached teachers' targets read by the loader."""
         device = self.accelerator.device
-        targets = self.teacher_targets(images01, rt.resize_sets)
+        targets = self.teacher_targets(images01, rt.resize_sets, rt.teachers)
         for name in rt.slot.teachers:
             if name in self.cached:
                 summary, spatial = batch["targets"][name]
@@ -61,9 +91,12 @@ class Objective:
         The batches come from a separate range of sample numbers: the training order is
         unchanged."""
         norms = distiller.target_norms
-        if not norms or all(bool(m.ready) for parts in norms.values() for m in parts.values()):
+        stats = {k: m for k, m in stateful_losses(distiller).items() if k[0] in stage.teachers and not bool(m.ready)}
+        norms_ready = not norms or all(bool(m.ready) for parts in norms.values() for m in parts.values())
+        if norms_ready and not stats:
             return
         r, acc = self.recipe, self.accelerator
+        kept: list[tuple[str, str, Tensor]] = []  # raw targets the losses' statistics need
         for rt in runtimes:
             sampler = StepBatchSampler(len(source), rt.slot.batch_size, r.train.seed + 7919,
                                        offset=rt.slot.offset, stride=stage.consumption,
@@ -72,17 +105,39 @@ class Objective:
                 batch = collate([rt.dataset[ref] for ref in refs])
                 images01 = preprocess.to_float(batch["image"].to(acc.device))
                 for name, target in self.slot_targets(rt, batch, images01).items():
-                    if name in norms:
+                    for part in ("summary", "spatial"):
+                        if (name, part) in stats and getattr(target, part) is not None:
+                            kept.append((name, part, getattr(target, part)))
+                    if name in norms and not norms_ready:
                         if "summary" in norms[name] and target.summary is not None:
                             norms[name]["summary"].update(target.summary)
                         if "spatial" in norms[name]:
                             norms[name]["spatial"].update_spatial(target.spatial)
-        for parts in norms.values():
-            for m in parts.values():
-                m.all_reduce_()
-                m.finalize()
-        acc.print(f"target statistics estimated for {', '.join(norms)} "
-                  f"({r.train.target_norm_batches} batch(es) per rank)")
+        if not norms_ready:
+            for parts in norms.values():
+                for m in parts.values():
+                    m.all_reduce_()
+                    m.finalize()
+            acc.print(f"target statistics estimated for {', '.join(norms)} "
+                      f"({r.train.target_norm_batches} batch(es) per rank)")
+        if stats:
+            self._estimate_loss_statistics(distiller, stats, kept)
+
+    def _estimate_loss_statistics(self, distiller: Distiller, stats: dict, kept: list) -> None:
+        """Feed the kept targets, in the space the losses see (after target normalisation), to
+        the losses that estimate statistics; sum over ranks; finalise."""
+        for name, part, raw in kept:
+            norms = distiller.target_norms[name] if name in distiller.target_norms else {}
+            if part in norms:
+                raw = norms[part].normalize_summary(raw) if part == "summary" else norms[part].normalize_spatial(raw)
+            stats[(name, part)].observe(raw)
+        dims = {h.name: (h.summary_dim, h.spatial_dim) for h in distiller.heads}
+        for (name, part), m in stats.items():
+            if hasattr(m, "prepare_statistics"):  # ranks that never ran this teacher add zeros
+                m.prepare_statistics(dims[name][0 if part == "summary" else 1], self.accelerator.device)
+            m.all_reduce_()
+            m.finalize()
+        self.accelerator.print(f"loss statistics estimated for {', '.join(f'{n}/{p}' for n, p in stats)}")
 
     # -- student side -------------------------------------------------------------------------
     def student_resolution(self, slot: Slot, step: int) -> tuple[int, int]:
@@ -93,15 +148,19 @@ class Objective:
         return tuple(options[_mix(self.recipe.train.seed, step, 0x5E5) % len(options)])
 
     def losses(self, distiller: Distiller, preds: dict, targets: dict[str, TeacherOutput],
-               scale: dict[str, float]) -> dict[str, Tensor]:
+               scale: dict[str, float], geometry: Optional[dict[str, CropGeometry]] = None) -> dict[str, Tensor]:
         """Per-teacher summary and spatial losses (unweighted) plus the weighted ``total``.
 
         Heads of teachers absent from this batch get a zero-weighted term so that DDP sees
-        every parameter used on every rank (see radio_core.plan.partition)."""
+        every parameter used on every rank (see radio_core.plan.partition). ``geometry``: the
+        views of each teacher and of the student (shifted views); with a ``balance`` plugin the
+        losses are computed per image and weighted by it."""
         r = self.recipe
+        geometry = geometry or {}
         terms: dict[str, Tensor] = {}
         first = next(iter(preds.values()))
         total = first[1 if first[0] is None else 0].new_zeros(())
+        per_image: dict[str, Tensor] = {}  # teacher -> (B,) weighted summary + spatial loss
         for name, (pred_summary, pred_spatial) in preds.items():
             target = targets.get(name)
             if target is None:
@@ -109,18 +168,34 @@ class Objective:
                 continue
             spec = r.teachers[name]
             target = distiller.normalize_targets(name, target)
-            w = spec.weight * scale.get(name, 1.0)
+            fns = distiller.losses[name]
+            parts = []
             if pred_summary is not None and target.summary is not None:
-                loss = self.summary_losses[name](pred_summary, target.summary)
-                terms[f"{name}/summary"] = loss
-                total = total + w * spec.summary_weight * loss
+                parts.append(("summary", spec.summary_weight, fns["summary"], pred_summary, target.summary, None))
             elif pred_summary is not None:
                 total = total + 0.0 * pred_summary.sum()
             if pred_spatial is not None:
-                p, t = match_grids(pred_spatial, target.spatial)
-                loss = self.spatial_losses[name](p, t)
-                terms[f"{name}/spatial"] = loss
-                total = total + w * spec.spatial_weight * loss
+                parts.append(("spatial", spec.spatial_weight, fns["spatial"], pred_spatial, target.spatial,
+                              geometry.get(name)))
+            w = spec.weight * scale.get(name, 1.0)
+            for part, weight, fn, pred, tgt, geom in parts:
+                if self.balancer is None:
+                    loss = _apply(fn, pred, tgt, geom)
+                else:
+                    values = torch.stack([_apply(fn, pred[i:i + 1], tgt[i:i + 1], _sample(geom, i))
+                                          for i in range(pred.shape[0])])
+                    per_image[name] = per_image.get(name, 0) + weight * values
+                    loss = values.mean()
+                terms[f"{name}/{part}"] = loss
+                if self.balancer is None:
+                    total = total + w * weight * loss
+        if per_image:
+            gen = torch.Generator().manual_seed(int(torch.randint(2**62, (1,))))  # loop-reseeded RNG: exact resume
+            weights = self.balancer({n: v.detach() for n, v in per_image.items()}, gen)
+            for name, values in per_image.items():
+                w = r.teachers[name].weight * scale.get(name, 1.0)
+                total = total + w * (weights[name].to(values) * values).mean()
+                terms[f"{name}/kept"] = weights[name].float().mean()
         terms["total"] = total
         return terms
 
@@ -130,8 +205,45 @@ class Objective:
         and losses of one micro-batch."""
         acc = self.accelerator
         images01 = preprocess.to_float(batch["image"].to(acc.device, non_blocking=True))
-        targets = self.slot_targets(rt, batch, images01)
-        student_in = preprocess.resize(images01, self.student_resolution(rt.slot, step))
+        resolution = self.student_resolution(rt.slot, step)
+        geometry: dict[str, CropGeometry] = {}
+        if self.recipe.augment.shift > 0:
+            targets, student_in, geometry = self.shifted_views(rt, images01, resolution)
+        else:
+            targets = self.slot_targets(rt, batch, images01)
+            student_in = preprocess.resize(images01, resolution)
         with acc.autocast():
             _, preds = model(student_in, return_predictions=True)
-        return self.losses(distiller, preds, targets, stage.teacher_scale(acc.num_processes))
+        return self.losses(distiller, preds, targets, stage.teacher_scale(acc.num_processes), geometry)
+
+    def shifted_views(self, rt: SlotRuntime, images01: Tensor, resolution: tuple[int, int]):
+        """Shift-equivariant distillation: the student's window of each crop (resized to its
+        resolution), every teacher group's own window, their targets, and each teacher's
+        ``CropGeometry``. Windows come from the RNG the loop reseeds per micro-step."""
+        shift, b, device = self.recipe.augment.shift, images01.shape[0], images01.device
+        student_box = sample_windows(b, shift)
+        student_in = cut_windows(images01, student_box, resolution)
+        size = window_size(tuple(images01.shape[-2:]), shift)
+        targets, geometry = {}, {}
+        for group in rt.resize_sets:
+            box = sample_windows(b, shift)
+            targets.update(self.teacher_targets(cut_windows(images01, box, size), [group], rt.teachers))
+            for name in group.names:
+                geometry[name] = CropGeometry(student_box.to(device), box.to(device))
+        return targets, student_in, geometry
+
+
+def _apply(fn: nn.Module, pred: Tensor, target: Tensor, geometry: Optional[CropGeometry]) -> Tensor:
+    """One loss term: geometry-aware losses get both grids as they are plus the views; the
+    others get the grids matched to the larger one (AM-RADIO's rule)."""
+    if getattr(fn, "wants_geometry", False):
+        return fn(pred, target, geometry=geometry)
+    if pred.dim() == 4:
+        pred, target = match_grids(pred, target)
+    return fn(pred, target)
+
+
+def _sample(geometry: Optional[CropGeometry], i: int) -> Optional[CropGeometry]:
+    if geometry is None:
+        return None
+    return CropGeometry(geometry.student_box[i:i + 1], geometry.teacher_box[i:i + 1])

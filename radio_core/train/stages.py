@@ -2,7 +2,7 @@
 teachers grouped by input size and a data loader positioned at the resume step."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -24,16 +24,27 @@ class SlotRuntime:
     resize_sets: list[TeacherGroup]
     dataset: AugmentedImages
     iterator: Any = None
+    #: the live teacher instances of this slot (a group may run a teacher at its own resolution)
+    teachers: dict[str, Teacher] = field(default_factory=dict)
+
+
+def slot_teachers(slot: Slot, teachers: dict[str, Teacher], variants: dict | None = None) -> dict[str, Teacher]:
+    """The instance of each of ``slot``'s teachers: the group's resolution override if it has
+    one (``variants[(name, resolution)]``), else the recipe's (``teachers[name]``)."""
+    variants = variants or {}
+    return {t: variants[(t, slot.teacher_resolution[t])] if t in slot.teacher_resolution else teachers[t]
+            for t in slot.teachers if t in teachers or t in slot.teacher_resolution}
 
 
 def crop_size(recipe: Recipe, slot: Slot, teachers: dict[str, Teacher], cache: Any,
-              cached: set[str]) -> tuple[int, int]:
+              cached: set[str], variants: dict | None = None) -> tuple[int, int]:
     """The crop every model's input of this slot is resized from."""
     if recipe.data.crop_size:
         return tuple(recipe.data.crop_size)
     if cache is not None and any(t in cached for t in slot.teachers):
         return tuple(cache.index["augment"]["crop_size"])
-    return preprocess.covering_size([teachers[t].input_size for t in slot.teachers], slot.student_resolution)
+    live = slot_teachers(slot, teachers, variants)
+    return preprocess.covering_size([live[t].input_size for t in slot.teachers], slot.student_resolution)
 
 
 def expected_number(plans: list[StagePlan], step: int, grad_accum: int) -> int:
@@ -47,15 +58,15 @@ def expected_number(plans: list[StagePlan], step: int, grad_accum: int) -> int:
 
 def slot_runtimes(recipe: Recipe, plan: StagePlan, rank: int, step: int, source: Any,
                   teachers: dict[str, Teacher], cache: Any, cached: set[str], number_shift: int,
-                  pin_memory: bool) -> list[SlotRuntime]:
+                  pin_memory: bool, variants: dict | None = None) -> list[SlotRuntime]:
     """This rank's slots for ``plan`` with loaders positioned at ``step``."""
     micro = recipe.train.grad_accum
     workers = recipe.data.num_workers
     out = []
     for slot in plan.rank_slots[rank]:
-        live = {t: teachers[t] for t in slot.teachers if t not in cached}
+        live = {t: m for t, m in slot_teachers(slot, teachers, variants).items() if t not in cached}
         uses_cache = any(t in cached for t in slot.teachers)
-        dataset = AugmentedImages(source, crop_size(recipe, slot, teachers, cache, cached), recipe.augment.scale,
+        dataset = AugmentedImages(source, crop_size(recipe, slot, teachers, cache, cached, variants), recipe.augment.scale,
                                   recipe.augment.ratio, recipe.augment.hflip, cache=cache if uses_cache else None)
         views = cache.views if cache is not None else recipe.augment.views
         sampler = StepBatchSampler(len(source), slot.batch_size, recipe.train.seed, offset=slot.offset,
@@ -67,7 +78,7 @@ def slot_runtimes(recipe: Recipe, plan: StagePlan, rank: int, step: int, source:
             dataset, batch_sampler=sampler, collate_fn=collate, num_workers=workers,
             persistent_workers=workers > 0, pin_memory=pin_memory, prefetch_factor=4 if workers > 0 else None,
             worker_init_fn=loader_worker_init if workers > 0 else None)
-        out.append(SlotRuntime(slot, group_teachers(live), dataset, iter(loader)))
+        out.append(SlotRuntime(slot, group_teachers(live), dataset, iter(loader), live))
     return out
 
 
@@ -75,4 +86,4 @@ def effective_batch(plan: StagePlan, grad_accum: int) -> int:
     return plan.consumption * grad_accum
 
 
-__all__ = ["SlotRuntime", "crop_size", "expected_number", "slot_runtimes", "effective_batch"]
+__all__ = ["SlotRuntime", "slot_teachers", "crop_size", "expected_number", "slot_runtimes", "effective_batch"]

@@ -1,0 +1,63 @@
+"""Shifted views of a crop for shift-equivariant distillation (``augment.shift``).
+
+With ``shift = s > 0`` the student and every teacher group look at their own window of each
+sample's crop: a square fraction ``1 - s`` of the crop's sides, placed uniformly at random, so
+two views are offset by up to ``s`` of the crop in each direction (continuous offsets: sub-patch
+shifts included). Windows are cut and resized on the device in one batched
+``torchvision.ops.roi_align`` (bilinear), and their boxes (fractions of the crop) are passed to
+geometry-aware spatial losses as ``CropGeometry``. ``s = 0`` gives the whole crop to everyone
+(the framework's default, no resampling).
+
+Randomness comes from a CPU generator the caller seeds per (seed, step, slot, micro-step), so a
+resumed run draws the same windows.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+#: the whole crop, as a (x0, y0, x1, y1) box of crop fractions
+FULL = (0.0, 0.0, 1.0, 1.0)
+
+
+def sample_windows(batch: int, shift: float, generator: Optional[torch.Generator] = None) -> Tensor:
+    """(B, 4) boxes (x0, y0, x1, y1) in crop fractions: side ``1 - shift`` at uniform offsets."""
+    if not 0.0 <= shift < 1.0:
+        raise ValueError(f"augment.shift must be in [0, 1), got {shift}")
+    if shift == 0:
+        return torch.tensor(FULL).expand(batch, 4).clone()
+    offset = torch.rand(batch, 2, generator=generator) * shift
+    return torch.cat([offset, offset + (1.0 - shift)], dim=1)
+
+
+def cut_windows(images: Tensor, boxes: Tensor, size: tuple[int, int]) -> Tensor:
+    """Each image's window ``boxes[i]`` (crop fractions) resampled to ``size`` (H, W), bilinear.
+    Whole-crop boxes at the crop's own size return the images unchanged."""
+    h, w = images.shape[-2:]
+    boxes = boxes.to(images.device, torch.float32)
+    if tuple(size) == (h, w) and bool((boxes == torch.tensor(FULL, device=boxes.device)).all()):
+        return images
+    from torchvision.ops import roi_align
+
+    scale = torch.tensor([w, h, w, h], device=images.device, dtype=torch.float32)
+    index = torch.arange(images.shape[0], device=images.device, dtype=torch.float32)[:, None]
+    rois = torch.cat([index, boxes * scale], dim=1)
+    # One bilinear sample per output pixel when the window is not shrunk (a pixel-aligned 1:1
+    # window is then an exact slice), else ceil(ratio) samples per axis: a box-filter
+    # anti-aliasing like the framework's resize.
+    extent = (boxes[:, 2:] - boxes[:, :2]) * torch.tensor([w, h], device=boxes.device)
+    ratio = max(1, math.ceil(float((extent / torch.tensor(size[::-1], device=boxes.device)).max()) - 1e-6))
+    out = roi_align(images.float(), rois, output_size=tuple(size), spatial_scale=1.0, sampling_ratio=ratio,
+                    aligned=True)
+    return out.to(images.dtype)
+
+
+def window_size(crop: tuple[int, int], shift: float) -> tuple[int, int]:
+    """Pixel size of a ``1 - shift`` window of a ``crop`` (H, W), at least 1."""
+    return tuple(max(1, round(s * (1.0 - shift))) for s in crop)  # type: ignore[return-value]
+
+
+__all__ = ["FULL", "cut_windows", "sample_windows", "window_size"]
