@@ -251,11 +251,13 @@ def test_failing_runs_are_recorded_and_the_others_finish(tmp_path, sweep_env):
     assert res.returncode == 1, res.stdout + res.stderr
     rows = table(out)
     assert [rows[n]["status"] for n in ("crashes", "invalid", "good")] == ["failed", "failed", "ok"]
-    assert "exit code 1" in rows["crashes"]["error"] and "negative dimension" in rows["crashes"]["error"]
+    # The student factory's crash is refused before training in one line (exit status 2), not a traceback.
+    assert "exit code 2" in rows["crashes"]["error"] and "negative dimension" in rows["crashes"]["error"]
     assert "train.steps" in rows["invalid"]["error"]
     assert float(rows["good"]["loss/total"]) > 0
-    assert "Traceback" in (out / "runs" / "crashes" / "stderr_tail.txt").read_text()
-    assert "* crashes (failed): exit code 1" in (out / "results.md").read_text()
+    tail = (out / "runs" / "crashes" / "stderr_tail.txt").read_text()
+    assert "Traceback" not in tail and "error: " in tail and "student 'tiny_test_student'" in tail
+    assert "* crashes (failed): exit code 2" in (out / "results.md").read_text()
     assert [e["run"] for e in events(out) if e["event"] == "launch"] == ["crashes", "good"]
 
 
