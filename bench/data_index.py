@@ -7,7 +7,7 @@ index side by side with the earlier all-in-memory index, and the extrapolation t
 What is real at each size (``kind`` column):
 
 * ``tars``: N generated 8x8 PPM images (203 bytes each, seeded random pixels) written into real
-  webdataset tar shards by ``webdataset.TarWriter``, then indexed by ``radio_core.shards.index_shards``
+  webdataset tar shards by ``webdataset.TarWriter``, then indexed by ``radio_core.data.shards.index_shards``
   (real header scans, real per-shard index files, real ``shard_table.npz``). The measured run
   opens the shards and reads the bytes of its batch.
 * ``index``: the per-shard index files and the table are written by ``write_synthetic`` from tar
@@ -67,7 +67,7 @@ def shard_counts(total: int, shard_size: int) -> list[int]:
 def write_tars(root: Path, total: int, shard_size: int) -> None:
     import webdataset as wds
 
-    from radio_core.shards import index_shards
+    from radio_core.data.shards import index_shards
 
     root.mkdir(parents=True)
     rng = np.random.default_rng(0)
@@ -84,7 +84,7 @@ def write_tars(root: Path, total: int, shard_size: int) -> None:
 
 def write_synthetic(root: Path, total: int, shard_size: int, only: set[int] | None = None) -> None:
     """Index files (all, or the shards in ``only``) and the table, as ``index`` would write them."""
-    from radio_core.shard_index import IMAGE_KEYS, INDEX_FORMAT, MEMBER_FIELDS, ShardTable, index_file
+    from radio_core.data.shard_index import IMAGE_KEYS, INDEX_FORMAT, MEMBER_FIELDS, ShardTable, index_file
 
     root.mkdir(parents=True, exist_ok=True)
     counts = shard_counts(total, shard_size)
@@ -101,7 +101,7 @@ def write_synthetic(root: Path, total: int, shard_size: int, only: set[int] | No
 
 def check_arithmetic(root: Path, total: int, shard_size: int) -> int:
     """The synthetic index of every real shard equals its scanned index file; returns shards checked."""
-    from radio_core.shard_index import ShardTable, read_shard_index
+    from radio_core.data.shard_index import ShardTable, read_shard_index
 
     table = ShardTable.load(root)
     first = 0
@@ -115,7 +115,7 @@ def check_arithmetic(root: Path, total: int, shard_size: int) -> int:
 
 
 def touched_shards(total: int, shard_size: int, step: int) -> set[int]:
-    from radio_core.data import StepBatchSampler
+    from radio_core.data.sampling import StepBatchSampler
 
     counts = np.asarray(shard_counts(total, shard_size), dtype=np.int64)
     sampler = StepBatchSampler(total, BATCH, 0, rank=RANK, world_size=WORLD, shard_sizes=counts, block_shards=4)
@@ -137,9 +137,9 @@ def rss_kb(field: str) -> int:
 def measure(root: str, step: int, legacy: bool, read: bool, trace: bool) -> dict:
     import tracemalloc
 
-    from radio_core.data import StepBatchSampler, sampling_kwargs
-    from radio_core.shard_index import ShardTable, read_shard_index
-    from radio_core.shards import TarShardSource
+    from radio_core.data.sampling import StepBatchSampler, sampling_kwargs
+    from radio_core.data.shard_index import ShardTable, read_shard_index
+    from radio_core.data.shards import TarShardSource
 
     base = rss_kb("VmRSS")
     if trace:
@@ -261,9 +261,10 @@ def report(rows: list[dict], shard_size: int, workers: int) -> None:
     ts = np.array([r["new"]["seconds"] for r in rows])
     slope, const = np.polyfit(xs, ys, 1)
     tslope, tconst = np.polyfit(xs, ts, 1)
+    slope, tslope = max(slope, 0.0), max(tslope, 0.0)  # a few noisy small rows can tilt the fit below zero
     print(f"\nfit over the rows: peak = {const:.1f} MB + {slope * 2**20:.0f} bytes/shard; "
           f"start-up = {tconst:.3f} s + {tslope * 1e6:.2f} us/shard")
-    from radio_core.shard_index import ShardTable
+    from radio_core.data.shard_index import ShardTable
 
     one = ShardTable(["/data"], [0], [f"{0:07d}.tar"], [shard_size], [1], ())
     per_shard_table = sum(a.nbytes for a in (one.dir_of, one.names, one.counts, one.sizes, one.ends))

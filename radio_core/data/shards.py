@@ -1,7 +1,7 @@
 """Webdataset tar shards as a random-access image source, indexed per shard.
 
 Exact resume, rank partitioning and world-size changes all come from sampling being a pure
-function of the global sample number (``radio_core.data``), which needs random access. Tar
+function of the global sample number (``radio_core.data.sampling``), which needs random access. Tar
 shards give it cheaply: a member's bytes sit at a fixed offset in its shard, so an index of
 (key, offset, size) per member turns ``load(i)`` into one ``pread``.
 
