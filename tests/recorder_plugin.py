@@ -11,7 +11,12 @@ from radio_core import hookimpl
 
 @hookimpl
 def radio_train_end(trainer):
-    state = trainer.unwrapped.state_dict()
+    # Under FSDP the weights are shards: gathered (a collective, so every rank calls it) and
+    # recorded by the main process only.
+    model = trainer.full_model() if trainer.sharded else trainer.unwrapped
+    if model is None:
+        return
+    state = model.state_dict()
     digest = hashlib.sha256()
     for key in sorted(state):
         digest.update(key.encode())

@@ -16,7 +16,9 @@ from helpers import env_with, install_recorder, metrics, tiny_recipe
 
 pytestmark = pytest.mark.slow
 
-STEPS = ["train.steps=8", "checkpoint.every=2", "checkpoint.keep=2"]
+# One tiny teacher keeps the launches short; what is tested is the launcher and the resume.
+STEPS = ["train.steps=8", "checkpoint.every=2", "checkpoint.keep=2",
+         "teachers={clip: {plugin: clip, args: {tiny: true}, resolution: 64}}"]
 
 
 def free_port() -> int:
