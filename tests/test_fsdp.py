@@ -65,3 +65,31 @@ def test_fsdp_wrap_names_a_missing_class(tmp_path):
     model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.LayerNorm(2))
     with pytest.raises(ValueError, match=r"train.fsdp.wrap: no module of class Block, NoSuchBlock .*Linear"):
         check_fsdp_wrap(recipe, model)
+
+
+def test_planner_reports_per_rank_memory_under_fsdp(tmp_path, registry):
+    from radio_core.plan.planner import format_plan, fsdp_gathered_params, plan
+    from radio_core.recipe import load_recipe
+
+    world = 4
+    ddp = load_recipe(str(tiny_recipe(tmp_path, name="ddp.yaml")))
+    fsdp = load_recipe(str(tiny_recipe(tmp_path, "train.fsdp={enabled: true, wrap: [Block]}", name="fsdp.yaml")))
+    (a, *_), _ = plan(ddp, registry, world)
+    rows, layout = plan(fsdp, registry, world)
+    b = rows[0]
+    assert "FSDP: student + heads sharded over all 4 ranks" in format_plan(rows, layout, world, fsdp)
+    params = a.student.params
+    assert b.optimizer_bytes == pytest.approx(a.optimizer_bytes / world) == pytest.approx(params * 12 / world)
+    # The gathered part: every parameter outside the 2 ViT blocks, plus two blocks.
+    with torch.device("meta"):
+        from radio_core.models.distiller import build_distiller
+        from radio_core.models.teachers import build_teacher
+
+        teachers = {n: build_teacher(fsdp, n, registry, meta=True) for n in fsdp.teachers}
+        model = build_distiller(fsdp, {n: (t.summary_dim, t.spatial_dim) for n, t in teachers.items()}, registry)
+    blocks = [sum(p.numel() for p in m.parameters()) for m in model.modules() if type(m).__name__ == "Block"]
+    assert len(blocks) == 2
+    gathered = fsdp_gathered_params(model, fsdp.train.fsdp)
+    assert gathered == params - sum(blocks) + 2 * max(blocks)
+    teacher_part = a.weight_bytes - params * 4
+    assert b.weight_bytes == pytest.approx(params * 4 / world + gathered * 4 + teacher_part)
