@@ -14,7 +14,8 @@ The index scales with shards, not samples:
 * a reader holds only that table (a global sample number maps to its shard by a binary search
   in the cumulative counts) and loads the per-shard index of a shard it reads into a small LRU.
   Start-up reads one file, stats no shard; a shard that changed since it was indexed is found
-  when it is opened and re-scanned then.
+  when it is opened and re-scanned then. Shards added to a directory after ``pack``/``index``
+  are not in its table: re-run ``python -m radio_core.data index DIR``.
 
 Memory per rank is O(shards) (~100 bytes per shard with the sampler's arrays), e.g. ~140 MB for
 1.4 B samples in shards of 1000; ``bench/data_index.py`` measures it.
