@@ -4,10 +4,12 @@ by SIGKILL makes torchrun restart the whole group, which resumes from the last c
 itself and ends with the weights of an uninterrupted run."""
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -27,7 +29,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def two_nodes(recipe: Path, env: dict, *args: str, max_restarts: int = 0, timeout: int = 240) -> str:
+def two_nodes(recipe: Path, env: dict, *args: str, max_restarts: int = 0, timeout: int = 420) -> str:
     """``torchrun --nnodes 2 --nproc_per_node 1`` twice, as two nodes would run it (node 0 hosts
     the rendezvous store); returns both launchers' output. Always ``--resume``: a restarted or
     relaunched group continues from the newest checkpoint, a fresh one starts at step 0."""
@@ -40,18 +42,19 @@ def two_nodes(recipe: Path, env: dict, *args: str, max_restarts: int = 0, timeou
                "--rdzv_conf", f"is_host={'true' if node == 0 else 'false'},join_timeout=60",
                "--max_restarts", str(max_restarts), "--monitor_interval", "0.5",
                "-m", "radio_core.run", str(recipe), "--resume", *args]
-        procs.append(subprocess.Popen(cmd, env=env, stdout=logs[node], stderr=subprocess.STDOUT, text=True))
-    try:
-        for p in procs:
-            p.wait(timeout=timeout)
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+        procs.append(subprocess.Popen(cmd, env=env, stdout=logs[node], stderr=subprocess.STDOUT, text=True,
+                                      start_new_session=True))
+    deadline = time.monotonic() + timeout
+    while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    timed_out = [p for p in procs if p.poll() is None]
+    for p in timed_out:  # the launcher's process group: torchrun's workers go with it
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
     for f in logs:
         f.seek(0)
     log = "\n---- node 1 ----\n".join(f.read() for f in logs)
+    assert not timed_out, f"timed out after {timeout} s:\n{log[-6000:]}"
     assert all(p.returncode == 0 for p in procs), log[-6000:]
     return log
 
