@@ -11,7 +11,12 @@ from radio_core import hookimpl
 
 @hookimpl
 def radio_train_end(trainer):
-    state = trainer.unwrapped.state_dict()
+    # Under FSDP the weights are shards: gathered (a collective, so every rank calls it) and
+    # recorded by the main process only.
+    model = trainer.full_model() if trainer.sharded else trainer.unwrapped
+    if model is None:
+        return
+    state = model.state_dict()
     digest = hashlib.sha256()
     for key in sorted(state):
         digest.update(key.encode())
@@ -25,8 +30,13 @@ def radio_train_end(trainer):
 @hookimpl
 def radio_step_end(trainer, step, metrics):
     # RADIO_TEST_SIGTERM="step:rank": a real SIGTERM to one rank's own process at that step.
-    spec = os.environ.get("RADIO_TEST_SIGTERM")
-    if spec:
-        at, rank = map(int, spec.split(":"))
-        if step == at and trainer.accelerator.process_index == rank:
-            os.kill(os.getpid(), signal.SIGTERM)
+    # RADIO_TEST_SIGKILL="step:rank": a SIGKILL (no handler runs, no checkpoint), as a node
+    # failure would; only on torchrun's first attempt, so the restarted group runs through.
+    first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+    for var, sig in (("RADIO_TEST_SIGTERM", signal.SIGTERM), ("RADIO_TEST_SIGKILL", signal.SIGKILL)):
+        spec = os.environ.get(var)
+        if spec and (sig == signal.SIGTERM or first_attempt):
+            at, rank = map(int, spec.split(":"))
+            if step == at and trainer.accelerator.process_index == rank:
+                os.kill(os.getpid(), sig)
+

@@ -2,6 +2,7 @@
 
 ``sources`` (random access to images) -> ``sampling`` (sample number -> image + augmentation
 seed) -> ``augment`` (seeded crop + flip); ``shards`` stores sources as webdataset tars;
+``shard_index`` holds their per-shard byte indexes and the global table of counts;
 ``cache`` stores teacher targets for fixed views.
 """
 from .augment import AugmentedImages, collate, crop_params, loader_worker_init

@@ -14,14 +14,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     p = argparse.ArgumentParser(prog="python -m radio_core.data", description="Data tools.")
     sub = p.add_subparsers(dest="command", required=True)
-    pk = sub.add_parser("pack", help="pack an image folder into webdataset tar shards plus manifest.json")
+    pk = sub.add_parser("pack", help="pack an image folder into webdataset tar shards plus their index")
     pk.add_argument("folder")
     pk.add_argument("out", help="output folder (must not hold shards yet)")
     pk.add_argument("--shard-size", type=int, default=1000, help="images per shard (default 1000)")
     pk.add_argument("--shard-bytes", type=float, default=3e9, help="start a new shard past this many bytes")
     pk.add_argument("--shuffle-seed", type=int, default=0, help="seed of the file order shuffle (default 0)")
     pk.add_argument("--no-shuffle", action="store_true", help="keep the sorted file order")
-    ix = sub.add_parser("index", help="write manifest.json for existing shards (made by other tools)")
+    ix = sub.add_parser("index", help="write per-shard index files, shard_table.npz and manifest.json for existing "
+                        "shards (made by other tools)")
     ix.add_argument("shards", help="directory or brace pattern, e.g. '/data/{000000..000099}.tar'")
     args = p.parse_args(argv)
     try:

@@ -66,7 +66,7 @@ class SampleStream:
         self._perm_epoch, self._perm = -1, None
         self.shard_sizes = None
         if shard_sizes is not None:
-            sizes = np.asarray(list(shard_sizes), dtype=np.int64)
+            sizes = np.asarray(shard_sizes, dtype=np.int64)
             if sizes.ndim != 1 or sizes.size == 0 or (sizes <= 0).any() or int(sizes.sum()) != length:
                 raise ValueError(f"shard_sizes must be positive and sum to the dataset length {length} "
                                  f"(got {sizes.size} shards summing to {int(sizes.sum())})")
@@ -122,7 +122,8 @@ def sampling_kwargs(source: ImageSource) -> dict:
     sizes = getattr(source, "shard_sizes", None)
     if sizes is None:
         return {}
-    return {"shard_sizes": list(sizes), "block_shards": int(getattr(source, "block_shards", 1))}
+    # an array, not a list: at a million shards a list of Python ints costs ~40 MB per copy
+    return {"shard_sizes": np.asarray(sizes, dtype=np.int64), "block_shards": int(getattr(source, "block_shards", 1))}
 
 
 class StepBatchSampler(torch.utils.data.Sampler):

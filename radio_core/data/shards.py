@@ -1,138 +1,46 @@
-"""Webdataset tar shards as a random-access image source.
+"""Webdataset tar shards as a random-access image source, indexed per shard.
 
 Exact resume, rank partitioning and world-size changes all come from sampling being a pure
-function of the global sample number (``radio_core.data``), which needs random access. Tar
+function of the global sample number (``radio_core.data.sampling``), which needs random access. Tar
 shards give it cheaply: a member's bytes sit at a fixed offset in its shard, so an index of
 (key, offset, size) per member turns ``load(i)`` into one ``pread``.
 
-* ``pack_folder`` writes an image folder as webdataset shards ``000000.tar ...`` (image bytes
-  stored unchanged under their extension key) plus ``manifest.json`` holding that index.
-* ``TarShardSource`` reads shards by directory, brace pattern (``/data/{000000..000012}.tar``)
-  or file; without a manifest it scans the tar headers once and caches the index.
+The index scales with shards, not samples:
 
-Memory: the index holds about 20 bytes plus one key string per sample (about 100 bytes per
-sample in all); beyond a few hundred million samples, split the data across runs or stages.
+* every shard has its own index file, ``000000.tar.index.json`` beside it (written by ``pack``
+  and ``index``; for foreign shards a header scan is cached once, see ``shard_index``);
+* ``shard_table.npz`` beside the shards is the global table: shard names, image counts and
+  byte sizes as numpy arrays (about 30 bytes per shard); ``manifest.json`` is its readable twin;
+* a reader holds only that table (a global sample number maps to its shard by a binary search
+  in the cumulative counts) and loads the per-shard index of a shard it reads into a small LRU.
+  Start-up reads one file, stats no shard; a shard that changed since it was indexed is found
+  when it is opened and re-scanned then. Shards added to a directory after ``pack``/``index``
+  are not in its table: re-run ``python -m radio_core.data index DIR``.
+
+Memory per rank is O(shards) (~100 bytes per shard with the sampler's arrays), e.g. ~140 MB for
+1.4 B samples in shards of 1000; ``bench/data_index.py`` measures it.
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
-import tarfile
-import tempfile
 import time
 import warnings
+from collections import OrderedDict
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import numpy as np
 from PIL import Image
 
 from .sources import IMAGE_EXTENSIONS, to_rgb
+# re-exported: the shard tools' public names stay importable from here
+from .shard_index import (IMAGE_KEYS, INDEX_FORMAT, INDEX_SUFFIX, MANIFEST, MEMBER_FIELDS, TABLE,  # noqa: F401
+                          CorruptSampleError, ShardTable, atomic_write, index_file, read_shard_index, scan_tar,
+                          shard_index, split_member_name, write_shard_index)
 
-MANIFEST = "manifest.json"
-MANIFEST_FORMAT = "radio-distill-shards/1"
-INDEX_FORMAT = "radio-distill-shard-index/1"
-#: member extensions read as images, in order of preference when a sample has several.
-#: Captions (txt, json) and other members are ignored.
-IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm", "pgm")
-
-
-class CorruptSampleError(OSError):
-    """A tar member that cannot be read or decoded. An ``OSError``, so the loader's
-    ``AugmentedImages`` flags the sample invalid (counted as a bad image) instead of failing."""
-
-
-# ---------------------------------------------------------------------------------------
-# index of one shard: a member per sample, (key, ext, data offset, data size)
-
-
-def split_member_name(name: str) -> tuple[Optional[str], Optional[str]]:
-    """webdataset's own rule: the key is everything before the first dot of the basename."""
-    from webdataset.tariterators import base_plus_ext
-
-    return base_plus_ext(name)
-
-
-def scan_tar(path: Path, image_keys: Sequence[str] = IMAGE_KEYS) -> list[list]:
-    """Read a tar's headers once (no image data) and pick one image member per sample key.
-
-    Returns ``[[key, ext, offset, size], ...]`` in file order. A truncated member is kept
-    (reading it fails and is counted as a bad image); a truncated or corrupt header ends the
-    scan with a warning; a file that is no tar at all raises ``CorruptSampleError``."""
-    preference = {ext: rank for rank, ext in enumerate(image_keys)}
-    chosen: dict[str, list] = {}
-    file_size = path.stat().st_size
-    end = 0
-    try:
-        tar = tarfile.open(path, "r:")
-    except tarfile.ReadError as exc:
-        raise CorruptSampleError(f"{path}: not a readable tar file ({exc})") from None
-    with tar:
-        while True:
-            try:
-                info = tar.next()
-            except tarfile.ReadError as exc:  # data of the previous member runs past the end
-                warnings.warn(f"{path}: truncated at byte {file_size} ({exc}); indexed {len(chosen)} "
-                              "member(s) before the cut", stacklevel=2)
-                break
-            if info is None:
-                break
-            end = info.offset_data + info.size
-            if not info.isfile():
-                continue
-            key, ext = split_member_name(info.name)
-            if key is None or ext.lower() not in preference:
-                continue
-            old = chosen.get(key)
-            if old is None or preference[ext.lower()] < preference[old[1].lower()]:
-                chosen[key] = [key, ext, info.offset_data, info.size]
-    if end < file_size and file_size - end > tarfile.RECORDSIZE + 2 * tarfile.BLOCKSIZE:
-        warnings.warn(f"{path}: tar headers stop at byte {end} of {file_size} (corrupt header?); "
-                      "members after it are not indexed", stacklevel=2)
-    return sorted(chosen.values(), key=lambda m: m[2])
-
-
-def _index_cache_file(path: Path, cache_dir: Optional[str]) -> list[Path]:
-    """Where a scanned index may be cached: ``cache_dir``, else next to the shards, else $TMPDIR."""
-    name = f"{path.name}.index.json"
-    if cache_dir:
-        return [Path(cache_dir) / hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:16] / name]
-    digest = hashlib.sha1(str(path.resolve().parent).encode()).hexdigest()[:16]
-    return [path.parent / ".radio_index" / name, Path(tempfile.gettempdir()) / "radio_shard_index" / digest / name]
-
-
-def _stamp(path: Path) -> dict:
-    st = path.stat()
-    return {"bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
-
-
-def shard_index(path: Path, image_keys: Sequence[str], cache_dir: Optional[str] = None) -> list[list]:
-    """A shard's member index from the cache when the shard is unchanged, else by scanning."""
-    stamp = _stamp(path)
-    candidates = _index_cache_file(path, cache_dir)
-    for cached in candidates:
-        try:
-            data = json.loads(cached.read_text())
-        except (OSError, ValueError):
-            continue
-        if (data.get("format") == INDEX_FORMAT and data.get("stamp") == stamp
-                and data.get("image_keys") == list(image_keys)):
-            return data["members"]
-    members = scan_tar(path, image_keys)
-    payload = json.dumps({"format": INDEX_FORMAT, "shard": str(path.resolve()), "stamp": stamp,
-                          "image_keys": list(image_keys), "members": members})
-    for cached in candidates:  # first writable location wins
-        try:
-            cached.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cached.with_name(f".{cached.name}.{os.getpid()}.tmp")
-            tmp.write_text(payload)
-            os.replace(tmp, cached)  # atomic: ranks scanning at once never read half a file
-            break
-        except OSError:
-            continue
-    return members
+MANIFEST_FORMAT = "radio-distill-shards/2"
 
 
 # ---------------------------------------------------------------------------------------
@@ -200,38 +108,44 @@ def pack_folder(folder: str, out_dir: str, shard_size: int = 1000, shard_bytes: 
             key = _unique_key(rel, used)
             sources[key] = str(rel)
             sink.write({"__key__": key, path.suffix.lower().lstrip("."): data})
-    shards = []
-    for fname in finished:
-        shard = Path(fname)
-        members = scan_tar(shard, IMAGE_KEYS)
-        shards.append({"name": shard.name, "count": len(members), "bytes": shard.stat().st_size,
-                       "members": [m + [sources[m[0]]] for m in members]})
+    shards = [_index_one(Path(f), IMAGE_KEYS, sources) for f in finished]
     manifest = {"format": MANIFEST_FORMAT, "count": sum(s["count"] for s in shards),
-                "bytes": sum(s["bytes"] for s in shards),
-                "image_bytes": sum(m[3] for s in shards for m in s["members"]),
+                "bytes": sum(s["bytes"] for s in shards), "image_bytes": sum(s.pop("image_bytes") for s in shards),
                 "source": str(root.resolve()), "shard_size": shard_size, "shuffle_seed": shuffle_seed,
                 "unreadable": unreadable,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "seconds": round(time.perf_counter() - t0, 3),
-                "image_keys": list(IMAGE_KEYS), "member_fields": ["key", "ext", "offset", "size", "source_path"],
-                "shards": shards}
+                "image_keys": list(IMAGE_KEYS), "member_fields": MEMBER_FIELDS + ["source_path"],
+                "index_files": f"<shard>{INDEX_SUFFIX}", "table": TABLE, "shards": shards}
     write_manifest(out, manifest)
     return manifest
 
 
+def _index_one(shard: Path, image_keys: Sequence[str], sources: Optional[dict[str, str]] = None) -> dict:
+    """Scan a freshly written shard, write its index file; its manifest entry."""
+    members = scan_tar(shard, image_keys)
+    if sources is not None:  # pack knows where each member came from
+        members = [m + [sources[m[0]]] for m in members]
+    write_shard_index(shard, members, image_keys, MEMBER_FIELDS + (["source_path"] if sources is not None else []))
+    return {"name": shard.name, "count": len(members), "bytes": shard.stat().st_size,
+            "image_bytes": sum(m[3] for m in members)}
+
+
 def write_manifest(out: Path, manifest: dict) -> Path:
-    path = Path(out) / MANIFEST
-    tmp = path.with_name(f".{MANIFEST}.tmp")
-    # Readable header, one line per shard (a member list per line would run to millions of lines).
+    """``manifest.json`` (readable: a header, then one line per shard) and its compact twin
+    ``shard_table.npz``, the global table every reader loads."""
+    out = Path(out)
+    entries = manifest["shards"]
+    ShardTable([str(out)], np.zeros(len(entries), np.int32), [e["name"] for e in entries],
+               [e["count"] for e in entries], [e["bytes"] for e in entries], manifest["image_keys"]).save(out)
     head = ",\n".join(f" {json.dumps(k)}: {json.dumps(v)}" for k, v in manifest.items() if k != "shards")
-    shards = ",\n  ".join(json.dumps(s, separators=(",", ":")) for s in manifest["shards"])
-    tmp.write_text(f'{{\n{head},\n "shards": [\n  {shards}\n ]\n}}\n')
-    os.replace(tmp, path)
-    return path
+    shards = ",\n  ".join(json.dumps(e, separators=(",", ":")) for e in entries)
+    atomic_write(out / MANIFEST, f'{{\n{head},\n "shards": [\n  {shards}\n ]\n}}\n')
+    return out / MANIFEST
 
 
 def index_shards(shards: str, image_keys: Sequence[str] = IMAGE_KEYS, progress: bool = True) -> dict:
-    """Write ``manifest.json`` for existing shards (made by other tools) in their directory, so
-    every later reader gets the index without scanning."""
+    """Write per-shard index files, ``manifest.json`` and ``shard_table.npz`` for existing
+    shards (made by other tools) in their directory, so that later readers never scan."""
     from tqdm.auto import tqdm
 
     paths = expand_shards(shards)
@@ -239,13 +153,15 @@ def index_shards(shards: str, image_keys: Sequence[str] = IMAGE_KEYS, progress: 
         raise ValueError(f"index: shards {shards!r} span several directories; index each directory")
     entries = []
     for p in tqdm(paths, desc="index", unit="shard", disable=not progress, dynamic_ncols=True):
-        members = scan_tar(p, image_keys)
-        entries.append({"name": p.name, "count": len(members), "bytes": p.stat().st_size, "members": members})
+        try:
+            entries.append(_index_one(p, image_keys))
+        except CorruptSampleError as exc:
+            warnings.warn(f"index: skipping {exc}", stacklevel=2)
     manifest = {"format": MANIFEST_FORMAT, "count": sum(e["count"] for e in entries),
-                "bytes": sum(e["bytes"] for e in entries),
-                "image_bytes": sum(m[3] for e in entries for m in e["members"]),
+                "bytes": sum(e["bytes"] for e in entries), "image_bytes": sum(e.pop("image_bytes") for e in entries),
                 "source": shards, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "image_keys": list(image_keys),
-                "member_fields": ["key", "ext", "offset", "size"], "shards": entries}
+                "member_fields": MEMBER_FIELDS, "index_files": f"<shard>{INDEX_SUFFIX}", "table": TABLE,
+                "shards": entries}
     write_manifest(paths[0].parent, manifest)
     return manifest
 
@@ -267,8 +183,11 @@ def expand_shards(shards: str | Sequence[str]) -> list[Path]:
         if not found:
             raise FileNotFoundError(f"data.source.args.shards: no .tar files in {as_path}")
         return found
-    if as_path.name == MANIFEST and as_path.is_file():
-        return [as_path.parent / s["name"] for s in json.loads(as_path.read_text())["shards"]]
+    if as_path.name in (MANIFEST, TABLE) and as_path.is_file():
+        table = ShardTable.load(as_path.parent)
+        if table is None:
+            raise FileNotFoundError(f"data.source.args.shards: {as_path} is not a shard manifest")
+        return [table.path(i) for i in range(len(table))]
     paths = [Path(u).expanduser() for u in expand_urls(shards)]
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
@@ -277,89 +196,110 @@ def expand_shards(shards: str | Sequence[str]) -> list[Path]:
     return paths
 
 
-def _manifest_members(directory: Path, cache: dict) -> dict[str, dict]:
-    """name -> manifest entry for the shards listed in ``directory/manifest.json`` (if any)."""
-    if directory not in cache:
-        entries: dict[str, dict] = {}
-        path = directory / MANIFEST
-        if path.is_file():
+def shard_table(shards: str | Sequence[str], image_keys: Sequence[str] = IMAGE_KEYS,
+                index_cache: Optional[str] = None, skipped: Optional[list[str]] = None) -> ShardTable:
+    """The table of the listed shards, in the order listed.
+
+    A directory (or its manifest) with a table for these image keys is read in one file, with no
+    stat of any shard: the scalable path. Shards listed one by one (brace patterns) take their
+    counts from their directory's table where it lists them; other shards are indexed (scanned
+    once and cached), and one that is no tar at all is skipped with a warning."""
+    image_keys = tuple(image_keys)
+    if not isinstance(shards, str):
+        return ShardTable.concat([shard_table(s, image_keys, index_cache, skipped) for s in shards])
+    as_path = Path(shards).expanduser()
+    directory = as_path if as_path.is_dir() else as_path.parent if as_path.name in (MANIFEST, TABLE) else None
+    if directory is not None:
+        table = ShardTable.load(directory)
+        if table is not None and table.image_keys == image_keys:
+            return table
+    paths = expand_shards(shards)
+    tables: dict[Path, dict[str, tuple[int, int]]] = {}
+    rows: list[tuple[Path, int, int]] = []
+    for path in paths:
+        if path.parent not in tables:
+            t = ShardTable.load(path.parent)
+            tables[path.parent] = ({} if t is None or t.image_keys != image_keys else
+                                   {n.decode(): (int(c), int(b)) for n, c, b in zip(t.names, t.counts, t.sizes)})
+        hit = tables[path.parent].get(path.name)
+        if hit is None:
             try:
-                data = json.loads(path.read_text())
-                if data.get("format") == MANIFEST_FORMAT:
-                    entries = {s["name"]: {**s, "image_keys": data.get("image_keys")} for s in data["shards"]}
-            except (OSError, ValueError, KeyError) as exc:
-                warnings.warn(f"{path}: unreadable manifest ({exc}); scanning the shards instead", stacklevel=3)
-        cache[directory] = entries
-    return cache[directory]
+                hit = (len(shard_index(path, image_keys, index_cache)), path.stat().st_size)
+            except CorruptSampleError as exc:  # one bad shard of many must not stop a run
+                warnings.warn(f"data.source.args.shards: skipping {exc}", stacklevel=3)
+                if skipped is not None:
+                    skipped.append(str(path))
+                continue
+        rows.append((path, *hit))
+    dirs = sorted({str(p.parent) for p, _, _ in rows})
+    where = {d: i for i, d in enumerate(dirs)}
+    return ShardTable(dirs, [where[str(p.parent)] for p, _, _ in rows], [p.name for p, _, _ in rows],
+                      [c for _, c, _ in rows], [b for _, _, b in rows], image_keys)
+
+
+class _Members(NamedTuple):
+    """One shard's loaded index."""
+
+    keys: list[str]
+    offsets: np.ndarray
+    sizes: np.ndarray
 
 
 class TarShardSource:
     """Random access to the images in webdataset tar shards (``ImageSource`` protocol).
 
+    Holds the ``ShardTable`` (O(shards)); a shard's member index is loaded when the shard is
+    first touched and kept in an LRU of ``index_lru`` shards (block shuffle reads a few shards
+    at a time, so a handful suffices).
+
     ``shuffle="block"`` exposes ``shard_sizes`` so that the sampler permutes shards, then
     samples within groups of ``block_shards`` shards: consecutive sample numbers read from a
     few files, and no per-epoch permutation of the whole dataset is held in memory.
-    ``shuffle="global"`` samples a full permutation per epoch (fine up to ~10^7 samples).
+    ``shuffle="global"`` samples a full permutation per epoch (fine up to ~10^7 samples; with
+    it every read may touch another shard, so the LRU of indexes helps little).
 
-    File handles are opened lazily in the process that reads, never inherited across a fork,
-    and dropped when pickled, so DataLoader workers each read with their own.
+    File handles and loaded indexes are per process: opened lazily, never inherited across a
+    fork, dropped when pickled, so DataLoader workers each read with their own.
     """
 
     max_open_files = 64
 
     def __init__(self, shards: str | Sequence[str], image_keys: Optional[Sequence[str]] = None,
-                 shuffle: str = "block", block_shards: int = 4, index_cache: Optional[str] = None) -> None:
+                 shuffle: str = "block", block_shards: int = 4, index_cache: Optional[str] = None,
+                 index_lru: int = 16) -> None:
         if shuffle not in ("block", "global"):
             raise ValueError(f"data.source.args.shuffle: {shuffle!r}; use 'block' or 'global'")
         if block_shards < 1:
             raise ValueError(f"data.source.args.block_shards: must be >= 1, got {block_shards}")
-        keys_pref = tuple(k.lower().lstrip(".") for k in (image_keys or IMAGE_KEYS))
-        paths = expand_shards(shards)
-        manifests: dict[Path, dict] = {}
-        self.paths: list[str] = []
+        if index_lru < 1:
+            raise ValueError(f"data.source.args.index_lru: must be >= 1, got {index_lru}")
+        self.image_keys = tuple(k.lower().lstrip(".") for k in (image_keys or IMAGE_KEYS))
         self.skipped_shards: list[str] = []
-        counts: list[int] = []
-        keys: list[str] = []
-        offsets: list[int] = []
-        sizes: list[int] = []
-        for path in paths:
-            entry = _manifest_members(path.parent, manifests).get(path.name)
-            if (entry is not None and entry.get("bytes") == path.stat().st_size
-                    and tuple(entry.get("image_keys") or ()) == keys_pref):
-                members = entry["members"]
-            else:  # no manifest, the shard changed since, or other image keys: scan headers (cached)
-                try:
-                    members = shard_index(path, keys_pref, index_cache)
-                except CorruptSampleError as exc:  # one bad shard of many must not stop a run
-                    warnings.warn(f"data.source.args.shards: skipping {exc}", stacklevel=2)
-                    self.skipped_shards.append(str(path))
-                    continue
-            if not members:
-                continue
-            self.paths.append(str(path))
-            counts.append(len(members))
-            for key, _ext, offset, size, *_ in members:
-                keys.append(key)
-                offsets.append(offset)
-                sizes.append(size)
-        if not keys:
-            raise FileNotFoundError(f"data.source.args.shards: no images under keys {', '.join(keys_pref)} "
-                                    f"in {len(paths)} shard(s) from {shards!r}")
-        self.counts = counts
-        self.keys = keys
-        self.offsets = np.asarray(offsets, dtype=np.int64)
-        self.sizes = np.asarray(sizes, dtype=np.int64)
-        self.shard_of = np.repeat(np.arange(len(counts), dtype=np.int32), counts)
+        self.table = shard_table(shards, self.image_keys, index_cache, self.skipped_shards).nonempty()
+        if self.table.total == 0:
+            raise FileNotFoundError(f"data.source.args.shards: no images under keys {', '.join(self.image_keys)} "
+                                    f"in the shard(s) from {shards!r}")
         self.shuffle, self.block_shards = shuffle, block_shards
+        self.index_cache, self.index_lru = index_cache, index_lru
+        self._reset()
+
+    def _reset(self) -> None:
         self._fds: dict[int, int] = {}
+        self._members: OrderedDict[int, _Members] = OrderedDict()
+        self._stale: set[int] = set()  # shards whose size changed since the table was written
         self._pid = os.getpid()
 
     # -- ImageSource -----------------------------------------------------------------------
     def __len__(self) -> int:
-        return len(self.keys)
+        return self.table.total
 
     def key(self, index: int) -> str:
-        return self.keys[index]
+        shard, local = self.table.locate(index)
+        try:
+            keys = self.members(shard).keys
+        except OSError:  # the shard went missing or bad since it was indexed: reading it says why
+            keys = []
+        return keys[local] if local < len(keys) else f"{self.table.names[shard].decode()}#{local}"
 
     def load(self, index: int) -> Image.Image:
         data = self.read(index)
@@ -368,34 +308,69 @@ class TarShardSource:
                 img.load()
                 return to_rgb(img)
         except Exception as exc:  # noqa: BLE001 - PIL raises many types for bad bytes
-            raise CorruptSampleError(f"{self.paths[self.shard_of[index]]}: member {self.keys[index]!r} "
+            raise CorruptSampleError(f"{self.shard_path(index)}: member {self.key(index)!r} "
                                      f"does not decode ({type(exc).__name__}: {exc})") from None
 
     @property
-    def shard_sizes(self) -> Optional[list[int]]:
+    def shard_sizes(self) -> Optional[np.ndarray]:
         """Images per shard, read by the sampler to block-shuffle (None: global shuffle)."""
-        return list(self.counts) if self.shuffle == "block" else None
+        return self.table.counts if self.shuffle == "block" else None
+
+    def shard_path(self, index: int) -> Path:
+        """The shard file holding sample ``index``."""
+        return self.table.path(self.table.locate(index)[0])
 
     # -- raw access --------------------------------------------------------------------------
     def read(self, index: int) -> bytes:
         """The member's bytes, exactly as stored."""
-        shard = int(self.shard_of[index])
-        offset, size = int(self.offsets[index]), int(self.sizes[index])
-        data = os.pread(self._fd(shard), size, offset)
+        shard, local = self.table.locate(index)
+        fd = self._fd(shard)  # first: opening finds a shard that changed since it was indexed
+        members = self.members(shard)
+        if local >= len(members.keys):
+            raise CorruptSampleError(f"{self.table.path(shard)}: holds {len(members.keys)} images now, "
+                                     f"{self.table.counts[shard]} when indexed; re-run `python -m radio_core.data "
+                                     "index` on its directory")
+        offset, size = int(members.offsets[local]), int(members.sizes[local])
+        data = os.pread(fd, size, offset)
         if len(data) != size:
-            raise CorruptSampleError(f"{self.paths[shard]}: member {self.keys[index]!r} is truncated "
+            raise CorruptSampleError(f"{self.table.path(shard)}: member {members.keys[local]!r} is truncated "
                                      f"({len(data)} of {size} bytes; the shard file is cut short)")
         return data
 
-    def _fd(self, shard: int) -> int:
+    def members(self, shard: int) -> _Members:
+        """A shard's index, from the LRU or loaded (index file, else cached scan)."""
+        self._check_pid()
+        hit = self._members.get(shard)
+        if hit is not None:
+            self._members.move_to_end(shard)
+            return hit
+        path = self.table.path(shard)
+        size = None if shard in self._stale else int(self.table.sizes[shard])
+        rows = shard_index(path, self.image_keys, self.index_cache, size=size)
+        entry = _Members([m[0] for m in rows], np.array([m[2] for m in rows], dtype=np.int64),
+                         np.array([m[3] for m in rows], dtype=np.int64))
+        if len(self._members) >= self.index_lru:
+            self._members.popitem(last=False)
+        self._members[shard] = entry
+        return entry
+
+    def _check_pid(self) -> None:
         if self._pid != os.getpid():  # forked: the parent's descriptors are not ours to share
             self._close_all()
-            self._pid = os.getpid()
+            self._reset()
+
+    def _fd(self, shard: int) -> int:
+        self._check_pid()
         fd = self._fds.get(shard)
         if fd is None:
             if len(self._fds) >= self.max_open_files:  # block shuffle touches few shards at a time
                 os.close(self._fds.pop(next(iter(self._fds))))
-            fd = self._fds[shard] = os.open(self.paths[shard], os.O_RDONLY)
+            fd = self._fds[shard] = os.open(self.table.path(shard), os.O_RDONLY)
+            if os.fstat(fd).st_size != self.table.sizes[shard] and shard not in self._stale:
+                warnings.warn(f"{self.table.path(shard)}: {os.fstat(fd).st_size} bytes, {self.table.sizes[shard]} "
+                              "when indexed; re-indexing it", stacklevel=3)
+                self._stale.add(shard)
+                self._members.pop(shard, None)
         return fd
 
     def _close_all(self) -> None:
@@ -407,11 +382,11 @@ class TarShardSource:
         self._fds = {}
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_fds": {}}
+        return {k: v for k, v in self.__dict__.items() if k not in ("_fds", "_members", "_stale", "_pid")}
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
-        self._pid = os.getpid()
+        self._reset()
 
     def __del__(self) -> None:
         if getattr(self, "_pid", None) == os.getpid():
@@ -419,9 +394,9 @@ class TarShardSource:
 
 
 def build_webdataset(shards: str | list[str], image_keys: Optional[list[str]] = None, shuffle: str = "block",
-                     block_shards: int = 4, index_cache: Optional[str] = None) -> TarShardSource:
+                     block_shards: int = 4, index_cache: Optional[str] = None, index_lru: int = 16) -> TarShardSource:
     """Images in webdataset tar shards (directory, brace pattern or file), random access."""
-    return TarShardSource(shards, image_keys, shuffle, block_shards, index_cache)
+    return TarShardSource(shards, image_keys, shuffle, block_shards, index_cache, index_lru)
 
 
 # ---------------------------------------------------------------------------------------

@@ -130,6 +130,8 @@ def plan(recipe: Recipe, registry: Registry, world_size: int) -> tuple[list[Grou
         if key not in costs:
             costs[key] = teacher_cost(build_teacher(recipe, name, registry, meta=True, resolution=key[1]))
         return costs[key]
+    fsdp = recipe.train.fsdp.enabled and world_size > 1
+    gathered = fsdp_gathered_params(distiller, recipe.train.fsdp) if fsdp else 0
     rows: list[GroupPlan] = []
     student_cache: dict[tuple, ModelCost] = {}
     for p in plans:
@@ -148,12 +150,35 @@ def plan(recipe: Recipe, registry: Registry, world_size: int) -> tuple[list[Grou
                             {t: cost(t, slot) for t in slot.teachers})
             if len(slot.student_resolution) > 1:
                 row.student_by_resolution = [student_cache[r] for r in slot.student_resolution]
-            row.weight_bytes = sc.params * 4 + sum(c.params for c in row.teachers.values()) * teacher_bytes
+            student_bytes = sc.params * 4
             row.optimizer_bytes = sc.params * (4 + 8)  # fp32 gradients + AdamW exp_avg, exp_avg_sq
+            if fsdp:  # each rank holds 1/world of all of it, plus the units gathered at a time
+                student_bytes = sc.params * 4 / world_size + gathered * teacher_bytes
+                row.optimizer_bytes = 0.0 if recipe.train.fsdp.cpu_offload else row.optimizer_bytes / world_size
+            row.weight_bytes = student_bytes + sum(c.params for c in row.teachers.values()) * teacher_bytes
             act_scale = 0.5 if recipe.train.mixed_precision in ("bf16", "fp16") else 1.0
             row.activation_bytes = sc.activation_bytes_per_image * slot.batch_size * act_scale
             rows.append(row)
     return rows, describe(plans, recipe.train.grad_accum)
+
+
+def fsdp_gathered_params(model: torch.nn.Module, spec) -> int:
+    """Parameters one rank holds unsharded at a time under FSDP: the root unit's own (not in a
+    wrapped unit; gathered for the whole forward) plus two of the largest unit (the one running
+    and the one prefetched)."""
+    total = sum(p.numel() for p in model.parameters())
+    sizes, seen = [], set()
+    # Bottom-up like the auto-wrap policies: a module becomes a unit of the parameters not yet in
+    # a unit below it (by class name, or once those reach min_num_params).
+    for m in reversed(list(model.modules())):
+        if m is model:
+            continue
+        own = [p for p in m.parameters() if id(p) not in seen]
+        n = sum(p.numel() for p in own)
+        if n and (type(m).__name__ in spec.wrap if spec.wrap else n >= spec.min_num_params):
+            sizes.append(n)
+            seen |= {id(p) for p in own}
+    return total - sum(sizes) + 2 * max(sizes, default=0)
 
 
 def format_plan(rows: list[GroupPlan], layout: str, world_size: int, recipe: Recipe) -> str:
@@ -178,6 +203,11 @@ def format_plan(rows: list[GroupPlan], layout: str, world_size: int, recipe: Rec
                          f"{t.flops_per_image / 1e9:.4g} GFLOP/img fwd")
     lines += [""] + throughput_lines(rows)
     lines.append("")
+    f = recipe.train.fsdp
+    if f.enabled and world_size > 1:
+        lines.append(f"FSDP: student + heads sharded over all {world_size} ranks (weights: 1/{world_size} of the "
+                     f"fp32 student plus the units gathered at a time; grad+opt: 1/{world_size}"
+                     f"{', offloaded to host memory' if f.cpu_offload else ''}); teachers replicated per group.")
     lines.append("Memory excludes teacher activations (freed layer by layer under no_grad), the CUDA "
                  "context and allocator fragmentation: keep ~20% headroom.")
     return "\n".join(lines)

@@ -7,6 +7,7 @@ from .schema import (
                      ComponentSpec,
                      DataSpec,
                      EvalSpec,
+                     FSDPSpec,
                      GroupSpec,
                      LoggingSpec,
                      OptimSpec,
@@ -19,7 +20,7 @@ from .schema import (
                      TrainSpec,
 )
 
-__all__ = ["AugmentSpec", "CacheSpec", "CheckpointSpec", "ComponentSpec", "DataSpec", "EvalSpec", "GroupSpec",
+__all__ = ["AugmentSpec", "CacheSpec", "CheckpointSpec", "ComponentSpec", "DataSpec", "EvalSpec", "FSDPSpec", "GroupSpec",
            "LoggingSpec", "OptimSpec", "Recipe", "RecipeError", "ScheduleSpec", "StageSpec", "StudentSpec",
            "TeacherSpec", "TrainSpec", "apply_overrides", "deep_merge", "dump_recipe", "load_raw", "load_recipe",
            "validate"]

@@ -200,6 +200,25 @@ class ScheduleSpec(Strict):
     min_lr_ratio: Float = Field(0.0, ge=0, le=1)
 
 
+class FSDPSpec(Strict):
+    """Shard the student + heads over all ranks (FSDP2 through Accelerate), for students that do
+    not fit replicated. Teachers are never sharded: each rank keeps the ones its group runs."""
+
+    enabled: Bool = False
+    #: class names sharded as one unit each (e.g. timm's ``Block``): one unit's parameters are
+    #: gathered at a time. Empty: units by size (``min_num_params``), the rest in the root unit.
+    wrap: list[Name] = Field(default_factory=list)
+    min_num_params: Annotated[int, _StrictType(), Field(ge=1)] = 100_000_000
+    #: free gathered parameters after each unit's forward (less memory, one more all-gather in
+    #: backward).
+    reshard_after_forward: Bool = True
+    #: keep sharded parameters, gradients and optimiser states in host memory.
+    cpu_offload: Bool = False
+    #: checkpoints: "sharded" (each rank writes its shard; torch.distributed.checkpoint, loads
+    #: on another world size) or "full" (gathered to rank 0).
+    checkpoint: Literal["sharded", "full"] = "sharded"
+
+
 class TrainSpec(Strict):
     steps: Count = 100
     grad_accum: Annotated[int, _StrictType(), Field(ge=1, le=65536)] = 1
@@ -221,6 +240,7 @@ class TrainSpec(Strict):
     skip_nonfinite: Bool = True
     #: ... and stop with an error after this many such steps in a row.
     max_nonfinite_steps: Count = 5
+    fsdp: FSDPSpec = Field(default_factory=FSDPSpec)
 
 
 class CheckpointSpec(Strict):

@@ -103,6 +103,7 @@ class Trainer:
                 t = build_teacher(r, name, self.registry, meta=True)
             dims[name] = (t.summary_dim, t.spatial_dim)
         torch.manual_seed(r.train.seed)  # same student/head init on every rank, whatever was built
+        self._dims = dims
         distiller = build_distiller(r, dims, self.registry)
         distiller.losses = torch.nn.ModuleDict(build_losses(r, self.registry, self.cached))
         check_student_resolutions(self.plans, distiller.student.size_multiple, r.student.name, self.recipe_path)
@@ -110,6 +111,8 @@ class Trainer:
         if r.train.channels_last:
             distiller = distiller.to(memory_format=torch.channels_last)
         optimizer = setup.build_optimizer(r, distiller)
+        if self.sharded:  # teachers stay out: only the student + heads are sharded
+            setup.check_fsdp_wrap(r, distiller)
         self.distiller, self.optimizer = acc.prepare(distiller, optimizer)
         if r.train.compile:
             self.unwrapped.student.compile()  # in place: DDP and the checkpoint keys are unchanged
@@ -124,6 +127,24 @@ class Trainer:
     @property
     def unwrapped(self) -> Distiller:
         return self.accelerator.unwrap_model(self.distiller)
+
+    @property
+    def sharded(self) -> bool:
+        """Student + heads sharded over the ranks (``train.fsdp``)."""
+        return self.accelerator.distributed_type.value == "FSDP"
+
+    def full_model(self) -> Optional[Distiller]:
+        """The trained module with all its weights, on the main process (None elsewhere). Under
+        FSDP the shards are gathered into a fresh replica: every rank must call this."""
+        acc = self.accelerator
+        if not self.sharded:
+            return self.unwrapped if acc.is_main_process else None
+        state = acc.get_state_dict(self.distiller)  # a collective; the full dict lands on rank 0
+        if not acc.is_main_process:
+            return None
+        replica = build_distiller(self.recipe, self._dims, self.registry)
+        replica.load_state_dict(state)
+        return replica.to(acc.device).train()
 
     def lr_multiplier(self, step: int) -> float:
         sched = self.recipe.schedule
@@ -302,10 +323,11 @@ class Trainer:
         """Fidelity of every head whose teacher runs on the main process (``eval.every``)."""
         acc = self.accelerator
         out: dict[str, float] = {}
+        model = self.full_model()
         if acc.is_main_process and self.teachers:
             from ..eval.training import fidelity_metrics
 
-            out = fidelity_metrics(self.out_dir, self.recipe, self.unwrapped, self.teachers)
+            out = fidelity_metrics(self.out_dir, self.recipe, model, self.teachers)
             self.distiller.train()
         acc.wait_for_everyone()
         return out
@@ -313,10 +335,11 @@ class Trainer:
     def write_report(self) -> Optional[Path]:
         acc = self.accelerator
         path = None
+        model = self.full_model()
         if acc.is_main_process:
             from ..eval.training import write_run_report
 
-            path = write_run_report(self.out_dir, self.recipe, self.unwrapped, self.teachers)
+            path = write_run_report(self.out_dir, self.recipe, model, self.teachers)
             acc.print(f"report written to {path}")
         acc.wait_for_everyone()
         return path
@@ -353,8 +376,9 @@ class Trainer:
 
         acc = self.accelerator
         acc.wait_for_everyone()
+        model = self.full_model()  # under FSDP: gathered from the shards
         if acc.is_main_process:
-            save_export(self.unwrapped, self.recipe, self.teachers, path)
+            save_export(model, self.recipe, self.teachers, path)
         acc.wait_for_everyone()
         return path
 

@@ -16,11 +16,52 @@ def make_accelerator(recipe: Recipe) -> Any:
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
 
-    return Accelerator(
+    plugin = fsdp_plugin(recipe.train.fsdp) if recipe.train.fsdp.enabled else None
+    acc = Accelerator(
         # Without this, torchrun on a machine with no GPU silently gives N single processes.
         cpu=not torch.cuda.is_available(),
         mixed_precision=recipe.train.mixed_precision,
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)])
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
+        fsdp_plugin=plugin)
+    if plugin is not None and acc.distributed_type.value == "MULTI_CPU":
+        _fsdp_on_cpu(acc, plugin)
+    return acc
+
+
+def fsdp_plugin(spec: Any) -> Any:
+    """Accelerate's FSDP2 plugin from ``train.fsdp``."""
+    from accelerate import FullyShardedDataParallelPlugin
+
+    kwargs: dict[str, Any] = dict(
+        fsdp_version=2, reshard_after_forward=spec.reshard_after_forward, cpu_offload=spec.cpu_offload,
+        state_dict_type="SHARDED_STATE_DICT" if spec.checkpoint == "sharded" else "FULL_STATE_DICT")
+    if spec.wrap:
+        kwargs.update(auto_wrap_policy="transformer_based_wrap", transformer_cls_names_to_wrap=list(spec.wrap))
+    else:
+        kwargs.update(auto_wrap_policy="size_based_wrap", min_num_params=spec.min_num_params)
+    return FullyShardedDataParallelPlugin(**kwargs)
+
+
+def _fsdp_on_cpu(acc: Any, plugin: Any) -> None:
+    """Accelerate (1.x) selects FSDP only for accelerator backends and gives CPU ranks DDP, while
+    torch's FSDP2 itself runs on CPU over gloo. Selecting it here lets CPU clusters (and the
+    test suite) run the same sharded code path as GPUs."""
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType
+
+    acc.state.distributed_type = DistributedType.FSDP
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+    acc.state.fsdp_plugin = plugin
+
+
+def check_fsdp_wrap(recipe: Recipe, model: torch.nn.Module) -> None:
+    """``train.fsdp.wrap`` names module classes of the student or heads (else Accelerate fails
+    later with a message that names neither the field nor the choices)."""
+    names = {type(m).__name__ for m in model.modules()}
+    missing = [n for n in recipe.train.fsdp.wrap if n not in names]
+    if missing:
+        raise ValueError(f"train.fsdp.wrap: no module of class {', '.join(missing)} in the student or heads "
+                         f"(classes: {', '.join(sorted(names))})")
 
 
 def teacher_dtype(recipe: Recipe, device: torch.device) -> torch.dtype:
