@@ -251,11 +251,12 @@ def test_failing_runs_are_recorded_and_the_others_finish(tmp_path, sweep_env):
     assert res.returncode == 1, res.stdout + res.stderr
     rows = table(out)
     assert [rows[n]["status"] for n in ("crashes", "invalid", "good")] == ["failed", "failed", "ok"]
-    assert "exit code 1" in rows["crashes"]["error"] and "negative dimension" in rows["crashes"]["error"]
+    # a student that cannot be built is refused before training (radio_core.run's exit status 2)
+    assert "exit code 2" in rows["crashes"]["error"] and "negative dimension" in rows["crashes"]["error"]
     assert "train.steps" in rows["invalid"]["error"]
     assert float(rows["good"]["loss/total"]) > 0
-    assert "Traceback" in (out / "runs" / "crashes" / "stderr_tail.txt").read_text()
-    assert "* crashes (failed): exit code 1" in (out / "results.md").read_text()
+    assert "negative dimension" in (out / "runs" / "crashes" / "stderr_tail.txt").read_text()
+    assert "* crashes (failed): exit code 2" in (out / "results.md").read_text()
     assert [e["run"] for e in events(out) if e["event"] == "launch"] == ["crashes", "good"]
 
 
