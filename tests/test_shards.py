@@ -17,6 +17,7 @@ from radio_core.data.sampling import SampleRef, StepBatchSampler, sampling_kwarg
 from radio_core.data.shard_index import TABLE, ShardTable, read_shard_index
 from radio_core.data.shards import MANIFEST, CorruptSampleError, TarShardSource, expand_shards, pack_folder, scan_tar
 from radio_core.data.sources import ImageFolderSource, SkimageSamplesSource
+from radio_core.registry import PluginError
 
 
 def keys(src: TarShardSource) -> list[str]:
@@ -345,7 +346,7 @@ def test_hf_datasets_source(tmp_path, registry):
     bad = registry.build("dataset", "hf_datasets", path=str(tmp_path / "bad"))
     item = AugmentedImages(bad, (8, 8))[SampleRef(0, 0, 0)]
     assert not item["valid"] and "CorruptSampleError" in item["error"]
-    with pytest.raises(KeyError, match="data.source.args.image_column: no column 'img'"):
+    with pytest.raises(PluginError, match="KeyError: .*data.source.args.image_column: no column 'img'"):
         registry.build("dataset", "hf_datasets", path=str(tmp_path / "hf"), image_column="img")
-    with pytest.raises(KeyError, match="data.source.args.split: 'test'"):
+    with pytest.raises(PluginError, match="KeyError: .*data.source.args.split: 'test'"):
         registry.build("dataset", "hf_datasets", path=str(tmp_path / "hf"), split="test")

@@ -3,6 +3,7 @@ exactly Dinov2Model's own last_hidden_state (CLS, patch tokens without registers
 import pytest
 import torch
 import torch.nn.functional as F
+from radio_core.registry import PluginError
 from radio_plugins.dinov2 import make_tiny_dinov2
 from tiny_teachers import assert_max_abs, teacher_pixels, tokens_to_grid
 
@@ -65,7 +66,7 @@ def test_tiny_flag_builds_once_into_the_cache(registry, tmp_path):
 def test_checkpoint_of_another_architecture_is_refused_naming_both(registry, tiny_dir):
     small = make_tiny_dinov2(tiny_dir / "small")
     wide = make_tiny_dinov2(tiny_dir / "wide", hidden_size=96)
-    with pytest.raises(ValueError) as e:
+    with pytest.raises(PluginError) as e:
         registry.build("teacher", "dinov2", model=wide["model"], pretrained=small["model"], resolution=None)
     msg = str(e.value)
     assert f"checkpoint {small['model']!r}" in msg and f"architecture {wide['model']!r}" in msg
@@ -73,17 +74,17 @@ def test_checkpoint_of_another_architecture_is_refused_naming_both(registry, tin
 
 
 def test_missing_paths_and_wrong_model_types_are_clear_errors(registry, tmp_path, tiny_dir):
-    with pytest.raises(FileNotFoundError, match="local model directory .* does not exist"):
+    with pytest.raises(PluginError, match="FileNotFoundError: dinov2 teacher: local model directory .* does not exist"):
         registry.build("teacher", "dinov2", model=str(tmp_path / "nope"), resolution=None)
-    with pytest.raises(FileNotFoundError, match="checkpoint directory .* does not exist"):
+    with pytest.raises(PluginError, match="FileNotFoundError: .*checkpoint directory .* does not exist"):
         registry.build("teacher", "dinov2", model="facebook/dinov2-small", pretrained=str(tmp_path / "nope"),
                        resolution=None)
-    with pytest.raises(OSError, match="neither a local directory nor a hub id"):
+    with pytest.raises(PluginError, match="neither a local directory nor a hub id"):
         registry.build("teacher", "dinov2", model="facebook/dinov2-huge", resolution=None)
     from radio_plugins.sam import make_tiny_sam
 
     sam = make_tiny_sam(tiny_dir / "sam", image_size=64)
-    with pytest.raises(ValueError, match="is a 'sam' model, not one of dinov2"):
+    with pytest.raises(PluginError, match="is a 'sam' model, not one of dinov2"):
         registry.build("teacher", "dinov2", **sam, resolution=None)
 
 
