@@ -23,6 +23,15 @@ def make_accelerator(recipe: Recipe) -> Any:
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)])
 
 
+def set_cpu_threads(recipe: Recipe, accelerator: Any) -> tuple[int, str]:
+    """torch CPU threads for this process (``radio_core.train.threads``) and why; see that module."""
+    from .threads import choose_threads, local_process_count
+
+    n, why = choose_threads(recipe.train.cpu_threads, local_process_count(accelerator.num_processes))
+    torch.set_num_threads(n)
+    return n, why
+
+
 def teacher_dtype(recipe: Recipe, device: torch.device) -> torch.dtype:
     choice = recipe.train.teacher_dtype
     if choice == "auto":
