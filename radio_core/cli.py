@@ -114,11 +114,21 @@ HANDLERS: dict[str, Callable[[list[str]], int]] = {
 }
 
 
+#: name -> its main arguments (the first line of ``radio --help`` per command)
+SYNOPSIS = {
+    "train": "RECIPE [overrides] [--resume]", "validate": "RECIPE [overrides] [--world-size N]",
+    "plan": "RECIPE [overrides] [--world-size N]", "eval": "RUN_DIR TASK [--data DIR] [--json]",
+    "cache": "RECIPE [--views K] [--out DIR]", "pack": "FOLDER OUT [--shard-size N]",
+    "sweep": "SWEEP.yaml [--only NAME] [--dry-run]", "plugins": "[--kind KIND] [--verbose] [NAME ...]",
+    "export": "RUN [--format transformers|radio|radio-distill] [--out DIR]",
+}
+
+
 def usage() -> str:
-    width = max(len(c) for c in COMMANDS)
     lines = ["usage: radio COMMAND [ARGS]   (radio COMMAND --help for a command's options)", "",
              "Agglomerative multi-teacher distillation (AM-RADIO style).", "", "commands:"]
-    lines += [f"  {c.ljust(width)}  {text}" for c, text in COMMANDS.items()]
+    for c, text in COMMANDS.items():
+        lines += [f"  {c} {SYNOPSIS[c]}", f"      {text}"]
     lines += ["", "Multi-process training: accelerate launch -m radio_core.run RECIPE [overrides]"]
     return "\n".join(lines)
 
