@@ -119,7 +119,7 @@ SYNOPSIS = {
     "train": "RECIPE [overrides] [--resume]", "validate": "RECIPE [overrides] [--world-size N]",
     "plan": "RECIPE [overrides] [--world-size N]", "eval": "RUN_DIR TASK [--data DIR] [--json]",
     "cache": "RECIPE [--views K] [--out DIR]", "pack": "FOLDER OUT [--shard-size N]",
-    "sweep": "SWEEP.yaml [--only NAME] [--dry-run]", "plugins": "[--kind KIND] [--verbose] [NAME ...]",
+    "sweep": "SWEEP.yaml [--only NAME] [--dry-run] [--status]", "plugins": "[--kind KIND] [--verbose] [NAME ...]",
     "export": "RUN [--format transformers|radio|radio-distill] [--out DIR]",
 }
 

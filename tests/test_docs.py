@@ -79,6 +79,8 @@ TABLE: dict[str, Run | Skip] = {
     "radio sweep recipes/ablations/loss_choice.yaml":
         Run("radio sweep {sweep} --only *cosine*",
             "the same grid on the tiny quickstart, 2 steps, 1 view, one run (--only)"),
+    "radio sweep ablations/cpe.yaml": Skip("cluster-only: the README's cpe.yaml submits SLURM jobs (8 GPUs each)"),
+    "radio sweep ablations/cpe.yaml --status": Skip("cluster-only: asks the SLURM scheduler about those jobs"),
     # README: evaluation (RUN_DIR: the quickstart run above)
     "radio eval RUN_DIR report": Run("radio eval runs/quickstart report --resolutions 64 --images 2",
                                      "one resolution, two images", expect="report written to"),
