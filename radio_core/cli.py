@@ -116,7 +116,7 @@ HANDLERS: dict[str, Callable[[list[str]], int]] = {
 
 #: name -> its main arguments (the first line of ``radio --help`` per command)
 SYNOPSIS = {
-    "train": "RECIPE [overrides] [--resume]", "validate": "RECIPE [overrides] [--world-size N]",
+    "train": "RECIPE [overrides] [--resume | --overwrite]", "validate": "RECIPE [overrides] [--world-size N]",
     "plan": "RECIPE [overrides] [--world-size N]", "eval": "RUN_DIR TASK [--data DIR] [--json]",
     "cache": "RECIPE [--views K] [--out DIR]", "pack": "FOLDER OUT [--shard-size N]",
     "sweep": "SWEEP.yaml [--only NAME] [--dry-run] [--status]", "plugins": "[--kind KIND] [--verbose] [NAME ...]",
