@@ -109,10 +109,13 @@ def is_local_path(model: str) -> bool:
 
 
 def load_hf_config(plugin: str, model: str, published: dict, model_types: Sequence[str],
-                   sub_config: Optional[str] = None):
+                   sub_config: Optional[str] = None, local_only: bool = False):
     """The config of `model`: from a local directory, the local HF cache, or (offline, for the
     hub ids in ``published``) the published values. ``sub_config`` picks a nested config
-    (SAM's ``vision_config``) when the file holds the full model's config."""
+    (SAM's ``vision_config``) when the file holds the full model's config. ``local_only``
+    (meta-device builds: dry runs, dimension checks) never contacts the hub, whatever
+    ``HF_HUB_OFFLINE`` says: the local cache, else the published values; a real build may
+    download (the recipe asked for those weights)."""
     from transformers import CONFIG_MAPPING, AutoConfig
 
     if is_local_path(model):
@@ -123,7 +126,7 @@ def load_hf_config(plugin: str, model: str, published: dict, model_types: Sequen
         config = AutoConfig.from_pretrained(path)
     else:
         try:
-            config = AutoConfig.from_pretrained(model)
+            config = _cached_config(model) if local_only else AutoConfig.from_pretrained(model)
         except OSError as exc:
             if model not in published:
                 raise OSError(f"{plugin} teacher: {model!r} is neither a local directory nor a hub id whose "
@@ -137,6 +140,18 @@ def load_hf_config(plugin: str, model: str, published: dict, model_types: Sequen
         raise ValueError(f"{plugin} teacher: {model!r} is a {config.model_type!r} model, not one of "
                          f"{', '.join(model_types)}")
     return config
+
+
+def _cached_config(model: str):
+    """The config of hub id ``model`` from the local HF cache, without any HTTP request (even
+    ``local_files_only`` downloads build telemetry headers that contact the hub); OSError if absent."""
+    from huggingface_hub import try_to_load_from_cache
+    from transformers import AutoConfig
+
+    cached = try_to_load_from_cache(model, "config.json")
+    if not isinstance(cached, str):
+        raise OSError(f"{model}: config.json is not in the local HF cache")
+    return AutoConfig.from_pretrained(Path(cached).parent)
 
 
 def resolve_model(plugin: str, model: Optional[str], pretrained: Optional[str], tiny: Union[bool, dict],

@@ -173,9 +173,16 @@ def build_clip_teacher(model: Optional[str] = None, pretrained: Optional[str] = 
     if size is not None:
         kwargs["force_image_size"] = size
     if meta:
-        with torch.device("meta"):
-            clip = open_clip.create_model(model_name, pretrained=None, load_weights=False,
-                                          device="meta", **kwargs)
+        import logging
+
+        root = logging.getLogger()
+        level, root.level = root.level, logging.ERROR  # "no pretrained weights loaded" is the point here
+        try:
+            with torch.device("meta"):
+                clip = open_clip.create_model(model_name, pretrained=None, load_weights=False,
+                                              device="meta", **kwargs)
+        finally:
+            root.setLevel(level)
     else:
         weights = pretrained if tag_cfg else checkpoint
         clip = _create_checked(open_clip, model_name, model, weights, schema, kwargs)

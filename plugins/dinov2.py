@@ -117,7 +117,7 @@ def build_dinov2_teacher(model: Optional[str] = None, pretrained: Optional[str] 
                           lambda o: make_tiny_dinov2(_tiny_dir(cache_dir, o), **o))
     from transformers import Dinov2Model, Dinov2WithRegistersModel
 
-    config = load_hf_config(PLUGIN, model, PUBLISHED_CONFIGS, MODEL_TYPES)
+    config = load_hf_config(PLUGIN, model, PUBLISHED_CONFIGS, MODEL_TYPES, local_only=meta)
     model_cls = Dinov2WithRegistersModel if config.model_type == "dinov2_with_registers" else Dinov2Model
     net = hf_network(PLUGIN, model_cls, model, pretrained, config, meta)
     size = tuple(resolution) if resolution is not None else DEFAULT_RESOLUTION

@@ -88,7 +88,7 @@ def build_sam_teacher(model: Optional[str] = None, pretrained: Optional[str] = N
     from transformers import SamVisionModel
 
     config = load_hf_config(PLUGIN, model, PUBLISHED_CONFIGS, ("sam_vision_model",),
-                            sub_config="vision_config")
+                            sub_config="vision_config", local_only=meta)
     side = config.image_size
     if resolution is not None and tuple(resolution) != (side, side):
         raise ValueError(f"{PLUGIN} teacher {model!r} runs at its fixed size {side}x{side} (the framework "

@@ -39,7 +39,7 @@ Recipe arguments (``student.args``; ``num_cls_tokens`` comes from the framework)
 * ``window_sizes`` (e.g. ``[8, 16, null]``; list ``null`` to keep global among the choices),
   ``global_every`` (default depth // 4), ``window_size`` (fixed mode, e.g. for eval).
 * ``spectral_reparam``, ``drop_path_rate``, ``grad_checkpointing``, ``pretrained`` (a local
-  timm ViT checkpoint), ``mean`` / ``std`` (input conditioner, OpenAI CLIP statistics by default).
+  timm ViT checkpoint, or a transformers ``RadioModel`` directory such as a converted C-RADIO), ``mean`` / ``std`` (input conditioner, OpenAI CLIP statistics by default).
 
 The paper's student is ``{model: vit_huge_patch16_224, cpe_max_size: 2048, register_multiple: 8,
 spectral_reparam: true}``; a CPU quickstart uses e.g. ``{model: vit_tiny, embed_dim: 96,
@@ -311,7 +311,30 @@ class ViTCPEStudent(Student):
                 taps[i + 1] = from_windows(patches, h, w, ws)
         return torch.cat([prefix, from_windows(patches, h, w, ws)], dim=1)
 
-    # -- initialisation from a timm checkpoint ------------------------------------------------
+    # -- initialisation from a checkpoint -----------------------------------------------------
+    def load_pretrained(self, path: str | Path) -> list[str]:
+        """A transformers RADIO directory (config.json with ``model_type: radio``) or a timm file."""
+        if Path(path).expanduser().is_dir():
+            return self.load_transformers_weights(Path(path).expanduser())
+        return self.load_timm_weights(path)
+
+    @torch.no_grad()
+    def load_transformers_weights(self, path: str | Path) -> list[str]:
+        """Initialise from a transformers ``RadioModel`` directory (C-RADIO, or an export of this
+        framework): the same backbone function when the architectures match (a mismatch is an
+        error naming both sides). CLS token i comes from the checkpoint's CLS token i mod its
+        count; a final LayerNorm (``final_norm``), which the checkpoint cannot have, is left as
+        initialised. Returns the keys of this model that the checkpoint did not provide."""
+        from radio_core import transformers_student_state
+
+        own = self.state_dict()
+        new = transformers_student_state(path, self, origin=f"student 'vit': pretrained {path}")
+        unexpected = [k for k in new if k not in own]
+        if unexpected:
+            raise ValueError(f"student 'vit': pretrained {path}: keys not in this model: {unexpected[:4]}")
+        self.load_state_dict(new, strict=False)
+        return sorted(k for k in own if k not in new)
+
     @torch.no_grad()
     def load_timm_weights(self, path: str | Path) -> list[str]:
         """Initialise from a local timm VisionTransformer state dict (safetensors or torch file).
@@ -424,10 +447,30 @@ def build_vit_student(model: str = "vit_base_patch16_224", *, num_cls_tokens: in
                       pos_grid: Optional[int] = None) -> ViTCPEStudent:
     """ViT with CPE (any resolution/aspect), optional ViTDet windows and σReparam (RADIO's student).
 
-    ``cpe: false`` trains without random crops of the CPE grid (resized as at inference).
-    ``pos_embed: learned`` replaces CPE by timm's standard learned absolute position embedding:
-    a ``pos_grid`` x ``pos_grid`` table (default: the model name's resolution / patch, else 14)
-    bicubically resampled to each input's token grid (the CPE ablation's baseline)."""
+    Args:
+        model: vit_{tiny,small,base,large,huge}[_patch<N>[_<res>]][_mlpnorm], the size preset.
+        embed_dim: width (overrides the preset). depth: number of blocks (overrides the preset).
+        num_heads: attention heads (overrides the preset). patch_size: patch side in pixels.
+        mlp_ratio: MLP hidden size / width. qkv_bias: bias on the qkv projection.
+        init_values: layer-scale initial value (None: no layer scale).
+        mlp_norm: LayerNorm inside each MLP. final_norm: LayerNorm after the last block.
+        num_registers: register tokens after the summary tokens.
+        register_multiple: pad summary tokens + registers to a multiple of this (RADIO).
+        cpe_max_size: side in pixels of the learned CPE position grid.
+        pos_dropout: probability of dropping a sample's position encoding in training.
+        drop_path_rate: stochastic depth at the last block. window_sizes: ViTDet window sizes
+        drawn per training step (null = global). global_every: every n-th block stays global.
+        window_size: fixed windowed attention for inference. spectral_reparam: σReparam on the
+        blocks' Linear layers. grad_checkpointing: recompute blocks in backward to save memory.
+        pretrained: a local timm ViT checkpoint or a transformers RADIO directory to start from.
+        mean: input conditioner mean (OpenAI CLIP). std: input conditioner std (OpenAI CLIP).
+        cpe: false trains with the plain interpolated position embedding instead of random
+        crops of the position grid.
+        pos_embed: cpe (RADIO's cropped position embedding) or learned (timm's standard learned
+        absolute position embedding: a pos_grid x pos_grid table, default the model name's
+        resolution / patch else 14, bicubically resampled to each input's token grid; the CPE
+        ablation's baseline). pos_grid: side of that table in tokens.
+    """
     (dim0, depth0, heads0), patch0, mlp_norm0 = parse_model_name(model)
     if pos_embed == "learned" and pos_grid is None:
         m = _NAME.match(model)
@@ -444,7 +487,7 @@ def build_vit_student(model: str = "vit_base_patch16_224", *, num_cls_tokens: in
         global_every=global_every, window_size=window_size, grad_checkpointing=grad_checkpointing,
         mean=mean, std=std, model_name=model, cpe=cpe, pos_embed=pos_embed, pos_grid=pos_grid)
     if pretrained and student.norm_mean.device.type != "meta":
-        student.load_timm_weights(pretrained)
+        student.load_pretrained(pretrained)
     if spectral_reparam:
         from radio_core.models.spectral import apply_spectral_reparam
 

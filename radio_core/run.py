@@ -1,6 +1,7 @@
 """Train a student from a recipe.
 
-    python -m radio_core.run RECIPE.yaml [key.path=value ...] [--resume]
+    radio train RECIPE.yaml [key.path=value ...] [--resume]
+    python -m radio_core.run RECIPE.yaml [overrides ...]          (the same)
     accelerate launch -m radio_core.run RECIPE.yaml [overrides ...]
 """
 from __future__ import annotations
@@ -13,20 +14,23 @@ from typing import Optional, Sequence
 from .utils import EXIT_PREEMPTED
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="radio_core.run", description=__doc__,
+def parse_args(argv: Optional[Sequence[str]] = None, prog: str = "radio_core.run") -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    # `radio validate` and `radio plan` are their own commands; `radio train --help` omits them
+    hidden = prog != "radio_core.run"
     p.add_argument("recipe", help="path to a YAML recipe")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=100 teachers.dino.weight=0.5")
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in output_dir")
     p.add_argument("--overwrite", action="store_true",
                    help="start a new run in an output_dir that holds one, removing that run's outputs")
     p.add_argument("--output-dir", help="shorthand for the override output_dir=...")
-    p.add_argument("--validate", action="store_true", help="check the recipe and plugin names, then exit")
-    p.add_argument("--dry-run", action="store_true",
-                   help="build every model on the meta device and print FLOPs and memory per group and rank")
-    p.add_argument("--world-size", type=int, default=None,
-                   help="number of processes to plan for with --dry-run (default: this launch's)")
+    p.add_argument("--validate", action="store_true", help=argparse.SUPPRESS if hidden else
+                   "check the recipe, plugin names and arguments, then exit (radio validate)")
+    p.add_argument("--dry-run", action="store_true", help=argparse.SUPPRESS if hidden else
+                   "build every model on the meta device and print FLOPs and memory per group and rank (radio plan)")
+    p.add_argument("--world-size", type=int, default=None, help=argparse.SUPPRESS if hidden else
+                   "number of processes to plan for with --dry-run (default: this launch's)")
     return p.parse_intermixed_args(argv)  # overrides may follow the flags
 
 
@@ -51,10 +55,10 @@ def warn_plugin_problems(registry) -> None:
         print(f"warning: {registry.conflict_message(kind, name)}", file=sys.stderr)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Optional[Sequence[str]] = None, prog: str = "radio_core.run") -> int:
     """Exit status as documented above; every failure is one ``error:`` line, no traceback
     (set RADIO_TRACEBACK=1 to see one for an internal error)."""
-    args = parse_args(argv)
+    args = parse_args(argv, prog)
     try:
         return _main(args)
     except KeyboardInterrupt:

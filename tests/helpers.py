@@ -82,3 +82,16 @@ def env_with(*paths: Path, **extra: str) -> dict:
     e["PYTHONPATH"] = os.pathsep.join([str(p) for p in paths] + [e.get("PYTHONPATH", "")])
     e.update(extra)
     return e
+
+
+def install_example_plugin(root: Path) -> Path:
+    """pip-install examples/third_party_plugin into ``root/site`` (returned), building from a
+    copy under ``root``: setuptools writes build/ and *.egg-info next to the sources it builds."""
+    import shutil
+
+    source, site = root / "third_party_plugin", root / "site"
+    shutil.copytree(REPO / "examples" / "third_party_plugin", source,
+                    ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                    "--target", str(site), str(source)], check=True)
+    return site

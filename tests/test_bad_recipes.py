@@ -67,6 +67,16 @@ CASES = [
      ["train.steps is 20 but the stages add up to 15 steps"]),
     (edit("checkpoint.keep", 0), ["checkpoint.keep", "greater than or equal to 1"]),
     (edit("student.args", "vit_base"), ["student.args", "valid dictionary"]),
+    # plugin args, bound to the factory's signature without building anything
+    (edit("teachers.dino.args.modle", "x"),
+     ["teachers.dino.args (teacher 'dinov2'): unknown argument 'modle'. Did you mean 'model'?"]),
+    (edit("teachers.dino.args.resolution", 224), ["teachers.dino.args (teacher 'dinov2'): 'resolution' is set by "
+                                                  "the framework"]),
+    (edit("student.args.depth", "deep"), ["student.args (student 'vit'): depth='deep' does not fit int | None"]),
+    (edit("teachers.clip.spatial_loss", {"name": "smooth_l1", "args": {"betta": 1}}),
+     ["teachers.clip.spatial_loss.args (loss 'smooth_l1'): unknown argument 'betta'", "'beta'"]),
+    (edit("data.source", {"name": "image_folder"}),
+     ["data.source.args (dataset 'image_folder'): missing required argument 'root' (str)"]),
 ]
 
 

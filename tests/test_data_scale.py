@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import fake_distribution
+from helpers import fake_distribution, install_example_plugin
 
 from radio_core.data.augment import AugmentedImages, collate, loader_worker_init
 from radio_core.data.sampling import SampleStream, StepBatchSampler, sampling_kwargs
@@ -173,9 +173,7 @@ def radio_step_end(trainer, step, metrics):
 def install_plugins(root: Path) -> list[str]:
     """The example third-party teacher (pip-installed) and a tiny student in a dist-info, both
     found through the radio_core entry-point group like any installed plugin."""
-    site = root / "site"
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-                    "--target", str(site), str(REPO / "examples" / "third_party_plugin")], check=True)
+    site = install_example_plugin(root)
     plug = fake_distribution(root / "plug", "tiny-test-student", "tiny_test_student", STUDENT_PLUGIN)
     return [str(site), str(plug)]
 

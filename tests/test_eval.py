@@ -73,9 +73,16 @@ def test_zero_shot_runs_end_to_end_with_a_tiny_clip_text_tower(digits, distilled
     # by hand for one image: argmax over mean prompt embeddings of the head's summary
     emb = torch.nn.functional.normalize(run.teachers["clip"].encode_text(["a photo of a zero."]).float(), dim=-1)
     assert emb.shape[-1] == run.teachers["clip"].summary_dim
-    assert eval_main([str(run_dir), "zeroshot", "--data", str(digits)]) == 0
+    capsys.readouterr()
+    assert eval_main([str(run_dir), "zeroshot", "--data", str(digits), "--json"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert set(out) == {"top1", "top5"}
+    assert {"top1", "top5"} <= set(out) and out["task"] == "zeroshot" and out["head"] == "clip"
+    assert out["classes"] == 10 and out["resolution"] == [64, 64]
+    assert out["train_images"] + out["test_images"] == len(read_class_folder(digits)[0])
+    assert json.loads((run_dir / "eval" / "zeroshot.json").read_text()) == out
+    assert eval_main([str(run_dir), "zeroshot", "--data", str(digits)]) == 0  # a table by default
+    table = capsys.readouterr().out
+    assert "task          zeroshot" in table and "resolution    64x64" in table and "top1" in table
 
 
 def test_miou_against_hand_checked_masks():
@@ -116,9 +123,16 @@ def test_linear_probe_segmentation_end_to_end(distilled, tmp_path, capsys):
             mask[:, 32:] = 1
             Image.fromarray(mask).save(tmp_path / "annotations" / split / f"{i}.png")
     assert eval_main([str(run_dir), "segment", "--data", str(tmp_path), "--classes", "2",
-                      "--epochs", "300"]) == 0
+                      "--epochs", "300", "--json"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["val_images"] == 1 and out["miou"] > 0.6
+
+
+def test_reduce_zero_label_follows_ade20k():
+    from radio_core.eval.tasks import reduce_zero
+
+    labels = torch.tensor([[0, 1, 2], [150, 255, 3]])
+    assert reduce_zero(labels).tolist() == [[255, 0, 1], [149, 255, 2]]
 
 
 def test_report_and_sweep_pictures(distilled, capsys):

@@ -7,7 +7,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from helpers import fake_distribution
+from helpers import fake_distribution, install_example_plugin
 
 from radio_core.registry import PluginError, Registry
 
@@ -66,9 +66,7 @@ def test_a_plugin_that_fails_to_import_is_named_and_the_rest_keep_working(tmp_pa
 
 def test_third_party_plugin_installs_and_is_discovered(tmp_path):
     """pip-install examples/third_party_plugin and find its teacher through discovery."""
-    target = tmp_path / "site"
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-                    "--target", str(target), str(REPO / "examples" / "third_party_plugin")], check=True)
+    target = install_example_plugin(tmp_path)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(target), os.environ.get("PYTHONPATH", "")])}
     listing = subprocess.run([sys.executable, "-m", "radio_core.plugins", "--kind", "teacher"], env=env,
                              capture_output=True, text=True, check=True).stdout

@@ -85,6 +85,30 @@ def test_export_reloads_through_the_registry(uninterrupted):
     torch.testing.assert_close(pa["clip"][0], pb["clip"][0])
 
 
+def test_export_has_a_model_card_and_converts_for_transformers(uninterrupted):
+    """The run's export holds a card (teachers, steps, how to load); `radio export RUN` writes a
+    directory transformers' AutoModel loads, with the trained backbone's outputs."""
+    from radio_core.cli import main as radio
+    from radio_core.model import RadioModel
+
+    transformers = pytest.importorskip("transformers")
+    tmp, trainer, _ = uninterrupted
+    card = (tmp / "run" / "export" / "README.md").read_text()
+    assert "20 optimiser steps" in card and "| dino | dinov2 |" in card and "RadioModel.load" in card
+    assert "```yaml" in card  # the resolved recipe
+    if not hasattr(transformers, "RadioModel"):
+        pytest.skip("this transformers has no RadioModel")
+    assert radio(["export", str(tmp / "run"), "--format", "transformers"]) == 0
+    hf = transformers.AutoModel.from_pretrained(tmp / "run" / "export_transformers").eval()
+    model = RadioModel.load(tmp / "run" / "export")
+    x = torch.rand(2, 3, 64, 96)
+    with torch.no_grad():
+        summary, spatial = model(x)
+        out = hf(pixel_values=x)
+    assert (summary - out.summary).abs().max() <= 1e-5
+    assert (spatial.flatten(2).transpose(1, 2) - out.features).abs().max() <= 1e-5
+
+
 def test_gradient_accumulation_draws_distinct_micro_batches(tmp_path):
     """2 micro-batches of 2 per step: the step sees the same 4 images as one batch of 4."""
     (tmp_path / "a").mkdir()

@@ -47,7 +47,7 @@ class AugmentedImages(torch.utils.data.Dataset):
                  ratio=(3 / 4, 4 / 3), hflip: float = 0.5, cache=None) -> None:
         self.source, self.crop_size = source, crop_size
         self.scale, self.ratio, self.hflip = scale, ratio, hflip
-        #: optional ``radio_core.cache.FeatureCache``: cached teacher targets are read here, in
+        #: optional ``radio_core.data.cache.FeatureCache``: cached teacher targets are read here, in
         #: the loader workers, for samples with a fixed view.
         self.cache = cache
 

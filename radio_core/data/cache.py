@@ -67,7 +67,7 @@ class FeatureCache:
         index = self.path / INDEX
         if not index.is_file():
             raise FileNotFoundError(f"cache.path: no complete teacher-feature cache at {self.path} "
-                                    f"(missing {INDEX}); build it with python -m radio_core.cache")
+                                    f"(missing {INDEX}); build it with radio cache RECIPE")
         self.index = json.loads(index.read_text())
         if self.index.get("version") != CACHE_VERSION:
             raise CacheMismatchError(f"cache.path: {self.path} has cache version {self.index.get('version')}, "
@@ -88,7 +88,7 @@ class FeatureCache:
         problems = _diff(identity, found)
         if problems:
             raise CacheMismatchError(f"cache.path: {self.path} is stale for this run:\n  " + "\n  ".join(problems)
-                                     + "\nRebuild it with python -m radio_core.cache, or point cache.path elsewhere.")
+                                     + "\nRebuild it with radio cache RECIPE, or point cache.path elsewhere.")
 
     def _array(self, name: str, part: str) -> np.ndarray:
         key = (name, part)
@@ -187,8 +187,8 @@ def run_identity(recipe: Any, source: Any, teachers: dict[str, Teacher], crop: t
             "seed": recipe.train.seed, "views": views}
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m radio_core.data.cache", description=__doc__,
+def main(argv: Optional[Sequence[str]] = None, prog: str = "python -m radio_core.data.cache") -> int:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("recipe")
     p.add_argument("overrides", nargs="*")

@@ -1,4 +1,4 @@
-"""python -m radio_core.eval RUN_DIR TASK [options]
+"""radio eval RUN_DIR TASK [options]      (also: python -m radio_core.eval)
 
 Tasks:
   report                      report.md + PNGs (loss curves, fidelity table, PCA maps, sweep)
@@ -6,7 +6,15 @@ Tasks:
   sweep [--resolutions]       fidelity across student resolutions, plotted (mode-switching probe)
   knn --data DIR              kNN top-1/top-5 on an image-folder dataset (one folder per class)
   zeroshot --data DIR         zero-shot top-1/top-5 through the CLIP head + CLIP text tower
-  segment --data DIR --classes N   linear-probe segmentation mIoU (ADE20K layout)
+  segment --data DIR --classes N   linear-probe segmentation mIoU (ADE20K layout; see --reduce-zero-label)
+
+knn / zeroshot / segment print their result with its context (task, head, k, train/test sizes,
+classes, resolution) as a table, or one JSON object with --json, and save it to
+RUN_DIR/eval/<task>.json (the export's model card lists these).
+
+Segmentation masks: pixel value = class id, 255 = ignore. ADE20K's annotations use 0 for
+"other" (not one of its 150 classes) and 1..150 for the classes: pass --reduce-zero-label (and
+--classes 150) to map 0 to ignore and shift the rest down by one, as the benchmark does.
 """
 from __future__ import annotations
 
@@ -26,7 +34,28 @@ def split_labelled(images: list, labels: list, test_fraction: float, seed: int =
     return ([images[i] for i in train], [labels[i] for i in train]), ([images[i] for i in test], [labels[i] for i in test])
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def format_result(result: dict) -> str:
+    """A two-column table: context first (task, run, head, ...), then the scores."""
+    width = max(len(k) for k in result)
+    lines = []
+    for key, value in result.items():
+        if isinstance(value, float):
+            value = f"{value:.4f}"
+        elif isinstance(value, (list, tuple)) and key == "resolution":
+            value = "x".join(str(v) for v in value)
+        lines.append(f"{key.ljust(width)}  {value}")
+    return "\n".join(lines)
+
+
+def report_result(result: dict, run_dir: str, as_json: bool) -> None:
+    """Print ``result`` (table or JSON) and save it under RUN_DIR/eval/<task>.json."""
+    out = Path(run_dir) / "eval" / f"{result['task']}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps(result) if as_json else format_result(result) + f"\n(saved to {out})")
+
+
+def main(argv: Optional[Sequence[str]] = None, prog: str = "radio_core.eval") -> int:
     """Exit status 0; 2 for a run, file or argument that cannot be used (one ``error:`` line);
     1 for an internal error (RADIO_TRACEBACK=1 shows its traceback)."""
     import os
@@ -34,7 +63,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from ..utils import bounded_message
 
     try:
-        return _main(argv)
+        return _main(argv, prog)
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
@@ -48,8 +77,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 1
 
 
-def _main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="radio_core.eval", description=__doc__,
+def _main(argv: Optional[Sequence[str]] = None, prog: str = "radio_core.eval") -> int:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dir", help="a training run's output_dir (recipe.yaml + export/ or checkpoints/)")
     p.add_argument("task", choices=["report", "fidelity", "sweep", "knn", "zeroshot", "segment"])
@@ -62,6 +91,10 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--epochs", type=int, default=20, help="segment: epochs of linear-probe training")
     p.add_argument("--images", type=int, default=4, help="fidelity/report: number of held-out images")
     p.add_argument("--out", help="output folder for pictures (default: RUN_DIR/report)")
+    p.add_argument("--k", type=int, default=20, help="knn: neighbours (default 20)")
+    p.add_argument("--reduce-zero-label", action="store_true",
+                   help="segment: label 0 is 'other' (ADE20K): ignore it and shift classes 1..N down to 0..N-1")
+    p.add_argument("--json", action="store_true", help="knn/zeroshot/segment: print one JSON object instead of a table")
     args = p.parse_args(argv)
 
     from .loading import load_run
@@ -96,13 +129,19 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
 
         images, labels, classes = read_class_folder(args.data)
         train, test = split_labelled(images, labels, args.test_fraction)
+        context = {"task": args.task, "run": str(args.run_dir), "data": str(args.data)}
         if args.task == "knn":
-            print(json.dumps(knn(run.distiller, train, test, len(classes), res, head=args.head)))
+            scores = knn(run.distiller, train, test, len(classes), res, head=args.head, k=args.k)
+            context.update(head=args.head or "backbone", k=args.k)
         else:
             head = args.head or next((n for n, t in run.teachers.items() if hasattr(t, "encode_text")), None)
             if head is None:
                 p.error("zeroshot needs a teacher with a text tower (encode_text), e.g. a clip teacher")
-            print(json.dumps(zero_shot(run.distiller, run.teachers[head], head, test[0], test[1], classes, res)))
+            scores = zero_shot(run.distiller, run.teachers[head], head, test[0], test[1], classes, res)
+            context.update(head=head)
+        context.update(classes=len(classes), train_images=len(train[0]), test_images=len(test[0]),
+                       resolution=list(res))
+        report_result({**context, **scores}, args.run_dir, args.json)
         return 0
     if args.task == "segment":
         from .tasks import linear_probe_segmentation
@@ -110,8 +149,12 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
         if not args.classes:
             p.error("segment needs --classes")
         result = linear_probe_segmentation(run.distiller, args.data, args.classes, res, head=args.head,
-                                           epochs=args.epochs)
-        print(json.dumps({k: v for k, v in result.items() if k != "per_class_iou"}))
+                                           epochs=args.epochs, reduce_zero_label=args.reduce_zero_label)
+        context = {"task": "segment", "run": str(args.run_dir), "data": str(args.data),
+                   "head": args.head or "backbone", "classes": args.classes,
+                   "reduce_zero_label": args.reduce_zero_label, "epochs": args.epochs, "resolution": list(res)}
+        scores = {k: v for k, v in result.items() if k != "per_class_iou"}
+        report_result({**context, **scores}, args.run_dir, args.json)
         return 0
     return 1
 

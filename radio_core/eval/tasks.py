@@ -178,12 +178,22 @@ def _spatial(distiller: Distiller, images_u8: Tensor, resolution: tuple[int, int
     return out.spatial() if head is None else preds[head][1]
 
 
+def reduce_zero(labels: Tensor, ignore_index: int = 255) -> Tensor:
+    """ADE20K's convention: 0 ("other") -> ignore, 1..N -> 0..N-1, ignore stays ignore."""
+    out = labels - 1
+    out[(labels == 0) | (labels == ignore_index)] = ignore_index
+    return out
+
+
 def linear_probe_segmentation(distiller: Distiller, root: str | Path, num_classes: int,
                               resolution: tuple[int, int], head: Optional[str] = None, epochs: int = 20,
                               lr: float = 1e-2, batch_size: int = 8, ignore_index: int = 255,
-                              seed: int = 0) -> dict:
+                              seed: int = 0, reduce_zero_label: bool = False) -> dict:
     """A linear (1x1 conv) head on frozen spatial features, logits bilinearly upsampled to the
-    mask, cross-entropy on ``training``, mIoU on ``validation``."""
+    mask, cross-entropy on ``training``, mIoU on ``validation``.
+
+    Masks hold class ids, ``ignore_index`` = ignore. ``reduce_zero_label``: label 0 means
+    "other" (ADE20K) and is ignored; labels 1..N become 0..N-1 (the benchmark's convention)."""
     train_pairs = read_segmentation_folder(root, "training")
     val_pairs = read_segmentation_folder(root, "validation")
 
@@ -193,6 +203,8 @@ def linear_probe_segmentation(distiller: Distiller, root: str | Path, num_classe
 
     xtr, ytr = load(train_pairs)
     xva, yva = load(val_pairs)
+    if reduce_zero_label:
+        ytr, yva = (reduce_zero(y, ignore_index) for y in (ytr, yva))
     ftr = torch.cat([_spatial(distiller, xtr[i:i + batch_size], resolution, head) for i in range(0, len(xtr), batch_size)])
     fva = torch.cat([_spatial(distiller, xva[i:i + batch_size], resolution, head) for i in range(0, len(xva), batch_size)])
     result = segmentation_probe(ftr, ytr, fva, yva, num_classes, epochs=epochs, lr=lr, batch_size=batch_size,

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Iterator, NamedTuple, Optional
 
 import torch
+from huggingface_hub import ModelHubMixin
 from torch import Tensor, nn
 
 from ..models.distiller import Distiller
@@ -110,8 +111,15 @@ class Adaptors(Mapping):
         return len(self._names())
 
 
-class RadioModel(nn.Module):
-    """A student plus its per-teacher adaptor heads; see the module docstring."""
+class RadioModel(nn.Module, ModelHubMixin, library_name="radio-distill", tags=["radio-distill", "agglomerative-distillation"],
+                 repo_url="https://github.com/radio-distill/radio-distill"):
+    """A student plus its per-teacher adaptor heads; see the module docstring.
+
+    ``save_pretrained(DIR)`` / ``from_pretrained(DIR)`` follow ``huggingface_hub``'s
+    ``ModelHubMixin`` (the export format plus a model card; ``push_to_hub`` only when you call it).
+    ``from_pretrained`` with a hub id downloads through the HF cache (honours ``HF_HUB_OFFLINE``).
+    ``save_transformers(DIR)`` writes a directory ``transformers.AutoModel`` loads.
+    """
 
     def __init__(self, distiller: Distiller, config: Optional[dict] = None,
                  feature_normalizer: Optional[nn.Module] = None) -> None:
@@ -218,7 +226,12 @@ class RadioModel(nn.Module):
             imported = load_radio_checkpoint(p, registry=registry, **radio_kwargs)
             model = cls(imported.distiller, imported.config, imported.feature_normalizer)
         else:
-            distiller, config = load_export(p, registry=registry)
+            from .hf_transformers import SIDECAR_CONFIG, load_transformers_export
+
+            if p.is_dir() and (p / SIDECAR_CONFIG).is_file():  # written by save_transformers
+                distiller, config = load_transformers_export(p, registry=registry)
+            else:
+                distiller, config = load_export(p, registry=registry)
             model = cls(distiller, config)
         remove_spectral_reparam(model)
         return model
@@ -233,6 +246,35 @@ class RadioModel(nn.Module):
     def save_radio(self, path: str | os.PathLike) -> Path:
         """Write this model as an official-RADIO-layout ``.pth.tar`` (ViT-CPE students only)."""
         return save_radio_checkpoint(self, path)
+
+    def save_transformers(self, path: str | os.PathLike) -> Path:
+        """Write this model as a directory ``transformers.AutoModel.from_pretrained`` loads (the
+        backbone as transformers' ``RadioModel``), with the adaptor heads beside it for ``load``."""
+        from .hf_transformers import save_transformers
+
+        return save_transformers(self, path)
+
+    # huggingface_hub.ModelHubMixin hooks: save_pretrained / from_pretrained / push_to_hub
+    def _save_pretrained(self, save_directory: Path) -> None:
+        from .model_card import write_model_card
+
+        self.save(save_directory)
+        write_model_card(save_directory, self.config)
+
+    @classmethod
+    def _from_pretrained(cls, *, model_id: str, revision: Optional[str] = None, cache_dir: Any = None,
+                         force_download: bool = False, local_files_only: bool = False, token: Any = None,
+                         device: str | torch.device = "cpu", registry=None, config: Any = None,
+                         **kwargs: Any) -> "RadioModel":
+        del config  # the mixin passes config.json's content; load() reads it itself
+        path = Path(model_id)
+        if not path.exists():
+            from huggingface_hub import snapshot_download
+
+            path = Path(snapshot_download(repo_id=model_id, revision=revision, cache_dir=cache_dir,
+                                          force_download=force_download, local_files_only=local_files_only,
+                                          token=token))
+        return cls.load(path, device=device, registry=registry, **kwargs)
 
 
 __all__ = ["RadioModel", "RadioOutput", "TeacherAdaptor", "Adaptors", "nearest_supported_resolution",

@@ -47,7 +47,11 @@ class LinearAdaptor(Adaptor):
 
 def build_mlp(in_dim: int, out_dim: int, hidden_dim: int, num_inner: int = 0,
               activation: str = "gelu") -> MLPAdaptor:
-    """2-layer MLP head (Linear, LayerNorm, GELU, Linear); num_inner>0 gives RADIO's MLP v2."""
+    """2-layer MLP head (Linear, LayerNorm, GELU, Linear); num_inner>0 gives RADIO's MLP v2.
+
+    num_inner: residual (LayerNorm, GELU, Linear) blocks between the two layers. activation:
+    gelu or relu.
+    """
     return MLPAdaptor(in_dim, out_dim, hidden_dim, num_inner=num_inner, activation=activation)
 
 

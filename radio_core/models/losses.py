@@ -84,7 +84,10 @@ def build_cosine() -> CosineLoss:
 
 
 def build_smooth_l1(beta: float = 1.0) -> SmoothL1Loss:
-    """Smooth-L1 (Huber) distance."""
+    """Smooth-L1 (Huber) distance.
+
+    beta: where the loss turns from quadratic to linear.
+    """
     return SmoothL1Loss(beta)
 
 
@@ -99,7 +102,11 @@ def build_l1() -> L1Loss:
 
 
 def build_cosine_smooth_l1(cosine: float = 0.9, smooth_l1: float = 0.1, beta: float = 1.0) -> CosineSmoothL1Loss:
-    """Weighted cosine + smooth-L1 (AM-RADIO's spatial loss)."""
+    """Weighted cosine + smooth-L1 (AM-RADIO's spatial loss).
+
+    cosine: weight of the cosine distance. smooth_l1: weight of the smooth-L1 term. beta:
+    smooth-L1's quadratic-to-linear point.
+    """
     return CosineSmoothL1Loss(cosine, smooth_l1, beta)
 
 

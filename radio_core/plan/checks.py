@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Optional
 
+from ..arguments import check_args
 from ..recipe import Recipe, RecipeError
 from ..registry import PluginError, Registry
 
@@ -32,23 +34,28 @@ def check_plugins(recipe: Recipe, registry: Registry, origin: str = "<recipe>") 
     """Every plugin name the recipe uses must be registered; report all problems at once."""
     problems = []
 
-    def need(kind: str, name: str, field: str) -> None:
+    def need(kind: str, name: str, field: str, args: Optional[dict] = None, args_field: str = "") -> None:
         try:
-            registry.get(kind, name)
+            component = registry.get(kind, name)
         except PluginError as exc:
             problems.append(f"{origin}: {field}: {exc}")
+            return
+        if args is not None:  # bind the recipe's args to the factory's signature, without calling it
+            problems.extend(f"{origin}: {p}" for p in check_args(kind, name, component.factory, args, args_field))
 
-    need("student", recipe.student.name, "student.name")
-    need("adaptor", recipe.adaptor.name, "adaptor.name")
-    need("dataset", recipe.data.source.name, "data.source.name")
+    need("student", recipe.student.name, "student.name", recipe.student.args, "student.args")
+    need("adaptor", recipe.adaptor.name, "adaptor.name", recipe.adaptor.args, "adaptor.args")
+    need("dataset", recipe.data.source.name, "data.source.name", recipe.data.source.args, "data.source.args")
+    need("dataset", recipe.eval.source.name, "eval.source.name", recipe.eval.source.args, "eval.source.args")
     for tname, t in recipe.teachers.items():
-        need("teacher", t.plugin, f"teachers.{tname}.plugin")
-        need("loss", t.summary_loss.name, f"teachers.{tname}.summary_loss.name")
-        need("loss", t.spatial_loss.name, f"teachers.{tname}.spatial_loss.name")
+        where = f"teachers.{tname}"
+        need("teacher", t.plugin, f"{where}.plugin", t.args, f"{where}.args")
+        need("loss", t.summary_loss.name, f"{where}.summary_loss.name", t.summary_loss.args, f"{where}.summary_loss.args")
+        need("loss", t.spatial_loss.name, f"{where}.spatial_loss.name", t.spatial_loss.args, f"{where}.spatial_loss.args")
         if t.adaptor is not None:
-            need("adaptor", t.adaptor.name, f"teachers.{tname}.adaptor.name")
+            need("adaptor", t.adaptor.name, f"{where}.adaptor.name", t.adaptor.args, f"{where}.adaptor.args")
     if recipe.balance is not None:
-        need("balancer", recipe.balance.name, "balance.name")
+        need("balancer", recipe.balance.name, "balance.name", recipe.balance.args, "balance.args")
     if problems:
         raise RecipeError("\n".join(problems))
     check_shifted_views(recipe, registry, origin)

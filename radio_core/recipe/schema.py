@@ -232,6 +232,9 @@ class TrainSpec(Strict):
     teacher_dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     #: batches (per rank) used to estimate teacher-target statistics (teachers.*.target_norm).
     target_norm_batches: Annotated[int, _StrictType(), Field(ge=1, le=100000)] = 4
+    #: torch CPU threads per process; None chooses from the free cores and the local process
+    #: count (radio_core.train.threads), or takes OMP_NUM_THREADS when set.
+    cpu_threads: Optional[Annotated[int, _StrictType(), Field(ge=1, le=4096)]] = None
     #: torch.compile the student (and heads); the first steps pay the compile time.
     compile: Bool = False
     #: channels_last memory format for the student's convolutions (E-RADIO-like students).
@@ -251,7 +254,7 @@ class CheckpointSpec(Strict):
 
 
 class CacheSpec(Strict):
-    """Read some teachers' targets from a cache built by ``python -m radio_core.cache``."""
+    """Read some teachers' targets from a cache built by ``radio cache``."""
 
     path: Name
     #: teachers served from the cache (default: every recipe teacher the cache holds); the

@@ -41,9 +41,9 @@ def dry_run(sweep: Sweep, selected: list[PlannedRun]) -> int:
     return 1 if bad else 0
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Optional[Sequence[str]] = None, prog: str = "radio_core.sweep") -> int:
     doc = sys.modules[__package__].__doc__  # the package's docstring is the manual (no import cycle)
-    p = argparse.ArgumentParser(prog="radio_core.sweep", description=doc,
+    p = argparse.ArgumentParser(prog=prog, description=doc,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("sweep", help="sweep YAML file")
     p.add_argument("--only", action="append", metavar="NAME",

@@ -61,6 +61,7 @@ class Trainer:
         self._remove_outputs = check_new_run(self.out_dir, resume, overwrite)
         self.registry = registry or get_registry()
         self.accelerator = accelerator or setup.make_accelerator(recipe)
+        self.cpu_threads, self._threads_why = setup.set_cpu_threads(recipe, self.accelerator)
         self.state = TrainerState()
         self.signals = StopSignals()
         #: fit() returned early because SIGTERM/SIGINT asked it to (after a checkpoint).
@@ -183,7 +184,8 @@ class Trainer:
                       if r.data.log_samples else None)
         self.signals.install()
         start = self.state.step
-        acc.print(f"radio-distill: {acc.num_processes} process(es), steps {start}->{r.train.steps}\n"
+        acc.print(f"radio-distill: {acc.num_processes} process(es), steps {start}->{r.train.steps}, "
+                  f"{self.cpu_threads} CPU thread(s) per process ({self._threads_why})\n"
                   + describe(self.plans, r.train.grad_accum))
         self.registry.hook.radio_train_start(trainer=self)
         progress = progress_bar(start, r.train.steps, enabled=acc.is_main_process and r.logging.progress)
@@ -228,10 +230,10 @@ class Trainer:
             if sample_log is not None:
                 sample_log.close()
             self.signals.restore()
-        if self.state.step == r.train.steps and r.checkpoint.export:
-            self.export(self.out_dir / "export")
         if self.state.step == r.train.steps and r.eval.report:
             self.write_report()
+        if self.state.step == r.train.steps and r.checkpoint.export:  # after the report: its card cites it
+            self.export(self.out_dir / "export")
         self.registry.hook.radio_train_end(trainer=self)
         return last
 
@@ -373,12 +375,14 @@ class Trainer:
     def export(self, path: Path) -> Path:
         """Standalone student + adaptors (safetensors) with the config needed to rebuild them."""
         from ..formats.export import save_export
+        from ..formats.model_card import write_model_card
 
         acc = self.accelerator
         acc.wait_for_everyone()
         model = self.full_model()  # under FSDP: gathered from the shards
         if acc.is_main_process:
             save_export(model, self.recipe, self.teachers, path)
+            write_model_card(path, json.loads((path / "config.json").read_text()), self.out_dir)
         acc.wait_for_everyone()
         return path
 

@@ -64,6 +64,15 @@ def check_fsdp_wrap(recipe: Recipe, model: torch.nn.Module) -> None:
                          f"(classes: {', '.join(sorted(names))})")
 
 
+def set_cpu_threads(recipe: Recipe, accelerator: Any) -> tuple[int, str]:
+    """torch CPU threads for this process (``radio_core.train.threads``) and why; see that module."""
+    from .threads import choose_threads, local_process_count
+
+    n, why = choose_threads(recipe.train.cpu_threads, local_process_count(accelerator.num_processes))
+    torch.set_num_threads(n)
+    return n, why
+
+
 def teacher_dtype(recipe: Recipe, device: torch.device) -> torch.dtype:
     choice = recipe.train.teacher_dtype
     if choice == "auto":

@@ -1,0 +1,104 @@
+"""``radio export RUN --format ...``: a trained run's student + heads in another format.
+
+Formats: ``radio-distill`` (this framework's export: ``model.safetensors`` + ``config.json``),
+``transformers`` (a directory ``transformers.AutoModel.from_pretrained`` loads, heads beside it;
+``radio_core.formats.hf_transformers``) and ``radio`` (an official-RADIO-layout ``.pth.tar``).
+Each output folder gets a model card (``README.md``).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+FORMATS = ("radio-distill", "transformers", "radio")
+
+
+class ExportSourceError(FileNotFoundError):
+    """RUN is neither a run directory (with export/ or checkpoints/) nor an export directory."""
+
+
+def locate(source: str | Path) -> tuple[Optional[Path], Optional[Path]]:
+    """(export directory or None, run directory or None) for a run or export path."""
+    source = Path(source)
+    if (source / "export" / "config.json").is_file():
+        return source / "export", source
+    if (source / "config.json").is_file():
+        run = source.parent if (source.parent / "recipe.yaml").is_file() else None
+        return source, run
+    if (source / "recipe.yaml").is_file():
+        return None, source
+    raise ExportSourceError(f"{source}: not a run directory (no recipe.yaml) nor an export directory (no config.json)")
+
+
+def load_model(source: str | Path, registry=None):
+    """(``RadioModel``, run directory or None) of a finished run's export or an export directory."""
+    from .radio_model import RadioModel
+
+    export_dir, run_dir = locate(source)
+    if export_dir is None:
+        raise ExportSourceError(f"{run_dir}: no export/ yet (the trainer writes it when the run finishes, with "
+                                f"checkpoint.export: true); finish or resume the run first")
+    return RadioModel.load(export_dir, registry=registry), run_dir
+
+
+def default_output(source: str | Path, fmt: str) -> Path:
+    export_dir, run_dir = locate(source)
+    base = run_dir if run_dir is not None else export_dir.parent
+    name = "export" if fmt == "radio-distill" else f"export_{fmt.replace('-', '_')}"
+    out = base / name
+    if export_dir is not None and out.resolve() == export_dir.resolve():
+        out = base / "export_copy"
+    return out
+
+
+def export_run(source: str | Path, fmt: str = "transformers", out: Optional[str | Path] = None,
+               registry=None) -> Path:
+    """Write the model of ``source`` (run or export directory) in format ``fmt`` to ``out``
+    (default: ``RUN/export_<format>``); returns the written directory (or file, for ``radio``)."""
+    from .model_card import write_model_card
+
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown export format {fmt!r}; formats: {', '.join(FORMATS)}")
+    model, run_dir = load_model(source, registry=registry)
+    out = Path(out) if out is not None else default_output(source, fmt)
+    if fmt == "transformers":
+        model.save_transformers(out)
+        write_model_card(out, model.config, run_dir, fmt="transformers")
+        return out
+    if fmt == "radio":
+        file = out if out.name.endswith((".tar", ".pth", ".pt")) else out / "model.pth.tar"
+        file.parent.mkdir(parents=True, exist_ok=True)
+        model.save_radio(file)
+        write_model_card(file.parent, model.config, run_dir, fmt="radio")
+        return file
+    model.save(out)
+    write_model_card(out, model.config, run_dir)
+    return out
+
+
+__all__ = ["export_run", "load_model", "locate", "FORMATS", "ExportSourceError"]
+
+
+def main(argv=None) -> int:
+    import argparse
+    import sys
+
+    p = argparse.ArgumentParser(prog="radio export", description=(
+        "Write a trained run's student and adaptor heads in another format, with a model card (README.md)."))
+    p.add_argument("run", help="a finished run's directory (its export/ is read) or an export directory")
+    p.add_argument("--format", choices=FORMATS, default="transformers",
+                   help="transformers: a directory transformers.AutoModel loads (heads beside it); radio: an "
+                        "official-RADIO .pth.tar; radio-distill: this framework's export (default: transformers)")
+    p.add_argument("--out", help="output directory (radio: a .pth.tar path or a directory); default RUN/export_<format>")
+    args = p.parse_args(argv)
+    from ..registry import PluginError
+    from .export import ExportError
+    from .hf_transformers import TransformersFormatError
+
+    try:
+        path = export_run(args.run, args.format, args.out)
+    except (ExportSourceError, ExportError, TransformersFormatError, PluginError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"{args.format} export written to {path}")
+    return 0
