@@ -4,7 +4,6 @@ the checkpoint folder are ignored; a state beyond the schedule is named; metrics
 step once after a resume; checksums are verified on load; SIGTERM exits 75 after checkpointing."""
 import hashlib
 import json
-import os
 import shutil
 import signal
 import subprocess

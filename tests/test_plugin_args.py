@@ -3,7 +3,6 @@ or a pydantic model; `radio plugins --verbose` shows them; recipes are checked a
 import types
 
 import pydantic
-import pytest
 
 from radio_core.arguments import check_args, doc_help, factory_arguments
 from radio_core.cli import main as radio
