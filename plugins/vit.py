@@ -1,7 +1,7 @@
 """ViT student with Cropped Position Embedding (CPE), as in AM-RADIO.
 
 Registered as student ``vit``. Built from timm ViT ``Block``s; the rest follows RADIO so that
-official RADIO checkpoints map onto it key for key (``radio_core.radio_format``):
+official RADIO checkpoints map onto it key for key (``radio_core.formats.radio_checkpoint``):
 
 * input conditioner: buffers ``norm_mean``/``norm_std`` (3, 1, 1); the model takes [0, 1] images.
 * patch embedding ``patch_generator.embedder``: ``b c (py p) (px p) -> b (py px) (c p p)`` then a
@@ -22,7 +22,8 @@ official RADIO checkpoints map onto it key for key (``radio_core.radio_format``)
   every ``global_every``-th block and the last one; summary tokens skip windowed blocks (they
   rejoin at the next global block), as in RADIO. ``set_window_size(ws)`` fixes the mode for
   inference (then inputs must be multiples of ``patch * ws``).
-* ``spectral_reparam``: σReparam (``radio_core.models.spectral``) on every Linear of the blocks.
+* ``spectral_reparam``: σReparam (``radio_core.models.spectral``, the official v2 form: a 2-D gain that
+  weight decay reaches, one σ per q, k and v of the fused qkv) on every Linear of the blocks.
 
 Randomness in training mode (CPE crop, position dropout, window draw) uses torch's global RNG;
 eval mode is deterministic.
@@ -203,7 +204,7 @@ class ViTCPEStudent(Student):
         self.embed_dim, self.patch_size, self.num_cls_tokens = embed_dim, patch_size, num_cls_tokens
         self.num_registers, self.depth, self.num_heads = num_registers, depth, num_heads
         self.cpe_max_size, self.model_name = cpe_max_size, model_name
-        #: the architecture, for exporters (radio_core.radio_format)
+        #: the architecture, for exporters (radio_core.formats.radio_checkpoint)
         self.arch = dict(model=model_name, embed_dim=embed_dim, depth=depth, num_heads=num_heads,
                          patch_size=patch_size, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, init_values=init_values,
                          mlp_norm=mlp_norm, final_norm=final_norm, num_registers=num_registers,

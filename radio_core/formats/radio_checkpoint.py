@@ -151,14 +151,12 @@ def fold_official_spectral(state: dict[str, Tensor], eps: float = 1e-6) -> dict[
 
 
 def _sn_realise(weight: Tensor, p: dict[str, Tensor], eps: float) -> Tensor:
+    from .spectral import realise
+
     version = int(p["_sn_version"]) if "_sn_version" in p else 1
-    sigma = torch.dot(p["_u"].float(), torch.mv(weight.reshape(weight.shape[0], -1), p["_v"].float())) + eps
-    scale = p["scale"].float().reshape(())
-    if version == 2:
-        scale = F.softplus(scale) + _SN_ALPHA
-    elif version != 1:
+    if version not in (1, 2):
         raise RadioFormatError(f"unsupported σReparam version {version}")
-    return weight * (scale / sigma)
+    return realise(weight, p["_u"], p["_v"], p["scale"], version, eps, alpha=_SN_ALPHA)
 
 
 def _convert_mlp(state: dict[str, Tensor], version: str, where: str) -> tuple[dict[str, Tensor], dict]:
