@@ -31,7 +31,8 @@ eval mode is deterministic.
 Recipe arguments (``student.args``; ``num_cls_tokens`` comes from the framework):
 
 * ``model``: ``vit_{tiny,small,base,large,huge}`` or a timm-style name such as
-  ``vit_huge_patch16_224`` (patch from the name, default 16; ``_mlpnorm`` adds an MLP LayerNorm);
+  ``vit_huge_patch16_224`` (patch from the name, default 16; ``_mlpnorm`` adds a LayerNorm,
+  eps 1e-5, on the MLP's hidden features as RADIO's ``-norm`` models have);
   ``embed_dim``, ``depth``, ``num_heads``, ``patch_size``, ``mlp_ratio``, ``qkv_bias``,
   ``init_values`` (layer scale), ``final_norm`` override the preset.
 * ``cpe_max_size`` (2048), ``pos_dropout`` (0.1), ``num_registers`` or ``register_multiple``.
@@ -214,7 +215,7 @@ class ViTCPEStudent(Student):
         self.patch_generator = PatchGenerator(patch_size, embed_dim, cpe_max_size, num_cls_tokens, num_registers,
                                               pos_dropout, cpe=cpe, pos_embed=pos_embed, pos_grid=pos_grid)
         norm_layer = partial(nn.LayerNorm, eps=1e-6)  # timm ViT's (and RADIO's) LayerNorm
-        mlp_layer = partial(Mlp, norm_layer=norm_layer) if mlp_norm else Mlp
+        mlp_layer = _mlp_with_norm if mlp_norm else Mlp
         dpr = [x.item() for x in torch.linspace(0, drop_path_rate, depth, device="cpu")] if depth else []
         self.blocks = nn.Sequential(*[
             Block(embed_dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, init_values=init_values,
@@ -358,6 +359,21 @@ class ViTCPEStudent(Student):
                              f"num_heads) match the checkpoint?")
         self.load_state_dict(new, strict=False)
         return sorted(k for k in own if k not in new and k not in ("norm_mean", "norm_std"))
+
+
+#: RADIO's ``vit_*_mlpnorm`` models add ``nn.LayerNorm(hidden)`` with torch's default eps.
+MLP_NORM_EPS = 1e-5
+
+
+def _mlp_with_norm(**kwargs: Any) -> nn.Module:
+    """timm ``Mlp`` with a LayerNorm on its hidden features (between the activation and fc2).
+
+    timm's ``Block`` passes ``norm_layer=None`` to its MLP explicitly, so a ``partial(Mlp,
+    norm_layer=...)`` would silently build an Identity; the norm is set here instead."""
+    from timm.layers import Mlp
+
+    kwargs["norm_layer"] = partial(nn.LayerNorm, eps=MLP_NORM_EPS)
+    return Mlp(**kwargs)
 
 
 def _init_linear(m: nn.Module) -> None:

@@ -207,3 +207,30 @@ def test_learned_absolute_position_embedding_is_timms_resampled_table():
                              pos_embed="learned").patch_generator.pos_embed.shape[1] == 14 * 14
     with pytest.raises(ValueError, match="pos_embed"):
         tiny(pos_embed="sincos")
+
+
+def test_mlpnorm_students_have_the_official_mlp_layernorm():
+    """``_mlpnorm``: a LayerNorm (eps 1e-5) on the MLP's hidden features, between GELU and fc2, as
+    RADIO's ``vit_*_mlpnorm`` timm models add it; the blocks then compute what timm's do with it."""
+    import timm
+    from torch import nn
+
+    student = tiny(model="vit_tiny_patch16_224_mlpnorm").eval()
+    assert student.arch["mlp_norm"]
+    norm = student.blocks[0].mlp.norm
+    assert isinstance(norm, nn.LayerNorm) and norm.normalized_shape == (128,) and norm.eps == 1e-5
+    assert "blocks.1.mlp.norm.weight" in student.state_dict()
+    with torch.no_grad():
+        for block in student.blocks:
+            block.mlp.norm.weight.uniform_(0.5, 1.5)
+            block.mlp.norm.bias.uniform_(-0.5, 0.5)
+    ref = timm.create_model("vit_tiny_patch16_224", pretrained=False, embed_dim=32, depth=2, num_heads=2,
+                            num_classes=0).eval()
+    for m in ref.modules():  # the published construction: replace each Mlp's norm by nn.LayerNorm(hidden)
+        if isinstance(m, timm.layers.Mlp):
+            m.norm = nn.LayerNorm(m.fc1.out_features)
+    ref.blocks.load_state_dict(student.blocks.state_dict())
+    x = torch.randn(2, 7, 32)
+    with torch.no_grad():
+        assert torch.equal(student.blocks(x), ref.blocks(x))
+    assert not tiny().arch["mlp_norm"] and isinstance(tiny().blocks[0].mlp.norm, nn.Identity)
