@@ -25,7 +25,6 @@ module without touching it (for exporting while training continues).
 """
 from __future__ import annotations
 
-import math
 from typing import Callable, Optional
 
 import torch
@@ -58,8 +57,8 @@ def realise(weight: Tensor, u: Tensor, v: Tensor, scale: Tensor, version: int, e
     return (weight.float() * (gain(scale, version, alpha) / sigma)).to(weight.dtype)
 
 
-def _inverse_softplus(t: float) -> float:
-    return t + math.log(-math.expm1(-t))  # log(exp(t) - 1) without overflow
+def _inverse_softplus(t: Tensor) -> Tensor:
+    return t + torch.log(-torch.expm1(-t))  # log(exp(t) - 1) without overflow
 
 
 class SpectralReparam(nn.Module):
@@ -83,15 +82,23 @@ class SpectralReparam(nn.Module):
         self.register_buffer("_u", u)
         self.register_buffer("_v", v)
         self.register_buffer("_sn_version", torch.tensor(version))
+        self._version = version
         self._power_iteration(w, INIT_POWER_ITERATIONS)
-        sigma = float(self.sigma(weight.detach())) + eps
-        init = sigma if version == 1 else _inverse_softplus(max(sigma - alpha, _MIN_INIT))
+        sigma = self.sigma(weight.detach()).double() + eps  # tensor ops only: meta-device builds work
+        init = sigma if version == 1 else _inverse_softplus((sigma - alpha).clamp_min(_MIN_INIT))
         # 2-D so that weight decay applies to it (see the module docstring).
-        self.scale = nn.Parameter(torch.tensor([[init]], dtype=torch.float32, device=weight.device))
+        self.scale = nn.Parameter(init.float().reshape(1, 1))
 
     @property
     def version(self) -> int:
-        return int(self._sn_version)
+        return self._version
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # The version is also a plain attribute: reading the buffer would sync (or fail on meta).
+        key = f"{prefix}_sn_version"
+        if key in state_dict:
+            self._version = int(state_dict[key])
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @property
     def gain(self) -> Tensor:
