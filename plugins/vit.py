@@ -17,8 +17,10 @@ official RADIO checkpoints map onto it key for key (``radio_core.formats.radio_c
   teacher with a summary target) followed by registers; registers appear in no output.
 * ViTDet windowed attention as a training augmentation: ``window_sizes`` lists the choices
   (``None``/0 = global); each training forward draws one from torch's global RNG (the trainer
-  reseeds per step, so resume is exact). A window that does not tile the token grid is left out
-  of that draw, so ``size_multiple`` stays the patch size in training. Blocks are windowed except
+  reseeds per step, so resume is exact). A window that does not tile the token grid into more
+  than one window is left out of that draw (with no choice left: global attention), so
+  ``size_multiple`` stays the patch size in training and ``window_sizes: [16]`` windows only
+  high-resolution inputs (e.g. 1024 px, 64x64 tokens) while 256 or 432 px stay global. Blocks are windowed except
   every ``global_every``-th block and the last one; summary tokens skip windowed blocks (they
   rejoin at the next global block), as in RADIO. ``set_window_size(ws)`` fixes the mode for
   inference (then inputs must be multiples of ``patch * ws``).
@@ -271,8 +273,13 @@ class ViTCPEStudent(Student):
     # -- internals -----------------------------------------------------------------------------
     def _choose_window(self, h: int, w: int) -> Optional[int]:
         if self.training and self.window_sizes:
-            options = [ws for ws in self.window_sizes if ws is None or (h % ws == 0 and w % ws == 0)]
+            # A window must tile the grid into more than one window: one window covering the whole
+            # grid is global attention that the summary tokens would skip.
+            options = [ws for ws in self.window_sizes
+                       if ws is None or (h % ws == 0 and w % ws == 0 and (h > ws or w > ws))]
             # CPU generator: no device sync, and meta-device planning works too.
+            if not options:
+                return None
             return options[int(torch.randint(len(options), (1,), device="cpu"))]
         ws = self.window_size
         if ws and (h % ws or w % ws):

@@ -234,3 +234,15 @@ def test_mlpnorm_students_have_the_official_mlp_layernorm():
     with torch.no_grad():
         assert torch.equal(student.blocks(x), ref.blocks(x))
     assert not tiny().arch["mlp_norm"] and isinstance(tiny().blocks[0].mlp.norm, nn.Identity)
+
+
+def test_high_resolution_windows_leave_low_resolution_global(monkeypatch):
+    """``window_sizes: [4]`` (the paper recipe's [16] scaled down): windows on an 8x8 token grid,
+    global attention where 4 covers the whole grid (4x4) or does not tile it (6x6)."""
+    student = tiny(window_sizes=[4], global_every=2).train()
+    chosen = []
+    real = student._run_blocks
+    monkeypatch.setattr(student, "_run_blocks", lambda t, h, w, ws: chosen.append(ws) or real(t, h, w, ws))
+    for side in (128, 64, 96):
+        student(torch.rand(1, 3, side, side))
+    assert chosen == [4, None, None]
