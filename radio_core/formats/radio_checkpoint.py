@@ -206,9 +206,12 @@ def _split_heads(state: dict[str, Tensor], prefix: str) -> dict[str, dict[str, T
 def _student_args(args: Any, bb: dict[str, Tensor], num_cls: int) -> dict:
     model = str(_arg(args, "model", ""))
     if "patch_generator.embedder.weight" not in bb or "patch_generator.pos_embed" not in bb:
-        kind = "E-RADIO" if "eradio" in model.lower() else f"model {model!r}"
-        raise RadioFormatError(f"{kind} is not supported: only ViT students with CPE (base_model.patch_generator.*) "
-                               f"load into this framework")
+        if "eradio" in model.lower():
+            raise RadioFormatError(f"E-RADIO is not supported: official {model!r} weights have no counterpart here (this "
+                                   f"project's 'eradio' student is a re-implementation with its own layers and keys); "
+                                   f"only ViT students with CPE (base_model.patch_generator.*) load")
+        raise RadioFormatError(f"model {model!r} is not supported: only ViT students with CPE "
+                               f"(base_model.patch_generator.*) load into this framework")
     if _arg(args, "cpe_max_size") is None:
         raise RadioFormatError(f"model {model!r} was trained without CPE (args.cpe_max_size is None): not supported")
     if "patch_generator.patch_normalizer.weight" in bb:
@@ -456,8 +459,12 @@ def save_radio_checkpoint(model, path: str | os.PathLike) -> Path:
     arch = getattr(student, "arch", None)
     if arch is None or not hasattr(student, "patch_generator"):
         plugin = config.get("student", {}).get("name")
+        why = (" The 'eradio' student is this project's own E-RADIO (conv position encoding instead of Swin-v2 "
+               "relative bias, its own neck and per-teacher summaries), so the official E-RADIO loader could not "
+               "build it from any file." if plugin == "eradio" else "")
         raise RadioFormatError(f"only the ViT-CPE student ('vit') can be written in RADIO format; this model's "
-                               f"student is {type(student).__name__} (plugin {plugin!r})")
+                               f"student is {type(student).__name__} (plugin {plugin!r}).{why} Use RadioModel.save "
+                               f"(the project's export) instead")
     d = model.distiller
     state: dict[str, Tensor] = {}
     for k, v in folded_state_dict(student).items():
