@@ -111,8 +111,9 @@ class TeacherSpec(Strict):
     #: use the summary target (if the teacher has one).
     use_summary: Bool = True
     use_spatial: Bool = True
-    #: normalise this teacher's targets with statistics estimated over the first
-    #: ``train.target_norm_batches`` batches (stored in checkpoints and exports).
+    #: normalise this teacher's targets with statistics estimated over ``train.target_norm_batches``
+    #: batches when it first trains (optionally re-estimated, ``train.target_norm_steps``; stored in
+    #: checkpoints and exports).
     target_norm: Literal["none", "standardize", "phi_s"] = "none"
 
     @field_validator("resolution", mode="before")
@@ -193,8 +194,13 @@ class TrainSpec(Strict):
     #: dtype of the frozen teachers' weights: "auto" = bf16/fp16 with mixed precision on a GPU
     #: (halves their memory), fp32 otherwise.
     teacher_dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    #: batches (per rank) used to estimate teacher-target statistics (teachers.*.target_norm).
+    #: batches (per rank) used to estimate teacher-target statistics (teachers.*.target_norm);
+    #: each teacher's are estimated when it first trains (its first stage).
     target_norm_batches: Annotated[int, _StrictType(), Field(ge=1, le=100000)] = 4
+    #: re-estimate them (from fresh batches) every ``target_norm_every`` steps during a teacher's
+    #: first ``target_norm_steps`` training steps, then keep them (PHI-S practice: ~3000 / 100).
+    target_norm_steps: Annotated[int, _StrictType(), Field(ge=0, le=10**9)] = 0
+    target_norm_every: Annotated[int, _StrictType(), Field(ge=1, le=10**9)] = 100
     #: torch.compile the student (and heads); the first steps pay the compile time.
     compile: Bool = False
     #: channels_last memory format for the student's convolutions (E-RADIO-like students).

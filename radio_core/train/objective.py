@@ -56,33 +56,61 @@ class Objective:
 
     def estimate_target_norms(self, distiller: Distiller, runtimes: list[SlotRuntime], stage: StagePlan,
                               source: Any) -> None:
-        """Teacher-target statistics from ``train.target_norm_batches`` batches per rank, summed
-        over all ranks (so every rank ends with identical buffers, whichever teachers it runs).
-        The batches come from a separate range of sample numbers: the training order is
-        unchanged."""
+        """At a stage's start: statistics of this stage's teachers that have none yet, so each
+        teacher's are estimated when it first trains (a teacher of a later stage waits for it)."""
         norms = distiller.target_norms
-        if not norms or all(bool(m.ready) for parts in norms.values() for m in parts.values()):
+        names = [n for n in stage.teachers if n in norms and not all(bool(m.ready) for m in norms[n].values())]
+        self._estimate(distiller, runtimes, stage, source, names, window=0)
+
+    def reestimate_target_norms(self, distiller: Distiller, runtimes: list[SlotRuntime], stage: StagePlan,
+                                source: Any, step: int, first_steps: dict[str, int]) -> None:
+        """Before ``step``: re-estimate the statistics of the teachers whose first
+        ``train.target_norm_steps`` training steps include ``step`` at a multiple of
+        ``train.target_norm_every``. The batches are a pure function of (seed, step), and the
+        statistics are buffers in the checkpoint, so a resumed run re-estimates exactly as an
+        uninterrupted one."""
+        r = self.recipe.train
+        norms = distiller.target_norms
+        names = [n for n in stage.teachers if n in norms and 0 < step - first_steps[n] < r.target_norm_steps
+                 and (step - first_steps[n]) % r.target_norm_every == 0]
+        for n in names:
+            for m in norms[n].values():
+                m.reset()
+        self._estimate(distiller, runtimes, stage, source, names, window=step)
+
+    def _estimate(self, distiller: Distiller, runtimes: list[SlotRuntime], stage: StagePlan, source: Any,
+                  names: list[str], window: int) -> None:
+        """Statistics of ``names`` from ``train.target_norm_batches`` batches per rank, summed over
+        all ranks (every rank takes part, so every rank ends with identical buffers, whichever
+        teachers it runs). The batches come from a separate range of sample numbers (``window``
+        picks one): the training order is unchanged."""
+        if not names:
             return
+        norms = distiller.target_norms
         r, acc = self.recipe, self.accelerator
         for rt in runtimes:
-            sampler = StepBatchSampler(len(source), rt.slot.batch_size, r.train.seed + 7919,
+            if not set(names) & set(rt.slot.teachers):
+                continue
+            seed = r.train.seed + 7919 if window == 0 else _mix(r.train.seed + 7919, window, 0x7A5)
+            sampler = StepBatchSampler(len(source), rt.slot.batch_size, seed,
                                        offset=rt.slot.offset, stride=stage.consumption,
                                        stop=r.train.target_norm_batches, **sampling_kwargs(source))
             for refs in sampler:
                 batch = collate([rt.dataset[ref] for ref in refs])
                 images01 = preprocess.to_float(batch["image"].to(acc.device))
                 for name, target in self.slot_targets(rt, batch, images01).items():
-                    if name in norms:
+                    if name in names:
                         if "summary" in norms[name] and target.summary is not None:
                             norms[name]["summary"].update(target.summary)
                         if "spatial" in norms[name]:
                             norms[name]["spatial"].update_spatial(target.spatial)
-        for parts in norms.values():
-            for m in parts.values():
+        for name in names:
+            for m in norms[name].values():
                 m.all_reduce_()
                 m.finalize()
-        acc.print(f"target statistics estimated for {', '.join(norms)} "
-                  f"({r.train.target_norm_batches} batch(es) per rank)")
+        if window == 0:
+            acc.print(f"target statistics estimated for {', '.join(names)} "
+                      f"({r.train.target_norm_batches} batch(es) per rank)")
 
     # -- student side -------------------------------------------------------------------------
     def student_resolution(self, slot: Slot, step: int) -> tuple[int, int]:
