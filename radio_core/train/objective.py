@@ -2,7 +2,7 @@
 statistics, and the weighted per-teacher summary + spatial losses of one batch."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
@@ -98,8 +98,11 @@ class Objective:
             for refs in sampler:
                 batch = collate([rt.dataset[ref] for ref in refs])
                 images01 = preprocess.to_float(batch["image"].to(acc.device))
+                keep = batch["valid"].nonzero().flatten().to(acc.device)  # unreadable images: no statistics
                 for name, target in self.slot_targets(rt, batch, images01).items():
-                    if name in names:
+                    target = TeacherOutput(summary=None if target.summary is None else target.summary[keep],
+                                           spatial=target.spatial[keep])
+                    if name in names and keep.numel():
                         if "summary" in norms[name] and target.summary is not None:
                             norms[name]["summary"].update(target.summary)
                         if "spatial" in norms[name]:
@@ -121,20 +124,29 @@ class Objective:
         return tuple(options[_mix(self.recipe.train.seed, step, 0x5E5) % len(options)])
 
     def losses(self, distiller: Distiller, preds: dict, targets: dict[str, TeacherOutput],
-               scale: dict[str, float]) -> dict[str, Tensor]:
+               scale: dict[str, float], valid: Optional[Tensor] = None) -> dict[str, Tensor]:
         """Per-teacher summary and spatial losses (unweighted) plus the weighted ``total``.
 
-        Heads of teachers absent from this batch get a zero-weighted term so that DDP sees
-        every parameter used on every rank (see radio_core.plan.partition)."""
+        ``valid`` (a CPU bool per sample): samples whose image could not be read are left out of
+        every loss term (they were fed as black images only to keep the batch shape). Heads of
+        teachers absent from this batch, or with no readable sample in it, get a zero-weighted
+        term so that DDP sees every parameter used on every rank (see radio_core.plan.partition)."""
         r = self.recipe
         terms: dict[str, Tensor] = {}
         first = next(iter(preds.values()))
         total = first[1 if first[0] is None else 0].new_zeros(())
+        keep = None
+        if valid is not None and not bool(valid.all()):
+            keep = valid.nonzero().flatten().to(total.device)
         for name, (pred_summary, pred_spatial) in preds.items():
             target = targets.get(name)
-            if target is None:
+            if target is None or (keep is not None and keep.numel() == 0):
                 total = total + sum(0.0 * p.sum() for p in (pred_summary, pred_spatial) if p is not None)
                 continue
+            if keep is not None:
+                pred_summary, pred_spatial = (None if p is None else p[keep] for p in (pred_summary, pred_spatial))
+                target = TeacherOutput(summary=None if target.summary is None else target.summary[keep],
+                                       spatial=target.spatial[keep])
             spec = r.teachers[name]
             target = distiller.normalize_targets(name, target)
             w = spec.weight * scale.get(name, 1.0)
@@ -162,4 +174,4 @@ class Objective:
         student_in = preprocess.resize(images01, self.student_resolution(rt.slot, step))
         with acc.autocast():
             _, preds = model(student_in, return_predictions=True)
-        return self.losses(distiller, preds, targets, stage.teacher_scale(acc.num_processes))
+        return self.losses(distiller, preds, targets, stage.teacher_scale(acc.num_processes), batch.get("valid"))
