@@ -75,23 +75,24 @@ MIXED_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def student_cost(distiller, resolution: tuple[int, int], device: str = "meta",
-                 mixed_precision: str = "no") -> ModelCost:
+                 mixed_precision: str = "no", active: Optional[list[str]] = None) -> ModelCost:
     """FLOPs of one image's forward + backward through student and heads, and the bytes kept
     for backward as a GPU run stores them (``radio_core.activations``): per image (the growth
     from batch 1 to 2) plus, under activation checkpointing, one block's recomputed activations
     (the peak of the backward pass). Weight copies autocast makes are per step, not per image:
-    they are counted in ``ModelCost.fixed_activation_bytes``."""
+    they are counted in ``ModelCost.fixed_activation_bytes``. ``active``: the teachers whose heads
+    run over every token (the group's; the others only touch their parameters)."""
     dtype = MIXED_DTYPES.get(mixed_precision)
 
     def flop_step():
         x = torch.rand(1, 3, *resolution, device=device)
-        out, preds = distiller(x, return_predictions=True)
+        out, preds = distiller(x, return_predictions=True, active=active)
         loss = sum(p.float().sum() for pair in preds.values() for p in pair if p is not None)
         loss.backward()
 
     def kept(batch: int) -> float:
         x = torch.rand(batch, 3, *resolution, device=device)
-        return saved_bytes(lambda: distiller(x, return_predictions=True), dtype, distiller)
+        return saved_bytes(lambda: distiller(x, return_predictions=True, active=active), dtype, distiller)
 
     distiller.train()
     flops = count_flops(flop_step)
@@ -141,9 +142,11 @@ def plan(recipe: Recipe, registry: Registry, world_size: int) -> tuple[list[Grou
                 groups[s.group] = (n + 1, s)
         for gname, (nranks, slot) in groups.items():
             res = max(slot.student_resolution, key=lambda r: r[0] * r[1])  # worst case for memory
-            if res not in student_cache:
-                student_cache[res] = student_cost(distiller, res, mixed_precision=recipe.train.mixed_precision)
-            sc = student_cache[res]
+            key = (res, tuple(slot.teachers))
+            if key not in student_cache:
+                student_cache[key] = student_cost(distiller, res, mixed_precision=recipe.train.mixed_precision,
+                                                  active=list(slot.teachers))
+            sc = student_cache[key]
             row = GroupPlan(p.name, gname, nranks, slot.batch_size, res, sc,
                             {t: costs[t] for t in slot.teachers})
             row.weight_bytes = sc.params * 4 + sum(costs[t].params for t in slot.teachers) * teacher_bytes

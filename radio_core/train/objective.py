@@ -173,5 +173,5 @@ class Objective:
         targets = self.slot_targets(rt, batch, images01)
         student_in = preprocess.resize(images01, self.student_resolution(rt.slot, step))
         with acc.autocast():
-            _, preds = model(student_in, return_predictions=True)
+            _, preds = model(student_in, return_predictions=True, active=set(targets))
         return self.losses(distiller, preds, targets, stage.teacher_scale(acc.num_processes), batch.get("valid"))
