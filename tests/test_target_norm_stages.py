@@ -25,6 +25,11 @@ def _run(path, resume=False, stop_at=None):
 
         Stop.radio_step_end = hookimpl(Stop.radio_step_end)
         trainer.registry.plugin_manager.register(Stop, name=f"stop-{id(trainer)}")
+        try:
+            trainer.fit()
+        finally:  # the registry is shared: a stop hook left behind would stop later runs
+            trainer.registry.plugin_manager.unregister(name=f"stop-{id(trainer)}")
+        return trainer
     trainer.fit()
     return trainer
 
