@@ -10,13 +10,16 @@ Layout (after the official E-RADIO, ``eradio_large_fullres_ws16``; our code, our
     stage 0   C2f block: depths[0] residual 3x3 bottlenecks on half the channels       stride 4
     stage 1   C2f block, depths[1] bottlenecks                                          stride 8
     stage 2   depths[2] transformer blocks, window attention (window_size tokens),      stride 16
-              alternating a 2x-subsampled branch (avg-pool 2x -> attention over
-              windows twice as wide -> bilinear 2x back) with a full-resolution one
+              alternating a 2x-subsampled branch (strided 2x2 conv down -> attention
+              over windows twice as wide -> transposed 2x2 conv up, as the published
+              design resamples) with a full-resolution one
     stage 3   depths[3] transformer blocks, window attention                            stride 32
     neck      1x1 conv (stage 2) + transposed-conv 2x (stage 3) -> depthwise 3x3 + 1x1
               conv -> LayerNorm: ``embed_dim`` features at stride 16 = the patch tokens
-    summary   mean of the neck features, repeated to ``num_cls_tokens`` (``summary="repeat"``,
-              as the official model does) or one learned Linear per slot (``summary="project"``)
+    summary   one per teacher: a learned query per summary slot attends over the neck
+              features (``summary="attention"``, default); ``"project"``: a learned Linear
+              per slot of the mean feature; ``"repeat"``: the mean feature for every slot
+              (what the official model returns, so every teacher's head reads one vector)
 
 Choices and why:
 
@@ -40,11 +43,11 @@ per image (FlopCounterMode, 2 per multiply-add) at 224 / 512 / 1024 px, ViT-CPE 
 =========  ======  ==========================  ===========================================
 variant    params  GFLOP 224 / 512 / 1024      sizing
 =========  ======  ==========================  ===========================================
-``s``       43M     8 / 44 / 178               stem 32, dims 96/192/384/768, depths 2/2/4/4,
+``s``       47M     9 / 48 / 192               stem 32, dims 96/192/384/768, depths 2/2/4/4,
                                                heads 6/12, embed 768 (our throughput pick)
-``b``      207M    40 / 212 / 847              stem 64, dims 192/384/768/1536, depths
+``b``      229M    43 / 229 / 915              stem 64, dims 192/384/768/1536, depths
                                                3/3/5/5, heads 8/16, window 16, embed 1536
-``l``      495M    89 / 472 / 1887             dims 256/512/1024/2048, depths 3/3/7/7,
+``l``      541M    96 / 506 / 2025             dims 256/512/1024/2048, depths 3/3/7/7,
                                                heads 8/16, embed 2048
 ViT-B/16    98M    36 / 215 / 1321             (``vit`` student, for comparison)
 ViT-L/16   320M   124 / 726 / 4134
@@ -53,8 +56,8 @@ ViT-H/16   652M   257 / 1467 / 7919
 
 ``b`` has the sizing of ``eradio_large_fullres_ws16`` in the official release (its E-RADIO
 model), which the design notes call E-RADIO-B. Its FLOPs equal ViT-B/16's up to ~512 px and grow linearly beyond
-(windowed attention), so its advantage is at high resolution (0.64x ViT-B's FLOPs at 1024 px,
-0.11x ViT-H's) and on GPUs, where its convolutions and short attention windows run at higher
+(windowed attention), so its advantage is at high resolution (0.69x ViT-B's FLOPs at 1024 px,
+0.12x ViT-H's) and on GPUs, where its convolutions and short attention windows run at higher
 utilisation than long-sequence attention; on a CPU in fp32 it is not faster than ViT-B at 224
 (see bench/student_throughput.py). Most of its parameters sit in stage 3 (1536 channels at
 stride 32), which costs few FLOPs. ``l`` is our scale-up (wider, deeper stages 2-3) for capacity
@@ -73,6 +76,10 @@ from radio_core import Student, StudentOutput, hookimpl
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+#: how the summary tokens are made: a learned query per teacher attending over the patch tokens
+#: (default), a learned Linear per slot of the mean token, or the mean token for every slot.
+SUMMARY_MODES = ("attention", "project", "repeat")
 
 VARIANTS: dict[str, dict] = {
     "b": dict(stem_dim=64, dims=(192, 384, 768, 1536), depths=(3, 3, 5, 5), num_heads=(8, 16), window_size=16,
@@ -169,6 +176,9 @@ class AttentionBlock(nn.Module):
         from timm.layers import DropPath, Mlp
 
         self.subsample = subsample
+        if subsample > 1:  # learned resampling, as the published design: strided conv down, transposed conv up
+            self.down = nn.Conv2d(dim, dim, subsample, stride=subsample)
+            self.up = nn.ConvTranspose2d(dim, dim, subsample, stride=subsample)
         self.pos = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
         self.norm1 = nn.LayerNorm(dim)
         self.attn = WindowAttention(dim, num_heads, window)
@@ -181,10 +191,10 @@ class AttentionBlock(nn.Module):
         y = self.norm1(x)
         if self.subsample > 1:
             h, w = y.shape[1:3]
-            y = F.avg_pool2d(y.permute(0, 3, 1, 2), self.subsample).permute(0, 2, 3, 1)
-            y = self.attn(y)
-            y = F.interpolate(y.permute(0, 3, 1, 2), size=(h, w), mode="bilinear", align_corners=False)
-            y = y.permute(0, 2, 3, 1)
+            r = self.subsample
+            y = F.pad(y.permute(0, 3, 1, 2), (0, (-w) % r, 0, (-h) % r))  # maps at stride 16 are even already
+            y = self.attn(self.down(y).permute(0, 2, 3, 1))
+            y = self.up(y.permute(0, 3, 1, 2))[..., :h, :w].permute(0, 2, 3, 1)
         else:
             y = self.attn(y)
         x = x + self.drop_path(y)
@@ -207,6 +217,29 @@ class Neck(nn.Module):
         return self.norm(x.permute(0, 2, 3, 1))  # (B, h, w, D)
 
 
+class AttentionPool(nn.Module):
+    """One learned query per summary slot attends over the (normalised) patch tokens: each teacher
+    reads its own summary from the feature map, as each reads its own CLS token in a ViT."""
+
+    def __init__(self, dim: int, num_queries: int, num_heads: int) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"student 'eradio': embed_dim {dim} is not divisible by {num_heads} summary heads")
+        self.num_heads = num_heads
+        self.query = nn.Parameter(torch.randn(num_queries, dim) * dim ** -0.5)
+        self.norm = nn.LayerNorm(dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, patches: Tensor) -> Tensor:
+        b, n, d = patches.shape
+        heads, hd = self.num_heads, d // self.num_heads
+        k, v = self.kv(self.norm(patches)).reshape(b, n, 2, heads, hd).permute(2, 0, 3, 1, 4)
+        q = self.query.reshape(1, -1, heads, hd).transpose(1, 2).expand(b, -1, -1, -1)
+        y = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, -1, d)
+        return patches.mean(dim=1, keepdim=True) + self.proj(y)  # starts near the pooled feature
+
+
 class ERADIOStudent(Student):
     """Hybrid conv + windowed-attention student; see the module docstring."""
 
@@ -214,15 +247,15 @@ class ERADIOStudent(Student):
 
     def __init__(self, *, stem_dim: int, dims: Sequence[int], depths: Sequence[int], num_heads: Sequence[int],
                  window_size: int, embed_dim: int, mlp_ratio: float = 4.0, num_cls_tokens: int = 1,
-                 summary: str = "repeat", drop_path_rate: float = 0.0,
+                 summary: str = "attention", drop_path_rate: float = 0.0,
                  mean: Sequence[float] = OPENAI_CLIP_MEAN, std: Sequence[float] = OPENAI_CLIP_STD) -> None:
         super().__init__()
         if len(dims) != 4 or len(depths) != 4:
             raise ValueError(f"student 'eradio': dims and depths need 4 entries (one per stage), got {dims}, {depths}")
         if len(num_heads) != 2:
             raise ValueError(f"student 'eradio': num_heads needs 2 entries (stages 2 and 3), got {num_heads}")
-        if summary not in ("repeat", "project"):
-            raise ValueError(f"student 'eradio': summary must be 'repeat' or 'project', got {summary!r}")
+        if summary not in SUMMARY_MODES:
+            raise ValueError(f"student 'eradio': summary must be one of {', '.join(SUMMARY_MODES)}, got {summary!r}")
         if num_cls_tokens < 1:
             raise ValueError(f"student 'eradio': num_cls_tokens must be >= 1, got {num_cls_tokens}")
         self.embed_dim, self.num_cls_tokens, self.summary_mode = embed_dim, num_cls_tokens, summary
@@ -243,6 +276,7 @@ class ERADIOStudent(Student):
             for i in range(depths[3])])
         self.neck = Neck(dims[2], dims[3], embed_dim)
         self.summary_proj = nn.Linear(embed_dim, num_cls_tokens * embed_dim) if summary == "project" else None
+        self.summary_pool = AttentionPool(embed_dim, num_cls_tokens, num_heads[1]) if summary == "attention" else None
         self.apply(_init_weights)
 
     @property
@@ -268,11 +302,12 @@ class ERADIOStudent(Student):
         feats = self.neck(s2, s3)  # (B, h, w, D)
         h, w = feats.shape[1:3]
         patches = feats.reshape(b, h * w, self.embed_dim)
-        pooled = patches.mean(dim=1)
-        if self.summary_proj is None:
-            summary = pooled.unsqueeze(1).expand(-1, self.num_cls_tokens, -1)
+        if self.summary_pool is not None:
+            summary = self.summary_pool(patches)
+        elif self.summary_proj is not None:
+            summary = self.summary_proj(patches.mean(dim=1)).reshape(b, self.num_cls_tokens, self.embed_dim)
         else:
-            summary = self.summary_proj(pooled).reshape(b, self.num_cls_tokens, self.embed_dim)
+            summary = patches.mean(dim=1, keepdim=True).expand(-1, self.num_cls_tokens, -1)
         return StudentOutput(summary=summary, patches=patches, grid=(h, w))
 
 
@@ -287,7 +322,7 @@ def build_eradio_student(variant: str = "b", *, num_cls_tokens: int = 1, stem_di
                          dims: Optional[Sequence[int]] = None, depths: Optional[Sequence[int]] = None,
                          num_heads: Optional[Sequence[int]] = None, window_size: Optional[int] = None,
                          embed_dim: Optional[int] = None, mlp_ratio: Optional[float] = None,
-                         summary: str = "repeat", drop_path_rate: float = 0.0,
+                         summary: str = "attention", drop_path_rate: float = 0.0,
                          mean: Sequence[float] = OPENAI_CLIP_MEAN,
                          std: Sequence[float] = OPENAI_CLIP_STD) -> ERADIOStudent:
     """E-RADIO: conv stages + windowed attention, patch tokens at stride 16 (input multiple of 32)."""

@@ -1,7 +1,7 @@
 """ViT student with Cropped Position Embedding (CPE), as in AM-RADIO.
 
 Registered as student ``vit``. Built from timm ViT ``Block``s; the rest follows RADIO so that
-official RADIO checkpoints map onto it key for key (``radio_core.radio_format``):
+official RADIO checkpoints map onto it key for key (``radio_core.formats.radio_checkpoint``):
 
 * input conditioner: buffers ``norm_mean``/``norm_std`` (3, 1, 1); the model takes [0, 1] images.
 * patch embedding ``patch_generator.embedder``: ``b c (py p) (px p) -> b (py px) (c p p)`` then a
@@ -17,12 +17,15 @@ official RADIO checkpoints map onto it key for key (``radio_core.radio_format``)
   teacher with a summary target) followed by registers; registers appear in no output.
 * ViTDet windowed attention as a training augmentation: ``window_sizes`` lists the choices
   (``None``/0 = global); each training forward draws one from torch's global RNG (the trainer
-  reseeds per step, so resume is exact). A window that does not tile the token grid is left out
-  of that draw, so ``size_multiple`` stays the patch size in training. Blocks are windowed except
+  reseeds per step, so resume is exact). A window that does not tile the token grid into more
+  than one window is left out of that draw (with no choice left: global attention), so
+  ``size_multiple`` stays the patch size in training and ``window_sizes: [16]`` windows only
+  high-resolution inputs (e.g. 1024 px, 64x64 tokens) while 256 or 432 px stay global. Blocks are windowed except
   every ``global_every``-th block and the last one; summary tokens skip windowed blocks (they
   rejoin at the next global block), as in RADIO. ``set_window_size(ws)`` fixes the mode for
   inference (then inputs must be multiples of ``patch * ws``).
-* ``spectral_reparam``: σReparam (``radio_core.models.spectral``) on every Linear of the blocks.
+* ``spectral_reparam``: σReparam (``radio_core.models.spectral``, the official v2 form: a 2-D gain that
+  weight decay reaches, one σ per q, k and v of the fused qkv) on every Linear of the blocks.
 
 Randomness in training mode (CPE crop, position dropout, window draw) uses torch's global RNG;
 eval mode is deterministic.
@@ -30,7 +33,8 @@ eval mode is deterministic.
 Recipe arguments (``student.args``; ``num_cls_tokens`` comes from the framework):
 
 * ``model``: ``vit_{tiny,small,base,large,huge}`` or a timm-style name such as
-  ``vit_huge_patch16_224`` (patch from the name, default 16; ``_mlpnorm`` adds an MLP LayerNorm);
+  ``vit_huge_patch16_224`` (patch from the name, default 16; ``_mlpnorm`` adds a LayerNorm,
+  eps 1e-5, on the MLP's hidden features as RADIO's ``-norm`` models have);
   ``embed_dim``, ``depth``, ``num_heads``, ``patch_size``, ``mlp_ratio``, ``qkv_bias``,
   ``init_values`` (layer scale), ``final_norm`` override the preset.
 * ``cpe_max_size`` (2048), ``pos_dropout`` (0.1), ``num_registers`` or ``register_multiple``.
@@ -203,7 +207,7 @@ class ViTCPEStudent(Student):
         self.embed_dim, self.patch_size, self.num_cls_tokens = embed_dim, patch_size, num_cls_tokens
         self.num_registers, self.depth, self.num_heads = num_registers, depth, num_heads
         self.cpe_max_size, self.model_name = cpe_max_size, model_name
-        #: the architecture, for exporters (radio_core.radio_format)
+        #: the architecture, for exporters (radio_core.formats.radio_checkpoint)
         self.arch = dict(model=model_name, embed_dim=embed_dim, depth=depth, num_heads=num_heads,
                          patch_size=patch_size, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, init_values=init_values,
                          mlp_norm=mlp_norm, final_norm=final_norm, num_registers=num_registers,
@@ -213,7 +217,7 @@ class ViTCPEStudent(Student):
         self.patch_generator = PatchGenerator(patch_size, embed_dim, cpe_max_size, num_cls_tokens, num_registers,
                                               pos_dropout, cpe=cpe, pos_embed=pos_embed, pos_grid=pos_grid)
         norm_layer = partial(nn.LayerNorm, eps=1e-6)  # timm ViT's (and RADIO's) LayerNorm
-        mlp_layer = partial(Mlp, norm_layer=norm_layer) if mlp_norm else Mlp
+        mlp_layer = _mlp_with_norm if mlp_norm else Mlp
         dpr = [x.item() for x in torch.linspace(0, drop_path_rate, depth, device="cpu")] if depth else []
         self.blocks = nn.Sequential(*[
             Block(embed_dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, init_values=init_values,
@@ -272,8 +276,13 @@ class ViTCPEStudent(Student):
     # -- internals -----------------------------------------------------------------------------
     def _choose_window(self, h: int, w: int) -> Optional[int]:
         if self.training and self.window_sizes:
-            options = [ws for ws in self.window_sizes if ws is None or (h % ws == 0 and w % ws == 0)]
+            # A window must tile the grid into more than one window: one window covering the whole
+            # grid is global attention that the summary tokens would skip.
+            options = [ws for ws in self.window_sizes
+                       if ws is None or (h % ws == 0 and w % ws == 0 and (h > ws or w > ws))]
             # CPU generator: no device sync, and meta-device planning works too.
+            if not options:
+                return None
             return options[int(torch.randint(len(options), (1,), device="cpu"))]
         ws = self.window_size
         if ws and (h % ws or w % ws):
@@ -390,6 +399,21 @@ class ViTCPEStudent(Student):
                              f"num_heads) match the checkpoint?")
         self.load_state_dict(new, strict=False)
         return sorted(k for k in own if k not in new and k not in ("norm_mean", "norm_std"))
+
+
+#: RADIO's ``vit_*_mlpnorm`` models add ``nn.LayerNorm(hidden)`` with torch's default eps.
+MLP_NORM_EPS = 1e-5
+
+
+def _mlp_with_norm(**kwargs: Any) -> nn.Module:
+    """timm ``Mlp`` with a LayerNorm on its hidden features (between the activation and fc2).
+
+    timm's ``Block`` passes ``norm_layer=None`` to its MLP explicitly, so a ``partial(Mlp,
+    norm_layer=...)`` would silently build an Identity; the norm is set here instead."""
+    from timm.layers import Mlp
+
+    kwargs["norm_layer"] = partial(nn.LayerNorm, eps=MLP_NORM_EPS)
+    return Mlp(**kwargs)
 
 
 def _init_linear(m: nn.Module) -> None:

@@ -43,11 +43,14 @@ def _validate(argv: list[str]) -> int:
 
 
 def _plan(argv: list[str]) -> int:
-    args = _recipe_parser("radio plan", COMMANDS["plan"] + ". Nothing is downloaded; no hub is contacted."
-                          ).parse_args(argv)
+    parser = _recipe_parser("radio plan", COMMANDS["plan"] + ". Nothing is downloaded; no hub is contacted.")
+    parser.add_argument("--gpu-memory", type=float, default=None, metavar="GiB",
+                        help="memory per GPU to check the estimate against (default: the visible GPU's, else 80)")
+    args = parser.parse_args(argv)
     from .run import main as run_main
 
-    return run_main([args.recipe, *args.overrides, "--dry-run", *_world(args)])
+    gpu = ["--gpu-memory", str(args.gpu_memory)] if args.gpu_memory else []
+    return run_main([args.recipe, *args.overrides, "--dry-run", *_world(args), *gpu])
 
 
 def _world(args: argparse.Namespace) -> list[str]:
@@ -117,7 +120,7 @@ HANDLERS: dict[str, Callable[[list[str]], int]] = {
 #: name -> its main arguments (the first line of ``radio --help`` per command)
 SYNOPSIS = {
     "train": "RECIPE [overrides] [--resume | --overwrite]", "validate": "RECIPE [overrides] [--world-size N]",
-    "plan": "RECIPE [overrides] [--world-size N]", "eval": "RUN_DIR TASK [--data DIR] [--json]",
+    "plan": "RECIPE [overrides] [--world-size N] [--gpu-memory GiB]", "eval": "RUN_DIR TASK [--data DIR] [--json]",
     "cache": "RECIPE [--views K] [--out DIR]", "pack": "FOLDER OUT [--shard-size N]",
     "sweep": "SWEEP.yaml [--only NAME] [--dry-run] [--status]", "plugins": "[--kind KIND] [--verbose] [NAME ...]",
     "export": "RUN [--format transformers|radio|radio-distill] [--out DIR]",

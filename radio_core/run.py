@@ -31,6 +31,8 @@ def parse_args(argv: Optional[Sequence[str]] = None, prog: str = "radio_core.run
                    "build every model on the meta device and print FLOPs and memory per group and rank (radio plan)")
     p.add_argument("--world-size", type=int, default=None, help=argparse.SUPPRESS if hidden else
                    "number of processes to plan for with --dry-run (default: this launch's)")
+    p.add_argument("--gpu-memory", type=float, default=None, metavar="GiB", help=argparse.SUPPRESS if hidden else
+                   "memory per GPU to check the --dry-run estimate against (default: the visible GPU's, else 80)")
     return p.parse_intermixed_args(argv)  # overrides may follow the flags
 
 
@@ -95,7 +97,7 @@ def _main(args: argparse.Namespace) -> int:
         from .plan.planner import dry_run
 
         try:
-            print(dry_run(recipe, registry, world))
+            print(dry_run(recipe, registry, world, args.gpu_memory))
         except (RecipeError, PluginError, ValueError) as exc:
             error(exc)
             return EXIT_REFUSED

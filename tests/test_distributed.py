@@ -121,8 +121,13 @@ def test_planner_flops_match_a_real_forward(registry):
 def test_dry_run_of_the_paper_recipe_at_64_ranks(capsys):
     from radio_core.run import main
 
-    assert main([str(REPO / "recipes" / "dfn_dino_sam.yaml"), "--dry-run", "--world-size", "64"]) == 0
+    assert main([str(REPO / "recipes" / "dfn_dino_sam.yaml"), "--dry-run", "--world-size", "64",
+                 "--gpu-memory", "80"]) == 0
     out = capsys.readouterr().out
+    # the paper's recipe (ViT-H/16-CPE, σReparam, ViTDet windows at 1024 px) fits its 80 GB GPUs
+    rows = [line for line in out.splitlines() if line.startswith(("low_res ", "high_res "))]
+    assert len(rows) == 3 and all(line.split()[-1] == "yes" for line in rows), rows
+    assert "WARNING" not in out
     assert "effective batch 1024" in out and "effective batch 1088" in out
     assert "group sam: 32 rank(s) [32-63]" in out
     assert "teacher dino: 1136M params" in out  # DINOv2 ViT-g/14

@@ -67,8 +67,9 @@ TABLE: dict[str, Run | Skip] = {
     "https://download.pytorch.org/whl/cpu && .venv/bin/pip install -e '.[test]'":
         Skip("installs packages from the network; the suite runs in the installed environment"),
     # README: the paper's recipe
-    "radio plan recipes/dfn_dino_sam.yaml --world-size 64":
-        Run("radio plan recipes/dfn_dino_sam.yaml --world-size 64", expect="group sam: 32 rank(s) [32-63]"),
+    "radio plan recipes/dfn_dino_sam.yaml --world-size 64 --gpu-memory 80":
+        Run("radio plan recipes/dfn_dino_sam.yaml --world-size 64 --gpu-memory 80",
+            expect="group sam: 32 rank(s) [32-63]"),
     "accelerate launch --multi_gpu --num_processes 8 -m radio_core.run recipes/dfn_dino_sam.yaml "
     "data.source.args.shards=/data/shards":
         Run("radio validate recipes/dfn_dino_sam.yaml data.source.args.shards=/data/shards --world-size 8",

@@ -1,4 +1,4 @@
-"""σReparam (radio_core.models.spectral): W_hat = γ/σ(W)·W with σ by power iteration."""
+"""σReparam (radio_core.models.spectral): W_hat = (softplus(s) + 0.05)/σ(W)·W with σ by power iteration."""
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
@@ -21,7 +21,7 @@ def _reparam(layer) -> SpectralReparam:
     return layer.parametrizations.weight[0]
 
 
-def test_initial_function_unchanged_and_gamma_is_sigma():
+def test_initial_function_unchanged_and_gain_is_sigma():
     plain = _layer()
     wrapped = _layer()
     names = apply_spectral_reparam(nn.Sequential(wrapped))
@@ -31,7 +31,7 @@ def test_initial_function_unchanged_and_gamma_is_sigma():
         wrapped.train(mode)
         torch.testing.assert_close(wrapped(x), plain(x), rtol=1e-5, atol=1e-6)
     true_sigma = torch.linalg.matrix_norm(plain.weight.detach(), ord=2)
-    torch.testing.assert_close(_reparam(wrapped).gamma.detach(), true_sigma, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(_reparam(wrapped).gain.detach(), true_sigma, rtol=1e-4, atol=1e-6)
 
 
 def test_sigma_times_normalised_weight_is_consistent():
@@ -46,10 +46,10 @@ def test_sigma_times_normalised_weight_is_consistent():
     w = layer.parametrizations.weight.original.detach()
     sigma = rp.sigma(w).detach()
     torch.testing.assert_close(sigma, torch.linalg.matrix_norm(w, ord=2), rtol=1e-4, atol=1e-6)
-    # σ(W) · (W / σ) reproduces W, and W_hat = γ · W/σ has spectral norm γ.
+    # σ(W) · (W / σ) reproduces W, and W_hat = gain · W/σ has spectral norm gain.
     torch.testing.assert_close(sigma * (w / sigma), w)
     layer.eval()
-    torch.testing.assert_close(torch.linalg.matrix_norm(layer.weight.detach(), ord=2), rp.gamma.detach(),
+    torch.testing.assert_close(torch.linalg.matrix_norm(layer.weight.detach(), ord=2), rp.gain.detach(),
                                rtol=1e-4, atol=1e-6)
 
 
@@ -68,11 +68,11 @@ def test_power_iteration_only_in_training():
     assert not torch.equal(rp._u, u0)
 
 
-def test_gradients_reach_gamma_and_weight():
+def test_gradients_reach_scale_and_weight():
     layer = _layer(3)
     apply_spectral_reparam(layer)
     layer(torch.randn(4, 16)).pow(2).sum().backward()
-    assert _reparam(layer).gamma.grad is not None
+    assert _reparam(layer).scale.grad is not None
     assert layer.parametrizations.weight.original.grad.abs().sum() > 0
 
 
@@ -97,3 +97,54 @@ def test_fold_and_remove_bake_plain_weights():
     assert remove_spectral_reparam(net) == 1
     assert not has_spectral_reparam(net) and not parametrize.is_parametrized(net[2])
     torch.testing.assert_close(net(x), before)
+
+
+def test_scale_is_2d_with_official_keys_and_qkv_gets_one_sigma_per_part():
+    """v2 form: a (1, 1) ``scale`` (so weight decay reaches it); q, k and v of a fused qkv each have
+    their own σ and gain, under the official key names."""
+    from timm.models.vision_transformer import Attention
+
+    torch.manual_seed(5)
+    attn = Attention(16, num_heads=2, qkv_bias=True)
+    with torch.no_grad():  # q, k, v with very different norms: one σ for all would hide k and v
+        attn.qkv.weight[16:32].mul_(10.0)
+        attn.qkv.weight[32:].mul_(0.1)
+    plain_w = attn.qkv.weight.detach().clone()
+    assert sorted(apply_spectral_reparam(attn)) == ["proj", "qkv"]
+    keys = {k for k in attn.state_dict() if k.startswith("qkv.")}
+    assert keys == {"qkv.bias", "qkv.parametrizations.weight.original",
+                    *(f"qkv.parametrizations.weight.0.parts.{i}.{n}" for i in range(3)
+                      for n in ("scale", "_u", "_v", "_sn_version"))}
+    assert attn.state_dict()["proj.parametrizations.weight.0.scale"].shape == (1, 1)
+    attn.eval()
+    torch.testing.assert_close(attn.qkv.weight, plain_w, rtol=1e-4, atol=1e-6)  # function unchanged at wrap
+    chunked = attn.qkv.parametrizations.weight[0]
+    with torch.no_grad():
+        for i, part in enumerate(chunked.parts):
+            part.scale.fill_(float(i))  # gains softplus(0, 1, 2) + 0.05
+    w_hat = attn.qkv.weight.detach()
+    for i, rows in enumerate(w_hat.split(16)):
+        norm = torch.linalg.matrix_norm(rows, ord=2)
+        torch.testing.assert_close(norm, torch.nn.functional.softplus(torch.tensor(float(i))) + 0.05,
+                                   rtol=1e-4, atol=1e-6)
+
+
+def test_official_fold_uses_the_same_formula(tmp_path):
+    """A layer of ours, written with its parametrisation keys, folds to the same plain weight in
+    the official-checkpoint importer (both forms: single and per-part)."""
+    from radio_core.formats.radio_checkpoint import fold_official_spectral
+    from timm.models.vision_transformer import Attention
+
+    torch.manual_seed(6)
+    attn = Attention(16, num_heads=2)
+    apply_spectral_reparam(attn)
+    attn.train()
+    with torch.no_grad():
+        attn.proj.parametrizations.weight[0].scale.add_(0.3)
+        attn.qkv.parametrizations.weight.original.mul_(1.5)
+    attn(torch.randn(2, 5, 16))  # one power iteration
+    state = {f"base_model.{k}": v for k, v in attn.state_dict().items()}
+    folded = fold_official_spectral(state, eps=1e-6)
+    ours = folded_state_dict(attn)
+    for name in ("qkv.weight", "proj.weight"):
+        assert torch.equal(folded[f"base_model.{name}"], ours[name]), name

@@ -24,7 +24,7 @@ def test_forward_backward_at_two_sizes(size):
 
 
 def test_contract_and_summary_modes(registry):
-    student = registry.build("student", "eradio", variant="tiny", num_cls_tokens=3)
+    student = registry.build("student", "eradio", variant="tiny", num_cls_tokens=3, summary="repeat")
     assert student.patch_size == 16 and student.size_multiple == 32 and student.embed_dim == 64
     student.eval()
     x = torch.rand(1, 3, 64, 96)
@@ -64,3 +64,28 @@ def test_window_attention_masks_padding():
         q, k, v = big.qkv(tokens).reshape(1, 15, 3, 2, 4).permute(2, 0, 3, 1, 4)
         expect = big.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(1, 15, 8))
         torch.testing.assert_close(big(x), expect.reshape(1, 3, 5, 8))
+
+
+def test_each_teacher_reads_its_own_summary_and_resampling_is_learned(registry):
+    """Default: a learned query per summary slot (distinct summaries that respond to the image);
+    the subsampled attention branch resamples with a strided conv and a transposed conv."""
+    from torch import nn
+
+    student = registry.build("student", "eradio", variant="tiny", num_cls_tokens=3).eval()
+    x = torch.rand(2, 3, 64, 96)
+    with torch.no_grad():
+        out = student(x)
+    s = out.summary
+    assert s.shape == (2, 3, student.embed_dim)
+    for i, j in ((0, 1), (0, 2), (1, 2)):  # near the mean at init, but each slot its own
+        assert (s[:, i] - s[:, j]).abs().max() > 1e-5
+    assert not torch.allclose(s[0], s[1])  # depends on the image
+    sub = student.stage2[0]
+    assert sub.subsample == 2 and isinstance(sub.down, nn.Conv2d) and sub.down.stride == (2, 2)
+    assert isinstance(sub.up, nn.ConvTranspose2d) and sub.up.stride == (2, 2)
+    assert not hasattr(student.stage2[1], "down")
+    student.train()
+    out = student(x)
+    out.summary[:, 1].sum().backward()
+    assert student.summary_pool.query.grad[1].abs().sum() > 0 and student.summary_pool.query.grad[0].abs().sum() == 0
+    assert sub.down.weight.grad is not None and sub.up.weight.grad is not None

@@ -230,3 +230,42 @@ def test_intermediate_layers_are_the_raster_patch_tokens_after_those_blocks():
     assert win.intermediates[2].shape == expected[2].shape
     student.intermediate_layers = ()
     assert student(x).intermediates == {}
+
+
+def test_mlpnorm_students_have_the_official_mlp_layernorm():
+    """``_mlpnorm``: a LayerNorm (eps 1e-5) on the MLP's hidden features, between GELU and fc2, as
+    RADIO's ``vit_*_mlpnorm`` timm models add it; the blocks then compute what timm's do with it."""
+    import timm
+    from torch import nn
+
+    student = tiny(model="vit_tiny_patch16_224_mlpnorm").eval()
+    assert student.arch["mlp_norm"]
+    norm = student.blocks[0].mlp.norm
+    assert isinstance(norm, nn.LayerNorm) and norm.normalized_shape == (128,) and norm.eps == 1e-5
+    assert "blocks.1.mlp.norm.weight" in student.state_dict()
+    with torch.no_grad():
+        for block in student.blocks:
+            block.mlp.norm.weight.uniform_(0.5, 1.5)
+            block.mlp.norm.bias.uniform_(-0.5, 0.5)
+    ref = timm.create_model("vit_tiny_patch16_224", pretrained=False, embed_dim=32, depth=2, num_heads=2,
+                            num_classes=0).eval()
+    for m in ref.modules():  # the published construction: replace each Mlp's norm by nn.LayerNorm(hidden)
+        if isinstance(m, timm.layers.Mlp):
+            m.norm = nn.LayerNorm(m.fc1.out_features)
+    ref.blocks.load_state_dict(student.blocks.state_dict())
+    x = torch.randn(2, 7, 32)
+    with torch.no_grad():
+        assert torch.equal(student.blocks(x), ref.blocks(x))
+    assert not tiny().arch["mlp_norm"] and isinstance(tiny().blocks[0].mlp.norm, nn.Identity)
+
+
+def test_high_resolution_windows_leave_low_resolution_global(monkeypatch):
+    """``window_sizes: [4]`` (the paper recipe's [16] scaled down): windows on an 8x8 token grid,
+    global attention where 4 covers the whole grid (4x4) or does not tile it (6x6)."""
+    student = tiny(window_sizes=[4], global_every=2).train()
+    chosen = []
+    real = student._run_blocks
+    monkeypatch.setattr(student, "_run_blocks", lambda t, h, w, ws: chosen.append(ws) or real(t, h, w, ws))
+    for side in (128, 64, 96):
+        student(torch.rand(1, 3, side, side))
+    assert chosen == [4, None, None]

@@ -6,6 +6,9 @@ arrays, with an index that records the identity of everything that determines th
 weights + preprocessing (``Teacher.fingerprint``), dataset keys, crop size, augmentation
 parameters, seed and K. A run whose identity differs is refused with the differing fields.
 
+An image that cannot be read is stored as zeros, flagged false in ``valid.npy`` and counted in
+the index's ``bad_images`` (training leaves such samples out of every loss term).
+
 Cached features are never transformed: a flipped or re-cropped feature map is not the teacher's
 feature of the flipped image, so a cache only serves the exact crops it was computed for.
 
@@ -143,10 +146,20 @@ def build_cache(recipe: Any, registry: Any, out: str | Path, views: int, batch_s
     refs = [SampleRef(e, e // views, view_seed(recipe.train.seed, e // views, e % views), e % views)
             for e in range(n_entries)]
     bar = tqdm(total=n_entries, desc="teacher-feature cache", unit="crop", disable=not progress)
+    valid = np.lib.format.open_memmap(tmp / "valid.npy", mode="w+", dtype=np.bool_, shape=(n_entries,))
+    bad_images = 0
     for start in range(0, n_entries, batch_size):
         batch = collate([dataset[r] for r in refs[start:start + batch_size]])
         images01 = preprocess.to_float(batch["image"].to(device))
         targets = compute_targets(teachers, resize_sets, images01)
+        bad = ~batch["valid"]
+        if bad.any():  # unreadable image: no teacher-of-a-black-image in the cache, zeros + valid.npy
+            bad_images += int(bad.sum())
+            bad = bad.to(device)
+            targets = {n: type(t)(summary=None if t.summary is None else t.summary.masked_fill(bad[:, None], 0),
+                                  spatial=t.spatial.masked_fill(bad[:, None, None, None], 0))
+                       for n, t in targets.items()}
+        valid[start:start + images01.shape[0]] = batch["valid"].numpy()
         for name, t in targets.items():
             if name not in arrays:
                 (tmp / name).mkdir()
@@ -164,8 +177,9 @@ def build_cache(recipe: Any, registry: Any, out: str | Path, views: int, batch_s
     for parts in arrays.values():
         for a in parts.values():
             a.flush()
+    valid.flush()
     index = {"version": CACHE_VERSION, **identity, "entries": n_entries,
-             "bad_images": 0}
+             "bad_images": bad_images}
     (tmp / INDEX).write_text(json.dumps(index, indent=1))  # written last: its presence = complete
     if out.exists():
         shutil.rmtree(out)

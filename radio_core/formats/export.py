@@ -9,7 +9,11 @@ directory with
   "spatial_dim", "plugin", "use_summary", optional "adaptor" | "summary_adaptor" |
   "spatial_adaptor": {"name", "args", optional "hidden_dim"}, optional "input_size"}},
   "adaptor": {"name", "args"}, "hidden_dim", "summary_slots": {teacher: slot},
-  "resolution": [h, w] | null, optional "target_norms": {teacher: {kind: {"class", "args"}}}}``.
+  "resolution": [h, w] | null, optional "target_norms": {teacher: {kind: {"class", "args"}}},
+  optional "summary_idxs": [slot, ...] (the backbone summary's CLS rows, kept from an imported
+  official checkpoint)}``. Adaptor heads output normalised targets; the target norms map them back
+  (an export with a norm that was never estimated is refused). ``save_radio`` instead folds the
+  de-normalisation into each head's last linear layer, since the official format has no place for it.
 
 Everything is rebuilt by plugin name through ``radio_core.registry`` (this module knows no
 plugin). No file chooses code: target-normalisation modules (``target_norms``) are named in
@@ -323,6 +327,11 @@ def _target_norm_config(distiller: Distiller) -> dict:
     for teacher, norms in distiller.target_norms.items():
         items = norms.items() if isinstance(norms, (nn.ModuleDict, Mapping)) else [("", norms)]
         for kind, module in items:
+            ready = getattr(module, "ready", None)
+            if ready is not None and not bool(ready):
+                raise ExportError(f"target_norms[{teacher!r}][{kind!r}]: statistics were never estimated, so the "
+                                  f"{kind} head's outputs cannot be mapped back to the teacher's space; export "
+                                  f"refused (train the teacher, or drop its target_norm)")
             name = _TARGET_NORM_NAMES.get(type(module))
             if name is None:
                 raise ExportError(f"target_norms[{teacher!r}][{kind!r}]: {type(module).__name__} is not one of the "

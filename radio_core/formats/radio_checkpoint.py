@@ -28,7 +28,14 @@ The file is a pickled dict ``{"args": argparse.Namespace, "state_dict" | "state_
   per unique teacher name (else one); registers = the remaining rows of the token table
   (``register_multiple`` / ``cpe_num_registers``). A teacher's summary head reads CLS token
   ``token_slot`` (default: its index in the list); the backbone summary concatenates the CLS
-  tokens of teachers with ``use_summary``.
+  tokens of teachers with ``use_summary`` (rows = the first list index of each such name, whichever
+  heads are imported). A teacher's ``mlp_version`` sets its summary head only; its feature head
+  uses its ``spatial_mlp_version``, else ``args.spatial_mlp_version``, else ``args.mlp_version``.
+  ``cpe_max_size`` becomes round(cpe_max_size / p) positions per side.
+* CLS tokens here: one per teacher with a summary target (officially: one per teacher name, so a
+  spatial-only teacher like SAM holds an unread one); written files list teachers in slot order.
+* Target normalisation (``phi_s``, ``standardize``) has no place in the format: the writer folds
+  each head's de-normalisation x = A y + c into its last linear layer (or refuses to write).
 * σReparam in training checkpoints: ``<layer>.parametrizations.weight.original`` plus
   ``...weight.0.{_u,_v,scale,_sn_version}`` (or ``...weight.0.parts.<i>.*`` for per-chunk
   reparametrisation of qkv / w12); folded here into plain weights
@@ -151,14 +158,12 @@ def fold_official_spectral(state: dict[str, Tensor], eps: float = 1e-6) -> dict[
 
 
 def _sn_realise(weight: Tensor, p: dict[str, Tensor], eps: float) -> Tensor:
+    from ..models.spectral import realise
+
     version = int(p["_sn_version"]) if "_sn_version" in p else 1
-    sigma = torch.dot(p["_u"].float(), torch.mv(weight.reshape(weight.shape[0], -1), p["_v"].float())) + eps
-    scale = p["scale"].float().reshape(())
-    if version == 2:
-        scale = F.softplus(scale) + _SN_ALPHA
-    elif version != 1:
+    if version not in (1, 2):
         raise RadioFormatError(f"unsupported σReparam version {version}")
-    return weight * (scale / sigma)
+    return realise(weight, p["_u"], p["_v"], p["scale"], version, eps, alpha=_SN_ALPHA)
 
 
 def _convert_mlp(state: dict[str, Tensor], version: str, where: str) -> tuple[dict[str, Tensor], dict]:
@@ -201,9 +206,12 @@ def _split_heads(state: dict[str, Tensor], prefix: str) -> dict[str, dict[str, T
 def _student_args(args: Any, bb: dict[str, Tensor], num_cls: int) -> dict:
     model = str(_arg(args, "model", ""))
     if "patch_generator.embedder.weight" not in bb or "patch_generator.pos_embed" not in bb:
-        kind = "E-RADIO" if "eradio" in model.lower() else f"model {model!r}"
-        raise RadioFormatError(f"{kind} is not supported: only ViT students with CPE (base_model.patch_generator.*) "
-                               f"load into this framework")
+        if "eradio" in model.lower():
+            raise RadioFormatError(f"E-RADIO is not supported: official {model!r} weights have no counterpart here (this "
+                                   f"project's 'eradio' student is a re-implementation with its own layers and keys); "
+                                   f"only ViT students with CPE (base_model.patch_generator.*) load")
+        raise RadioFormatError(f"model {model!r} is not supported: only ViT students with CPE "
+                               f"(base_model.patch_generator.*) load into this framework")
     if _arg(args, "cpe_max_size") is None:
         raise RadioFormatError(f"model {model!r} was trained without CPE (args.cpe_max_size is None): not supported")
     if "patch_generator.patch_normalizer.weight" in bb:
@@ -269,6 +277,9 @@ def load_radio_checkpoint(path: str | os.PathLike, registry=None, adaptor_names:
 
     heads = _split_heads(state, "_heads")
     feats = _split_heads(state, "_feature_projections")
+    # Official fallback: a teacher's summary head uses its own ``mlp_version`` else the file's;
+    # its feature head its own ``spatial_mlp_version`` else the file's spatial (or main) version;
+    # a teacher-level ``mlp_version`` does not reach the feature head.
     default_version = str(_arg(args, "mlp_version", "v1") or "v1")
     default_spatial = str(_arg(args, "spatial_mlp_version", None) or default_version)
     wanted = set(adaptor_names) if adaptor_names is not None else None
@@ -287,7 +298,7 @@ def load_radio_checkpoint(path: str | os.PathLike, registry=None, adaptor_names:
                  "use_summary": bool(tconf.get("use_summary", True))}
         entry.update({k: v for k, v in extension.get("teachers", {}).get(name, {}).items() if k in ("plugin",)})
         summary_version = str(tconf.get("mlp_version") or default_version)
-        spatial_version = str(tconf.get("spatial_mlp_version") or tconf.get("mlp_version") or default_spatial)
+        spatial_version = str(tconf.get("spatial_mlp_version") or default_spatial)
         for kind, table, version in (("summary", heads, summary_version), ("spatial", feats, spatial_version)):
             sd = table.get(name) or (table.get(str(tidx)) if tidx is not None else None)
             if not sd:
@@ -340,8 +351,18 @@ def load_radio_checkpoint(path: str | os.PathLike, registry=None, adaptor_names:
         student_args["mean"] = [float(x) for x in mean.flatten()]
     if std is not None:
         student_args["std"] = [float(x) for x in std.flatten()]
+    # Backbone summary: the CLS rows at the first list index of every teacher name with
+    # use_summary, whichever heads were imported (as the official loader gathers them).
+    first: dict[str, int] = {}
+    for i, t in enumerate(teachers):
+        if t.get("use_summary", True):
+            first.setdefault(t["name"], i)
+    summary_idxs = sorted(first.values()) if per_teacher and first else [0]
+    if max(summary_idxs) >= num_cls:
+        raise RadioFormatError(f"{path}: teachers with use_summary name CLS rows {summary_idxs} but the model has "
+                               f"{num_cls} CLS token(s)")
     config = {
-        "format": "radio-distill-export", "version": 1, "source": "radio",
+        "format": "radio-distill-export", "version": 1, "source": "radio", "summary_idxs": summary_idxs,
         "student": {"name": "vit", "args": student_args, "num_cls_tokens": num_cls},
         "teachers": entries, "adaptor": {"name": "mlp", "args": {}},
         "hidden_dim": max((e[f"{k}_adaptor"]["hidden_dim"] for e in entries.values() for k in ("summary", "spatial")
@@ -378,12 +399,38 @@ def _default_std() -> list[float]:
 
 
 # ------------------------------------------------------------------------------ writing
-def _mlp_state_for_radio(head: nn.Module, where: str) -> tuple[dict[str, Tensor], str]:
+def fold_denormalization(state: dict[str, Tensor], prefix: str, norm: Optional[nn.Module],
+                         where: str) -> dict[str, Tensor]:
+    """``state`` with the target de-normalisation x = A y + c folded into the linear layer
+    ``prefix`` (W' = A W, b' = A b + c, in float64): the head then outputs the teacher's own space."""
+    if norm is None:
+        return state
+    affine = getattr(norm, "inverse_affine", None)
+    if affine is None:
+        raise RadioFormatError(f"{where}: its target normaliser {type(norm).__name__} has no inverse_affine(), so "
+                               f"it cannot be folded into the head; without it the exported head would output "
+                               f"normalised targets, not the teacher's features. Export refused")
+    try:
+        a, c = affine()
+    except RuntimeError as exc:
+        raise RadioFormatError(f"{where}: {exc}; export refused (the head's outputs cannot be mapped back to the "
+                               f"teacher's space)") from None
+    w, b = state[f"{prefix}.weight"], state.get(f"{prefix}.bias")
+    bias = b.double() if b is not None else torch.zeros(w.shape[0], dtype=torch.float64)
+    out = dict(state)
+    out[f"{prefix}.weight"] = (a @ w.double()).to(w.dtype)
+    out[f"{prefix}.bias"] = (a @ bias + c).to(w.dtype)
+    return out
+
+
+def _mlp_state_for_radio(head: nn.Module, where: str,
+                         norm: Optional[nn.Module] = None) -> tuple[dict[str, Tensor], str]:
     from ..models.adaptors import MLPAdaptor
 
     if not isinstance(head, MLPAdaptor):
         raise RadioFormatError(f"{where}: only 'mlp' adaptors have a RADIO layout (got {type(head).__name__})")
     state = {k: v.detach().cpu() for k, v in head.state_dict().items()}
+    state = fold_denormalization(state, "final.2", norm, where)
     if isinstance(head.final[1], nn.GELU):
         return state, "v2"
     if len(head.blocks):
@@ -412,8 +459,12 @@ def save_radio_checkpoint(model, path: str | os.PathLike) -> Path:
     arch = getattr(student, "arch", None)
     if arch is None or not hasattr(student, "patch_generator"):
         plugin = config.get("student", {}).get("name")
+        why = (" The 'eradio' student is this project's own E-RADIO (conv position encoding instead of Swin-v2 "
+               "relative bias, its own neck and per-teacher summaries), so the official E-RADIO loader could not "
+               "build it from any file." if plugin == "eradio" else "")
         raise RadioFormatError(f"only the ViT-CPE student ('vit') can be written in RADIO format; this model's "
-                               f"student is {type(student).__name__} (plugin {plugin!r})")
+                               f"student is {type(student).__name__} (plugin {plugin!r}).{why} Use RadioModel.save "
+                               f"(the project's export) instead")
     d = model.distiller
     state: dict[str, Tensor] = {}
     for k, v in folded_state_dict(student).items():
@@ -439,17 +490,23 @@ def save_radio_checkpoint(model, path: str | os.PathLike) -> Path:
     for name in spatial_only:  # no CLS slot left for them: our extension field only
         extension[name] = {"plugin": teacher_cfg.get(name, {}).get("plugin")}
 
+    def target_norm(name: str, kind: str) -> Optional[nn.Module]:
+        norms = d.target_norms[name] if name in d.target_norms else {}
+        return norms[kind] if kind in norms else None
+
     versions = {}
     for entry in listed:
         name = entry["name"]
         for kind, table, prefix in (("summary", d.summary_heads, "_heads"),
                                     ("spatial", d.spatial_heads, "_feature_projections")):
             if name in table:
-                sd, version = _mlp_state_for_radio(table[name], f"teacher {name!r} {kind} head")
+                sd, version = _mlp_state_for_radio(table[name], f"teacher {name!r} {kind} head",
+                                                   target_norm(name, kind))
                 state.update({f"{prefix}.{name}.{k}": v for k, v in sd.items()})
                 versions.setdefault(name, {})[kind] = version
     for name in extension:
-        sd, version = _mlp_state_for_radio(d.spatial_heads[name], f"teacher {name!r} spatial head")
+        sd, version = _mlp_state_for_radio(d.spatial_heads[name], f"teacher {name!r} spatial head",
+                                           target_norm(name, "spatial"))
         state.update({f"_feature_projections.{name}.{k}": v for k, v in sd.items()})
         extension[name]["spatial_mlp_version"] = version
     for entry in listed:
@@ -465,6 +522,9 @@ def save_radio_checkpoint(model, path: str | os.PathLike) -> Path:
         state["_feature_normalizer.mean"] = normalizer.mean.detach().cpu()
         state["_feature_normalizer.tx"] = normalizer.tx.detach().cpu()
 
+    # The official loader makes round(cpe_max_size / p) positions per side: write the exact
+    # multiple of the grid this model has (e.g. 1008, not 1000 -> 62 instead of 63).
+    cpe_max_size = student.patch_generator.grid_side * arch["patch_size"]
     size = re.match(r"^vit_([a-z]+)", arch["model"] or "vit_base")
     model_name = f"vit_{size.group(1) if size else 'base'}_patch{arch['patch_size']}_224"
     if arch["mlp_norm"]:
@@ -476,7 +536,7 @@ def save_radio_checkpoint(model, path: str | os.PathLike) -> Path:
     args = argparse.Namespace(
         model=model_name, model_kwargs=model_kwargs, pretrained=False, in_chans=None, input_size=None,
         num_classes=0, drop=0.0, drop_path=None, drop_block=None, gp=None, bn_momentum=None, bn_eps=None,
-        torchscript=False, initial_checkpoint="", cpe_max_size=arch["cpe_max_size"], teachers=listed,
+        torchscript=False, initial_checkpoint="", cpe_max_size=cpe_max_size, teachers=listed,
         cls_token_per_teacher=True, register_multiple=None, cpe_num_registers=arch["num_registers"] or None,
         spectral_reparam=False, spectral_heads=False, mlp_version="v2", model_norm=bool(arch["final_norm"]),
         dtype=torch.float32,

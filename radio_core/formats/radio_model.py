@@ -130,7 +130,9 @@ class RadioModel(nn.Module, ModelHubMixin, library_name="radio-distill", tags=["
         teachers = self.config.get("teachers", {})
         slots = {t: s for t, s in distiller.summary_slots.items() if t in distiller.summary_heads
                  and teachers.get(t, {}).get("use_summary", True)}
-        self.summary_idxs: list[int] = sorted(set(slots.values())) or [0]
+        # An imported official checkpoint names its summary rows (from its teacher list, whichever
+        # heads were imported); otherwise: the slots of the teachers that use a summary target.
+        self.summary_idxs: list[int] = list(self.config.get("summary_idxs") or sorted(set(slots.values())) or [0])
 
     # -- properties -------------------------------------------------------------------------
     @property

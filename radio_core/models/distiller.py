@@ -6,7 +6,7 @@ checkpointed); the trainer owns them.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Collection, Optional
 
 import torch
 from torch import Tensor, nn
@@ -61,13 +61,23 @@ class Distiller(nn.Module):
         with_summary = [h.name for h in heads if h.summary_dim is not None]
         self.summary_slots = {name: i % max(student.num_cls_tokens, 1) for i, name in enumerate(with_summary)}
 
-    def forward(self, images: Tensor, return_predictions: bool = False):
+    def forward(self, images: Tensor, return_predictions: bool = False, active: Optional[Collection[str]] = None):
         """Student features; with ``return_predictions`` also every head's output, computed
-        inside forward so DDP sees all parameters used on every rank."""
+        inside forward so DDP sees all parameters used on every rank.
+
+        ``active``: the teachers with targets in this batch (None: all). The heads of the others
+        only touch their parameters, on one token of the first sample (for a zero-weighted loss
+        term that keeps DDP's gradient buckets complete), instead of running over every token of
+        the batch: a SAM-group rank at 1024 px then does not run the CLIP/DINOv2 heads over
+        4096 tokens per image."""
         out = self.student(images)
         if not return_predictions:
             return out
-        return out, {h.name: self.predict(out, h.name) for h in self.heads}
+        token = None
+        if active is not None and any(h.name not in active for h in self.heads):
+            token = StudentOutput(summary=out.summary[:1], patches=out.patches[:1, :1], grid=(1, 1))
+        return out, {h.name: self.predict(out if token is None or h.name in active else token, h.name)
+                     for h in self.heads}
 
     def predict(self, out: StudentOutput, teacher: str) -> tuple[Optional[Tensor], Optional[Tensor]]:
         """Adaptor outputs for one teacher: summary (B, D) and spatial (B, C, h, w)."""

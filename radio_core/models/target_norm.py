@@ -15,7 +15,8 @@ feature space (for evaluation and export).
   robust to low-rank features, unlike full whitening).
 
 Both share one API: ``update(rows)`` (any number of times; float64 sums), ``finalize()``,
-``normalize_summary``, ``normalize_spatial``, ``denormalize``. The finalized statistics are
+``normalize_summary``, ``normalize_spatial``, ``denormalize`` and ``inverse_affine`` (the
+de-normalisation as x = A y + c, which exports fold into each head's last linear layer). The finalized statistics are
 persistent buffers, so they are saved in and restored from checkpoints; the running sums are
 not (re-estimate after a resume that happens before ``finalize``).
 """
@@ -124,6 +125,15 @@ class _TargetNorm(nn.Module):
         self._check_ready()
         return self._inverse_rows(x.float()).to(x.dtype)
 
+    def inverse_affine(self) -> tuple[Tensor, Tensor]:
+        """``denormalize`` as an affine map in float64: ``(A, c)`` with x = A y + c, so that it
+        can be folded into the last linear layer of an adaptor head (exports)."""
+        self._check_ready()
+        return self._inverse_affine()
+
+    def _inverse_affine(self) -> tuple[Tensor, Tensor]:  # pragma: no cover - subclass
+        raise NotImplementedError
+
     def extra_repr(self) -> str:
         return f"dim={self.dim}, ready={bool(self.ready)}"
 
@@ -147,6 +157,9 @@ class Standardize(_TargetNorm):
 
     def _inverse_rows(self, x: Tensor) -> Tensor:
         return x * self.std + self.mean
+
+    def _inverse_affine(self) -> tuple[Tensor, Tensor]:
+        return torch.diag(self.std.double()), self.mean.double()
 
 
 class PHIS(_TargetNorm):
@@ -183,6 +196,9 @@ class PHIS(_TargetNorm):
 
     def _inverse_rows(self, x: Tensor) -> Tensor:
         return (x * self.scale) @ self.rotation + self.mean
+
+    def _inverse_affine(self) -> tuple[Tensor, Tensor]:
+        return self.scale.double() * self.rotation.double().T, self.mean.double()
 
 
 def build_target_norm(kind: str, dim: int, eps: float = 1e-6) -> Optional[_TargetNorm]:

@@ -5,12 +5,16 @@ image with ``torch.utils.flop_counter.FlopCounterMode`` (student forward + backw
 teacher's forward), and estimates per-rank memory (weights, gradients + AdamW states,
 activations saved for backward), per stage and group, for a given world size.
 
-    python -m radio_core.run RECIPE --dry-run --world-size 64
+    python -m radio_core.run RECIPE --dry-run --world-size 64 [--gpu-memory 80]
+
+Groups whose estimate exceeds the GPU's memory (less a reserve) are flagged with the levers that
+would make them fit.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -20,6 +24,7 @@ from ..models.distiller import build_distiller
 from ..models.teachers import build_teacher
 from ..recipe import Recipe
 from ..registry import Registry
+from .activations import saved_bytes
 from .partition import describe, plan_stages
 
 GiB = 1024**3
@@ -29,7 +34,8 @@ GiB = 1024**3
 class ModelCost:
     params: int
     flops_per_image: float  # forward (teachers) or forward + backward (student)
-    activation_bytes_per_image: float = 0.0
+    activation_bytes_per_image: float = 0.0  # kept for backward, as stored under the run's precision
+    fixed_activation_bytes: float = 0.0  # per step whatever the batch (e.g. autocast's weight copies)
 
 
 @dataclass
@@ -81,26 +87,44 @@ def count_flops(fn) -> float:
     return float(counter.get_total_flops())
 
 
-def student_cost(distiller, resolution: tuple[int, int], device: str = "meta") -> ModelCost:
-    """FLOPs of one image's forward + backward through student and heads, and the bytes of
-    activations saved for backward."""
-    x = torch.rand(1, 3, *resolution, device=device)
-    saved = [0]
+MIXED_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
-    def pack(t):
-        saved[0] += t.numel() * t.element_size()
-        return t
 
-    def step():
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            out, preds = distiller(x, return_predictions=True)
-            loss = sum(p.float().sum() for pair in preds.values() for p in pair if p is not None)
+def student_cost(distiller, resolution: tuple[int, int], device: str = "meta",
+                 mixed_precision: str = "no", active: Optional[list[str]] = None) -> ModelCost:
+    """FLOPs of one image's forward + backward through student and heads, and the bytes kept
+    for backward as a GPU run stores them (``radio_core.activations``): per image (the growth
+    from batch 1 to 2) plus, under activation checkpointing, one block's recomputed activations
+    (the peak of the backward pass). Weight copies autocast makes are per step, not per image:
+    they are counted in ``ModelCost.fixed_activation_bytes``. ``active``: the teachers whose heads
+    run over every token (the group's; the others only touch their parameters)."""
+    dtype = MIXED_DTYPES.get(mixed_precision)
+
+    def flop_step():
+        x = torch.rand(1, 3, *resolution, device=device)
+        out, preds = distiller(x, return_predictions=True, active=active)
+        loss = sum(p.float().sum() for pair in preds.values() for p in pair if p is not None)
         loss.backward()
 
+    def kept(batch: int) -> float:
+        x = torch.rand(batch, 3, *resolution, device=device)
+        return saved_bytes(lambda: distiller(x, return_predictions=True, active=active), dtype, distiller)
+
     distiller.train()
-    flops = count_flops(step)
+    flops = count_flops(flop_step)
+    one, two = kept(1), kept(2)
+    per_image, fixed = two - one, 2 * one - two
+    student = distiller.student
+    blocks = len(getattr(student, "blocks", ()))
+    if getattr(student, "grad_checkpointing", False) and blocks:
+        student.grad_checkpointing = False
+        try:
+            full = kept(2) - kept(1)
+        finally:
+            student.grad_checkpointing = True
+        per_image += max(full - per_image, 0.0) / blocks  # one block recomputed at a time
     params = sum(p.numel() for p in distiller.parameters())
-    return ModelCost(params, flops, float(saved[0]))
+    return ModelCost(params, flops, per_image, max(fixed, 0.0))
 
 
 @torch.no_grad()
@@ -110,8 +134,9 @@ def teacher_cost(teacher) -> ModelCost:
     return ModelCost(sum(p.numel() for p in teacher.parameters()), count_flops(lambda: teacher(x)))
 
 
-def plan(recipe: Recipe, registry: Registry, world_size: int) -> tuple[list[GroupPlan], str]:
-    """Per stage and group: parameters, FLOPs per image, memory per rank."""
+def plan(recipe: Recipe, registry: Registry, world_size: int) -> tuple[list[GroupPlan], str, object]:
+    """Per stage and group: parameters, FLOPs per image, memory per rank; also the layout text
+    and the (meta) student, whose settings the fitting advice reads."""
     plans = plan_stages(recipe, world_size)
     teacher_bytes = 2 if recipe.train.mixed_precision in ("bf16", "fp16") else 4
     teachers = {}
@@ -141,25 +166,28 @@ def plan(recipe: Recipe, registry: Registry, world_size: int) -> tuple[list[Grou
                 n, _ = groups.get(s.group, (0, s))
                 groups[s.group] = (n + 1, s)
         for gname, (nranks, slot) in groups.items():
-            for r in slot.student_resolution:
-                if r not in student_cache:
-                    student_cache[r] = student_cost(distiller, r)
+            def cost_at(r, slot=slot) -> ModelCost:
+                key = (r, tuple(slot.teachers))
+                if key not in student_cache:
+                    student_cache[key] = student_cost(distiller, r, mixed_precision=recipe.train.mixed_precision,
+                                                      active=list(slot.teachers))
+                return student_cache[key]
+
             res = max(slot.student_resolution, key=lambda r: r[0] * r[1])  # worst case for memory
-            sc = student_cache[res]
+            sc = cost_at(res)
             row = GroupPlan(p.name, gname, nranks, slot.batch_size, res, sc,
                             {t: cost(t, slot) for t in slot.teachers})
             if len(slot.student_resolution) > 1:
-                row.student_by_resolution = [student_cache[r] for r in slot.student_resolution]
+                row.student_by_resolution = [cost_at(r) for r in slot.student_resolution]
             student_bytes = sc.params * 4
             row.optimizer_bytes = sc.params * (4 + 8)  # fp32 gradients + AdamW exp_avg, exp_avg_sq
             if fsdp:  # each rank holds 1/world of all of it, plus the units gathered at a time
                 student_bytes = sc.params * 4 / world_size + gathered * teacher_bytes
                 row.optimizer_bytes = 0.0 if recipe.train.fsdp.cpu_offload else row.optimizer_bytes / world_size
             row.weight_bytes = student_bytes + sum(c.params for c in row.teachers.values()) * teacher_bytes
-            act_scale = 0.5 if recipe.train.mixed_precision in ("bf16", "fp16") else 1.0
-            row.activation_bytes = sc.activation_bytes_per_image * slot.batch_size * act_scale
+            row.activation_bytes = sc.activation_bytes_per_image * slot.batch_size + sc.fixed_activation_bytes
             rows.append(row)
-    return rows, describe(plans, recipe.train.grad_accum)
+    return rows, describe(plans, recipe.train.grad_accum), distiller.student
 
 
 def fsdp_gathered_params(model: torch.nn.Module, spec) -> int:
@@ -181,26 +209,73 @@ def fsdp_gathered_params(model: torch.nn.Module, spec) -> int:
     return total - sum(sizes) + 2 * max(sizes, default=0)
 
 
-def format_plan(rows: list[GroupPlan], layout: str, world_size: int, recipe: Recipe) -> str:
+#: share of the device kept free for the CUDA context, communication buffers, teacher
+#: activations (freed layer by layer under no_grad) and allocator fragmentation.
+RESERVE = 0.10
+
+
+def default_gpu_memory() -> float:
+    """GiB of the first visible GPU, else 80 (the paper's A100-80GB)."""
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_properties(0).total_memory / GiB
+    return 80.0
+
+
+def levers(row: GroupPlan, budget: float, student, recipe: Recipe) -> list[str]:
+    """What would make ``row`` fit in ``budget`` bytes, most direct first."""
+    out = []
+    per_image = row.student.activation_bytes_per_image
+    room = budget - row.weight_bytes - row.optimizer_bytes - row.student.fixed_activation_bytes
+    fits = int(room // per_image) if per_image > 0 else row.batch_size
+    if 0 < fits < row.batch_size:
+        accum = -(-row.batch_size // fits)
+        out.append(f"batch {fits}/rank fits: set groups.{row.group}.batch_size (or the stage's) to {fits} and "
+                   f"train.grad_accum to {accum} to keep the effective batch")
+    elif fits <= 0:
+        out.append("not even one image fits beside weights and optimiser states: shard them (FSDP) or use a "
+                   "smaller student")
+    if getattr(student, "grad_checkpointing", True) is False:
+        out.append("student.args.grad_checkpointing: true (keeps one block's activations instead of all)")
+    if recipe.train.mixed_precision == "no":
+        out.append("train.mixed_precision: bf16 (halves what matmuls keep)")
+    if hasattr(student, "window_sizes") and not student.window_sizes and max(row.student_resolution) >= 768:
+        out.append("student.args.window_sizes: [16] (ViTDet windowed attention at high resolution)")
+    return out
+
+
+def format_plan(rows: list[GroupPlan], layout: str, world_size: int, recipe: Recipe,
+                gpu_memory: float = 80.0, student=None) -> str:
+    budget = gpu_memory * (1 - RESERVE) * GiB
     lines = [f"dry run: world size {world_size}, mixed precision {recipe.train.mixed_precision}, "
-             f"{recipe.train.steps} steps", layout, ""]
+             f"{recipe.train.steps} steps, {gpu_memory:.4g} GiB per GPU (budget {budget / GiB:.4g} GiB)",
+             layout, ""]
     head = (f"{'stage':<10} {'group':<10} {'ranks':>5} {'batch':>5} {'student':>9} {'params M':>9} "
-            f"{'GFLOP/img':>10} {'TFLOP/rank-step':>15} {'weights':>8} {'grad+opt':>8} {'activ.':>8} {'total GiB':>9}")
+            f"{'GFLOP/img':>10} {'TFLOP/rank-step':>15} {'weights':>8} {'grad+opt':>8} {'activ.':>8} {'total GiB':>9}"
+            f" {'fits':>4}")
     lines.append(head)
     lines.append("-" * len(head))
+    warnings = []
     for r in rows:
         params = r.student.params + sum(t.params for t in r.teachers.values())
         gflop = (r.student.flops_per_image + sum(t.flops_per_image for t in r.teachers.values())) / 1e9
+        fits = r.total_bytes <= budget
         lines.append(f"{r.stage:<10} {r.group:<10} {r.ranks:>5} {r.batch_size:>5} "
                      f"{r.student_resolution[0]:>4}x{r.student_resolution[1]:<4} {params / 1e6:>9.4g} {gflop:>10.4g} "
                      f"{r.flops_per_rank_step / 1e12:>15.4g} {r.weight_bytes / GiB:>8.3g} "
-                     f"{r.optimizer_bytes / GiB:>8.3g} {r.activation_bytes / GiB:>8.3g} {r.total_bytes / GiB:>9.3g}")
+                     f"{r.optimizer_bytes / GiB:>8.3g} {r.activation_bytes / GiB:>8.3g} {r.total_bytes / GiB:>9.3g}"
+                     f" {'yes' if fits else 'NO':>4}")
         lines.append(f"{'':<10} {'':<10} student+heads {r.student.params / 1e6:.4g}M params, "
                      f"{r.student.flops_per_image / 1e9:.4g} GFLOP/img fwd+bwd, "
-                     f"activations {r.student.activation_bytes_per_image / 2**20:.4g} MiB/img (fp32)")
+                     f"activations {r.student.activation_bytes_per_image / 2**20:.4g} MiB/img "
+                     f"+ {r.student.fixed_activation_bytes / 2**20:.4g} MiB/step")
         for name, t in r.teachers.items():
             lines.append(f"{'':<10} {'':<10} teacher {name}: {t.params / 1e6:.4g}M params, "
                          f"{t.flops_per_image / 1e9:.4g} GFLOP/img fwd")
+        if not fits:
+            fix = levers(r, budget, student, recipe) if student is not None else []
+            warnings.append(f"WARNING: stage {r.stage}, group {r.group}: {r.total_bytes / GiB:.3g} GiB per rank does "
+                            f"not fit the {budget / GiB:.3g} GiB budget of a {gpu_memory:.4g} GiB GPU. Levers: "
+                            + ("; ".join(fix) if fix else "a smaller batch or student"))
     lines += [""] + throughput_lines(rows)
     lines.append("")
     f = recipe.train.fsdp
@@ -208,8 +283,10 @@ def format_plan(rows: list[GroupPlan], layout: str, world_size: int, recipe: Rec
         lines.append(f"FSDP: student + heads sharded over all {world_size} ranks (weights: 1/{world_size} of the "
                      f"fp32 student plus the units gathered at a time; grad+opt: 1/{world_size}"
                      f"{', offloaded to host memory' if f.cpu_offload else ''}); teachers replicated per group.")
-    lines.append("Memory excludes teacher activations (freed layer by layer under no_grad), the CUDA "
-                 "context and allocator fragmentation: keep ~20% headroom.")
+    lines.append(f"Activations are counted as a GPU keeps them: {recipe.train.mixed_precision} autocast, fused "
+                 f"attention, activation checkpointing as configured. The budget keeps {RESERVE:.0%} of the GPU for "
+                 f"the CUDA context, communication buffers, teacher activations and fragmentation.")
+    lines.extend(warnings)
     return "\n".join(lines)
 
 
@@ -240,8 +317,6 @@ def throughput_lines(rows: list[GroupPlan]) -> list[str]:
     return out
 
 
-def dry_run(recipe: Recipe, registry: Registry, world_size: int) -> str:
-    rows, layout = plan(recipe, registry, world_size)
-    return format_plan(rows, layout, world_size, recipe)
-
-
+def dry_run(recipe: Recipe, registry: Registry, world_size: int, gpu_memory: Optional[float] = None) -> str:
+    rows, layout, student = plan(recipe, registry, world_size)
+    return format_plan(rows, layout, world_size, recipe, gpu_memory or default_gpu_memory(), student)

@@ -111,10 +111,11 @@ class TeacherSpec(Strict):
     #: use the summary target (if the teacher has one).
     use_summary: Bool = True
     use_spatial: Bool = True
-    #: normalise this teacher's targets with statistics estimated over the first
-    #: ``train.target_norm_batches`` batches (stored in checkpoints and exports).
-    #: one kind for both targets, or per target: ``{summary: none, spatial: phi_s}`` (e.g. to keep
-    #: summaries un-centred for the ``angle_balanced`` loss while PHI-S balances the features).
+    #: normalise this teacher's targets with statistics estimated over ``train.target_norm_batches``
+    #: batches when it first trains (optionally re-estimated, ``train.target_norm_steps``; stored in
+    #: checkpoints and exports). One kind for both targets, or per target: ``{summary: none,
+    #: spatial: phi_s}`` (e.g. to keep summaries un-centred for the ``angle_balanced`` loss while
+    #: PHI-S balances the features).
     target_norm: Union[Literal["none", "standardize", "phi_s"],
                        dict[Literal["summary", "spatial"], Literal["none", "standardize", "phi_s"]]] = "none"
     #: intermediate-layer target: this teacher's spatial head reads the student's tokens after
@@ -230,11 +231,16 @@ class TrainSpec(Strict):
     #: dtype of the frozen teachers' weights: "auto" = bf16/fp16 with mixed precision on a GPU
     #: (halves their memory), fp32 otherwise.
     teacher_dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    #: batches (per rank) used to estimate teacher-target statistics (teachers.*.target_norm).
+    #: batches (per rank) used to estimate teacher-target statistics (teachers.*.target_norm);
+    #: each teacher's are estimated when it first trains (its first stage).
     target_norm_batches: Annotated[int, _StrictType(), Field(ge=1, le=100000)] = 4
     #: torch CPU threads per process; None chooses from the free cores and the local process
     #: count (radio_core.train.threads), or takes OMP_NUM_THREADS when set.
     cpu_threads: Optional[Annotated[int, _StrictType(), Field(ge=1, le=4096)]] = None
+    #: re-estimate them (from fresh batches) every ``target_norm_every`` steps during a teacher's
+    #: first ``target_norm_steps`` training steps, then keep them (PHI-S practice: ~3000 / 100).
+    target_norm_steps: Annotated[int, _StrictType(), Field(ge=0, le=10**9)] = 0
+    target_norm_every: Annotated[int, _StrictType(), Field(ge=1, le=10**9)] = 100
     #: torch.compile the student (and heads); the first steps pay the compile time.
     compile: Bool = False
     #: channels_last memory format for the student's convolutions (E-RADIO-like students).

@@ -81,6 +81,9 @@ class Trainer:
     def _build(self) -> None:
         r, acc = self.recipe, self.accelerator
         self.plans = plan_stages(r, acc.num_processes)
+        #: the step at which each teacher first trains (its target statistics are estimated then)
+        self.first_steps = {t: min(p.start_step for p in self.plans if t in p.teachers)
+                            for t in {t for p in self.plans for t in p.teachers}}
         torch.manual_seed(r.train.seed)
         all_teachers = [t for t in r.teachers if any(t in p.teachers for p in self.plans)]
         # (teacher, group resolution override or None) for every slot this rank runs
@@ -198,6 +201,9 @@ class Trainer:
                 runtimes = self.enter_stage(plan, self.state.step)
                 self.objective.estimate_target_norms(self.unwrapped, runtimes, plan, self.source)
                 for step in range(self.state.step, plan.end_step):
+                    if r.train.target_norm_steps:
+                        self.objective.reestimate_target_norms(self.unwrapped, runtimes, plan, self.source, step,
+                                                               self.first_steps)
                     work = [(rt, next(rt.iterator)) for _ in range(r.train.grad_accum) for rt in runtimes]
                     self.bad_images.count([b for _, b in work])
                     if sample_log is not None:

@@ -86,39 +86,72 @@ class Objective:
 
     def estimate_target_norms(self, distiller: Distiller, runtimes: list[SlotRuntime], stage: StagePlan,
                               source: Any) -> None:
-        """Teacher-target statistics from ``train.target_norm_batches`` batches per rank, summed
-        over all ranks (so every rank ends with identical buffers, whichever teachers it runs).
-        The batches come from a separate range of sample numbers: the training order is
-        unchanged."""
+        """At a stage's start: statistics of this stage's teachers that have none yet, so each
+        teacher's are estimated when it first trains (a teacher of a later stage waits for it)."""
         norms = distiller.target_norms
+        names = [n for n in stage.teachers if n in norms and not all(bool(m.ready) for m in norms[n].values())]
+        # losses that keep statistics (e.g. angle_balanced) estimate them from the same batches
         stats = {k: m for k, m in stateful_losses(distiller).items() if k[0] in stage.teachers and not bool(m.ready)}
-        norms_ready = not norms or all(bool(m.ready) for parts in norms.values() for m in parts.values())
-        if norms_ready and not stats:
+        self._estimate(distiller, runtimes, stage, source, names, window=0, stats=stats)
+
+    def reestimate_target_norms(self, distiller: Distiller, runtimes: list[SlotRuntime], stage: StagePlan,
+                                source: Any, step: int, first_steps: dict[str, int]) -> None:
+        """Before ``step``: re-estimate the statistics of the teachers whose first
+        ``train.target_norm_steps`` training steps include ``step`` at a multiple of
+        ``train.target_norm_every``. The batches are a pure function of (seed, step), and the
+        statistics are buffers in the checkpoint, so a resumed run re-estimates exactly as an
+        uninterrupted one."""
+        r = self.recipe.train
+        norms = distiller.target_norms
+        names = [n for n in stage.teachers if n in norms and 0 < step - first_steps[n] < r.target_norm_steps
+                 and (step - first_steps[n]) % r.target_norm_every == 0]
+        for n in names:
+            for m in norms[n].values():
+                m.reset()
+        self._estimate(distiller, runtimes, stage, source, names, window=step)
+
+    def _estimate(self, distiller: Distiller, runtimes: list[SlotRuntime], stage: StagePlan, source: Any,
+                  names: list[str], window: int, stats: Optional[dict] = None) -> None:
+        """Statistics of ``names`` from ``train.target_norm_batches`` batches per rank, summed over
+        all ranks (every rank takes part, so every rank ends with identical buffers, whichever
+        teachers it runs). The batches come from a separate range of sample numbers (``window``
+        picks one): the training order is unchanged."""
+        stats = stats or {}
+        if not names and not stats:
             return
+        norms = distiller.target_norms
         r, acc = self.recipe, self.accelerator
         kept: list[tuple[str, str, Tensor]] = []  # raw targets the losses' statistics need
         for rt in runtimes:
-            sampler = StepBatchSampler(len(source), rt.slot.batch_size, r.train.seed + 7919,
+            if not (set(names) | {n for n, _ in stats}) & set(rt.slot.teachers):
+                continue
+            seed = r.train.seed + 7919 if window == 0 else _mix(r.train.seed + 7919, window, 0x7A5)
+            sampler = StepBatchSampler(len(source), rt.slot.batch_size, seed,
                                        offset=rt.slot.offset, stride=stage.consumption,
                                        stop=r.train.target_norm_batches, **sampling_kwargs(source))
             for refs in sampler:
                 batch = collate([rt.dataset[ref] for ref in refs])
                 images01 = preprocess.to_float(batch["image"].to(acc.device))
+                keep = batch["valid"].nonzero().flatten().to(acc.device)  # unreadable images: no statistics
                 for name, target in self.slot_targets(rt, batch, images01).items():
+                    target = TeacherOutput(summary=None if target.summary is None else target.summary[keep],
+                                           spatial=target.spatial[keep])
+                    if not keep.numel():
+                        continue
                     for part in ("summary", "spatial"):
                         if (name, part) in stats and getattr(target, part) is not None:
                             kept.append((name, part, getattr(target, part)))
-                    if name in norms and not norms_ready:
+                    if name in names:
                         if "summary" in norms[name] and target.summary is not None:
                             norms[name]["summary"].update(target.summary)
                         if "spatial" in norms[name]:
                             norms[name]["spatial"].update_spatial(target.spatial)
-        if not norms_ready:
-            for parts in norms.values():
-                for m in parts.values():
-                    m.all_reduce_()
-                    m.finalize()
-            acc.print(f"target statistics estimated for {', '.join(norms)} "
+        for name in names:
+            for m in norms[name].values():
+                m.all_reduce_()
+                m.finalize()
+        if names and window == 0:
+            acc.print(f"target statistics estimated for {', '.join(names)} "
                       f"({r.train.target_norm_batches} batch(es) per rank)")
         if stats:
             self._estimate_loss_statistics(distiller, stats, kept)
@@ -148,24 +181,38 @@ class Objective:
         return tuple(options[_mix(self.recipe.train.seed, step, 0x5E5) % len(options)])
 
     def losses(self, distiller: Distiller, preds: dict, targets: dict[str, TeacherOutput],
-               scale: dict[str, float], geometry: Optional[dict[str, CropGeometry]] = None) -> dict[str, Tensor]:
+               scale: dict[str, float], geometry: Optional[dict[str, CropGeometry]] = None,
+               valid: Optional[Tensor] = None) -> dict[str, Tensor]:
         """Per-teacher summary and spatial losses (unweighted) plus the weighted ``total``.
 
-        Heads of teachers absent from this batch get a zero-weighted term so that DDP sees
-        every parameter used on every rank (see radio_core.plan.partition). ``geometry``: the
-        views of each teacher and of the student (shifted views); with a ``balance`` plugin the
-        losses are computed per image and weighted by it."""
+        ``valid`` (a CPU bool per sample): samples whose image could not be read are left out of
+        every loss term (they were fed as black images only to keep the batch shape). Heads of
+        teachers absent from this batch, or with no readable sample in it, get a zero-weighted
+        term so that DDP sees every parameter used on every rank (see radio_core.plan.partition).
+        ``geometry``: the views of each teacher and of the student (shifted views); with a
+        ``balance`` plugin the losses are computed per image and weighted by it."""
         r = self.recipe
         geometry = geometry or {}
         terms: dict[str, Tensor] = {}
         first = next(iter(preds.values()))
         total = first[1 if first[0] is None else 0].new_zeros(())
         per_image: dict[str, Tensor] = {}  # teacher -> (B,) weighted summary + spatial loss
+        keep = None
+        if valid is not None and not bool(valid.all()):
+            keep = valid.nonzero().flatten().to(total.device)
         for name, (pred_summary, pred_spatial) in preds.items():
             target = targets.get(name)
-            if target is None:
+            if target is None or (keep is not None and keep.numel() == 0):
                 total = total + sum(0.0 * p.sum() for p in (pred_summary, pred_spatial) if p is not None)
                 continue
+            geom = geometry.get(name)
+            if keep is not None:
+                pred_summary, pred_spatial = (None if p is None else p[keep] for p in (pred_summary, pred_spatial))
+                target = TeacherOutput(summary=None if target.summary is None else target.summary[keep],
+                                       spatial=target.spatial[keep])
+                if geom is not None:
+                    geom = CropGeometry(geom.student_box[keep.to(geom.student_box.device)],
+                                        geom.teacher_box[keep.to(geom.teacher_box.device)])
             spec = r.teachers[name]
             target = distiller.normalize_targets(name, target)
             fns = distiller.losses[name]
@@ -175,8 +222,7 @@ class Objective:
             elif pred_summary is not None:
                 total = total + 0.0 * pred_summary.sum()
             if pred_spatial is not None:
-                parts.append(("spatial", spec.spatial_weight, fns["spatial"], pred_spatial, target.spatial,
-                              geometry.get(name)))
+                parts.append(("spatial", spec.spatial_weight, fns["spatial"], pred_spatial, target.spatial, geom))
             w = spec.weight * scale.get(name, 1.0)
             for part, weight, fn, pred, tgt, geom in parts:
                 if self.balancer is None:
@@ -213,8 +259,9 @@ class Objective:
             targets = self.slot_targets(rt, batch, images01)
             student_in = preprocess.resize(images01, resolution)
         with acc.autocast():
-            _, preds = model(student_in, return_predictions=True)
-        return self.losses(distiller, preds, targets, stage.teacher_scale(acc.num_processes), geometry)
+            _, preds = model(student_in, return_predictions=True, active=set(targets))
+        return self.losses(distiller, preds, targets, stage.teacher_scale(acc.num_processes), geometry,
+                           batch.get("valid"))
 
     def shifted_views(self, rt: SlotRuntime, images01: Tensor, resolution: tuple[int, int]):
         """Shift-equivariant distillation: the student's window of each crop (resized to its
