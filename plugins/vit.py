@@ -38,6 +38,9 @@ Recipe arguments (``student.args``; ``num_cls_tokens`` comes from the framework)
   ``global_every`` (default depth // 4), ``window_size`` (fixed mode, e.g. for eval).
 * ``spectral_reparam``, ``drop_path_rate``, ``grad_checkpointing``, ``pretrained`` (a local
   timm ViT checkpoint), ``mean`` / ``std`` (input conditioner, OpenAI CLIP statistics by default).
+* ``attention``: ``sdpa`` (default), ``xformers`` (memory-efficient kernels on CUDA when the
+  ``xformers`` extra is installed; otherwise one warning line and sdpa) or ``math`` (reference);
+  ``set_attention_backend`` changes it on a built model. The weights are the same for all three.
 
 The paper's student is ``{model: vit_huge_patch16_224, cpe_max_size: 2048, register_multiple: 8,
 spectral_reparam: true}``; a CPU quickstart uses e.g. ``{model: vit_tiny, embed_dim: 96,
@@ -56,6 +59,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from radio_core import Student, StudentOutput, hookimpl
+
+from ._common import attend, check_attention_backend
 
 #: RADIO's input conditioner defaults (OpenAI CLIP statistics).
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -167,6 +172,30 @@ def from_windows(patches: Tensor, h: int, w: int, ws: int) -> Tensor:
     return x.reshape(b, h * w, d)
 
 
+def _backend_attention_class():
+    """timm's ViT ``Attention`` (same parameters, same state-dict keys) whose attention product
+    goes through ``radio_plugins._common.attend`` with a selectable backend."""
+    from timm.models.vision_transformer import Attention
+
+    class BackendAttention(Attention):
+        backend = "sdpa"
+
+        def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
+            if is_causal:
+                raise ValueError("student 'vit': causal attention is not supported")
+            b, n, _ = x.shape
+            qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+            q, k, v = qkv.unbind(0)
+            q, k = self.q_norm(q), self.k_norm(k)
+            y = attend(q, k, v, attn_mask, self.backend, self.attn_drop.p if self.training else 0.0)
+            y = self.norm(y.transpose(1, 2).reshape(b, n, -1))
+            if getattr(self, "gate", None) is not None:
+                y = y * self.gate(x).sigmoid()
+            return self.proj_drop(self.proj(y))
+
+    return BackendAttention
+
+
 class ViTCPEStudent(Student):
     """A timm-block ViT with CPE; see the module docstring."""
 
@@ -177,7 +206,7 @@ class ViTCPEStudent(Student):
                  window_sizes: Sequence[Optional[int]] = (), global_every: Optional[int] = None,
                  window_size: Optional[int] = None, grad_checkpointing: bool = False,
                  mean: Sequence[float] = OPENAI_CLIP_MEAN, std: Sequence[float] = OPENAI_CLIP_STD,
-                 model_name: str = "", cpe: bool = True) -> None:
+                 model_name: str = "", cpe: bool = True, attention: str = "sdpa") -> None:
         super().__init__()
         from timm.layers import Mlp
         from timm.models.vision_transformer import Block
@@ -200,10 +229,11 @@ class ViTCPEStudent(Student):
                                               pos_dropout, cpe=cpe)
         norm_layer = partial(nn.LayerNorm, eps=1e-6)  # timm ViT's (and RADIO's) LayerNorm
         mlp_layer = partial(Mlp, norm_layer=norm_layer) if mlp_norm else Mlp
+        attn_layer = _backend_attention_class()
         dpr = [x.item() for x in torch.linspace(0, drop_path_rate, depth, device="cpu")] if depth else []
         self.blocks = nn.Sequential(*[
             Block(embed_dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, init_values=init_values,
-                  drop_path=dpr[i], norm_layer=norm_layer, mlp_layer=mlp_layer)
+                  drop_path=dpr[i], norm_layer=norm_layer, mlp_layer=mlp_layer, attn_layer=attn_layer)
             for i in range(depth)])
         self.norm = norm_layer(embed_dim) if final_norm else nn.Identity()
         self.blocks.apply(_init_linear)
@@ -216,6 +246,7 @@ class ViTCPEStudent(Student):
         self.window_size: Optional[int] = None
         self.set_window_size(window_size)
         self.grad_checkpointing = grad_checkpointing
+        self.set_attention_backend(attention)
 
     # -- contract ----------------------------------------------------------------------------
     @property
@@ -231,6 +262,12 @@ class ViTCPEStudent(Student):
         if window_size is not None and int(window_size) < 1:
             raise ValueError(f"window_size must be a positive number of tokens or None, got {window_size}")
         self.window_size = int(window_size) if window_size else None
+
+    def set_attention_backend(self, backend: str) -> None:
+        """``sdpa``, ``xformers`` or ``math`` for every block (see the module docstring)."""
+        self.attention = check_attention_backend("vit", backend)
+        for block in self.blocks:
+            block.attn.backend = backend
 
     def is_global_block(self, index: int) -> bool:
         return index == self.depth - 1 or index % self.global_every == self.global_every - 1
@@ -377,7 +414,8 @@ def build_vit_student(model: str = "vit_base_patch16_224", *, num_cls_tokens: in
                       window_size: Optional[int] = None, spectral_reparam: bool = False,
                       grad_checkpointing: bool = False, pretrained: Optional[str] = None,
                       mean: Sequence[float] = OPENAI_CLIP_MEAN,
-                      std: Sequence[float] = OPENAI_CLIP_STD, cpe: bool = True) -> ViTCPEStudent:
+                      std: Sequence[float] = OPENAI_CLIP_STD, cpe: bool = True,
+                      attention: str = "sdpa") -> ViTCPEStudent:
     """ViT with CPE (any resolution/aspect), optional ViTDet windows and σReparam (RADIO's student).
 
     ``cpe: false`` trains with the plain interpolated position embedding instead of random
@@ -393,7 +431,7 @@ def build_vit_student(model: str = "vit_base_patch16_224", *, num_cls_tokens: in
         mlp_norm=mlp_norm0 if mlp_norm is None else mlp_norm, final_norm=final_norm, cpe_max_size=cpe_max_size,
         pos_dropout=pos_dropout, drop_path_rate=drop_path_rate, window_sizes=list(window_sizes or ()),
         global_every=global_every, window_size=window_size, grad_checkpointing=grad_checkpointing,
-        mean=mean, std=std, model_name=model, cpe=cpe)
+        mean=mean, std=std, model_name=model, cpe=cpe, attention=attention)
     if pretrained and student.norm_mean.device.type != "meta":
         student.load_timm_weights(pretrained)
     if spectral_reparam:
