@@ -278,6 +278,10 @@ class ERADIOStudent(Student):
         if hh % 32 or ww % 32:
             raise ValueError(f"student 'eradio': input {hh}x{ww} is not a multiple of 32")
         x = (images - self.norm_mean.to(images.dtype)) / self.norm_std.to(images.dtype)
+        # Channels-last throughout: the oneDNN/cuDNN convolutions run NHWC natively, and every
+        # permute between the conv stages and the (B, H, W, C) attention stages is then a view,
+        # not a copy.
+        x = x.contiguous(memory_format=torch.channels_last)
         x = self.down1(self.stage1(self.down0(self.stage0(self.stem(x)))))
         s2 = self.stage2(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
         s3 = self.stage3(self.down2(s2).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
