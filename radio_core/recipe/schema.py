@@ -98,8 +98,9 @@ class DataSpec(Strict):
     batch_size: int = Field(8, ge=1, description="per-process batch size")
     num_workers: int = Field(0, ge=0)
     #: batches read ahead in a background thread when ``num_workers`` is 0 (decoding, cropping
-    #: and teacher-feature cache reads overlap the step); 0 reads in the training loop.
-    prefetch: int = Field(2, ge=0)
+    #: and teacher-feature cache reads overlap the step; worth it for big students, where the
+    #: step is long); 0 reads in the training loop.
+    prefetch: int = Field(0, ge=0)
     #: write each rank's sample ids per step to ``samples_rank{r}.jsonl`` (audits data order).
     log_samples: bool = False
     #: edge length the loader decodes each crop to before per-teacher resizing; None = the
