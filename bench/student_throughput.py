@@ -1,8 +1,9 @@
 """Student throughput: images/s of ViT-B/16-CPE, E-RADIO-B (and -S) and a CLIP ViT-L/14 image tower.
 
-    python bench/student_throughput.py                 # 224 px, batch 8, 10 timed rounds
-    python bench/student_throughput.py --quick         # < 2 min on 2 CPU cores
+    python bench/student_throughput.py                 # 224, 512 and 1024 px, batch 8, 10 timed rounds
+    python bench/student_throughput.py --quick         # batch 1, 3 rounds: a CPU smoke run
     python bench/student_throughput.py --resolution 512 --batch 32 --device cuda
+    python bench/student_throughput.py --models E-RADIO-B ViT-B/16-CPE   # a subset
 
 Forward only, fp32, random weights (nothing is downloaded: the CLIP tower is
 ``open_clip.create_model("ViT-L-14", pretrained=None).visual``), all models at the same input
@@ -14,6 +15,7 @@ image are counted on the meta device (math attention, so attention is included).
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -48,6 +50,9 @@ class ClipTower(nn.Module):
         return self.visual((images - self.mean) / self.std)
 
 
+NAMES = ("ViT-B/16-CPE", "E-RADIO-B", "E-RADIO-S", "CLIP ViT-L/14")
+
+
 def build(name: str, resolution: int, device: str = "cpu") -> nn.Module:
     from radio_core.registry import get_registry
 
@@ -78,35 +83,42 @@ def sync(device: torch.device) -> None:
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--resolution", type=int, default=224,
-                   help="input edge in px, the same for every model (a multiple of 32)")
+    p.add_argument("--resolution", type=int, nargs="+", default=[224, 512, 1024],
+                   help="input edge(s) in px, the same for every model at each (multiples of 32)")
+    p.add_argument("--models", nargs="+", default=list(NAMES), choices=list(NAMES))
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--device", default="auto")
     p.add_argument("--channels-last", action="store_true", help="channels_last memory format for E-RADIO's convs")
-    p.add_argument("--quick", action="store_true", help="batch 2, 3 rounds, 1 warm-up (CPU smoke run)")
+    p.add_argument("--quick", action="store_true", help="batch 1, 3 rounds, 1 warm-up (CPU smoke run)")
     a = p.parse_args(argv)
     if a.quick:
-        a.batch, a.rounds, a.warmup = 2, 3, 1
-    if a.resolution % 32:
-        p.error("--resolution must be a multiple of 32 (E-RADIO's input multiple)")
+        a.batch, a.rounds, a.warmup = 1, 3, 1
+    if any(r % 32 for r in a.resolution):
+        p.error("--resolution must be multiples of 32 (E-RADIO's input multiple)")
     device = torch.device("cuda" if a.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if a.device == "auto" else a.device))
-    names = ["ViT-B/16-CPE", "E-RADIO-B", "E-RADIO-S", "CLIP ViT-L/14"]
+    out = {}
+    for res in a.resolution:
+        out[res] = run_at(res, a, device, [n for n in NAMES if n in a.models])
+    return out
+
+
+def run_at(resolution: int, a: argparse.Namespace, device: torch.device, names: list[str]) -> dict[str, float]:
     torch.manual_seed(0)
     models, flops = {}, {}
     for name in names:
         t = time.perf_counter()
-        model = build(name, a.resolution).to(device).eval()
+        model = build(name, resolution).to(device).eval()
         if a.channels_last and name.startswith("E-RADIO"):
             model = model.to(memory_format=torch.channels_last)
         models[name] = model
-        flops[name] = gflops(name, a.resolution)
+        flops[name] = gflops(name, resolution)
         params = sum(q.numel() for q in model.parameters()) / 1e6
         print(f"built {name:<14} {params:7.1f}M params  {flops[name]:7.1f} GFLOP/img  ({time.perf_counter() - t:.1f}s)",
               flush=True)
-    x = torch.rand(a.batch, 3, a.resolution, a.resolution, device=device)
+    x = torch.rand(a.batch, 3, resolution, resolution, device=device)
     times: dict[str, list[float]] = {n: [] for n in names}
     with torch.inference_mode():
         for r in range(a.warmup + a.rounds):
@@ -119,13 +131,17 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                 if r >= a.warmup:
                     times[name].append(time.perf_counter() - t)
     ips = {n: a.batch / statistics.median(times[n]) for n in names}
-    clip, vitb = ips["CLIP ViT-L/14"], ips["ViT-B/16-CPE"]
-    print(f"\n{a.resolution}x{a.resolution}, batch {a.batch}, fp32 forward, {device.type}, "
-          f"{torch.get_num_threads()} threads, median of {a.rounds} interleaved rounds")
-    print(f"{'model':<15} {'GFLOP/img':>9} {'ms/batch':>9} {'images/s':>9} {'vs CLIP-L':>9} {'vs ViT-B':>9}")
+    clip, vitb = ips.get("CLIP ViT-L/14"), ips.get("ViT-B/16-CPE")
+    load = " ".join(f"{x:.1f}" for x in os.getloadavg())
+    print(f"\n{resolution}x{resolution}, batch {a.batch}, fp32 forward, {device.type}, "
+          f"{torch.get_num_threads()} threads, median (min-max) of {a.rounds} interleaved rounds; load avg {load}")
+    print(f"{'model':<15} {'GFLOP/img':>9} {'ms/batch (min-max)':>24} {'images/s':>9} {'vs CLIP-L':>9} {'vs ViT-B':>9}")
     for n in names:
-        print(f"{n:<15} {flops[n]:>9.1f} {1000 * a.batch / ips[n]:>9.1f} {ips[n]:>9.2f} {ips[n] / clip:>8.2f}x "
-              f"{ips[n] / vitb:>8.2f}x")
+        ms = [1000 * t for t in times[n]]
+        rel_clip = f"{ips[n] / clip:>8.2f}x" if clip else f"{'-':>9}"
+        rel_vitb = f"{ips[n] / vitb:>8.2f}x" if vitb else f"{'-':>9}"
+        print(f"{n:<15} {flops[n]:>9.1f} {statistics.median(ms):>9.1f} ({min(ms):.0f}-{max(ms):.0f}){'':>3} "
+              f"{ips[n]:>9.2f} {rel_clip} {rel_vitb}")
     return ips
 
 

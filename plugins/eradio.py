@@ -37,6 +37,9 @@ Choices and why:
 * Neck fuses stages 2 and 3 at stride 16 so the patch grid matches a patch-16 ViT's and every
   teacher head/loss works unchanged.
 
+Attention backend (``attention``): ``sdpa`` (default), ``xformers`` (CUDA with the optional
+extra; otherwise one warning line and sdpa) or ``math``; ``set_attention_backend`` changes it.
+
 Variants (``variant`` argument; every field can be overridden). Parameters and forward GFLOP
 per image (FlopCounterMode, 2 per multiply-add) at 224 / 512 / 1024 px, ViT-CPE for scale:
 
@@ -73,6 +76,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from radio_core import Student, StudentOutput, hookimpl
+
+from ._common import attend, check_attention_backend
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -136,6 +141,7 @@ class WindowAttention(nn.Module):
         if dim % num_heads:
             raise ValueError(f"student 'eradio': stage dim {dim} is not divisible by num_heads {num_heads}")
         self.num_heads, self.window = num_heads, window
+        self.backend = "sdpa"  # see ERADIOStudent.set_attention_backend
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
 
@@ -162,7 +168,7 @@ class WindowAttention(nn.Module):
     def _attend(self, tokens: Tensor, mask: Optional[Tensor]) -> Tensor:
         n, t, c = tokens.shape
         q, k, v = self.qkv(tokens).reshape(n, t, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        y = attend(q, k, v, mask, self.backend)
         return self.proj(y.transpose(1, 2).reshape(n, t, c))
 
 
@@ -248,7 +254,8 @@ class ERADIOStudent(Student):
     def __init__(self, *, stem_dim: int, dims: Sequence[int], depths: Sequence[int], num_heads: Sequence[int],
                  window_size: int, embed_dim: int, mlp_ratio: float = 4.0, num_cls_tokens: int = 1,
                  summary: str = "attention", drop_path_rate: float = 0.0,
-                 mean: Sequence[float] = OPENAI_CLIP_MEAN, std: Sequence[float] = OPENAI_CLIP_STD) -> None:
+                 mean: Sequence[float] = OPENAI_CLIP_MEAN, std: Sequence[float] = OPENAI_CLIP_STD,
+                 attention: str = "sdpa") -> None:
         super().__init__()
         if len(dims) != 4 or len(depths) != 4:
             raise ValueError(f"student 'eradio': dims and depths need 4 entries (one per stage), got {dims}, {depths}")
@@ -278,10 +285,19 @@ class ERADIOStudent(Student):
         self.summary_proj = nn.Linear(embed_dim, num_cls_tokens * embed_dim) if summary == "project" else None
         self.summary_pool = AttentionPool(embed_dim, num_cls_tokens, num_heads[1]) if summary == "attention" else None
         self.apply(_init_weights)
+        self.set_attention_backend(attention)
 
     @property
     def size_multiple(self) -> int:
         return 32
+
+    def set_attention_backend(self, backend: str) -> None:
+        """``sdpa`` (default), ``xformers`` (CUDA, optional extra; else one warning line and sdpa)
+        or ``math`` (reference) for every window attention."""
+        self.attention = check_attention_backend("eradio", backend)
+        for m in self.modules():
+            if isinstance(m, WindowAttention):
+                m.backend = backend
 
     def set_window_size(self, window_size: int) -> None:
         """Change the attention window (tokens per side) of every transformer block."""
@@ -296,6 +312,10 @@ class ERADIOStudent(Student):
         if hh % 32 or ww % 32:
             raise ValueError(f"student 'eradio': input {hh}x{ww} is not a multiple of 32")
         x = (images - self.norm_mean.to(images.dtype)) / self.norm_std.to(images.dtype)
+        # Channels-last throughout: the oneDNN/cuDNN convolutions run NHWC natively, and every
+        # permute between the conv stages and the (B, H, W, C) attention stages is then a view,
+        # not a copy.
+        x = x.contiguous(memory_format=torch.channels_last)
         x = self.down1(self.stage1(self.down0(self.stage0(self.stem(x)))))
         s2 = self.stage2(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
         s3 = self.stage3(self.down2(s2).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
@@ -324,7 +344,7 @@ def build_eradio_student(variant: str = "b", *, num_cls_tokens: int = 1, stem_di
                          embed_dim: Optional[int] = None, mlp_ratio: Optional[float] = None,
                          summary: str = "attention", drop_path_rate: float = 0.0,
                          mean: Sequence[float] = OPENAI_CLIP_MEAN,
-                         std: Sequence[float] = OPENAI_CLIP_STD) -> ERADIOStudent:
+                         std: Sequence[float] = OPENAI_CLIP_STD, attention: str = "sdpa") -> ERADIOStudent:
     """E-RADIO: conv stages + windowed attention, patch tokens at stride 16 (input multiple of 32)."""
     if variant not in VARIANTS:
         raise ValueError(f"student 'eradio': unknown variant {variant!r}; variants: {', '.join(VARIANTS)}")
@@ -333,7 +353,7 @@ def build_eradio_student(variant: str = "b", *, num_cls_tokens: int = 1, stem_di
                      embed_dim=embed_dim, mlp_ratio=mlp_ratio)
     cfg.update({k: v for k, v in overrides.items() if v is not None})
     return ERADIOStudent(**cfg, num_cls_tokens=num_cls_tokens, summary=summary, drop_path_rate=drop_path_rate,
-                         mean=mean, std=std)
+                         mean=mean, std=std, attention=attention)
 
 
 @hookimpl

@@ -44,6 +44,9 @@ Recipe arguments (``student.args``; ``num_cls_tokens`` comes from the framework)
   ``global_every`` (default depth // 4), ``window_size`` (fixed mode, e.g. for eval).
 * ``spectral_reparam``, ``drop_path_rate``, ``grad_checkpointing``, ``pretrained`` (a local
   timm ViT checkpoint, or a transformers ``RadioModel`` directory such as a converted C-RADIO), ``mean`` / ``std`` (input conditioner, OpenAI CLIP statistics by default).
+* ``attention``: ``sdpa`` (default), ``xformers`` (memory-efficient kernels on CUDA when the
+  ``xformers`` extra is installed; otherwise one warning line and sdpa) or ``math`` (reference);
+  ``set_attention_backend`` changes it on a built model. The weights are the same for all three.
 
 The paper's student is ``{model: vit_huge_patch16_224, cpe_max_size: 2048, register_multiple: 8,
 spectral_reparam: true}``; a CPU quickstart uses e.g. ``{model: vit_tiny, embed_dim: 96,
@@ -62,6 +65,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from radio_core import Student, StudentOutput, hookimpl
+
+from ._common import attend, check_attention_backend
 
 #: RADIO's input conditioner defaults (OpenAI CLIP statistics).
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -184,6 +189,30 @@ def from_windows(patches: Tensor, h: int, w: int, ws: int) -> Tensor:
     return x.reshape(b, h * w, d)
 
 
+def _backend_attention_class():
+    """timm's ViT ``Attention`` (same parameters, same state-dict keys) whose attention product
+    goes through ``radio_plugins._common.attend`` with a selectable backend."""
+    from timm.models.vision_transformer import Attention
+
+    class BackendAttention(Attention):
+        backend = "sdpa"
+
+        def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
+            if is_causal:
+                raise ValueError("student 'vit': causal attention is not supported")
+            b, n, _ = x.shape
+            qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+            q, k, v = qkv.unbind(0)
+            q, k = self.q_norm(q), self.k_norm(k)
+            y = attend(q, k, v, attn_mask, self.backend, self.attn_drop.p if self.training else 0.0)
+            y = self.norm(y.transpose(1, 2).reshape(b, n, -1))
+            if getattr(self, "gate", None) is not None:
+                y = y * self.gate(x).sigmoid()
+            return self.proj_drop(self.proj(y))
+
+    return BackendAttention
+
+
 class ViTCPEStudent(Student):
     """A timm-block ViT with CPE; see the module docstring."""
 
@@ -195,7 +224,7 @@ class ViTCPEStudent(Student):
                  window_size: Optional[int] = None, grad_checkpointing: bool = False,
                  mean: Sequence[float] = OPENAI_CLIP_MEAN, std: Sequence[float] = OPENAI_CLIP_STD,
                  model_name: str = "", cpe: bool = True, pos_embed: str = "cpe",
-                 pos_grid: Optional[int] = None) -> None:
+                 pos_grid: Optional[int] = None, attention: str = "sdpa") -> None:
         super().__init__()
         from timm.layers import Mlp
         from timm.models.vision_transformer import Block
@@ -218,10 +247,11 @@ class ViTCPEStudent(Student):
                                               pos_dropout, cpe=cpe, pos_embed=pos_embed, pos_grid=pos_grid)
         norm_layer = partial(nn.LayerNorm, eps=1e-6)  # timm ViT's (and RADIO's) LayerNorm
         mlp_layer = _mlp_with_norm if mlp_norm else Mlp
+        attn_layer = _backend_attention_class()
         dpr = [x.item() for x in torch.linspace(0, drop_path_rate, depth, device="cpu")] if depth else []
         self.blocks = nn.Sequential(*[
             Block(embed_dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, init_values=init_values,
-                  drop_path=dpr[i], norm_layer=norm_layer, mlp_layer=mlp_layer)
+                  drop_path=dpr[i], norm_layer=norm_layer, mlp_layer=mlp_layer, attn_layer=attn_layer)
             for i in range(depth)])
         self.norm = norm_layer(embed_dim) if final_norm else nn.Identity()
         self.blocks.apply(_init_linear)
@@ -236,6 +266,7 @@ class ViTCPEStudent(Student):
         self.grad_checkpointing = grad_checkpointing
         #: 1-based blocks whose patch tokens forward also returns (intermediate-layer targets)
         self.intermediate_layers: tuple[int, ...] = ()
+        self.set_attention_backend(attention)
 
     # -- contract ----------------------------------------------------------------------------
     @property
@@ -251,6 +282,12 @@ class ViTCPEStudent(Student):
         if window_size is not None and int(window_size) < 1:
             raise ValueError(f"window_size must be a positive number of tokens or None, got {window_size}")
         self.window_size = int(window_size) if window_size else None
+
+    def set_attention_backend(self, backend: str) -> None:
+        """``sdpa``, ``xformers`` or ``math`` for every block (see the module docstring)."""
+        self.attention = check_attention_backend("vit", backend)
+        for block in self.blocks:
+            block.attn.backend = backend
 
     def is_global_block(self, index: int) -> bool:
         return index == self.depth - 1 or index % self.global_every == self.global_every - 1
@@ -468,7 +505,7 @@ def build_vit_student(model: str = "vit_base_patch16_224", *, num_cls_tokens: in
                       grad_checkpointing: bool = False, pretrained: Optional[str] = None,
                       mean: Sequence[float] = OPENAI_CLIP_MEAN,
                       std: Sequence[float] = OPENAI_CLIP_STD, cpe: bool = True, pos_embed: str = "cpe",
-                      pos_grid: Optional[int] = None) -> ViTCPEStudent:
+                      pos_grid: Optional[int] = None, attention: str = "sdpa") -> ViTCPEStudent:
     """ViT with CPE (any resolution/aspect), optional ViTDet windows and σReparam (RADIO's student).
 
     Args:
@@ -494,6 +531,7 @@ def build_vit_student(model: str = "vit_base_patch16_224", *, num_cls_tokens: in
         absolute position embedding: a pos_grid x pos_grid table, default the model name's
         resolution / patch else 14, bicubically resampled to each input's token grid; the CPE
         ablation's baseline). pos_grid: side of that table in tokens.
+        attention: sdpa (default), xformers (CUDA, when installed) or math (reference) kernels.
     """
     (dim0, depth0, heads0), patch0, mlp_norm0 = parse_model_name(model)
     if pos_embed == "learned" and pos_grid is None:
@@ -509,7 +547,8 @@ def build_vit_student(model: str = "vit_base_patch16_224", *, num_cls_tokens: in
         mlp_norm=mlp_norm0 if mlp_norm is None else mlp_norm, final_norm=final_norm, cpe_max_size=cpe_max_size,
         pos_dropout=pos_dropout, drop_path_rate=drop_path_rate, window_sizes=list(window_sizes or ()),
         global_every=global_every, window_size=window_size, grad_checkpointing=grad_checkpointing,
-        mean=mean, std=std, model_name=model, cpe=cpe, pos_embed=pos_embed, pos_grid=pos_grid)
+        mean=mean, std=std, model_name=model, cpe=cpe, pos_embed=pos_embed, pos_grid=pos_grid,
+        attention=attention)
     if pretrained and student.norm_mean.device.type != "meta":
         student.load_pretrained(pretrained)
     if spectral_reparam:

@@ -82,3 +82,64 @@ def test_a_changed_teacher_or_preprocessing_invalidates_the_cache(cache, tmp_pat
         Trainer(load_recipe(path, [f"output_dir={tmp_path}", f"cache.path={out}", "augment.views=3"]))
     with pytest.raises(FileNotFoundError, match="no complete teacher-feature cache"):
         FeatureCache(tmp_path / "nothing")
+
+
+def test_cache_reads_are_zero_copy_views_of_the_memory_maps(cache):
+    import numpy as np
+
+    fc = FeatureCache(cache[3])
+    summary, spatial = fc.read(1, 1)["clip"]
+    assert np.shares_memory(spatial.numpy(), fc._array("clip", "spatial"))
+    assert np.shares_memory(summary.numpy(), fc._array("clip", "summary"))
+    assert sum(fc.bytes_per_entry().values()) == sum(
+        (meta["spatial_dim"] * int(np.prod(fc._array(n, "spatial").shape[2:])) + (meta["summary_dim"] or 0)) * 2
+        for n, meta in fc.teachers.items())
+
+
+def test_pca_compressed_cache_records_and_meets_its_fidelity(cache, tmp_path):
+    from radio_core.data.cache import compress_cache
+
+    tmp, path, _, out = cache
+    fp16 = FeatureCache(out)
+    dims = {n: max(1, m["spatial_dim"] // 4) for n, m in fp16.teachers.items()}
+    pca = FeatureCache(compress_cache(out, tmp_path / "pca", dims, fit_entries=fp16.index["entries"] // 2))
+    assert set(pca.codec) == set(dims)
+    assert sum(pca.bytes_per_entry().values()) < 0.5 * sum(fp16.bytes_per_entry().values())
+    # the recorded held-out fidelity is what a reader gets back
+    n_fit = fp16.index["entries"] // 2
+    for name, f in pca.index["fidelity"].items():
+        assert f["held_out"] and f["fit_entries"] == n_fit
+        coss = []
+        for e in range(n_fit, fp16.index["entries"]):
+            ref = fp16.read(e // VIEWS, e % VIEWS)[name][1].float()
+            rec = pca.read(e // VIEWS, e % VIEWS)[name][1]
+            assert rec.shape == ref.shape and rec.dtype == torch.float32
+            coss.append(torch.nn.functional.cosine_similarity(rec, ref, dim=0).flatten())
+        assert float(torch.cat(coss).mean()) == pytest.approx(f["mean_cosine"], abs=2e-3)
+        assert 0 < f["mean_cosine"] <= 1
+    # a basis as wide as the features is exact up to fp16 rounding of the coefficients
+    full = {n: m["spatial_dim"] - 1 for n, m in fp16.teachers.items()}
+    near = FeatureCache(compress_cache(out, tmp_path / "near", full))
+    assert all(f["mean_cosine"] > 0.98 for f in near.index["fidelity"].values())
+    # same identity: training accepts the compressed cache and reads reconstructed targets
+    tr = Trainer(load_recipe(path, [f"output_dir={tmp_path / 'run'}", f"cache.path={tmp_path / 'pca'}",
+                                    "train.steps=2"]))
+    tr.fit()
+    assert (tmp_path / "run" / "checkpoints").is_dir()
+
+
+def test_prefetcher_keeps_the_order_and_raises_the_loaders_error():
+    from radio_core.train.stages import Prefetcher
+
+    assert list(Prefetcher(iter(range(7)), depth=2)) == list(range(7))
+
+    def broken():
+        yield 1
+        raise OSError("disk gone")
+
+    it = Prefetcher(broken(), depth=3)
+    assert next(it) == 1
+    with pytest.raises(OSError, match="disk gone"):
+        next(it)
+    with pytest.raises(StopIteration):
+        next(it)

@@ -12,7 +12,16 @@ the index's ``bad_images`` (training leaves such samples out of every loss term)
 Cached features are never transformed: a flipped or re-cropped feature map is not the teacher's
 feature of the flipped image, so a cache only serves the exact crops it was computed for.
 
-    python -m radio_core.data.cache RECIPE --views 4 [--out DIR] [overrides ...]
+Reads are cheap: the arrays are memory-mapped copy-on-write, so an entry is a zero-copy view of
+the page cache and the only copy is the one into the batch (``collate``); the loader reads
+ahead in a background thread or its workers (``data.prefetch``, ``data.num_workers``).
+
+Compressed option (``--pca K`` or ``compress_cache``): each teacher's spatial features are
+stored as K fp16 coefficients on a per-teacher PCA basis (fitted exactly, on every cached
+token) and reconstructed on read; the index records the basis size and its fidelity cost (mean
+cosine similarity and relative L2 error of the reconstruction against the fp16 features).
+
+    python -m radio_core.data.cache RECIPE --views 4 [--out DIR] [--pca K] [overrides ...]
 """
 from __future__ import annotations
 
@@ -79,6 +88,9 @@ class FeatureCache:
         self.length: int = self.index["data"]["length"]
         self.teachers: dict[str, dict] = self.index["teachers"]
         self._arrays: dict[tuple[str, str], np.ndarray] = {}
+        #: per-teacher PCA basis (spatial_dim, K) and mean (spatial_dim,) of a compressed cache
+        self.codec: dict = self.index.get("codec", {})
+        self._bases: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def dims(self, name: str) -> tuple[Optional[int], int]:
         t = self.teachers[name]
@@ -96,8 +108,23 @@ class FeatureCache:
     def _array(self, name: str, part: str) -> np.ndarray:
         key = (name, part)
         if key not in self._arrays:
-            self._arrays[key] = np.load(self.path / name / f"{part}.npy", mmap_mode="r")
+            # copy-on-write: writable for torch.from_numpy (no copy, no warning), file untouched
+            self._arrays[key] = np.load(self.path / name / f"{part}.npy", mmap_mode="c")
         return self._arrays[key]
+
+    def _basis(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        if name not in self._bases:
+            with np.load(self.path / name / "pca.npz") as f:
+                self._bases[name] = (torch.from_numpy(f["basis"]), torch.from_numpy(f["mean"]))
+        return self._bases[name]
+
+    def bytes_per_entry(self) -> dict[str, int]:
+        """Stored bytes per (image, view), per teacher."""
+        out = {}
+        for name, meta in self.teachers.items():
+            parts = ["spatial"] + (["summary"] if meta["summary_dim"] is not None else [])
+            out[name] = sum(self._array(name, p)[0].nbytes for p in parts)
+        return out
 
     def entry(self, index: int, view: int) -> int:
         if not 0 <= view < self.views:
@@ -105,18 +132,94 @@ class FeatureCache:
         return index * self.views + view
 
     def read(self, index: int, view: int) -> dict[str, tuple[Optional[torch.Tensor], torch.Tensor]]:
+        """Every teacher's (summary, spatial) targets of one entry: fp16 zero-copy views of the
+        memory maps (pages are read when the batch is collated), or for a PCA-compressed teacher
+        the fp32 reconstruction."""
         e = self.entry(index, view)
         out = {}
         for name, meta in self.teachers.items():
-            summary = (torch.from_numpy(np.array(self._array(name, "summary")[e]))
+            summary = (torch.from_numpy(self._array(name, "summary")[e])
                        if meta["summary_dim"] is not None else None)
-            out[name] = (summary, torch.from_numpy(np.array(self._array(name, "spatial")[e])))
+            spatial = torch.from_numpy(self._array(name, "spatial")[e])
+            if name in self.codec:
+                basis, mean = self._basis(name)  # (C, K), (C,); coefficients are (K, h, w)
+                spatial = torch.einsum("ck,khw->chw", basis, spatial.float()) + mean.view(-1, 1, 1)
+            out[name] = (summary, spatial)
         return out
 
     def __getstate__(self) -> dict:  # workers reopen their own memory maps
         state = dict(self.__dict__)
         state["_arrays"] = {}
         return state
+
+
+def compress_cache(src: str | Path, out: str | Path, dims: int | dict[str, int], chunk: int = 64,
+                   fit_entries: Optional[int] = None) -> Path:
+    """Write a copy of the fp16 cache ``src`` whose spatial features are ``dims`` PCA coefficients
+    per token (per teacher, or one number for all), with the fidelity cost in the index.
+
+    The basis is exact for the tokens it is fitted on: mean and covariance accumulate (fp64)
+    over every token of the first ``fit_entries`` entries (default: all), and the top-``dims``
+    eigenvectors are kept. The fidelity is measured on the entries not fitted on when there are
+    any (``held_out`` in the index), else on all of them. No teacher is run."""
+    source = FeatureCache(src)
+    if source.codec:
+        raise ValueError(f"cache: {src} is already compressed; compress the fp16 cache")
+    out = Path(out)
+    tmp = out.with_name(out.name + ".partial")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    n = source.index["entries"]
+    codec, fidelity = {}, {}
+    for name, meta in source.teachers.items():
+        (tmp / name).mkdir()
+        if meta["summary_dim"] is not None:
+            shutil.copyfile(source.path / name / "summary.npy", tmp / name / "summary.npy")
+        sp = source._array(name, "spatial")  # (n, C, h, w) fp16
+        c = sp.shape[1]
+        k = dims.get(name, c) if isinstance(dims, dict) else int(dims)
+        if not 0 < k < c:  # nothing to gain: keep this teacher in fp16
+            shutil.copyfile(source.path / name / "spatial.npy", tmp / name / "spatial.npy")
+            continue
+
+        def tokens(a: int, b: int) -> torch.Tensor:  # (tokens, C) fp64
+            return torch.from_numpy(sp[a:b]).double().permute(0, 2, 3, 1).reshape(-1, c)
+
+        fit = min(fit_entries or n, n)
+        total, s1, s2 = 0, torch.zeros(c, dtype=torch.float64), torch.zeros(c, c, dtype=torch.float64)
+        for a in range(0, fit, chunk):
+            x = tokens(a, min(a + chunk, fit))
+            total, s1, s2 = total + x.shape[0], s1 + x.sum(0), s2 + x.T @ x
+        mean = s1 / total
+        _, vecs = torch.linalg.eigh(s2 / total - torch.outer(mean, mean))
+        basis = vecs[:, -k:].flip(1).contiguous()  # (C, K), largest variance first
+        np.savez(tmp / name / "pca.npz", basis=basis.float().numpy(), mean=mean.float().numpy())
+        coef = np.lib.format.open_memmap(tmp / name / "spatial.npy", mode="w+", dtype=np.float16,
+                                         shape=(n, k, *sp.shape[2:]))
+        held_out = fit < n
+        count, cos_sum, err2, ref2 = 0, 0.0, 0.0, 0.0
+        for a in range(0, n, chunk):
+            x = tokens(a, a + chunk)
+            y = ((x - mean) @ basis).half()  # what is stored
+            b = min(a + chunk, n) - a
+            measured = slice((max(fit - a, 0) if held_out else 0) * (x.shape[0] // b), None)
+            rec, ref = y[measured].double() @ basis.T + mean, x[measured]
+            count += rec.shape[0]
+            cos_sum += float(torch.nn.functional.cosine_similarity(rec, ref, dim=-1).sum())
+            err2, ref2 = err2 + float(((rec - ref) ** 2).sum()), ref2 + float((ref ** 2).sum())
+            coef[a:a + b] = y.float().reshape(b, *sp.shape[2:], k).permute(0, 3, 1, 2).numpy()
+        coef.flush()
+        codec[name] = {"kind": "pca", "dims": k, "spatial_dim": c}
+        fidelity[name] = {"mean_cosine": cos_sum / max(count, 1), "relative_l2": (err2 / max(ref2, 1e-30)) ** 0.5,
+                          "held_out": held_out, "fit_entries": fit,
+                          "compression": round(c / k, 2)}
+    index = {**source.index, "codec": codec, "fidelity": fidelity}
+    (tmp / INDEX).write_text(json.dumps(index, indent=1))
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out
 
 
 def build_cache(recipe: Any, registry: Any, out: str | Path, views: int, batch_size: int = 16,
@@ -210,6 +313,8 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "python -m radio_core
     p.add_argument("--out", default=None, help="cache directory (default: cache.path of the recipe)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--teachers", nargs="*", help="cache only these teachers (default: all)")
+    p.add_argument("--pca", type=int, default=None,
+                   help="store K PCA coefficients per token instead of the fp16 features (prints the fidelity cost)")
     args = p.parse_args(argv)
     from ..recipe import RecipeError, load_recipe
     from ..registry import get_registry
@@ -225,7 +330,16 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "python -m radio_core
         print("error: give --views (or augment.views) and --out (or cache.path)", file=sys.stderr)
         return 2
     path = build_cache(recipe, get_registry(), out, views, args.batch_size, args.teachers)
-    print(f"cache written to {path}")
+    if args.pca:
+        fp16 = path.with_name(path.name + ".fp16")
+        os.replace(path, fp16)
+        path = compress_cache(fp16, path, args.pca)
+        shutil.rmtree(fp16)
+        for name, f in json.loads((path / INDEX).read_text())["fidelity"].items():
+            print(f"{name}: PCA {args.pca} dims, mean cosine {f['mean_cosine']:.4f}, relative L2 {f['relative_l2']:.4f}")
+    sizes = FeatureCache(path).bytes_per_entry()
+    print(f"cache written to {path}: {sum(sizes.values()) / 1024:.0f} KiB per image per view "
+          f"({', '.join(f'{n} {b / 1024:.0f}' for n, b in sizes.items())})")
     return 0
 
 

@@ -74,7 +74,6 @@ from pathlib import Path
 from typing import Any, Iterable, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..models.distiller import Distiller

@@ -168,6 +168,10 @@ class DataSpec(Strict):
     source: ComponentSpec = Field(default_factory=lambda: ComponentSpec(name="skimage_samples"))
     batch_size: Count = Field(8, description="per-process batch size")
     num_workers: Annotated[int, _StrictType(), Field(ge=0, le=1024)] = 0
+    #: batches read ahead in a background thread when ``num_workers`` is 0 (decoding, cropping
+    #: and teacher-feature cache reads overlap the step; worth it for big students, where the
+    #: step is long); 0 reads in the training loop.
+    prefetch: Annotated[int, _StrictType(), Field(ge=0, le=1024)] = 0
     #: write each rank's sample ids per step to ``samples_rank{r}.jsonl`` (audits data order).
     log_samples: Bool = False
     #: samples the decoder refuses are skipped and counted (``bad_images``); the run stops when

@@ -2,8 +2,10 @@
 teachers grouped by input size and a data loader positioned at the resume step."""
 from __future__ import annotations
 
+import queue
+import threading
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -78,12 +80,79 @@ def slot_runtimes(recipe: Recipe, plan: StagePlan, rank: int, step: int, source:
             dataset, batch_sampler=sampler, collate_fn=collate, num_workers=workers,
             persistent_workers=workers > 0, pin_memory=pin_memory, prefetch_factor=4 if workers > 0 else None,
             worker_init_fn=loader_worker_init if workers > 0 else None)
-        out.append(SlotRuntime(slot, group_teachers(live), dataset, iter(loader), live))
+        batches = iter(loader)
+        if workers == 0 and recipe.data.prefetch > 0:
+            batches = Prefetcher(batches, recipe.data.prefetch)
+        out.append(SlotRuntime(slot, group_teachers(live), dataset, batches, live))
     return out
+
+
+class Prefetcher:
+    """Iterates ``batches`` in a background thread, ``depth`` batches ahead of the consumer.
+
+    Decoding (PIL) and the copies out of the feature cache's memory maps release the GIL, so
+    they overlap the training step. The order is the iterator's own (resume stays exact); an
+    exception in the thread is re-raised by ``next``. The thread holds no reference to this
+    object: when the runtime is dropped, ``__del__`` stops it."""
+
+    _END = object()
+
+    def __init__(self, batches: Iterator, depth: int = 2) -> None:
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._done = False
+        threading.Thread(target=_fill, args=(batches, self._queue, self._stop, self._END), daemon=True,
+                         name="radio-prefetch").start()
+
+    def __iter__(self) -> "Prefetcher":
+        return self
+
+    def __next__(self) -> Any:
+        if self._done:
+            raise StopIteration
+        item = self._queue.get()
+        if item is self._END:
+            self._done = True
+            raise StopIteration
+        if isinstance(item, _Raised):
+            self._done = True
+            raise item.exc
+        return item
+
+    def close(self) -> None:
+        self._stop.set()
+
+    def __del__(self) -> None:
+        self._stop.set()
+
+
+class _Raised:
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+
+def _fill(batches: Iterator, q: queue.Queue, stop: threading.Event, end: object) -> None:
+    def put(item: Any) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    try:
+        for batch in batches:
+            if not put(batch):
+                return
+        put(end)
+    except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which raises it
+        put(_Raised(exc))
 
 
 def effective_batch(plan: StagePlan, grad_accum: int) -> int:
     return plan.consumption * grad_accum
 
 
-__all__ = ["SlotRuntime", "slot_teachers", "crop_size", "expected_number", "slot_runtimes", "effective_batch"]
+__all__ = ["Prefetcher", "SlotRuntime", "slot_teachers", "crop_size", "expected_number", "slot_runtimes",
+           "effective_batch"]
