@@ -239,6 +239,9 @@ def _student_args(args: Any, bb: dict[str, Tensor], num_cls: int) -> dict:
     return student
 
 
+# Long (~150 lines) on purpose, for now: one pass over the official layout (read, fold σReparam,
+# heads per teacher, summary rows, config) whose steps feed each other; splitting it is on the
+# list (CONTRIBUTING, 'Known debts').
 def load_radio_checkpoint(path: str | os.PathLike, registry=None, adaptor_names: Optional[list[str]] = None,
                           extra_safe_globals: Iterable[Any] = ()) -> RadioImport:
     """Official RADIO checkpoint -> ``vit`` student + ``mlp`` heads (fp32), built by the registry.
@@ -443,6 +446,7 @@ def _mlp_state_for_radio(head: nn.Module, where: str,
     return out, "v1"
 
 
+# Long (~100 lines) for the same reason as load_radio_checkpoint: the inverse pass, in the same order.
 def save_radio_checkpoint(model, path: str | os.PathLike) -> Path:
     """Write a ``RadioModel`` whose student is the ``vit`` plugin as an official-layout ``.pth.tar``.
 

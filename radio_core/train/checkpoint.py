@@ -21,8 +21,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from ..formats.checkpoints import (RUN_OUTPUTS, STATE_FILE, checkpoint_name, list_checkpoints, run_artifacts,
-                                   trim_jsonl, verify_checksums, write_checksums)
+from ..formats.checkpoints import (
+    RUN_OUTPUTS,
+    STATE_FILE,
+    checkpoint_name,
+    list_checkpoints,
+    run_artifacts,
+    trim_jsonl,
+    verify_checksums,
+    write_checksums,
+)
 
 
 class ResumeError(ValueError):

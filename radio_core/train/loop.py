@@ -34,10 +34,22 @@ from ..plan.partition import StagePlan, describe, plan_stages, stage_at
 from ..protocols import Teacher
 from ..recipe import Recipe, dump_recipe
 from ..registry import Registry, get_registry
-from . import setup, stages
-from .checkpoint import (Checkpointer, ResumeError, RunExistsError, TrainerState,  # noqa: F401 - re-exported
-                         check_new_run, prepare_out_dir)
-from .metrics import BadDataError, BadImageCounter, MetricsLogger, progress_bar, reduce_losses  # noqa: F401
+from . import outputs, setup, stages
+from .checkpoint import (  # noqa: F401 - re-exported
+    Checkpointer,
+    ResumeError,
+    RunExistsError,
+    TrainerState,
+    check_new_run,
+    prepare_out_dir,
+)
+from .metrics import (  # noqa: F401
+    BadDataError,
+    BadImageCounter,
+    MetricsLogger,
+    progress_bar,
+    reduce_losses,
+)
 from .objective import Objective, build_losses
 from .schedule import build_scheduler, lr_multiplier
 from .signals import StopSignals
@@ -138,17 +150,9 @@ class Trainer:
         return self.accelerator.distributed_type.value == "FSDP"
 
     def full_model(self) -> Optional[Distiller]:
-        """The trained module with all its weights, on the main process (None elsewhere). Under
-        FSDP the shards are gathered into a fresh replica: every rank must call this."""
-        acc = self.accelerator
-        if not self.sharded:
-            return self.unwrapped if acc.is_main_process else None
-        state = acc.get_state_dict(self.distiller)  # a collective; the full dict lands on rank 0
-        if not acc.is_main_process:
-            return None
-        replica = build_distiller(self.recipe, self._dims, self.registry)
-        replica.load_state_dict(state)
-        return replica.to(acc.device).train()
+        """The trained module with all its weights, on the main process (None elsewhere); every
+        rank must call it (under FSDP it gathers the shards)."""
+        return outputs.full_model(self)
 
     def lr_multiplier(self, step: int) -> float:
         sched = self.recipe.schedule
@@ -326,33 +330,17 @@ class Trainer:
         sample_log.write(json.dumps({"step": step, "keys": keys}) + "\n")
         sample_log.flush()
 
-    # ------------------------------------------------------------------ evaluation
+    # ------------------------------------------------------------------ outputs (train.outputs)
     def evaluate_fidelity(self) -> dict[str, float]:
-        """Fidelity of every head whose teacher runs on the main process (``eval.every``)."""
-        acc = self.accelerator
-        out: dict[str, float] = {}
-        model = self.full_model()
-        if acc.is_main_process and self.teachers:
-            from ..eval.training import fidelity_metrics
-
-            out = fidelity_metrics(self.out_dir, self.recipe, model, self.teachers)
-            self.distiller.train()
-        acc.wait_for_everyone()
-        return out
+        return outputs.evaluate_fidelity(self)
 
     def write_report(self) -> Optional[Path]:
-        acc = self.accelerator
-        path = None
-        model = self.full_model()
-        if acc.is_main_process:
-            from ..eval.training import write_run_report
+        return outputs.write_report(self)
 
-            path = write_run_report(self.out_dir, self.recipe, model, self.teachers)
-            acc.print(f"report written to {path}")
-        acc.wait_for_everyone()
-        return path
+    def export(self, path: Path) -> Path:
+        return outputs.export(self, path)
 
-    # ------------------------------------------------------------------ checkpoints and export
+    # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> Path:
         def saved(path: Path) -> None:
             self.registry.hook.radio_checkpoint_saved(trainer=self, path=str(path))
@@ -376,20 +364,6 @@ class Trainer:
             acc.print(f"world size changed {saved['trainer']['world_size']} -> {acc.num_processes}: "
                       f"continuing at sample {self.state.next_number}")
         acc.print(f"resumed from {path} (step {self.state.step})")
-        return path
-
-    def export(self, path: Path) -> Path:
-        """Standalone student + adaptors (safetensors) with the config needed to rebuild them."""
-        from ..formats.export import save_export
-        from ..formats.model_card import write_model_card
-
-        acc = self.accelerator
-        acc.wait_for_everyone()
-        model = self.full_model()  # under FSDP: gathered from the shards
-        if acc.is_main_process:
-            save_export(model, self.recipe, self.teachers, path)
-            write_model_card(path, json.loads((path / "config.json").read_text()), self.out_dir)
-        acc.wait_for_everyone()
         return path
 
     def request_stop(self) -> None:
