@@ -4,7 +4,7 @@ import warnings
 import pytest
 import torch
 
-from radio_core.registry import get_registry
+from radio_core.registry import PluginError, get_registry
 import radio_plugins._common as common
 from radio_plugins._common import attend, xformers_unavailable
 
@@ -79,7 +79,7 @@ def test_xformers_falls_back_to_sdpa_with_one_warning_line():
 
 
 def test_unknown_backend_is_refused_naming_the_choices():
-    with pytest.raises(ValueError, match="attention must be one of sdpa, xformers, math"):
+    with pytest.raises(PluginError, match="attention must be one of sdpa, xformers, math"):
         vit(attention="flash")
-    with pytest.raises(ValueError, match="student 'eradio': attention must be one of"):
+    with pytest.raises(PluginError, match="student .eradio.: attention must be one of"):
         eradio(attention="flash")

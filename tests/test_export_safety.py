@@ -20,7 +20,7 @@ PAYLOADS = [("radio_core.shards", "write_manifest"), ("radio_core.data.shards", 
 
 def _payload_args(name, directory):
     """Arguments with which the payload writes a file into ``directory``."""
-    return {"out": str(directory), "manifest": {"shards": []}} if name == "write_manifest" else \
+    return {"out": str(directory), "manifest": {"shards": [], "image_keys": ["jpg"]}} if name == "write_manifest" else \
         {"path": str(directory / "m"), "data": {"pwned": True}}
 
 
