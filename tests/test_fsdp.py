@@ -78,8 +78,8 @@ def test_planner_reports_per_rank_memory_under_fsdp(tmp_path, registry):
     world = 4
     ddp = load_recipe(str(tiny_recipe(tmp_path, name="ddp.yaml")))
     fsdp = load_recipe(str(tiny_recipe(tmp_path, "train.fsdp={enabled: true, wrap: [Block]}", name="fsdp.yaml")))
-    (a, *_), _ = plan(ddp, registry, world)
-    rows, layout = plan(fsdp, registry, world)
+    (a, *_), _, _ = plan(ddp, registry, world)
+    rows, layout, _ = plan(fsdp, registry, world)
     b = rows[0]
     assert "FSDP: student + heads sharded over all 4 ranks" in format_plan(rows, layout, world, fsdp)
     params = a.student.params

@@ -165,7 +165,7 @@ class Evil:
 
 STUDENT_PRETRAINED = [
     ("missing.pth", lambda p: None, "no such checkpoint file"),
-    ("adir", lambda p: p.mkdir(), "no such checkpoint file"),
+    ("adir", lambda p: p.mkdir(), "not a transformers model directory (no config.json)"),  # a folder = transformers RADIO
     ("garbage.pth", lambda p: p.write_bytes(b"garbage"), "not a readable checkpoint"),
     ("evil.pth", lambda p: torch.save({"x": Evil()}, p), "not a readable checkpoint"),
     ("list.pth", lambda p: torch.save([torch.zeros(1)], p), "not a state dict"),
