@@ -27,7 +27,7 @@ def test_weight_decay_reaches_matrices_and_sigma_reparam_gains_only(tmp_path):
             "student.patch_generator.embedder.weight"} <= decay
     assert {"student.blocks.0.attn.qkv.bias", "student.blocks.0.norm1.weight", "student.blocks.0.ls1.gamma",
             "student.patch_generator.pos_embed", "student.patch_generator.cls_token.token",
-            "summary_heads.clip.final.0.weight", "student.norm.bias"} <= no_decay
+            "summary_heads.clip.final.0.weight"} <= no_decay
     scales = [n for n in names.values() if n.endswith(".scale")]
     assert len(scales) == 2 * 6 and set(scales) <= decay  # 2 blocks x (q, k, v, proj, fc1, fc2)
 

@@ -70,5 +70,5 @@ def test_a_pydantic_args_model_is_the_schema_and_the_check():
 
 
 def test_unknown_component_name_is_an_error(capsys):
-    assert radio(["plugins", "--kind", "teacher", "dinov3"]) == 2
-    assert "no registered teacher named 'dinov3'" in capsys.readouterr().err
+    assert radio(["plugins", "--kind", "teacher", "dinov9"]) == 2
+    assert "no registered teacher named 'dinov9'" in capsys.readouterr().err

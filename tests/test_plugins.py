@@ -39,10 +39,10 @@ def test_listing_does_not_import_model_libraries():
 
 def test_unknown_name_lists_available_names(registry):
     with pytest.raises(PluginError) as e:
-        registry.get("teacher", "dinov3")
+        registry.get("teacher", "dinov9")
     msg = str(e.value)
-    assert "unknown teacher 'dinov3'" in msg and "clip, dinov2, proxy_clip" in msg and ", sam." in msg
-    assert "Did you mean 'dinov2'" in msg
+    assert "unknown teacher 'dinov9'" in msg and "clip, cradio, dinov2, dinov3, proxy_clip" in msg and ", sam," in msg
+    assert "Did you mean 'dinov3'" in msg
 
 
 def _fake_distribution(root: Path, dist: str, module: str, body: str) -> None:
