@@ -265,7 +265,7 @@ def test_high_resolution_windows_leave_low_resolution_global(monkeypatch):
     student = tiny(window_sizes=[4], global_every=2).train()
     chosen = []
     real = student._run_blocks
-    monkeypatch.setattr(student, "_run_blocks", lambda t, h, w, ws: chosen.append(ws) or real(t, h, w, ws))
+    monkeypatch.setattr(student, "_run_blocks", lambda t, h, w, ws, *rest: chosen.append(ws) or real(t, h, w, ws, *rest))
     for side in (128, 64, 96):
         student(torch.rand(1, 3, side, side))
     assert chosen == [4, None, None]

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from radio_core.registry import PluginError
 from radio_plugins.clip import make_tiny_clip
 from tiny_teachers import assert_max_abs, teacher_pixels, tokens_to_grid
 
@@ -108,19 +109,19 @@ def test_tiny_flag_caches_once_and_reloads_the_same_weights(registry, tmp_path):
 
 def test_checkpoint_of_another_architecture_is_refused_naming_both(registry, tiny_dir, tiny_clip):
     wider = make_tiny_clip(tiny_dir / "wider", width=96)
-    with pytest.raises(ValueError) as e:
+    with pytest.raises(PluginError) as e:
         registry.build("teacher", "clip", model=wider["model"], pretrained=tiny_clip["pretrained"], resolution=None)
     msg = str(e.value)
     assert wider["model"] in msg and tiny_clip["pretrained"] in msg and "size mismatch" in msg
 
 
 def test_missing_checkpoint_and_unknown_model_are_clear_errors(registry, tmp_path):
-    with pytest.raises(FileNotFoundError, match="neither an open_clip tag of 'ViT-B-32'.*nor an existing"):
+    with pytest.raises(PluginError, match="is neither an open_clip tag of 'ViT-B-32'"):
         registry.build("teacher", "clip", model="ViT-B-32", pretrained=str(tmp_path / "nope.bin"),
                        resolution=None)
-    with pytest.raises(ValueError, match="unknown open_clip model 'ViT-B-33'"):
+    with pytest.raises(PluginError, match="unknown open_clip model 'ViT-B-33'"):
         registry.build("teacher", "clip", model="ViT-B-33", resolution=None)
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(PluginError, match="does not exist"):
         registry.build("teacher", "clip", model=str(tmp_path / "cfg.json"), resolution=None)
-    with pytest.raises(ValueError, match="needs `model`"):
+    with pytest.raises(PluginError, match="needs `model`"):
         registry.build("teacher", "clip", resolution=None)
