@@ -2,6 +2,7 @@
 back give exactly SamModel.get_image_embeddings (the neck output)."""
 import pytest
 import torch
+from radio_core.registry import PluginError
 from radio_plugins.sam import SAM_MEAN, SAM_STD, make_tiny_sam
 from tiny_teachers import assert_max_abs, photos, teacher_pixels
 
@@ -47,7 +48,7 @@ def test_non_square_crop_is_padded_by_the_framework_and_the_padding_cropped(regi
 
 def test_other_resolutions_are_refused(registry, tiny_dir):
     spec = make_tiny_sam(tiny_dir / "sam64", image_size=64)
-    with pytest.raises(ValueError, match="fixed size 64x64.*drop `resolution`"):
+    with pytest.raises(PluginError, match="fixed size 64x64.*drop `resolution`"):
         registry.build("teacher", "sam", **spec, resolution=(128, 128))
 
 
@@ -64,7 +65,7 @@ def test_tiny_flag_builds_once_into_the_cache(registry, tmp_path):
 def test_checkpoint_of_another_architecture_is_refused_naming_both(registry, tiny_dir):
     small = make_tiny_sam(tiny_dir / "small", image_size=64)
     wide = make_tiny_sam(tiny_dir / "wide", image_size=64, hidden_size=96)
-    with pytest.raises(ValueError) as e:
+    with pytest.raises(PluginError) as e:
         registry.build("teacher", "sam", model=wide["model"], pretrained=small["model"], resolution=None)
     msg = str(e.value)
     assert f"checkpoint {small['model']!r}" in msg and f"architecture {wide['model']!r}" in msg
@@ -72,6 +73,6 @@ def test_checkpoint_of_another_architecture_is_refused_naming_both(registry, tin
 
 
 def test_missing_directory_is_a_clear_error(registry, tmp_path):
-    with pytest.raises(FileNotFoundError, match="local model directory .* does not exist"):
+    with pytest.raises(PluginError, match="local model directory .* does not exist"):
         registry.build("teacher", "sam", model=str(tmp_path / "sam-vit-huge"), resolution=None)
     assert SAM_MEAN == pytest.approx((123.675 / 255, 116.28 / 255, 103.53 / 255))

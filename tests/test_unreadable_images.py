@@ -9,7 +9,7 @@ from radio_core.models.distiller import Distiller
 from radio_core.protocols import TeacherOutput
 from radio_core.recipe import load_recipe
 from radio_core.registry import get_registry
-from radio_core.train.objective import Objective
+from radio_core.train.objective import Objective, build_losses
 
 from helpers import tiny_recipe
 
@@ -19,13 +19,14 @@ def test_invalid_samples_are_left_out_of_every_loss_term(tmp_path, registry):
     objective = Objective(recipe, registry, {}, set(), None)
     student = registry.build("student", "vit", model="vit_tiny", embed_dim=16, depth=1, num_heads=2, num_cls_tokens=2)
     distiller = Distiller(student, [], {}, {})
+    distiller.losses = torch.nn.ModuleDict(build_losses(recipe, registry, set()))  # as the Trainer attaches them
     g = torch.Generator().manual_seed(0)
     preds = {"clip": (torch.randn(3, 8, generator=g), torch.randn(3, 6, 4, 4, generator=g)),
              "sam": (None, torch.randn(3, 5, 4, 4, generator=g))}
     targets = {"clip": TeacherOutput(torch.randn(3, 8, generator=g), torch.randn(3, 6, 4, 4, generator=g)),
                "sam": TeacherOutput(None, torch.randn(3, 5, 4, 4, generator=g))}
     valid = torch.tensor([True, False, True])
-    masked = objective.losses(distiller, preds, targets, {}, valid)
+    masked = objective.losses(distiller, preds, targets, {}, valid=valid)
     keep = [0, 2]
     sub = objective.losses(distiller, {n: tuple(None if p is None else p[keep] for p in v) for n, v in preds.items()},
                            {n: TeacherOutput(None if t.summary is None else t.summary[keep], t.spatial[keep])
@@ -36,10 +37,10 @@ def test_invalid_samples_are_left_out_of_every_loss_term(tmp_path, registry):
     # a black image's garbage no longer moves any term
     targets["clip"].summary[1] += 100
     targets["sam"].spatial[1] *= -3
-    again = objective.losses(distiller, preds, targets, {}, valid)
+    again = objective.losses(distiller, preds, targets, {}, valid=valid)
     assert all(torch.equal(again[k], masked[k]) for k in masked)
     # no readable sample at all: zero-weighted terms only (DDP still sees every head)
-    none = objective.losses(distiller, preds, targets, {}, torch.zeros(3, dtype=torch.bool))
+    none = objective.losses(distiller, preds, targets, {}, valid=torch.zeros(3, dtype=torch.bool))
     assert set(none) == {"total"} and float(none["total"]) == 0.0
 
 
