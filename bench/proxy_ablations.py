@@ -92,12 +92,46 @@ def child_cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def eval_windows(spec: dict) -> list[tuple[int, int]]:
+    """The spec's ``eval.windows``: ``[[resolution, window], ...]`` scored in ViTDet mode."""
+    return [(int(r), int(w)) for r, w in spec.get("eval", {}).get("windows", [])]
+
+
+def complete_scores(run_dir: Path, result: dict, resolutions: Sequence[int], windows: Sequence[tuple[int, int]],
+                    smoke: bool, probe_images: Optional[int]) -> dict:
+    """A finished run's result with the evaluations it lacks added (the spec gained a resolution
+    or a window after it ran): only the missing ones run, and results.json is rewritten."""
+    from radio_proxy.downstream import evaluate_run
+
+    tried = set(result.get("meta", {}).get("evaluated", result["scores"]))
+    missing_res = [r for r in resolutions if f"student@{r}" not in tried]
+    missing_win = [(r, w) for r, w in windows if f"student@{r}w{w}" not in tried]
+    if not (missing_res or missing_win):
+        return result
+    scores = evaluate_run(run_dir, missing_res, limit=32 if smoke else None,
+                          probe_images=None if smoke else probe_images, windows=missing_win)
+    meta = scores.pop("_meta")
+    result["scores"].update(scores)
+    result["meta"].setdefault("images_per_s", {}).update(meta["images_per_s"])
+    result["meta"]["evaluated"] = sorted(tried | {f"student@{r}" for r in missing_res}
+                                         | {f"student@{r}w{w}" for r, w in missing_win})
+    write_json(run_dir / "results.json", result)
+    return result
+
+
+def write_json(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    tmp.replace(path)
+
+
 def run_one(spec: dict, spec_path: Path, arm: str, seed: int, out: Path, smoke: bool, score_teachers: bool,
             resolutions: Sequence[int], probe_images: Optional[int] = None) -> Optional[dict]:
     run_dir = out / arm / f"seed{seed}"
     done = run_dir / "results.json"
+    windows = eval_windows(spec)
     if done.is_file():
-        return json.loads(done.read_text())
+        return complete_scores(run_dir, json.loads(done.read_text()), resolutions, windows, smoke, probe_images)
     run_dir.mkdir(parents=True, exist_ok=True)
     # Several invocations may share an output dir (arms run in parallel): one run, one owner.
     lock = open(run_dir / ".lock", "w")
@@ -107,7 +141,7 @@ def run_one(spec: dict, spec_path: Path, arm: str, seed: int, out: Path, smoke: 
         print(f"{arm} seed {seed}: running in another process, skipped here", flush=True)
         return None
     if done.is_file():
-        return json.loads(done.read_text())
+        return complete_scores(run_dir, json.loads(done.read_text()), resolutions, windows, smoke, probe_images)
     recipe_path = run_dir / "arm_recipe.yaml"
     recipe_path.write_text(yaml.safe_dump(arm_recipe(spec, spec_path, arm, seed, run_dir, smoke), sort_keys=False))
     from radio_core.formats.checkpoints import list_checkpoints, run_artifacts
@@ -129,14 +163,14 @@ def run_one(spec: dict, spec_path: Path, arm: str, seed: int, out: Path, smoke: 
 
     start, cpu0 = time.perf_counter(), time.process_time()
     scores = evaluate_run(run_dir, resolutions, teachers=score_teachers, limit=32 if smoke else None,
-                          probe_images=None if smoke else probe_images)
+                          probe_images=None if smoke else probe_images, windows=windows)
     meta = scores.pop("_meta")
+    # what was asked, scored or not (a window on an all-global student is skipped, not missing)
+    meta["evaluated"] = sorted({f"student@{r}" for r in resolutions} | {f"student@{r}w{w}" for r, w in windows})
     result = {"arm": arm, "seed": seed, "scores": scores, "meta": meta,
               "seconds": {"train_wall": train_wall, "train_cpu": train_cpu, "eval_wall": time.perf_counter() - start,
                           "eval_cpu": time.process_time() - cpu0, "load_avg_1min": os.getloadavg()[0]}}
-    tmp = done.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=1))
-    tmp.replace(done)
+    write_json(done, result)
     return result
 
 
@@ -172,9 +206,11 @@ def comparison_rows(spec: dict, results: dict[str, dict[int, dict]]) -> list[str
             (c["arm"], other, m) for other in c["versus"] for m in c["metrics"]]
         margin = float(c.get("margin", 0.0))
         rows, diffs = [], []
-        for a, b, metric in pairs:
+        for a, b, metric, *other in pairs:  # [a, b, metric] or [a, b, a's metric, b's metric]
+            metric_b = other[0] if other else metric
             seeds = sorted(set(results.get(a, {})) & set(results.get(b, {})))
-            values = [(metric_value(results[a][s], metric), metric_value(results[b][s], metric)) for s in seeds]
+            values = [(metric_value(results[a][s], metric), metric_value(results[b][s], metric_b)) for s in seeds]
+            metric = metric if metric_b == metric else f"{metric} vs {metric_b}"
             values = [(x, y) for x, y in values if x is not None and y is not None]
             if not values:
                 rows.append((metric, f"{a} - {b}", "not run", "-"))
@@ -194,10 +230,14 @@ def comparison_rows(spec: dict, results: dict[str, dict[int, dict]]) -> list[str
     return lines
 
 
-def arm_table(results: dict[str, dict[int, dict]], resolutions: Sequence[int]) -> list[str]:
+def arm_table(results: dict[str, dict[int, dict]], resolutions: Sequence[int],
+              windows: Sequence[tuple[int, int]] = ()) -> list[str]:
     from radio_proxy.downstream import METRICS
 
-    cols = [f"{m}@{r}" for r in resolutions for m in METRICS if not (m == "boundary_f" and r < 128)]
+    sizes = [str(r) for r in resolutions] + [f"{r}w{w}" for r, w in windows]
+    cols = [f"{m}@{r}" for r in sizes for m in METRICS if not (m == "boundary_f" and int(r.split("w")[0]) < 128)]
+    if windows:  # columns no arm has (windows skipped on all-global students) stay out
+        cols = [c for c in cols if any(metric_value(r, c) is not None for by in results.values() for r in by.values())]
     lines = ["| arm | seeds | " + " | ".join(cols) + " | train s (cpu) |", "|---|---|" + "---|" * (len(cols) + 1)]
     for arm, by_seed in results.items():
         if not by_seed:
@@ -245,6 +285,27 @@ def speciality_rows(by_seed: dict[int, dict]) -> list[str]:
     return lines
 
 
+def throughput_rows(results: dict[str, dict[int, dict]]) -> list[str]:
+    """Students' single-process inference throughput per evaluation (median over seeds): the
+    speed side of a mode (e.g. ViTDet windows) whose quality the arm table shows."""
+    import statistics
+
+    rates: dict[str, dict[str, list[float]]] = {}
+    for arm, by_seed in results.items():
+        for r in by_seed.values():
+            for key, v in r.get("meta", {}).get("images_per_s", {}).items():
+                rates.setdefault(arm, {}).setdefault(key.removeprefix("student@"), []).append(v)
+    if not rates:
+        return []
+    cols = sorted({c for per in rates.values() for c in per}, key=lambda c: (int(c.split("w")[0]), c))
+    lines = ["Student images/s at evaluation (one process, median over seeds; other runs shared the machine):", "",
+             "| arm | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+    for arm, per in rates.items():
+        lines.append(f"| {arm} | " + " | ".join(f"{statistics.median(per[c]):.0f}" if c in per else "-"
+                                                for c in cols) + " |")
+    return lines
+
+
 def write_results(spec: dict, out: Path, results: dict, resolutions: Sequence[int], command: str,
                   teacher_arm: Optional[str], elapsed: float) -> str:
     lines = [f"Command: `{command}`", ""]
@@ -256,7 +317,8 @@ def write_results(spec: dict, out: Path, results: dict, resolutions: Sequence[in
                   *teacher_table(first), "",
                   f"### The `{teacher_arm}` student on each teacher's speciality", "",
                   *speciality_rows(results[teacher_arm]), ""]
-    lines += ["### Arms: mean ± 95% CI over seeds", "", *arm_table(results, resolutions), "",
+    lines += ["### Arms: mean ± 95% CI over seeds", "", *arm_table(results, resolutions, eval_windows(spec)), "",
+              *throughput_rows(results), "",
               "### Comparisons (paired by seed)", "", *comparison_rows(spec, results), "",
               f"Suite wall time of this invocation: {elapsed / 60:.1f} min."]
     text = "\n".join(lines) + "\n"

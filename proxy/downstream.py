@@ -132,11 +132,31 @@ def world_of_run(recipe) -> ProxyWorld:
     return world_from_args(spec.args.get("world"))
 
 
+def windowed_blocks(student) -> int:
+    """How many blocks of a student attend in ViTDet windows when a window size is set (0: the
+    student has no window mode, or every block is global)."""
+    if not hasattr(student, "set_window_size") or not hasattr(student, "is_global_block"):
+        return 0
+    return sum(not student.is_global_block(i) for i in range(len(student.blocks)))
+
+
+def _timed_score(encoder: Encoder, train: Labelled, test: Labelled, weights, metrics_wanted) -> tuple[dict, float]:
+    """Scores, and the encoder's throughput (test images per second, one forward pass each)."""
+    start = time.perf_counter()
+    encode(encoder, test.images[:200])
+    rate = min(len(test.images), 200) / (time.perf_counter() - start)
+    return score(encoder, train, test, weights, metrics_wanted), rate
+
+
 def evaluate_run(run_dir: str | Path, resolutions: Sequence[int] = (64, 128), teachers: bool = False,
                  limit: Optional[int] = None, metrics_wanted: Sequence[str] = METRICS,
-                 probe_images: Optional[int] = None) -> dict:
+                 probe_images: Optional[int] = None, windows: Sequence[tuple[int, int]] = ()) -> dict:
     """Downstream scores of a finished run's student at each resolution (and, with
-    ``teachers``, of each of its teachers), as ``{"student@64": {...}, "teacher/clip": {...}}``."""
+    ``teachers``, of each of its teachers), as ``{"student@64": {...}, "teacher/clip": {...}}``.
+
+    ``windows``: ``(resolution, window)`` pairs scored with the student in ViTDet mode
+    (``set_window_size(window)``, key ``student@128w8``); skipped for a student whose blocks are
+    all global. ``_meta["images_per_s"]`` holds each student key's single-process throughput."""
     from radio_core.eval.loading import load_run
 
     start = time.perf_counter()
@@ -147,15 +167,25 @@ def evaluate_run(run_dir: str | Path, resolutions: Sequence[int] = (64, 128), te
     weights = zero_shot_weights(run.teachers[clip_name], CLASSES, ZERO_SHOT_TEMPLATES) if clip_name else None
     head = clip_name if clip_name in run.distiller.summary_heads else None  # a student without a CLIP head
     results: dict = {}
+    rates: dict[str, float] = {}
     for res in resolutions:
-        results[f"student@{res}"] = score(student_encoder(run.distiller, head, res), train, test, weights,
-                                          metrics_wanted)
+        results[f"student@{res}"], rates[f"student@{res}"] = _timed_score(
+            student_encoder(run.distiller, head, res), train, test, weights, metrics_wanted)
+    student = run.distiller.student
+    for res, ws in windows if windowed_blocks(student) else ():
+        previous = student.window_size
+        student.set_window_size(ws)
+        try:
+            results[f"student@{res}w{ws}"], rates[f"student@{res}w{ws}"] = _timed_score(
+                student_encoder(run.distiller, head, res), train, test, weights, metrics_wanted)
+        finally:
+            student.set_window_size(previous)
     if teachers:
         for name, t in run.teachers.items():
             results[f"teacher/{name}"] = score(teacher_encoder(t, name == clip_name), train, test,
                                                weights if name == clip_name else None, metrics_wanted)
     results["_meta"] = {"eval_seconds": time.perf_counter() - start, "test_images": len(test.labels),
-                        "probe_images": len(train.labels), "chance_top1": 1 / len(CLASSES)}
+                        "probe_images": len(train.labels), "chance_top1": 1 / len(CLASSES), "images_per_s": rates}
     return results
 
 
@@ -176,14 +206,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--teachers", action="store_true", help="also score every teacher with the same protocol")
     p.add_argument("--limit", type=int, help="use only the first N images of val and test (smoke runs)")
     p.add_argument("--probe-images", type=int, help="fit the probes on the first N val images (default: all)")
+    p.add_argument("--window", type=int, nargs=2, action="append", default=[], metavar=("RES", "WINDOW"),
+                   help="also score the student in ViTDet mode: windows of WINDOW tokens at RES px (repeatable)")
     p.add_argument("--out", help="write the results as JSON here")
     args = p.parse_args(argv)
     results = evaluate_run(args.run_dir, args.resolutions, args.teachers, args.limit,
-                           probe_images=args.probe_images)
+                           probe_images=args.probe_images, windows=[tuple(w) for w in args.window])
     print(table(results))
     meta = results["_meta"]
     print(f"{meta['test_images']} test images, probes fit on {meta['probe_images']}; zero-shot chance "
           f"{meta['chance_top1']:.3f}; {meta['eval_seconds']:.0f} s")
+    print("student images/s (one process): " + ", ".join(f"{k} {v:.0f}" for k, v in meta["images_per_s"].items()))
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1))
     return 0

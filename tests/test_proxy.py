@@ -119,7 +119,7 @@ def test_ablation_suite_smoke_runs_end_to_end(tmp_path, cache):
     Checks the pipeline (training, downstream evaluation, table, resume), not the findings."""
     out = tmp_path / "abl"
     cmd = [sys.executable, str(REPO / "bench" / "proxy_ablations.py"), str(REPO / "recipes" / "proxy" / "ablations.yaml"),
-           "--smoke", "--arms", "baseline", "only_sam", "--output-dir", str(out)]
+           "--smoke", "--arms", "baseline", "only_sam", "vitdet", "--output-dir", str(out)]
     env = {**__import__("os").environ, "RADIO_PROXY_CACHE": str(cache), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
@@ -130,14 +130,26 @@ def test_ablation_suite_smoke_runs_end_to_end(tmp_path, cache):
     assert "zeroshot" in scores["teacher/clip"] and "zeroshot" not in scores["teacher/sam"]
     only_sam = json.loads((out / "only_sam" / "seed0" / "results.json").read_text())["scores"]["student@64"]
     assert "zeroshot" not in only_sam  # no CLIP teacher, no zero-shot
+    # ViTDet mode is scored only where the student has windowed blocks, with its throughput
+    vitdet = json.loads((out / "vitdet" / "seed0" / "results.json").read_text())
+    assert set(vitdet["scores"]["student@128w8"]) == {"zeroshot", "knn", "linear", "miou", "boundary_f"}
+    assert set(vitdet["meta"]["images_per_s"]) == {"student@64", "student@128", "student@128w8"}
+    assert "student@128w8" in result["meta"]["evaluated"] and "student@128w8" not in scores
     table = (out / "results.md").read_text()
     assert "| baseline | 1 |" in table and "inconclusive (one seed: no interval)" in table
-    # a relaunch finds every run done and trains nothing
-    log = out / "baseline" / "seed0" / "train.log"
-    size = log.stat().st_size
+    assert "miou@128w8 vs miou@128 | vitdet - baseline" in table and "| vitdet |" in table
+    # a relaunch finds every run done and trains nothing; an evaluation the spec gained since
+    # (here: the windowed one, forgotten) is added without training
+    del vitdet["scores"]["student@128w8"]
+    vitdet["meta"]["evaluated"].remove("student@128w8")
+    (out / "vitdet" / "seed0" / "results.json").write_text(json.dumps(vitdet))
+    logs = {arm: (out / arm / "seed0" / "train.log").stat().st_size for arm in ("baseline", "vitdet")}
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0 and log.stat().st_size == size
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert {arm: (out / arm / "seed0" / "train.log").stat().st_size for arm in logs} == logs
     assert json.loads((out / "baseline" / "seed0" / "results.json").read_text()) == result
+    again = json.loads((out / "vitdet" / "seed0" / "results.json").read_text())
+    assert "student@128w8" in again["scores"] and "student@128w8" in again["meta"]["evaluated"]
 
 
 def _bench():

@@ -81,6 +81,21 @@ def test_intermediate_layer_target_trains_its_head_on_that_block(tmp_path):
     assert "loss/dino_mid/spatial" in metrics(tmp_path / "run")[-1]
 
 
+def test_intermediate_layer_head_of_a_teacher_absent_from_the_batch_still_touches_its_parameters(tmp_path, registry):
+    """A rank group without the intermediate-layer teacher (e.g. the SAM group) runs its head on
+    one stand-in token, which must carry the intermediate layer too (it once raised KeyError)."""
+    from radio_core.models.distiller import build_distiller
+
+    recipe = load_recipe(tiny_recipe(tmp_path, "teachers.dino_mid={plugin: dinov2, args: {tiny: true, layer: 1}, "
+                                               "use_summary: false, student_layer: 1}"))
+    distiller = build_distiller(recipe, {"clip": (32, 64), "dino": (64, 64), "sam": (None, 32),
+                                         "dino_mid": (None, 64)}, registry)
+    _, preds = distiller(torch.rand(2, 3, 64, 64), return_predictions=True, active={"sam"})
+    assert preds["sam"][1].shape[0] == 2 and preds["dino_mid"][1].shape == (1, 64, 1, 1)
+    preds["dino_mid"][1].sum().backward()  # the stand-in reaches the head's parameters
+    assert all(p.grad is not None for p in distiller.spatial_heads["dino_mid"].parameters())
+
+
 def test_combinations_that_cannot_work_are_refused(tmp_path):
     from radio_core.plan.checks import check_recipe
     from radio_core.registry import get_registry

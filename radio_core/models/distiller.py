@@ -75,7 +75,8 @@ class Distiller(nn.Module):
             return out
         token = None
         if active is not None and any(h.name not in active for h in self.heads):
-            token = StudentOutput(summary=out.summary[:1], patches=out.patches[:1, :1], grid=(1, 1))
+            token = StudentOutput(summary=out.summary[:1], patches=out.patches[:1, :1], grid=(1, 1),
+                                  intermediates={k: v[:1, :1] for k, v in out.intermediates.items()})
         return out, {h.name: self.predict(out if token is None or h.name in active else token, h.name)
                      for h in self.heads}
 
