@@ -89,3 +89,22 @@ def test_each_teacher_reads_its_own_summary_and_resampling_is_learned(registry):
     out.summary[:, 1].sum().backward()
     assert student.summary_pool.query.grad[1].abs().sum() > 0 and student.summary_pool.query.grad[0].abs().sum() == 0
     assert sub.down.weight.grad is not None and sub.up.weight.grad is not None
+
+
+def test_summary_pool_equals_attention_over_projected_tokens_in_value_and_gradient():
+    """The pool moves W_k/W_v onto the queries; it must stay the same function (and gradient)
+    as attending with keys and values projected from every token."""
+    from radio_plugins.eradio import AttentionPool
+
+    torch.manual_seed(0)
+    pool = AttentionPool(48, num_queries=3, num_heads=4).double()
+    with torch.no_grad():  # a non-trivial bias and norm, so no term can vanish by initialisation
+        for p in pool.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    x = torch.randn(2, 37, 48, dtype=torch.float64, requires_grad=True)
+    fast, slow = pool(x), pool.reference(x)
+    torch.testing.assert_close(fast, slow, rtol=1e-10, atol=1e-10)
+    g_fast = torch.autograd.grad(fast.square().sum(), [x, *pool.parameters()])
+    g_slow = torch.autograd.grad(slow.square().sum(), [x, *pool.parameters()])
+    for a, b in zip(g_fast, g_slow):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
