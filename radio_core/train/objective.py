@@ -181,7 +181,7 @@ class Objective:
         return tuple(options[_mix(self.recipe.train.seed, step, 0x5E5) % len(options)])
 
     def losses(self, distiller: Distiller, preds: dict, targets: dict[str, TeacherOutput],
-               scale: dict[str, float], geometry: Optional[dict[str, CropGeometry]] = None,
+               scale: dict[str, float], *, geometry: Optional[dict[str, CropGeometry]] = None,
                valid: Optional[Tensor] = None) -> dict[str, Tensor]:
         """Per-teacher summary and spatial losses (unweighted) plus the weighted ``total``.
 
@@ -260,8 +260,8 @@ class Objective:
             student_in = preprocess.resize(images01, resolution)
         with acc.autocast():
             _, preds = model(student_in, return_predictions=True, active=set(targets))
-        return self.losses(distiller, preds, targets, stage.teacher_scale(acc.num_processes), geometry,
-                           batch.get("valid"))
+        return self.losses(distiller, preds, targets, stage.teacher_scale(acc.num_processes), geometry=geometry,
+                           valid=batch.get("valid"))
 
     def shifted_views(self, rt: SlotRuntime, images01: Tensor, resolution: tuple[int, int]):
         """Shift-equivariant distillation: the student's window of each crop (resized to its
