@@ -11,7 +11,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator, Optional, Sequence, Union
+from typing import Callable, Iterator, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -70,6 +70,34 @@ def randomize_(model: nn.Module, seed: int) -> None:
             else:
                 p.copy_(0.1 * noise)
 
+
+
+def tiny_config(plugin: str, defaults: dict, overrides: dict) -> dict:
+    """A tiny model's config: ``defaults`` with ``overrides``, refusing keys it does not have."""
+    unknown = set(overrides) - set(defaults)
+    if unknown:
+        raise ValueError(f"{plugin} tiny: unknown options {sorted(unknown)}; known: {sorted(defaults)}")
+    return {**defaults, **overrides}
+
+
+def seeded_random(build: Callable[[], nn.Module], seed: int) -> nn.Module:
+    """``build()`` under ``seed`` (the global RNG left as it was), then every parameter drawn by
+    ``randomize_``: libraries initialise some tables to zero, which would hide layout errors."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = build()
+    randomize_(net, seed)
+    return net
+
+
+def save_tiny_pretrained(directory: Union[str, Path], seed: int, build: Callable[[], nn.Module]) -> dict:
+    """A tiny random transformers model written with ``save_pretrained`` into ``directory``
+    (atomically; nothing is built when it is already there). Returns the factory args that load
+    it: ``{"model": dir}``."""
+    directory = Path(directory)
+    if not (directory / "config.json").is_file():
+        write_atomically(directory, lambda tmp: seeded_random(build, seed).save_pretrained(tmp))
+    return {"model": str(directory)}
 
 # --------------------------------------------------------------------------- open_clip tiny models
 

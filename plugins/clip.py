@@ -38,8 +38,8 @@ from torch import Tensor, nn
 
 from radio_core import Teacher, TeacherOutput, hookimpl
 
-from ._common import (OPEN_CLIP_CHECKPOINT, TINY_SIGLIP_TIMM_MODEL, config_hash, randomize_, register_tiny_timm_models,
-                      teacher_facts, write_atomically)
+from ._common import (OPEN_CLIP_CHECKPOINT, TINY_SIGLIP_TIMM_MODEL, config_hash, register_tiny_timm_models,
+                      seeded_random, teacher_facts, tiny_config, write_atomically)
 
 PLUGIN = "clip"
 
@@ -241,10 +241,7 @@ def make_tiny_clip(directory: Union[str, Path], seed: int = 0, **overrides: Any)
     import open_clip
 
     register_tiny_timm_models()
-    unknown = set(overrides) - set(TINY_CLIP)
-    if unknown:
-        raise ValueError(f"{PLUGIN} tiny: unknown options {sorted(unknown)}; known: {sorted(TINY_CLIP)}")
-    cfg = {**TINY_CLIP, **overrides}
+    cfg = tiny_config(PLUGIN, TINY_CLIP, overrides)
     name = f"radio-tiny-clip-{config_hash({**cfg, 'seed': seed})}"
     directory = Path(directory)
     spec = {"model": str(directory / f"{name}.json"), "pretrained": str(directory / CHECKPOINT_FILE)}
@@ -257,11 +254,7 @@ def make_tiny_clip(directory: Union[str, Path], seed: int = 0, **overrides: Any)
         # The classes open_clip.create_model instantiates for this config (the config is only
         # registered with open_clip when loaded, from its final location).
         model_cls = open_clip.CustomTextCLIP if model_cfg.pop("custom_text", False) else open_clip.CLIP
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            clip = model_cls(**model_cfg)
-        randomize_(clip, seed)
-        torch.save(clip.state_dict(), tmp / CHECKPOINT_FILE)
+        torch.save(seeded_random(lambda: model_cls(**model_cfg), seed).state_dict(), tmp / CHECKPOINT_FILE)
 
     write_atomically(directory, write)
     return spec

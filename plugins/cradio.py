@@ -30,8 +30,8 @@ from torch import Tensor, nn
 
 from radio_core import Teacher, TeacherOutput, hookimpl
 
-from ._common import (hf_network, load_hf_config, randomize_, resolve_model, teacher_facts, tiny_dir,
-                      write_atomically)
+from ._common import (hf_network, load_hf_config, resolve_model, save_tiny_pretrained, teacher_facts, tiny_config,
+                      tiny_dir)
 
 PLUGIN = "cradio"
 DEFAULT_RESOLUTION = (512, 512)
@@ -125,21 +125,8 @@ def make_tiny_cradio(directory: Union[str, Path], seed: int = 0, **overrides: An
     (unless it is already there); returns ``{"model": dir}``."""
     from transformers import RadioConfig, RadioModel
 
-    unknown = set(overrides) - set(TINY_CRADIO)
-    if unknown:
-        raise ValueError(f"{PLUGIN} tiny: unknown options {sorted(unknown)}; known: {sorted(TINY_CRADIO)}")
-    cfg = {**TINY_CRADIO, **overrides}
-    directory = Path(directory)
-    if not (directory / "config.json").is_file():
-        def write(tmp: Path) -> None:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
-                net = RadioModel(RadioConfig(**cfg))
-            randomize_(net, seed)
-            net.save_pretrained(tmp)
-
-        write_atomically(directory, write)
-    return {"model": str(directory)}
+    cfg = tiny_config(PLUGIN, TINY_CRADIO, overrides)
+    return save_tiny_pretrained(directory, seed, lambda: RadioModel(RadioConfig(**cfg)))
 
 
 @hookimpl

@@ -29,8 +29,8 @@ from torch import Tensor, nn
 
 from radio_core import Teacher, TeacherOutput, hookimpl
 
-from ._common import (LayerTap, config_hash, hf_network, load_hf_config, randomize_, resolve_model, teacher_facts,
-                      write_atomically)
+from ._common import (LayerTap, config_hash, hf_network, load_hf_config, resolve_model, save_tiny_pretrained,
+                      teacher_facts, tiny_config)
 
 PLUGIN = "dinov2"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -139,26 +139,15 @@ def make_tiny_dinov2(directory: Union[str, Path], seed: int = 0, **overrides: An
     (unless it is already there); returns the factory args that load it: ``{"model": dir}``."""
     from transformers import Dinov2Config, Dinov2Model, Dinov2WithRegistersConfig, Dinov2WithRegistersModel
 
-    unknown = set(overrides) - set(TINY_DINOV2)
-    if unknown:
-        raise ValueError(f"{PLUGIN} tiny: unknown options {sorted(unknown)}; known: {sorted(TINY_DINOV2)}")
-    cfg = {**TINY_DINOV2, **overrides}
-    directory = Path(directory)
-    if not (directory / "config.json").is_file():
-        registers = cfg.pop("registers")
+    cfg = tiny_config(PLUGIN, TINY_DINOV2, overrides)
+    registers = cfg.pop("registers")
 
-        def write(tmp: Path) -> None:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
-                if registers:
-                    net = Dinov2WithRegistersModel(Dinov2WithRegistersConfig(num_register_tokens=registers, **cfg))
-                else:
-                    net = Dinov2Model(Dinov2Config(**cfg))
-            randomize_(net, seed)
-            net.save_pretrained(tmp)
+    def build() -> nn.Module:
+        if registers:
+            return Dinov2WithRegistersModel(Dinov2WithRegistersConfig(num_register_tokens=registers, **cfg))
+        return Dinov2Model(Dinov2Config(**cfg))
 
-        write_atomically(directory, write)
-    return {"model": str(directory)}
+    return save_tiny_pretrained(directory, seed, build)
 
 
 def _tiny_dir(cache_dir: Optional[str], overrides: dict) -> Path:

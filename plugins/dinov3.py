@@ -27,8 +27,8 @@ from torch import Tensor, nn
 
 from radio_core import Teacher, TeacherOutput, hookimpl
 
-from ._common import (LayerTap, hf_network, load_hf_config, randomize_, resolve_model, teacher_facts, tiny_dir,
-                      write_atomically)
+from ._common import (LayerTap, hf_network, load_hf_config, resolve_model, save_tiny_pretrained, teacher_facts,
+                      tiny_config, tiny_dir)
 
 PLUGIN = "dinov3"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -135,21 +135,8 @@ def make_tiny_dinov3(directory: Union[str, Path], seed: int = 0, **overrides: An
     it is already there); returns ``{"model": dir}``."""
     from transformers import DINOv3ViTConfig, DINOv3ViTModel
 
-    unknown = set(overrides) - set(TINY_DINOV3)
-    if unknown:
-        raise ValueError(f"{PLUGIN} tiny: unknown options {sorted(unknown)}; known: {sorted(TINY_DINOV3)}")
-    cfg = {**TINY_DINOV3, **overrides}
-    directory = Path(directory)
-    if not (directory / "config.json").is_file():
-        def write(tmp: Path) -> None:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
-                net = DINOv3ViTModel(DINOv3ViTConfig(**cfg))
-            randomize_(net, seed)
-            net.save_pretrained(tmp)
-
-        write_atomically(directory, write)
-    return {"model": str(directory)}
+    cfg = tiny_config(PLUGIN, TINY_DINOV3, overrides)
+    return save_tiny_pretrained(directory, seed, lambda: DINOv3ViTModel(DINOv3ViTConfig(**cfg)))
 
 
 @hookimpl

@@ -29,7 +29,8 @@ from torch import Tensor, nn
 
 from radio_core import Teacher, TeacherOutput, hookimpl
 
-from ._common import config_hash, hf_network, load_hf_config, randomize_, resolve_model, teacher_facts, write_atomically
+from ._common import (config_hash, hf_network, load_hf_config, resolve_model, save_tiny_pretrained, teacher_facts,
+                      tiny_config)
 
 PLUGIN = "sam"
 SAM_MEAN = (123.675 / 255, 116.28 / 255, 103.53 / 255)
@@ -109,30 +110,18 @@ def make_tiny_sam(directory: Union[str, Path], seed: int = 0, **overrides: Any) 
     (unless it is already there); returns the factory args that load it: ``{"model": dir}``."""
     from transformers import SamConfig, SamMaskDecoderConfig, SamModel, SamPromptEncoderConfig, SamVisionConfig
 
-    unknown = set(overrides) - set(TINY_SAM)
-    if unknown:
-        raise ValueError(f"{PLUGIN} tiny: unknown options {sorted(unknown)}; known: {sorted(TINY_SAM)}")
-    cfg = {**TINY_SAM, **overrides}
-    directory = Path(directory)
-    if not (directory / "config.json").is_file():
+    cfg = tiny_config(PLUGIN, TINY_SAM, overrides)
+
+    def build() -> nn.Module:  # SAM initialises position tables to zero: seeded_random draws them all
         channels = cfg["output_channels"]
         prompt = SamPromptEncoderConfig(hidden_size=channels, image_size=cfg["image_size"],
                                         patch_size=cfg["patch_size"], mask_input_channels=4)
         decoder = SamMaskDecoderConfig(hidden_size=channels, num_hidden_layers=1, num_attention_heads=2,
                                        mlp_dim=2 * channels, iou_head_hidden_dim=channels)
-        config = SamConfig(vision_config=SamVisionConfig(**cfg).to_dict(), prompt_encoder_config=prompt.to_dict(),
-                           mask_decoder_config=decoder.to_dict())
+        return SamModel(SamConfig(vision_config=SamVisionConfig(**cfg).to_dict(), prompt_encoder_config=prompt.to_dict(),
+                                  mask_decoder_config=decoder.to_dict()))
 
-        def write(tmp: Path) -> None:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
-                net = SamModel(config)
-            # SAM initialises position tables to zero and weights near zero: randomise all.
-            randomize_(net, seed)
-            net.save_pretrained(tmp)
-
-        write_atomically(directory, write)
-    return {"model": str(directory)}
+    return save_tiny_pretrained(directory, seed, build)
 
 
 def _tiny_dir(cache_dir: Optional[str], overrides: dict) -> Path:

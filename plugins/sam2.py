@@ -28,7 +28,8 @@ from torch import Tensor, nn
 
 from radio_core import Teacher, TeacherOutput, hookimpl
 
-from ._common import hf_vision_encoder, load_hf_config, randomize_, resolve_model, teacher_facts, tiny_dir, write_atomically
+from ._common import (hf_vision_encoder, load_hf_config, resolve_model, save_tiny_pretrained, teacher_facts,
+                      tiny_config, tiny_dir)
 
 PLUGIN = "sam2"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -116,12 +117,9 @@ def make_tiny_sam2(directory: Union[str, Path], seed: int = 0, **overrides: Any)
     from transformers import (Sam2Config, Sam2HieraDetConfig, Sam2MaskDecoderConfig, Sam2Model,
                               Sam2PromptEncoderConfig, Sam2VisionConfig)
 
-    unknown = set(overrides) - set(TINY_SAM2)
-    if unknown:
-        raise ValueError(f"{PLUGIN} tiny: unknown options {sorted(unknown)}; known: {sorted(TINY_SAM2)}")
-    cfg = {**TINY_SAM2, **overrides}
-    directory = Path(directory)
-    if not (directory / "config.json").is_file():
+    cfg = tiny_config(PLUGIN, TINY_SAM2, overrides)
+
+    def build() -> nn.Module:
         hidden, side, fpn = cfg["hidden_size"], cfg["image_size"], cfg["fpn_hidden_size"]
         dims = [hidden * 2 ** i for i in range(4)]
         hiera = Sam2HieraDetConfig(hidden_size=hidden, num_attention_heads=1, image_size=[side, side],
@@ -136,18 +134,10 @@ def make_tiny_sam2(directory: Union[str, Path], seed: int = 0, **overrides: Any)
         prompt = Sam2PromptEncoderConfig(hidden_size=fpn, image_size=side, patch_size=16)
         decoder = Sam2MaskDecoderConfig(hidden_size=fpn, num_hidden_layers=1, num_attention_heads=2,
                                         mlp_dim=2 * fpn, iou_head_hidden_dim=fpn)
-        config = Sam2Config(vision_config=vision.to_dict(), prompt_encoder_config=prompt.to_dict(),
-                            mask_decoder_config=decoder.to_dict())
+        return Sam2Model(Sam2Config(vision_config=vision.to_dict(), prompt_encoder_config=prompt.to_dict(),
+                                    mask_decoder_config=decoder.to_dict()))
 
-        def write(tmp: Path) -> None:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
-                net = Sam2Model(config)
-            randomize_(net, seed)  # position tables start at zero: randomise all
-            net.save_pretrained(tmp)
-
-        write_atomically(directory, write)
-    return {"model": str(directory)}
+    return save_tiny_pretrained(directory, seed, build)
 
 
 @hookimpl

@@ -33,7 +33,8 @@ from torch import Tensor, nn
 
 from radio_core import Teacher, TeacherOutput, hookimpl
 
-from ._common import hf_vision_encoder, load_hf_config, randomize_, resolve_model, teacher_facts, tiny_dir, write_atomically
+from ._common import (hf_vision_encoder, load_hf_config, resolve_model, save_tiny_pretrained, teacher_facts,
+                      tiny_config, tiny_dir)
 
 PLUGIN = "sam3"
 SAM3_MEAN = SAM3_STD = (0.5, 0.5, 0.5)
@@ -121,33 +122,23 @@ def make_tiny_sam3(directory: Union[str, Path], seed: int = 0, **overrides: Any)
     there); returns ``{"model": dir}``."""
     from transformers import Sam3Config, Sam3Model, Sam3VisionConfig, Sam3ViTConfig
 
-    unknown = set(overrides) - set(TINY_SAM3)
-    if unknown:
-        raise ValueError(f"{PLUGIN} tiny: unknown options {sorted(unknown)}; known: {sorted(TINY_SAM3)}")
-    cfg = {**TINY_SAM3, **overrides}
-    directory = Path(directory)
-    if not (directory / "config.json").is_file():
-        fpn = cfg.pop("fpn_hidden_size")
-        side = cfg["image_size"]
-        vit = Sam3ViTConfig(patch_size=14, **cfg)
+    cfg = tiny_config(PLUGIN, TINY_SAM3, overrides)
+
+    def build() -> nn.Module:
+        vit_cfg = dict(cfg)
+        fpn = vit_cfg.pop("fpn_hidden_size")
+        side = vit_cfg["image_size"]
+        vit = Sam3ViTConfig(patch_size=14, **vit_cfg)
         vision = Sam3VisionConfig(backbone_config=vit.to_dict(), fpn_hidden_size=fpn,
                                   backbone_feature_sizes=[[side // 14 * 4] * 2, [side // 14 * 2] * 2, [side // 14] * 2])
         small = dict(hidden_size=fpn, num_layers=1, num_attention_heads=2, intermediate_size=2 * fpn)
         text = dict(model_type="clip_text_model", vocab_size=49408, hidden_size=fpn, intermediate_size=2 * fpn,
                     projection_dim=fpn, num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=32)
-        config = Sam3Config(vision_config=vision.to_dict(), text_config=text, geometry_encoder_config=small,
-                            detr_encoder_config=small, detr_decoder_config=small,
-                            mask_decoder_config=dict(hidden_size=fpn, num_upsampling_stages=3))
+        return Sam3Model(Sam3Config(vision_config=vision.to_dict(), text_config=text, geometry_encoder_config=small,
+                                    detr_encoder_config=small, detr_decoder_config=small,
+                                    mask_decoder_config=dict(hidden_size=fpn, num_upsampling_stages=3)))
 
-        def write(tmp: Path) -> None:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
-                net = Sam3Model(config)
-            randomize_(net, seed)
-            net.save_pretrained(tmp)
-
-        write_atomically(directory, write)
-    return {"model": str(directory)}
+    return save_tiny_pretrained(directory, seed, build)
 
 
 @hookimpl

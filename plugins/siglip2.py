@@ -34,8 +34,8 @@ from torch import Tensor
 
 from radio_core import Teacher, TeacherOutput, get_registry, hookimpl
 
-from ._common import (OPEN_CLIP_CHECKPOINT, TINY_SIGLIP_TIMM_MODEL, config_hash, randomize_, register_tiny_timm_models,
-                      teacher_facts, tiny_dir, write_atomically)
+from ._common import (OPEN_CLIP_CHECKPOINT, TINY_SIGLIP_TIMM_MODEL, config_hash, register_tiny_timm_models,
+                      seeded_random, teacher_facts, tiny_config, tiny_dir, write_atomically)
 
 PLUGIN = "siglip2"
 DEFAULT_MODEL, DEFAULT_TAG = "ViT-gopt-16-SigLIP2-384", "webli"
@@ -126,10 +126,7 @@ def make_tiny_siglip2(directory: Union[str, Path], seed: int = 0, **overrides: A
     import open_clip
 
     register_tiny_timm_models()
-    unknown = set(overrides) - set(TINY_SIGLIP2)
-    if unknown:
-        raise ValueError(f"{PLUGIN} tiny: unknown options {sorted(unknown)}; known: {sorted(TINY_SIGLIP2)}")
-    cfg = {**TINY_SIGLIP2, **overrides}
+    cfg = tiny_config(PLUGIN, TINY_SIGLIP2, overrides)
     # (open_clip picks the Gemma tokenizer, a download, for names containing "siglip")
     name = f"radio-tiny-sl2-{config_hash({**cfg, 'seed': seed})}"
     directory = Path(directory)
@@ -150,11 +147,8 @@ def make_tiny_siglip2(directory: Union[str, Path], seed: int = 0, **overrides: A
     def write(tmp: Path) -> None:
         (tmp / f"{name}.json").write_text(json.dumps(model_cfg, indent=2))
         kwargs = {k: v for k, v in model_cfg.items() if k != "custom_text"}
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            clip = open_clip.CustomTextCLIP(**kwargs)
-        randomize_(clip, seed)
-        torch.save(clip.state_dict(), tmp / OPEN_CLIP_CHECKPOINT)
+        torch.save(seeded_random(lambda: open_clip.CustomTextCLIP(**kwargs), seed).state_dict(),
+                   tmp / OPEN_CLIP_CHECKPOINT)
 
     write_atomically(directory, write)
     return spec
