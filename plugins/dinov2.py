@@ -23,18 +23,14 @@ import os
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
-import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import nn
 
-from radio_core import Teacher, TeacherOutput, hookimpl
+from radio_core import hookimpl
 
-from ._common import (LayerTap, config_hash, hf_network, load_hf_config, resolve_model, save_tiny_pretrained,
-                      teacher_facts, tiny_config)
+from ._common import (IMAGENET_MEAN, IMAGENET_STD, ClsTokenViTTeacher, config_hash, grid_size, hf_network,  # noqa: F401
+                      load_hf_config, resolve_model, save_tiny_pretrained, teacher_facts, tiny_config)
 
 PLUGIN = "dinov2"
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_RESOLUTION = (224, 224)
 MODEL_TYPES = ("dinov2", "dinov2_with_registers")
 
@@ -57,42 +53,21 @@ TINY_DINOV2 = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, p
                    mlp_ratio=4, registers=0)
 
 
-class Dinov2Teacher(Teacher):
+class Dinov2Teacher(ClsTokenViTTeacher):
     """A transformers Dinov2Model / Dinov2WithRegistersModel."""
+
+    PLUGIN = PLUGIN
 
     def __init__(self, model: nn.Module, input_size: tuple[int, int],
                  upsample_to: Optional[tuple[int, int]] = None, layer: Optional[int] = None) -> None:
-        super().__init__()
-        self.model = model
-        #: intermediate-layer target: block ``layer``'s tokens through the final norm
-        self.layer = LayerTap(PLUGIN, model.encoder.layer, layer).index
-        config = model.config
-        self.num_registers = int(getattr(config, "num_register_tokens", 0) or 0)
-        self.input_size = tuple(input_size)
-        self.patch_size = int(config.patch_size)
-        self.mean, self.std = IMAGENET_MEAN, IMAGENET_STD
-        self.summary_dim = self.spatial_dim = int(config.hidden_size)
-        self.resize_mode = "resize"
-        self.upsample_to = upsample_to
+        super().__init__(model, input_size, int(getattr(model.config, "num_register_tokens", 0) or 0),
+                         upsample_to, layer)
 
-    def fingerprint(self) -> str:
-        base = super().fingerprint()
-        return base if self.layer is None else f"{base}-layer{self.layer}"
+    def blocks(self) -> nn.ModuleList:
+        return self.model.encoder.layer
 
-    @torch.no_grad()
-    def forward(self, images: Tensor) -> TeacherOutput:
-        # [CLS, registers..., patches] after the final layernorm
-        with LayerTap(PLUGIN, self.model.encoder.layer, self.layer) as tap:
-            tokens = self.model(pixel_values=images).last_hidden_state
-        if tap.index is not None:  # the tapped block's tokens, normalised like the final ones
-            tokens = self.model.layernorm(tap.output)
-        b, _, height, width = images.shape
-        h, w = height // self.patch_size, width // self.patch_size
-        patches = tokens[:, 1 + self.num_registers:]
-        spatial = patches.transpose(1, 2).reshape(b, -1, h, w)
-        if self.upsample_to is not None and tuple(self.upsample_to) != (h, w):
-            spatial = F.interpolate(spatial, size=self.upsample_to, mode="bilinear", align_corners=False)
-        return TeacherOutput(summary=tokens[:, 0], spatial=spatial)
+    def final_norm(self) -> nn.Module:
+        return self.model.layernorm
 
 
 def build_dinov2_teacher(model: Optional[str] = None, pretrained: Optional[str] = None, *,
@@ -121,9 +96,7 @@ def build_dinov2_teacher(model: Optional[str] = None, pretrained: Optional[str] 
     model_cls = Dinov2WithRegistersModel if config.model_type == "dinov2_with_registers" else Dinov2Model
     net = hf_network(PLUGIN, model_cls, model, pretrained, config, meta)
     size = tuple(resolution) if resolution is not None else DEFAULT_RESOLUTION
-    if upsample_to is not None:
-        upsample_to = tuple(upsample_to) if isinstance(upsample_to, (list, tuple)) else (upsample_to, upsample_to)
-    return Dinov2Teacher(net, input_size=size, upsample_to=upsample_to, layer=layer).freeze()
+    return Dinov2Teacher(net, input_size=size, upsample_to=grid_size(upsample_to), layer=layer).freeze()
 
 
 def describe(model: Optional[str] = None, pretrained: Optional[str] = None, **kwargs: Any) -> dict:

@@ -21,18 +21,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
-import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import nn
 
-from radio_core import Teacher, TeacherOutput, hookimpl
+from radio_core import hookimpl
 
-from ._common import (LayerTap, hf_network, load_hf_config, resolve_model, save_tiny_pretrained, teacher_facts,
-                      tiny_config, tiny_dir)
+from ._common import (ClsTokenViTTeacher, grid_size, hf_network, load_hf_config, resolve_model, save_tiny_pretrained,
+                      teacher_facts, tiny_config, tiny_dir)
 
 PLUGIN = "dinov3"
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_RESOLUTION = (224, 224)
 MODEL_TYPES = ("dinov3_vit",)
 
@@ -60,41 +56,20 @@ TINY_DINOV3 = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, n
                    image_size=224, num_register_tokens=4, use_gated_mlp=False)
 
 
-class Dinov3Teacher(Teacher):
+class Dinov3Teacher(ClsTokenViTTeacher):
     """A transformers DINOv3ViTModel."""
+
+    PLUGIN = PLUGIN
 
     def __init__(self, model: nn.Module, input_size: tuple[int, int],
                  upsample_to: Optional[tuple[int, int]] = None, layer: Optional[int] = None) -> None:
-        super().__init__()
-        self.model = model
-        #: intermediate-layer target: block ``layer``'s tokens through the final norm
-        self.layer = LayerTap(PLUGIN, model.model.layer, layer).index
-        config = model.config
-        self.num_registers = int(config.num_register_tokens or 0)
-        self.input_size = tuple(input_size)
-        self.patch_size = int(config.patch_size)
-        self.mean, self.std = IMAGENET_MEAN, IMAGENET_STD
-        self.summary_dim = self.spatial_dim = int(config.hidden_size)
-        self.resize_mode = "resize"
-        self.upsample_to = upsample_to
+        super().__init__(model, input_size, int(model.config.num_register_tokens or 0), upsample_to, layer)
 
-    def fingerprint(self) -> str:
-        base = super().fingerprint()
-        return base if self.layer is None else f"{base}-layer{self.layer}"
+    def blocks(self) -> nn.ModuleList:
+        return self.model.model.layer
 
-    @torch.no_grad()
-    def forward(self, images: Tensor) -> TeacherOutput:
-        # [CLS, registers..., patches] after the final layernorm
-        with LayerTap(PLUGIN, self.model.model.layer, self.layer) as tap:
-            tokens = self.model(pixel_values=images).last_hidden_state
-        if tap.index is not None:  # the tapped block's tokens, normalised like the final ones
-            tokens = self.model.norm(tap.output)
-        b, _, height, width = images.shape
-        h, w = height // self.patch_size, width // self.patch_size
-        spatial = tokens[:, 1 + self.num_registers:].transpose(1, 2).reshape(b, -1, h, w)
-        if self.upsample_to is not None and tuple(self.upsample_to) != (h, w):
-            spatial = F.interpolate(spatial, size=self.upsample_to, mode="bilinear", align_corners=False)
-        return TeacherOutput(summary=tokens[:, 0], spatial=spatial)
+    def final_norm(self) -> nn.Module:
+        return self.model.norm
 
 
 def build_dinov3_teacher(model: Optional[str] = None, pretrained: Optional[str] = None, *,
@@ -120,9 +95,7 @@ def build_dinov3_teacher(model: Optional[str] = None, pretrained: Optional[str] 
     if size[0] % patch or size[1] % patch:
         raise ValueError(f"{PLUGIN} teacher {model!r}: resolution {size} must be multiples of the patch size {patch}")
     net = hf_network(PLUGIN, DINOv3ViTModel, model, pretrained, config, meta)
-    if upsample_to is not None:
-        upsample_to = tuple(upsample_to) if isinstance(upsample_to, (list, tuple)) else (upsample_to, upsample_to)
-    return Dinov3Teacher(net, input_size=size, upsample_to=upsample_to, layer=layer).freeze()
+    return Dinov3Teacher(net, input_size=size, upsample_to=grid_size(upsample_to), layer=layer).freeze()
 
 
 def describe(model: Optional[str] = None, pretrained: Optional[str] = None, **kwargs: Any) -> dict:
