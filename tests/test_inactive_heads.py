@@ -4,7 +4,7 @@ import torch
 from radio_core.models.distiller import build_distiller
 from radio_core.plan.activations import saved_bytes
 from radio_core.recipe import load_recipe
-from radio_core.train.objective import Objective, build_losses
+from radio_core.train.objective import Objective
 from radio_core.protocols import TeacherOutput
 
 from helpers import tiny_recipe
@@ -13,8 +13,7 @@ from helpers import tiny_recipe
 def test_a_sam_group_batch_runs_only_the_sam_heads_over_its_tokens(tmp_path, registry):
     recipe = load_recipe(tiny_recipe(tmp_path))
     torch.manual_seed(0)
-    d = build_distiller(recipe, {"clip": (24, 32), "dino": (16, 16), "sam": (None, 12)}, registry).train()
-    d.losses = torch.nn.ModuleDict(build_losses(recipe, registry, set()))  # as the Trainer attaches them
+    d = build_distiller(recipe, {"clip": (24, 32), "dino": (16, 16), "sam": (None, 12)}, registry, losses=True).train()
     x = torch.rand(2, 3, 128, 128)
     torch.manual_seed(1)
     _, full = d(x, return_predictions=True)

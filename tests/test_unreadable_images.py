@@ -9,7 +9,8 @@ from radio_core.models.distiller import Distiller
 from radio_core.protocols import TeacherOutput
 from radio_core.recipe import load_recipe
 from radio_core.registry import get_registry
-from radio_core.train.objective import Objective, build_losses
+from radio_core.models.losses import build_losses
+from radio_core.train.objective import Objective
 
 from helpers import tiny_recipe
 
@@ -18,8 +19,7 @@ def test_invalid_samples_are_left_out_of_every_loss_term(tmp_path, registry):
     recipe = load_recipe(tiny_recipe(tmp_path))
     objective = Objective(recipe, registry, {}, set(), None)
     student = registry.build("student", "vit", model="vit_tiny", embed_dim=16, depth=1, num_heads=2, num_cls_tokens=2)
-    distiller = Distiller(student, [], {}, {})
-    distiller.losses = torch.nn.ModuleDict(build_losses(recipe, registry, set()))  # as the Trainer attaches them
+    distiller = Distiller(student, [], {}, {}, losses=build_losses(recipe, registry, set()))
     g = torch.Generator().manual_seed(0)
     preds = {"clip": (torch.randn(3, 8, generator=g), torch.randn(3, 6, 4, 4, generator=g)),
              "sam": (None, torch.randn(3, 5, 4, 4, generator=g))}

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from ..protocols import Student, StudentOutput, TeacherOutput
 from ..registry import PluginError, Registry
+from .losses import build_losses
 from .target_norm import build_target_norm
 
 if TYPE_CHECKING:
@@ -116,8 +117,11 @@ class Distiller(nn.Module):
         return summary, spatial
 
 
-def build_distiller(recipe: "Recipe", dims: dict[str, tuple[Optional[int], int]], registry: Registry) -> Distiller:
-    """Student + heads for every teacher of every stage (``dims``: name -> (summary, spatial))."""
+def build_distiller(recipe: "Recipe", dims: dict[str, tuple[Optional[int], int]], registry: Registry, *,
+                    losses: bool = False, cached: Collection[str] = ()) -> Distiller:
+    """Student + heads for every teacher of every stage (``dims``: name -> (summary, spatial));
+    with ``losses``, also each teacher's loss modules (training: ``cached`` names the teachers
+    read from the feature cache, which shifted views cannot use)."""
     heads = [HeadSpec(name,
                       summary if recipe.teachers[name].use_summary else None,
                       spatial if recipe.teachers[name].use_spatial else None,
@@ -149,6 +153,7 @@ def build_distiller(recipe: "Recipe", dims: dict[str, tuple[Optional[int], int]]
                  if dim and kinds.get(part, "none") != "none"}
         if parts:
             norms[h.name] = torch.nn.ModuleDict(parts)
-    return Distiller(student, heads, summary_heads, spatial_heads, norms)
+    loss_modules = build_losses(recipe, registry, set(cached)) if losses else None
+    return Distiller(student, heads, summary_heads, spatial_heads, norms, loss_modules)
 
 

@@ -1,10 +1,17 @@
 """Feature-matching losses and the grid matching rule of AM-RADIO."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..protocols import Loss
+from ..recipe import RecipeError
+
+if TYPE_CHECKING:
+    from ..recipe import Recipe
+    from ..registry import Registry
 
 
 def _channels_last(pred: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
@@ -110,3 +117,24 @@ def build_cosine_smooth_l1(cosine: float = 0.9, smooth_l1: float = 0.1, beta: fl
     return CosineSmoothL1Loss(cosine, smooth_l1, beta)
 
 
+def build_losses(recipe: "Recipe", registry: "Registry", cached: set[str]) -> dict[str, nn.ModuleDict]:
+    """Each teacher's summary and spatial loss modules (they live in the distiller, so losses
+    with statistics are checkpointed). With shifted views (``augment.shift``) every spatial
+    loss must compare on the views' overlap, and no teacher may be read from the cache (its
+    features were computed on the unshifted crop)."""
+    shift = recipe.augment.shift
+    if shift > 0 and cached:
+        raise RecipeError(f"augment.shift is {shift:g} but teachers {sorted(cached)} are read from the feature "
+                          "cache, whose features were computed on unshifted crops; run them online (cache.teachers) "
+                          "or set augment.shift: 0")
+    out = {}
+    for name, spec in recipe.teachers.items():
+        summary = registry.build("loss", spec.summary_loss.name, **spec.summary_loss.args)
+        spatial = registry.build("loss", spec.spatial_loss.name, **spec.spatial_loss.args)
+        if shift > 0 and spec.use_spatial and not getattr(spatial, "wants_geometry", False):
+            base = spec.spatial_loss.name
+            raise RecipeError(f"teachers.{name}.spatial_loss: augment.shift is {shift:g}, so student and teacher "
+                              f"views differ, but loss {base!r} compares the grids cell by cell; use "
+                              f"{{name: shift_equivariant, args: {{base: {{name: {base}}}}}}}")
+        out[name] = nn.ModuleDict({"summary": summary, "spatial": spatial})
+    return out

@@ -50,7 +50,7 @@ from .metrics import (  # noqa: F401
     progress_bar,
     reduce_losses,
 )
-from .objective import Objective, build_losses
+from .objective import Objective
 from .schedule import build_scheduler, lr_multiplier
 from .signals import StopSignals
 from .stages import SlotRuntime
@@ -120,8 +120,7 @@ class Trainer:
             dims[name] = (t.summary_dim, t.spatial_dim)
         torch.manual_seed(r.train.seed)  # same student/head init on every rank, whatever was built
         self._dims = dims
-        distiller = build_distiller(r, dims, self.registry)
-        distiller.losses = torch.nn.ModuleDict(build_losses(r, self.registry, self.cached))
+        distiller = build_distiller(r, dims, self.registry, losses=True, cached=self.cached)
         check_student_resolutions(self.plans, distiller.student.size_multiple, r.student.name, self.recipe_path)
         self.objective = Objective(r, self.registry, self.teachers, self.cached, acc)
         if r.train.channels_last:

@@ -15,33 +15,10 @@ from ..models.losses import match_grids
 from ..models.teachers import TeacherGroup, check_teacher_output, compute_targets
 from ..plan.partition import Slot, StagePlan
 from ..protocols import CropGeometry, Teacher, TeacherOutput
-from ..recipe import Recipe, RecipeError
+from ..recipe import Recipe
 from ..registry import Registry
 from .stages import SlotRuntime
 from .views import cut_windows, sample_windows, window_size
-
-
-def build_losses(recipe: Recipe, registry: Registry, cached: set[str]) -> dict[str, nn.ModuleDict]:
-    """Each teacher's summary and spatial loss modules (they live in the distiller, so losses
-    with statistics are checkpointed). With shifted views (``augment.shift``) every spatial
-    loss must compare on the views' overlap, and no teacher may be read from the cache (its
-    features were computed on the unshifted crop)."""
-    shift = recipe.augment.shift
-    if shift > 0 and cached:
-        raise RecipeError(f"augment.shift is {shift:g} but teachers {sorted(cached)} are read from the feature "
-                          "cache, whose features were computed on unshifted crops; run them online (cache.teachers) "
-                          "or set augment.shift: 0")
-    out = {}
-    for name, spec in recipe.teachers.items():
-        summary = registry.build("loss", spec.summary_loss.name, **spec.summary_loss.args)
-        spatial = registry.build("loss", spec.spatial_loss.name, **spec.spatial_loss.args)
-        if shift > 0 and spec.use_spatial and not getattr(spatial, "wants_geometry", False):
-            base = spec.spatial_loss.name
-            raise RecipeError(f"teachers.{name}.spatial_loss: augment.shift is {shift:g}, so student and teacher "
-                              f"views differ, but loss {base!r} compares the grids cell by cell; use "
-                              f"{{name: shift_equivariant, args: {{base: {{name: {base}}}}}}}")
-        out[name] = nn.ModuleDict({"summary": summary, "spatial": spatial})
-    return out
 
 
 def stateful_losses(distiller: Distiller) -> dict[tuple[str, str], nn.Module]:
