@@ -135,11 +135,16 @@ def run_at(resolution: int, a: argparse.Namespace, device: torch.device, names: 
     load = " ".join(f"{x:.1f}" for x in os.getloadavg())
     print(f"\n{resolution}x{resolution}, batch {a.batch}, fp32 forward, {device.type}, "
           f"{torch.get_num_threads()} threads, median (min-max) of {a.rounds} interleaved rounds; load avg {load}")
-    print(f"{'model':<15} {'GFLOP/img':>9} {'ms/batch (min-max)':>24} {'images/s':>9} {'vs CLIP-L':>9} {'vs ViT-B':>9}")
+    # "bound": the speed-up FLOPs alone would give (reference GFLOP / this model's); a measured
+    # ratio near it means the model runs at the reference's efficiency
+    print(f"{'model':<15} {'GFLOP/img':>9} {'ms/batch (min-max)':>24} {'images/s':>9} {'vs CLIP-L':>9} {'(bound)':>8} "
+          f"{'vs ViT-B':>9} {'(bound)':>8}")
     for n in names:
         ms = [1000 * t for t in times[n]]
-        rel_clip = f"{ips[n] / clip:>8.2f}x" if clip else f"{'-':>9}"
-        rel_vitb = f"{ips[n] / vitb:>8.2f}x" if vitb else f"{'-':>9}"
+        rel_clip = (f"{ips[n] / clip:>8.2f}x {flops['CLIP ViT-L/14'] / flops[n]:>7.2f}x" if clip
+                    else f"{'-':>9} {'-':>8}")
+        rel_vitb = (f"{ips[n] / vitb:>8.2f}x {flops['ViT-B/16-CPE'] / flops[n]:>7.2f}x" if vitb
+                    else f"{'-':>9} {'-':>8}")
         print(f"{n:<15} {flops[n]:>9.1f} {statistics.median(ms):>9.1f} ({min(ms):.0f}-{max(ms):.0f}){'':>3} "
               f"{ips[n]:>9.2f} {rel_clip} {rel_vitb}")
     return ips
