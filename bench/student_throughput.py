@@ -1,4 +1,5 @@
-"""Student throughput: images/s of ViT-B/16-CPE, E-RADIO-B (and -S) and a CLIP ViT-L/14 image tower.
+"""Student throughput: images/s of ViT-B/16-CPE (global and ViTDet mode), E-RADIO-B (and -S) and a CLIP
+ViT-L/14 image tower.
 
     python bench/student_throughput.py                 # 224, 512 and 1024 px, batch 8, 10 timed rounds
     python bench/student_throughput.py --quick         # batch 1, 3 rounds: a CPU smoke run
@@ -50,7 +51,7 @@ class ClipTower(nn.Module):
         return self.visual((images - self.mean) / self.std)
 
 
-NAMES = ("ViT-B/16-CPE", "E-RADIO-B", "E-RADIO-S", "CLIP ViT-L/14")
+NAMES = ("ViT-B/16-CPE", "ViT-B/16-CPE ViTDet", "E-RADIO-B", "E-RADIO-S", "CLIP ViT-L/14")
 
 
 def build(name: str, resolution: int, device: str = "cpu") -> nn.Module:
@@ -59,6 +60,8 @@ def build(name: str, resolution: int, device: str = "cpu") -> nn.Module:
     registry = get_registry()
     if name == "ViT-B/16-CPE":
         return registry.build("student", "vit", model="vit_base_patch16_224", num_cls_tokens=3)
+    if name == "ViT-B/16-CPE ViTDet":  # the same network in ViTDet mode: 16x16-token windows, blocks 3/6/9/12 global
+        return registry.build("student", "vit", model="vit_base_patch16_224", num_cls_tokens=3, window_size=16)
     if name.startswith("E-RADIO-"):
         return registry.build("student", "eradio", variant=name[-1].lower(), num_cls_tokens=3)
     if name == "CLIP ViT-L/14":
@@ -116,7 +119,7 @@ def run_at(resolution: int, a: argparse.Namespace, device: torch.device, names: 
         models[name] = model
         flops[name] = gflops(name, resolution)
         params = sum(q.numel() for q in model.parameters()) / 1e6
-        print(f"built {name:<14} {params:7.1f}M params  {flops[name]:7.1f} GFLOP/img  ({time.perf_counter() - t:.1f}s)",
+        print(f"built {name:<19} {params:7.1f}M params  {flops[name]:7.1f} GFLOP/img  ({time.perf_counter() - t:.1f}s)",
               flush=True)
     x = torch.rand(a.batch, 3, resolution, resolution, device=device)
     times: dict[str, list[float]] = {n: [] for n in names}
@@ -137,7 +140,7 @@ def run_at(resolution: int, a: argparse.Namespace, device: torch.device, names: 
           f"{torch.get_num_threads()} threads, median (min-max) of {a.rounds} interleaved rounds; load avg {load}")
     # "bound": the speed-up FLOPs alone would give (reference GFLOP / this model's); a measured
     # ratio near it means the model runs at the reference's efficiency
-    print(f"{'model':<15} {'GFLOP/img':>9} {'ms/batch (min-max)':>24} {'images/s':>9} {'vs CLIP-L':>9} {'(bound)':>8} "
+    print(f"{'model':<19} {'GFLOP/img':>9} {'ms/batch (min-max)':>24} {'images/s':>9} {'vs CLIP-L':>9} {'(bound)':>8} "
           f"{'vs ViT-B':>9} {'(bound)':>8}")
     for n in names:
         ms = [1000 * t for t in times[n]]
@@ -145,7 +148,7 @@ def run_at(resolution: int, a: argparse.Namespace, device: torch.device, names: 
                     else f"{'-':>9} {'-':>8}")
         rel_vitb = (f"{ips[n] / vitb:>8.2f}x {flops['ViT-B/16-CPE'] / flops[n]:>7.2f}x" if vitb
                     else f"{'-':>9} {'-':>8}")
-        print(f"{n:<15} {flops[n]:>9.1f} {statistics.median(ms):>9.1f} ({min(ms):.0f}-{max(ms):.0f}){'':>3} "
+        print(f"{n:<19} {flops[n]:>9.1f} {statistics.median(ms):>9.1f} ({min(ms):.0f}-{max(ms):.0f}){'':>3} "
               f"{ips[n]:>9.2f} {rel_clip} {rel_vitb}")
     return ips
 
