@@ -286,24 +286,27 @@ def speciality_rows(by_seed: dict[int, dict]) -> list[str]:
 
 
 def throughput_rows(results: dict[str, dict[int, dict]]) -> list[str]:
-    """Students' single-process inference throughput per evaluation (median over seeds): the
-    speed side of a mode (e.g. ViTDet windows) whose quality the arm table shows."""
+    """The speed side of ViTDet mode: for each arm scored with windows, its single-process
+    inference throughput globally and in windows at the same resolution (median over seeds)."""
     import statistics
 
-    rates: dict[str, dict[str, list[float]]] = {}
+    lines = []
     for arm, by_seed in results.items():
+        rates: dict[str, list[float]] = {}
         for r in by_seed.values():
             for key, v in r.get("meta", {}).get("images_per_s", {}).items():
-                rates.setdefault(arm, {}).setdefault(key.removeprefix("student@"), []).append(v)
-    if not rates:
+                rates.setdefault(key.removeprefix("student@"), []).append(v)
+        for windowed in sorted(k for k in rates if "w" in k):
+            plain = windowed.split("w")[0]
+            if plain not in rates:
+                continue
+            fast, slow = statistics.median(rates[windowed]), statistics.median(rates[plain])
+            lines.append(f"| {arm} | {plain} px | {slow:.0f} | {fast:.0f} ({windowed}) | {fast / slow:.2f}x |")
+    if not lines:
         return []
-    cols = sorted({c for per in rates.values() for c in per}, key=lambda c: (int(c.split("w")[0]), c))
-    lines = ["Student images/s at evaluation (one process, median over seeds; other runs shared the machine):", "",
-             "| arm | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
-    for arm, per in rates.items():
-        lines.append(f"| {arm} | " + " | ".join(f"{statistics.median(per[c]):.0f}" if c in per else "-"
-                                                for c in cols) + " |")
-    return lines
+    return ["Inference throughput, global vs ViTDet windows (images/s of one process, median over seeds; other "
+            "runs shared the machine):", "", "| arm | input | global | windowed | speed-up |", "|---|---|---|---|---|",
+            *lines]
 
 
 def write_results(spec: dict, out: Path, results: dict, resolutions: Sequence[int], command: str,
