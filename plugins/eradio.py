@@ -61,8 +61,10 @@ ViT-H/16   652M   257 / 1467 / 7919
 model), which the design notes call E-RADIO-B. Its FLOPs equal ViT-B/16's up to ~512 px and grow linearly beyond
 (windowed attention), so its advantage is at high resolution (0.66x ViT-B's FLOPs at 1024 px,
 0.11x ViT-H's) and on GPUs, where its convolutions and short attention windows run at higher
-utilisation than long-sequence attention; on a CPU in fp32 it is not faster than ViT-B at 224
-(see bench/student_throughput.py). Most of its parameters sit in stage 3 (1536 channels at
+utilisation than long-sequence attention. Measured on 2 CPU cores, fp32 (docs/performance.md):
+0.62x / 0.94x / 1.58x ViT-B/16-CPE's images/s at 224 / 512 / 1024 px, against FLOP bounds of
+0.85x / 0.98x / 1.51x; the official model built with its published defaults counts 304 GFLOP at
+224 px (ours: 42) and ran 1.6x slower than ours at 512 px. Most of its parameters sit in stage 3 (1536 channels at
 stride 32), which costs few FLOPs. ``l`` is our scale-up (wider, deeper stages 2-3) for capacity
 at ~2.2x ``b``'s cost; ``s`` costs a fifth of ``b``, for throughput-bound uses. ``tiny`` (dims
 16/32/64/128, depths 1/1/2/2, window 4) is for tests.

@@ -53,8 +53,8 @@ TABLE: dict[str, Run | Skip] = {
             "downstream scoring run in tests/test_proxy.py (tiny world, --smoke); here the tiny random-teacher "
             "recipe, 20 steps, gives the run that the eval and export commands below read",
             expect="done: step 20"),
-    "nice -n 10 python bench/proxy_ablations.py recipes/proxy/ablations.yaml":
-        Skip("the full suite takes 60-90 CPU-minutes; tests/test_proxy.py runs its --smoke version"),
+    "nice -n 10 python bench/proxy_ablations.py recipes/proxy/ablations.yaml --jobs 2":
+        Skip("the full suite takes an hour on 2 cores; tests/test_proxy.py runs its --smoke version (--jobs 2)"),
     "python bench/proxy_ablations.py recipes/proxy/ablations.yaml --smoke":
         Skip("run by tests/test_proxy.py::test_ablation_suite_smoke_runs_end_to_end"),
     "python -m radio_core.data index /data/other_shards":

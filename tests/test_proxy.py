@@ -115,11 +115,12 @@ def test_boundary_f_score_by_hand():
 
 @pytest.mark.slow
 def test_ablation_suite_smoke_runs_end_to_end(tmp_path, cache):
-    """The CI version of the ablation suite: one seed, a few steps, tiny world and teachers.
-    Checks the pipeline (training, downstream evaluation, table, resume), not the findings."""
+    """The CI version of the ablation suite: one seed, a few steps, tiny world and teachers, two
+    processes sharing the runs. Checks the pipeline (training, downstream evaluation, the table of
+    every run whichever process did it, resume), not the findings."""
     out = tmp_path / "abl"
     cmd = [sys.executable, str(REPO / "bench" / "proxy_ablations.py"), str(REPO / "recipes" / "proxy" / "ablations.yaml"),
-           "--smoke", "--arms", "baseline", "only_sam", "vitdet", "--output-dir", str(out)]
+           "--smoke", "--arms", "baseline", "only_sam", "vitdet", "--output-dir", str(out), "--jobs", "2"]
     env = {**__import__("os").environ, "RADIO_PROXY_CACHE": str(cache), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
