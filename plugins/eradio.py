@@ -63,7 +63,7 @@ model), which the design notes call E-RADIO-B. Its FLOPs equal ViT-B/16's up to 
 0.11x ViT-H's) and on GPUs, where its convolutions and short attention windows run at higher
 utilisation than long-sequence attention. Measured on 2 CPU cores, fp32 (docs/performance.md):
 0.62x / 0.94x / 1.58x ViT-B/16-CPE's images/s at 224 / 512 / 1024 px, against FLOP bounds of
-0.85x / 0.98x / 1.51x; the official model built with its published defaults counts 304 GFLOP at
+0.85x / 0.98x / 1.51x (0.77x at 224 px with channels_last weights, for inference); the official model built with its published defaults counts 304 GFLOP at
 224 px (ours: 42) and ran 1.6x slower than ours at 512 px. Most of its parameters sit in stage 3 (1536 channels at
 stride 32), which costs few FLOPs. ``l`` is our scale-up (wider, deeper stages 2-3) for capacity
 at ~2.2x ``b``'s cost; ``s`` costs a fifth of ``b``, for throughput-bound uses. ``tiny`` (dims
