@@ -114,18 +114,31 @@ def _train(args: argparse.Namespace, recipe, registry) -> int:
                           overwrite=args.overwrite)
     except (PluginError, ValueError, OSError) as exc:  # ResumeError, RunExistsError, CacheMismatchError, ...
         error(exc)
+        _drop_process_group()
         return EXIT_REFUSED
+    clean = False
     try:
         metrics = trainer.fit()
+        clean = True
     except (PluginError, NonFiniteLossError, BadDataError, ValueError, OSError) as exc:
         error(exc)
         return EXIT_FAILED
+    finally:
+        trainer.close(clean)
     if trainer.stopped:
         return EXIT_STOPPED
     if trainer.accelerator.is_main_process and metrics:
         summary = ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k.startswith("loss/"))
         print(f"done: step {trainer.state.step}; {summary}; outputs in {os.path.abspath(recipe.output_dir)}")
     return EXIT_OK
+
+
+def _drop_process_group() -> None:
+    """A refused run may have joined a process group already: drop it (see ``Trainer.close``)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

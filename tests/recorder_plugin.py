@@ -1,6 +1,7 @@
 """Body of a test-only plugin distribution (installed into a temp dir with a dist-info, like a
 third-party package): records, per rank, the teachers it built and a digest of the trained
 student + heads, through the public ``radio_train_end`` hook."""
+import atexit
 import hashlib
 import json
 import os
@@ -9,8 +10,17 @@ import signal
 from radio_core import hookimpl
 
 
+def _record_exit(path):
+    # Runs before interpreter teardown: a process group still alive here is left to that
+    # teardown, where gloo's threads can abort a finished run (SIGABRT).
+    import torch.distributed as dist
+
+    path.write_text(json.dumps({"process_group_alive": dist.is_available() and dist.is_initialized()}))
+
+
 @hookimpl
 def radio_train_end(trainer):
+    atexit.register(_record_exit, trainer.out_dir / f"exit_rank{trainer.accelerator.process_index}.json")
     # Under FSDP the weights are shards: gathered (a collective, so every rank calls it) and
     # recorded by the main process only.
     model = trainer.full_model() if trainer.sharded else trainer.unwrapped

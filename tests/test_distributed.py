@@ -34,6 +34,9 @@ def test_two_ranks_two_groups_share_one_student(two_rank_run):
     assert rec[0]["teachers"] == ["clip", "dino"] and rec[1]["teachers"] == ["sam"]
     # DDP kept the student and every head identical, including heads of absent teachers
     assert rec[0]["digest"] == rec[1]["digest"]
+    # the run destroyed its process group itself, before the interpreter's teardown
+    assert [json.loads((tmp / "run" / f"exit_rank{r}.json").read_text()) for r in range(2)] \
+        == [{"process_group_alive": False}] * 2
     rows = metrics(tmp / "run")
     assert rows[-1]["loss/total"] < 0.7 * rows[0]["loss/total"]
     assert {"loss/clip/summary", "loss/sam/spatial"} <= set(rows[-1])  # gathered from both ranks

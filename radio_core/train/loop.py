@@ -368,3 +368,14 @@ class Trainer:
     def request_stop(self) -> None:
         """Checkpoint after the step in flight and return from ``fit`` (what SIGTERM does)."""
         self.signals.request()
+
+    def close(self, clean: bool = True) -> None:
+        """Destroy the process group before the interpreter exits. Left to interpreter teardown,
+        gloo's worker threads can outlive the Python objects they hold and abort the process
+        (SIGABRT, "terminate called without an active exception") after the run has finished.
+        ``clean``: every rank got here the same way, so a barrier first lets the last collective
+        drain; after an error the peers may be anywhere, so the group is dropped without one."""
+        acc = self.accelerator
+        if clean and acc.num_processes > 1:
+            acc.wait_for_everyone()
+        acc.end_training()
