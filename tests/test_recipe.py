@@ -61,6 +61,25 @@ def test_base_include_and_overrides(tmp_path):
     assert r.student.resolution == [(256, 320)]
 
 
+def test_naming_another_plugin_drops_the_old_plugins_inherited_args(tmp_path):
+    base = {"student": {"name": "vit", "resolution": 64, "args": {"model": "vit_tiny", "depth": 4}},
+            "teachers": {"dino": {"plugin": "dinov2", "args": {"model": "facebook/dinov2-small"}}}}
+    write(tmp_path, "base.yaml", base)
+    child = write(tmp_path, "child.yaml", {"base": "base.yaml", "student": {"name": "eradio", "args": {"variant": "s"}},
+                                           "teachers": {"dino": {"args": {"layer": 2}}}})
+    r = load_recipe(child)
+    assert r.student.name == "eradio" and r.student.args == {"variant": "s"} and r.student.resolution == [(64, 64)]
+    assert r.teachers["dino"].args == {"model": "facebook/dinov2-small", "layer": 2}  # same plugin: merged
+    # on the command line, in either order: the new plugin keeps only the args given with it
+    for overrides in (["student.name=eradio", "student.args.variant=s"],
+                      ["student.args.variant=s", "student.name=eradio"]):
+        assert apply_overrides(base, overrides)["student"]["args"] == {"variant": "s"}, overrides
+    assert apply_overrides(base, ["student.name=vit", "student.args.depth=2"])["student"]["args"] == \
+        {"model": "vit_tiny", "depth": 2}  # the same name again is no rename
+    assert apply_overrides(base, ["teachers.dino.plugin=dinov3"])["teachers"]["dino"] == {"plugin": "dinov3", "args": {}}
+    assert base["student"]["args"] == {"model": "vit_tiny", "depth": 4}  # the input is not changed
+
+
 def test_circular_base_is_reported(tmp_path):
     write(tmp_path, "a.yaml", {"base": "b.yaml"})
     write(tmp_path, "b.yaml", {"base": "a.yaml"})

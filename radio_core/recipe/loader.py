@@ -115,10 +115,23 @@ def _read_yaml(path: Path, origin: Optional[str] = None) -> dict:
     return data
 
 
+#: the keys that name a component's plugin; its ``args`` belong to that plugin
+PLUGIN_KEYS = ("name", "plugin")
+
+
+def renames_plugin(base: dict, over: dict) -> bool:
+    """``over`` names a different plugin than ``base`` for the same component."""
+    return any(k in over and k in base and over[k] != base[k] for k in PLUGIN_KEYS)
+
+
 def deep_merge(base: dict, over: dict) -> dict:
     """Mappings merge key by key; everything else in ``over`` replaces ``base``.
-    A value of ``null`` in ``over`` for a mapping key deletes it (to drop an inherited teacher)."""
+    A value of ``null`` in ``over`` for a mapping key deletes it (to drop an inherited teacher).
+    Where ``over`` names another plugin (``name``/``plugin``), the inherited ``args`` are not
+    kept: they are the old plugin's, and would be unknown arguments to the new one."""
     out = copy.deepcopy(base)
+    if renames_plugin(out, over):
+        out.pop("args", None)
     for k, v in over.items():
         if v is None and isinstance(out.get(k), dict):
             del out[k]
@@ -149,8 +162,11 @@ def load_raw(path: str | Path, _chain: tuple[Path, ...] = (), _origin: Optional[
 
 def apply_overrides(data: dict, overrides: list[str], source: str = "command line") -> dict:
     """Apply ``a.b.c=value`` overrides; values are parsed as YAML (``1e-3``, ``[224, 224]``).
-    ``null`` for a key that holds a mapping removes it (``teachers.sam=null`` drops a teacher)."""
-    data = copy.deepcopy(data)
+    ``null`` for a key that holds a mapping removes it (``teachers.sam=null`` drops a teacher).
+    An override that names another plugin (``student.name=eradio``) drops the old plugin's
+    inherited ``args``, except those that other overrides set."""
+    original, data = data, copy.deepcopy(data)
+    touched, renamed = [], []
     for item in overrides:
         key, sep, raw = str(item).partition("=")
         shown = short_repr(item)
@@ -168,11 +184,34 @@ def apply_overrides(data: dict, overrides: list[str], source: str = "command lin
             if not isinstance(nxt, dict):
                 raise RecipeError(f"{source}: override {shown}: {'.'.join(parts[:i + 1])} is not a mapping")
             node = nxt
+        if parts[-1] in PLUGIN_KEYS and node.get(parts[-1], value) != value:
+            renamed.append(tuple(parts[:-1]))
+        touched.append(tuple(parts))
         if value is None and isinstance(node.get(parts[-1]), dict):
             del node[parts[-1]]
         else:
             node[parts[-1]] = value
+    for path in renamed:
+        _drop_inherited_args(data, original, path, touched)
     return data
+
+
+def _drop_inherited_args(data: dict, original: dict, path: tuple, touched: list[tuple]) -> None:
+    """Remove from ``data`` at ``path``.args the keys that came from ``original`` and that no
+    override in ``touched`` set."""
+    node, old = data, original
+    for part in path:
+        node = node.get(part) if isinstance(node, dict) else None
+        old = old.get(part) if isinstance(old, dict) else None
+    args, old_args = (node or {}).get("args"), (old or {}).get("args")
+    if not isinstance(args, dict) or not isinstance(old_args, dict):
+        return
+    mine = path + ("args",)
+    if any(t[:len(mine)] == mine and len(t) == len(mine) for t in touched):
+        return  # the args mapping itself was given
+    for key in list(args):
+        if key in old_args and not any(t[:len(mine) + 1] == mine + (key,) for t in touched):
+            del args[key]
 
 
 def _format_errors(exc: ValidationError, origin: str) -> str:
