@@ -309,6 +309,34 @@ def throughput_rows(results: dict[str, dict[int, dict]]) -> list[str]:
             *lines]
 
 
+def student_speed_rows(spec: dict, results: dict[str, dict[int, dict]]) -> list[str]:
+    """Each arm that changes the student, against the first arm: single-process inference
+    images/s at each scored resolution (median over seeds)."""
+    import statistics
+
+    def rates(arm: str) -> dict[str, float]:
+        by_key: dict[str, list[float]] = {}
+        for r in results.get(arm, {}).values():
+            for key, v in r.get("meta", {}).get("images_per_s", {}).items():
+                by_key.setdefault(key.removeprefix("student@"), []).append(v)
+        return {k: statistics.median(v) for k, v in by_key.items() if "w" not in k}
+
+    reference = next(iter(spec["arms"]))
+    ref = rates(reference)
+    lines = []
+    for arm, mapping in spec["arms"].items():
+        if arm == reference or "student" not in (mapping or {}):
+            continue
+        for res, v in sorted(rates(arm).items(), key=lambda kv: int(kv[0])):
+            if res in ref:
+                lines.append(f"| {arm} | {res} px | {v:.0f} | {ref[res]:.0f} | {v / ref[res]:.2f}x |")
+    if not lines:
+        return []
+    return [f"Student inference throughput against `{reference}` (images/s of one process, median over seeds; other "
+            "runs shared the machine):", "", f"| arm | input | images/s | {reference} | ratio |", "|---|---|---|---|---|",
+            *lines]
+
+
 def write_results(spec: dict, out: Path, results: dict, resolutions: Sequence[int], command: str,
                   teacher_arm: Optional[str], elapsed: float) -> str:
     lines = [f"Command: `{command}`", ""]
@@ -321,7 +349,7 @@ def write_results(spec: dict, out: Path, results: dict, resolutions: Sequence[in
                   f"### The `{teacher_arm}` student on each teacher's speciality", "",
                   *speciality_rows(results[teacher_arm]), ""]
     lines += ["### Arms: mean ± 95% CI over seeds", "", *arm_table(results, resolutions, eval_windows(spec)), "",
-              *throughput_rows(results), "",
+              *throughput_rows(results), "", *student_speed_rows(spec, results), "",
               "### Comparisons (paired by seed)", "", *comparison_rows(spec, results), "",
               f"Suite wall time of this invocation: {elapsed / 60:.1f} min."]
     text = "\n".join(lines) + "\n"

@@ -2,7 +2,8 @@
 
 Registered as student ``eradio``. Same contract as every student: [0, 1] images in (the input
 conditioner ``norm_mean``/``norm_std`` is inside), ``StudentOutput`` out with patch tokens at
-stride 16 and ``num_cls_tokens`` summary tokens. Inputs must be multiples of 32.
+stride 16 (``patch_size``; 8 halves every stride, for small inputs) and ``num_cls_tokens``
+summary tokens. Inputs must be multiples of twice the patch stride (32).
 
 Layout (after the official E-RADIO, ``eradio_large_fullres_ws16``; our code, our choices)::
 
@@ -35,7 +36,8 @@ Choices and why:
   block (conditional position encoding) instead of the official Swin-v2 continuous relative bias:
   it is resolution-free, needs no tables and costs almost nothing.
 * Neck fuses stages 2 and 3 at stride 16 so the patch grid matches a patch-16 ViT's and every
-  teacher head/loss works unchanged.
+  teacher head/loss works unchanged. ``patch_size=8`` (first stem convolution at stride 1) gives
+  a patch-8 ViT's grid instead: what small inputs need (the proxy benchmark's 64 px images).
 
 Attention backend (``attention``): ``sdpa`` (default), ``xformers`` (CUDA with the optional
 extra; otherwise one warning line and sdpa) or ``math``; ``set_attention_backend`` changes it.
@@ -272,14 +274,15 @@ class AttentionPool(nn.Module):
 class ERADIOStudent(Student):
     """Hybrid conv + windowed-attention student; see the module docstring."""
 
-    patch_size = 16
-
     def __init__(self, *, stem_dim: int, dims: Sequence[int], depths: Sequence[int], num_heads: Sequence[int],
                  window_size: int, embed_dim: int, mlp_ratio: float = 4.0, num_cls_tokens: int = 1,
                  summary: str = "attention", drop_path_rate: float = 0.0,
                  mean: Sequence[float] = OPENAI_CLIP_MEAN, std: Sequence[float] = OPENAI_CLIP_STD,
-                 attention: str = "sdpa") -> None:
+                 attention: str = "sdpa", patch_size: int = 16) -> None:
         super().__init__()
+        if patch_size not in (8, 16):
+            raise ValueError(f"student 'eradio': patch_size (the stride of its patch tokens) must be 8 or 16, "
+                             f"got {patch_size!r}")
         if len(dims) != 4 or len(depths) != 4:
             raise ValueError(f"student 'eradio': dims and depths need 4 entries (one per stage), got {dims}, {depths}")
         if len(num_heads) != 2:
@@ -289,9 +292,12 @@ class ERADIOStudent(Student):
         if num_cls_tokens < 1:
             raise ValueError(f"student 'eradio': num_cls_tokens must be >= 1, got {num_cls_tokens}")
         self.embed_dim, self.num_cls_tokens, self.summary_mode = embed_dim, num_cls_tokens, summary
+        self.patch_size = patch_size
         self.register_buffer("norm_mean", torch.tensor(mean, dtype=torch.float32).view(3, 1, 1))
         self.register_buffer("norm_std", torch.tensor(std, dtype=torch.float32).view(3, 1, 1))
-        self.stem = nn.Sequential(ConvBN(3, stem_dim, 3, 2), ConvBN(stem_dim, dims[0], 3, 2))
+        # patch_size 8: the first stem convolution keeps the full resolution, so every stage (and
+        # the patch tokens) sits at half the stride of the published layout
+        self.stem = nn.Sequential(ConvBN(3, stem_dim, 3, patch_size // 8), ConvBN(stem_dim, dims[0], 3, 2))
         self.stage0 = C2f(dims[0], depths[0])
         self.down0 = ConvBN(dims[0], dims[1], 3, 2)
         self.stage1 = C2f(dims[1], depths[1])
@@ -312,7 +318,7 @@ class ERADIOStudent(Student):
 
     @property
     def size_multiple(self) -> int:
-        return 32
+        return 2 * self.patch_size  # stage 3 sits at twice the patch stride
 
     def set_attention_backend(self, backend: str) -> None:
         """``sdpa`` (default), ``xformers`` (CUDA, optional extra; else one warning line and sdpa)
@@ -332,8 +338,9 @@ class ERADIOStudent(Student):
 
     def forward(self, images: Tensor) -> StudentOutput:
         b, _, hh, ww = images.shape
-        if hh % 32 or ww % 32:
-            raise ValueError(f"student 'eradio': input {hh}x{ww} is not a multiple of 32")
+        m = self.size_multiple
+        if hh % m or ww % m:
+            raise ValueError(f"student 'eradio': input {hh}x{ww} is not a multiple of {m}")
         x = (images - self.norm_mean.to(images.dtype)) / self.norm_std.to(images.dtype)
         # Channels-last throughout: the oneDNN/cuDNN convolutions run NHWC natively, and every
         # permute between the conv stages and the (B, H, W, C) attention stages is then a view,
@@ -367,13 +374,15 @@ def build_eradio_student(variant: str = "b", *, num_cls_tokens: int = 1, stem_di
                          embed_dim: Optional[int] = None, mlp_ratio: Optional[float] = None,
                          summary: str = "attention", drop_path_rate: float = 0.0,
                          mean: Sequence[float] = OPENAI_CLIP_MEAN,
-                         std: Sequence[float] = OPENAI_CLIP_STD, attention: str = "sdpa") -> ERADIOStudent:
-    """E-RADIO: conv stages + windowed attention, patch tokens at stride 16 (input multiple of 32)."""
+                         std: Sequence[float] = OPENAI_CLIP_STD, attention: str = "sdpa",
+                         patch_size: Optional[int] = None) -> ERADIOStudent:
+    """E-RADIO: conv stages + windowed attention, patch tokens at stride ``patch_size`` (16, the
+    published layout; or 8) and inputs a multiple of twice that."""
     if variant not in VARIANTS:
         raise ValueError(f"student 'eradio': unknown variant {variant!r}; variants: {', '.join(VARIANTS)}")
     cfg = dict(VARIANTS[variant])
     overrides = dict(stem_dim=stem_dim, dims=dims, depths=depths, num_heads=num_heads, window_size=window_size,
-                     embed_dim=embed_dim, mlp_ratio=mlp_ratio)
+                     embed_dim=embed_dim, mlp_ratio=mlp_ratio, patch_size=patch_size)
     cfg.update({k: v for k, v in overrides.items() if v is not None})
     return ERADIOStudent(**cfg, num_cls_tokens=num_cls_tokens, summary=summary, drop_path_rate=drop_path_rate,
                          mean=mean, std=std, attention=attention)

@@ -10,13 +10,14 @@ def tiny(**kw):
     return build_eradio_student("tiny", **kw)
 
 
-@pytest.mark.parametrize("size", [(64, 64), (96, 160)])
-def test_forward_backward_at_two_sizes(size):
-    student = tiny(num_cls_tokens=2, window_size=2).train()
+@pytest.mark.parametrize("size, patch", [((64, 64), 16), ((96, 160), 16), ((48, 80), 8)])
+def test_forward_backward_at_two_sizes(size, patch):
+    student = tiny(num_cls_tokens=2, window_size=2, patch_size=patch).train()
+    assert student.patch_size == patch and student.size_multiple == 2 * patch
     h, w = size
     out = student(torch.rand(2, 3, h, w))
-    assert out.grid == (h // 16, w // 16)
-    assert out.patches.shape == (2, (h // 16) * (w // 16), student.embed_dim)
+    assert out.grid == (h // patch, w // patch)
+    assert out.patches.shape == (2, (h // patch) * (w // patch), student.embed_dim)
     assert out.summary.shape == (2, 2, student.embed_dim)
     (out.patches.pow(2).mean() + out.summary.mean()).backward()
     missing = [n for n, p in student.named_parameters() if p.grad is None]
@@ -108,3 +109,16 @@ def test_summary_pool_equals_attention_over_projected_tokens_in_value_and_gradie
     g_slow = torch.autograd.grad(slow.square().sum(), [x, *pool.parameters()])
     for a, b in zip(g_fast, g_slow):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+
+
+def test_patch_size_8_keeps_the_layout_at_half_the_stride():
+    """Patch 8 changes only the first stem convolution's stride: the same parameters, and at
+    twice the input size the same token grid as patch 16."""
+    a, b = tiny(patch_size=16), tiny(patch_size=8)
+    assert [(n, p.shape) for n, p in a.named_parameters()] == [(n, p.shape) for n, p in b.named_parameters()]
+    assert b.stem[0][0].stride == (1, 1) and a.stem[0][0].stride == (2, 2)
+    assert b(torch.rand(1, 3, 64, 64)).grid == a(torch.rand(1, 3, 128, 128)).grid == (8, 8)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        b(torch.rand(1, 3, 64, 72))
+    with pytest.raises(ValueError, match="patch_size .* must be 8 or 16, got 14"):
+        tiny(patch_size=14)
