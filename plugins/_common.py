@@ -108,6 +108,30 @@ OPEN_CLIP_CHECKPOINT = "open_clip_pytorch_model.bin"
 TINY_SIGLIP_TIMM_MODEL = "radio_tiny_siglip_patch16_64"
 
 
+def save_tiny_open_clip(directory: Union[str, Path], name: str, model_cfg: dict, seed: int) -> dict:
+    """A tiny random open_clip model as open_clip stores one: ``<name>.json`` (its model config)
+    and its state dict in ``OPEN_CLIP_CHECKPOINT``, written atomically into ``directory`` (nothing
+    is built when both are there). ``model_cfg["custom_text"]`` picks ``CustomTextCLIP``, as
+    open_clip's own ``create_model`` does. Returns the factory args that load it:
+    ``{"model": <config json>, "pretrained": <checkpoint>}``."""
+    import open_clip
+
+    directory = Path(directory)
+    spec = {"model": str(directory / f"{name}.json"), "pretrained": str(directory / OPEN_CLIP_CHECKPOINT)}
+    if (directory / OPEN_CLIP_CHECKPOINT).is_file() and Path(spec["model"]).is_file():
+        return spec
+
+    def write(tmp: Path) -> None:
+        (tmp / f"{name}.json").write_text(json.dumps(model_cfg, indent=2))
+        # (the config is registered with open_clip only when loaded, from its final location)
+        kwargs = {k: v for k, v in model_cfg.items() if k != "custom_text"}
+        model_cls = open_clip.CustomTextCLIP if model_cfg.get("custom_text") else open_clip.CLIP
+        torch.save(seeded_random(lambda: model_cls(**kwargs), seed).state_dict(), tmp / OPEN_CLIP_CHECKPOINT)
+
+    write_atomically(directory, write)
+    return spec
+
+
 def register_tiny_timm_models() -> None:
     """Register the tiny SigLIP-like timm trunk (idempotent)."""
     import timm

@@ -28,7 +28,6 @@ open_clip's own code (``force_image_size``; bicubic for open_clip ViTs, timm's
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
@@ -38,8 +37,8 @@ from torch import Tensor, nn
 
 from radio_core import Teacher, TeacherOutput, hookimpl
 
-from ._common import (OPEN_CLIP_CHECKPOINT, TINY_SIGLIP_TIMM_MODEL, config_hash, register_tiny_timm_models,
-                      seeded_random, teacher_facts, tiny_config, write_atomically)
+from ._common import (TINY_SIGLIP_TIMM_MODEL, config_hash, register_tiny_timm_models,
+                      save_tiny_open_clip, teacher_facts, tiny_config)
 
 PLUGIN = "clip"
 
@@ -47,7 +46,6 @@ PLUGIN = "clip"
 #: without class token and with an attention-pool head, as SigLIP's image tower).
 TINY_CLIP = dict(family="clip", embed_dim=32, image_size=64, patch_size=16, width=64, layers=2,
                  head_width=32, text_width=32, text_layers=1, text_heads=2, context_length=16)
-CHECKPOINT_FILE = OPEN_CLIP_CHECKPOINT
 
 
 class ClipTeacher(Teacher):
@@ -238,26 +236,10 @@ def make_tiny_clip(directory: Union[str, Path], seed: int = 0, **overrides: Any)
     Overrides: any key of ``TINY_CLIP``; ``family="siglip"`` gives a timm image tower without
     class token and with an attention-pool head (fixed 64-wide, 2 blocks, patch 16).
     """
-    import open_clip
-
     register_tiny_timm_models()
     cfg = tiny_config(PLUGIN, TINY_CLIP, overrides)
-    name = f"radio-tiny-clip-{config_hash({**cfg, 'seed': seed})}"
-    directory = Path(directory)
-    spec = {"model": str(directory / f"{name}.json"), "pretrained": str(directory / CHECKPOINT_FILE)}
-    if (directory / CHECKPOINT_FILE).is_file() and Path(spec["model"]).is_file():
-        return spec
-
-    def write(tmp: Path) -> None:
-        model_cfg = _open_clip_config(cfg)
-        (tmp / f"{name}.json").write_text(json.dumps(model_cfg, indent=2))
-        # The classes open_clip.create_model instantiates for this config (the config is only
-        # registered with open_clip when loaded, from its final location).
-        model_cls = open_clip.CustomTextCLIP if model_cfg.pop("custom_text", False) else open_clip.CLIP
-        torch.save(seeded_random(lambda: model_cls(**model_cfg), seed).state_dict(), tmp / CHECKPOINT_FILE)
-
-    write_atomically(directory, write)
-    return spec
+    return save_tiny_open_clip(directory, f"radio-tiny-clip-{config_hash({**cfg, 'seed': seed})}",
+                               _open_clip_config(cfg), seed)
 
 
 def _open_clip_config(cfg: dict) -> dict:

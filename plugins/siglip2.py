@@ -24,7 +24,6 @@ Recipe args::
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
@@ -34,8 +33,8 @@ from torch import Tensor
 
 from radio_core import Teacher, TeacherOutput, get_registry, hookimpl
 
-from ._common import (OPEN_CLIP_CHECKPOINT, TINY_SIGLIP_TIMM_MODEL, config_hash, register_tiny_timm_models,
-                      seeded_random, teacher_facts, tiny_config, tiny_dir, write_atomically)
+from ._common import (TINY_SIGLIP_TIMM_MODEL, config_hash, register_tiny_timm_models, save_tiny_open_clip,
+                      teacher_facts, tiny_config, tiny_dir)
 
 PLUGIN = "siglip2"
 DEFAULT_MODEL, DEFAULT_TAG = "ViT-gopt-16-SigLIP2-384", "webli"
@@ -123,16 +122,8 @@ def make_tiny_siglip2(directory: Union[str, Path], seed: int = 0, **overrides: A
     """Write a small random SigLIP2-shaped open_clip model into ``directory`` (unless already
     there): ``<name>.json`` (an open_clip config with SigLIP2's text options) and
     ``open_clip_pytorch_model.bin``. Returns ``{"model": <json>, "pretrained": <checkpoint>}``."""
-    import open_clip
-
     register_tiny_timm_models()
     cfg = tiny_config(PLUGIN, TINY_SIGLIP2, overrides)
-    # (open_clip picks the Gemma tokenizer, a download, for names containing "siglip")
-    name = f"radio-tiny-sl2-{config_hash({**cfg, 'seed': seed})}"
-    directory = Path(directory)
-    spec = {"model": str(directory / f"{name}.json"), "pretrained": str(directory / OPEN_CLIP_CHECKPOINT)}
-    if (directory / OPEN_CLIP_CHECKPOINT).is_file() and Path(spec["model"]).is_file():
-        return spec
     model_cfg = {
         "embed_dim": 64, "init_logit_bias": -10, "custom_text": True,
         "vision_cfg": {"image_size": 64, "timm_model_name": TINY_SIGLIP_TIMM_MODEL, "timm_model_pretrained": False,
@@ -143,15 +134,8 @@ def make_tiny_siglip2(directory: Union[str, Path], seed: int = 0, **overrides: A
                      "proj_bias": True, "pool_type": "last", "norm_kwargs": {"eps": 1e-6},
                      "act_kwargs": {"approximate": "tanh"}},
     }
-
-    def write(tmp: Path) -> None:
-        (tmp / f"{name}.json").write_text(json.dumps(model_cfg, indent=2))
-        kwargs = {k: v for k, v in model_cfg.items() if k != "custom_text"}
-        torch.save(seeded_random(lambda: open_clip.CustomTextCLIP(**kwargs), seed).state_dict(),
-                   tmp / OPEN_CLIP_CHECKPOINT)
-
-    write_atomically(directory, write)
-    return spec
+    # (open_clip picks the Gemma tokenizer, a download, for names containing "siglip")
+    return save_tiny_open_clip(directory, f"radio-tiny-sl2-{config_hash({**cfg, 'seed': seed})}", model_cfg, seed)
 
 
 @hookimpl
