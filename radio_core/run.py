@@ -105,9 +105,24 @@ def _main(args: argparse.Namespace) -> int:
     return _train(args, recipe, registry)
 
 
+def elastic_store_warning(environ=os.environ) -> Optional[str]:
+    """torchrun with --max_restarts and its shared rendezvous store (the default since torch 2.5)
+    can stall a restarted group on the first round's stale keys (pytorch/pytorch#135712)."""
+    if (environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+            and int(environ.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0) > 0):
+        return ("torchrun --max_restarts with the shared rendezvous store: a restarted group can stall on "
+                "the first round's stale keys (pytorch/pytorch#135712); launch torchrun with "
+                "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1")
+    return None
+
+
 def _train(args: argparse.Namespace, recipe, registry) -> int:
     from .registry import PluginError
     from .train.loop import BadDataError, NonFiniteLossError, Trainer
+
+    warning = elastic_store_warning()
+    if warning and os.environ.get("RANK", "0") == "0":
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
 
     try:
         trainer = Trainer(recipe, registry=registry, resume=args.resume, recipe_path=args.recipe,

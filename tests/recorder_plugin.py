@@ -41,12 +41,16 @@ def radio_train_end(trainer):
 def radio_step_end(trainer, step, metrics):
     # RADIO_TEST_SIGTERM="step:rank": a real SIGTERM to one rank's own process at that step.
     # RADIO_TEST_SIGKILL="step:rank": a SIGKILL (no handler runs, no checkpoint), as a node
-    # failure would; only on torchrun's first attempt, so the restarted group runs through.
-    first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+    # failure would; once per run (a marker file), so the restarted group runs through. Not by
+    # TORCHELASTIC_RESTART_COUNT: each agent counts only its own workers' failures, so after a
+    # restart the killed rank can land on a node whose count is still 0.
+    marker = trainer.out_dir / "test_sigkill_sent"
     for var, sig in (("RADIO_TEST_SIGTERM", signal.SIGTERM), ("RADIO_TEST_SIGKILL", signal.SIGKILL)):
         spec = os.environ.get(var)
-        if spec and (sig == signal.SIGTERM or first_attempt):
+        if spec and (sig == signal.SIGTERM or not marker.exists()):
             at, rank = map(int, spec.split(":"))
             if step == at and trainer.accelerator.process_index == rank:
+                if sig == signal.SIGKILL:
+                    marker.touch()
                 os.kill(os.getpid(), sig)
 

@@ -43,3 +43,15 @@ def test_console_script_and_module_entry_point_agree():
     b = subprocess.run([sys.executable, "-m", "radio_core.cli", "validate", str(QUICKSTART)], env=env(),
                        capture_output=True, text=True, timeout=120)
     assert a.returncode == b.returncode == 0 and a.stdout == b.stdout
+
+
+def test_elastic_launch_with_the_shared_store_is_warned_about():
+    """torchrun's worker environment: the agent-store flag is "True" unless the launch set
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (then "False")."""
+    from radio_core.run import elastic_store_warning
+
+    shared = {"TORCHELASTIC_USE_AGENT_STORE": "True", "TORCHELASTIC_MAX_RESTARTS": "3"}
+    assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in elastic_store_warning(shared)
+    assert elastic_store_warning({**shared, "TORCHELASTIC_USE_AGENT_STORE": "False"}) is None
+    assert elastic_store_warning({**shared, "TORCHELASTIC_MAX_RESTARTS": "0"}) is None  # nothing restarts
+    assert elastic_store_warning({}) is None  # not under torchrun

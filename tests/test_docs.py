@@ -59,8 +59,8 @@ TABLE: dict[str, Run | Skip] = {
         Skip("run by tests/test_proxy.py::test_ablation_suite_smoke_runs_end_to_end"),
     "python -m radio_core.data index /data/other_shards":
         Skip("run by tests/test_shards.py::test_index_command_writes_a_manifest_for_foreign_shards"),
-    "torchrun --nnodes 8 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint $HEAD:29400 --rdzv_id $JOB "
-    "--max_restarts 3 -m radio_core.run recipes/dfn_dino_sam.yaml --resume":
+    "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun --nnodes 8 --nproc_per_node 8 --rdzv_backend c10d "
+    "--rdzv_endpoint $HEAD:29400 --rdzv_id $JOB --max_restarts 3 -m radio_core.run recipes/dfn_dino_sam.yaml --resume":
         Skip("cluster-only; tests/test_elastic.py runs the same elastic launch on two localhost nodes"),
     ".venv/bin/python -m pytest -q": Skip("the test suite this test is part of"),
     "python3 -m venv .venv && .venv/bin/pip install torch torchvision --index-url "
