@@ -5,6 +5,7 @@ ViT-L/14 image tower.
     python bench/student_throughput.py --quick         # batch 1, 3 rounds: a CPU smoke run
     python bench/student_throughput.py --resolution 512 --batch 32 --device cuda
     python bench/student_throughput.py --models E-RADIO-B ViT-B/16-CPE   # a subset
+    python bench/student_throughput.py --resolution 64 128 --batch 32 --models "proxy ViT" "proxy E-RADIO"
 
 Forward only, fp32, random weights (nothing is downloaded: the CLIP tower is
 ``open_clip.create_model("ViT-L-14", pretrained=None).visual``), all models at the same input
@@ -51,7 +52,20 @@ class ClipTower(nn.Module):
         return self.visual((images - self.mean) / self.std)
 
 
-NAMES = ("ViT-B/16-CPE", "ViT-B/16-CPE ViTDet", "E-RADIO-B", "E-RADIO-S", "CLIP ViT-L/14")
+NAMES = ("ViT-B/16-CPE", "ViT-B/16-CPE ViTDet", "E-RADIO-B", "E-RADIO-S", "CLIP ViT-L/14", "proxy ViT", "proxy E-RADIO")
+REPO = Path(__file__).resolve().parents[1]
+
+
+def proxy_student(arm: str) -> tuple[str, dict]:
+    """The proxy benchmark's student (recipes/proxy/base.yaml) as an ablation arm changes it."""
+    import yaml
+
+    from radio_core.recipe import deep_merge, load_raw
+
+    student = load_raw(REPO / "recipes/proxy/base.yaml")["student"]
+    spec = yaml.safe_load((REPO / "recipes/proxy/ablations.yaml").read_text())
+    student = deep_merge(student, (spec["arms"][arm] or {}).get("student", {}))
+    return student["name"], student.get("args", {})
 
 
 def build(name: str, resolution: int, device: str = "cpu") -> nn.Module:
@@ -66,6 +80,9 @@ def build(name: str, resolution: int, device: str = "cpu") -> nn.Module:
         return registry.build("student", "eradio", variant=name[-1].lower(), num_cls_tokens=3)
     if name == "CLIP ViT-L/14":
         return ClipTower(resolution, device)
+    if name.startswith("proxy "):
+        plugin, args = proxy_student("eradio" if name.endswith("E-RADIO") else "baseline")
+        return registry.build("student", plugin, **args)
     raise ValueError(name)
 
 
@@ -88,7 +105,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--resolution", type=int, nargs="+", default=[224, 512, 1024],
                    help="input edge(s) in px, the same for every model at each (multiples of 32)")
-    p.add_argument("--models", nargs="+", default=list(NAMES), choices=list(NAMES))
+    p.add_argument("--models", nargs="+", default=list(NAMES[:5]), choices=list(NAMES),
+                   help="default: all but the proxy benchmark's two small students")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
@@ -121,7 +139,7 @@ def run_at(resolution: int, a: argparse.Namespace, device: torch.device, names: 
         models[name] = model
         flops[name] = gflops(name, resolution)
         params = sum(q.numel() for q in model.parameters()) / 1e6
-        print(f"built {name:<19} {params:7.1f}M params  {flops[name]:7.1f} GFLOP/img  ({time.perf_counter() - t:.1f}s)",
+        print(f"built {name:<19} {params:7.2f}M params  {flops[name]:7.3f} GFLOP/img  ({time.perf_counter() - t:.1f}s)",
               flush=True)
     x = torch.rand(a.batch, 3, resolution, resolution, device=device)
     times: dict[str, list[float]] = {n: [] for n in names}
@@ -150,8 +168,12 @@ def run_at(resolution: int, a: argparse.Namespace, device: torch.device, names: 
                     else f"{'-':>9} {'-':>8}")
         rel_vitb = (f"{ips[n] / vitb:>8.2f}x {flops['ViT-B/16-CPE'] / flops[n]:>7.2f}x" if vitb
                     else f"{'-':>9} {'-':>8}")
-        print(f"{n:<19} {flops[n]:>9.1f} {statistics.median(ms):>9.1f} ({min(ms):.0f}-{max(ms):.0f}){'':>3} "
+        gf = f"{flops[n]:>9.1f}" if flops[n] >= 10 else f"{flops[n]:>9.3f}"
+        print(f"{n:<19} {gf} {statistics.median(ms):>9.1f} ({min(ms):.0f}-{max(ms):.0f}){'':>3} "
               f"{ips[n]:>9.2f} {rel_clip} {rel_vitb}")
+    if "proxy ViT" in ips and "proxy E-RADIO" in ips:
+        print(f"proxy E-RADIO vs proxy ViT: {ips['proxy E-RADIO'] / ips['proxy ViT']:.2f}x images/s "
+              f"(FLOP bound {flops['proxy ViT'] / flops['proxy E-RADIO']:.2f}x)")
     return ips
 
 

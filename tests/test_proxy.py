@@ -120,7 +120,7 @@ def test_ablation_suite_smoke_runs_end_to_end(tmp_path, cache):
     every run whichever process did it, resume), not the findings."""
     out = tmp_path / "abl"
     cmd = [sys.executable, str(REPO / "bench" / "proxy_ablations.py"), str(REPO / "recipes" / "proxy" / "ablations.yaml"),
-           "--smoke", "--arms", "baseline", "only_sam", "vitdet", "--output-dir", str(out), "--jobs", "2"]
+           "--smoke", "--arms", "baseline", "only_sam", "vitdet", "eradio", "--output-dir", str(out), "--jobs", "2"]
     env = {**__import__("os").environ, "RADIO_PROXY_CACHE": str(cache), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
@@ -139,6 +139,8 @@ def test_ablation_suite_smoke_runs_end_to_end(tmp_path, cache):
     table = (out / "results.md").read_text()
     assert "| baseline | 1 |" in table and "inconclusive (one seed: no interval)" in table
     assert "miou@128w8 vs miou@128 | vitdet - baseline" in table and "| vitdet |" in table
+    # an arm that swaps the student plugin (the ViT's args dropped), and its speed against the baseline
+    assert "| miou@64 | eradio - baseline |" in table and "| eradio | 128 px |" in table
     # a relaunch finds every run done and trains nothing; an evaluation the spec gained since
     # (here: the windowed one, forgotten) is added without training
     del vitdet["scores"]["student@128w8"]
