@@ -311,15 +311,19 @@ class ViTCPEStudent(Student):
                              patches=tokens[:, self.num_prefix_tokens:], grid=(h, w), intermediates=taps)
 
     # -- internals -----------------------------------------------------------------------------
+    def window_options(self, h: int, w: int) -> list[Optional[int]]:
+        """The window sizes a training step can draw for an h x w token grid (None: global)."""
+        # A window must tile the grid into more than one window: one window covering the whole
+        # grid is global attention that the summary tokens would skip.
+        return [ws for ws in self.window_sizes
+                if ws is None or (h % ws == 0 and w % ws == 0 and (h > ws or w > ws))] or [None]
+
     def _choose_window(self, h: int, w: int) -> Optional[int]:
         if self.training and self.window_sizes:
-            # A window must tile the grid into more than one window: one window covering the whole
-            # grid is global attention that the summary tokens would skip.
-            options = [ws for ws in self.window_sizes
-                       if ws is None or (h % ws == 0 and w % ws == 0 and (h > ws or w > ws))]
+            options = self.window_options(h, w)
+            if options == [None] and None not in self.window_sizes:
+                return None  # no window tiles this grid: global, no draw
             # CPU generator: no device sync, and meta-device planning works too.
-            if not options:
-                return None
             return options[int(torch.randint(len(options), (1,), device="cpu"))]
         ws = self.window_size
         if ws and (h % ws or w % ws):

@@ -136,3 +136,38 @@ def test_dry_run_of_the_paper_recipe_at_64_ranks(capsys):
     assert "teacher dino: 1136M params" in out  # DINOv2 ViT-g/14
     kept = (REPO / "docs" / "dry_run_dfn_dino_sam.txt").read_text()
     assert out.strip() in kept  # the documented output is current
+
+
+@pytest.mark.parametrize("name", ["radio_v25", "c_radio_v4"])
+def test_dry_runs_of_the_recipes_with_window_draws_are_current(name, capsys):
+    """Their students draw ViTDet window sizes at random per step; the plan costs the most
+    expensive draw, so it is the same on every call (here: another RNG state than the one that
+    wrote docs/) and matches the documented output."""
+    from radio_core.run import main
+
+    torch.manual_seed(12345)
+    assert main([str(REPO / "recipes" / f"{name}.yaml"), "--dry-run", "--world-size", "64", "--gpu-memory", "80"]) == 0
+    assert capsys.readouterr().out.strip() in (REPO / "docs" / f"dry_run_{name}.txt").read_text()
+
+
+def test_planner_costs_the_most_expensive_window_draw(registry):
+    from radio_core.models.distiller import build_distiller
+    from radio_core.plan.planner import student_cost
+    from radio_core.recipe import validate
+
+    def cost(window_sizes):
+        recipe = validate({"student": {"name": "vit", "args": {"model": "vit_small_patch16_224", "depth": 4,
+                                                                "global_every": 4, "window_sizes": window_sizes}},
+                           "teachers": {"clip": {"plugin": "clip", "args": {"tiny": True}}}})
+        with torch.device("meta"):
+            distiller = build_distiller(recipe, {"clip": (32, 64)}, registry)
+        return student_cost(distiller, (512, 512)), distiller.student
+
+    drawn, student = cost([8, None])
+    assert student.window_sizes == [8, None]  # left as it was
+    windowed, global_ = cost([8])[0], cost([])[0]
+    assert windowed.flops_per_image < global_.flops_per_image
+    for _ in range(3):  # whatever the draw would have been
+        assert cost([8, None])[0] == drawn == global_
+    assert cost([4, 8])[0].flops_per_image == cost([8])[0].flops_per_image > cost([4])[0].flops_per_image
+

@@ -83,7 +83,8 @@ class SpectralReparam(nn.Module):
         self.register_buffer("_v", v)
         self.register_buffer("_sn_version", torch.tensor(version))
         self._version = version
-        self._power_iteration(w, INIT_POWER_ITERATIONS)
+        if not w.is_meta:  # a meta build (validate, plan) has no values to iterate on; on meta each op is slow
+            self._power_iteration(w, INIT_POWER_ITERATIONS)
         sigma = self.sigma(weight.detach()).double() + eps  # tensor ops only: meta-device builds work
         init = sigma if version == 1 else _inverse_softplus((sigma - alpha).clamp_min(_MIN_INIT))
         # 2-D so that weight decay applies to it (see the module docstring).
@@ -118,7 +119,7 @@ class SpectralReparam(nn.Module):
         return torch.dot(u, torch.mv(weight.float(), v))
 
     def forward(self, weight: Tensor) -> Tensor:
-        if self.training:
+        if self.training and not weight.is_meta:  # (the planner's meta forward: 2 matvecs, nothing to update)
             self._power_iteration(weight.detach().float(), self.n_power_iterations)
         u = self._u.clone(memory_format=torch.contiguous_format)
         v = self._v.clone(memory_format=torch.contiguous_format)

@@ -92,6 +92,25 @@ MIXED_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 def student_cost(distiller, resolution: tuple[int, int], device: str = "meta",
                  mixed_precision: str = "no", active: Optional[list[str]] = None) -> ModelCost:
+    """``_one_student_cost`` for the most expensive of the choices a training step draws at random
+    (a student's ``window_options``: ViTDet window sizes), so that the plan is the same on every
+    call and its memory is an upper bound. Attention over larger windows costs more in FLOPs and
+    memory, global attention (None) most: that one is costed."""
+    student = distiller.student
+    drawn = getattr(student, "window_sizes", None)
+    if not drawn or not hasattr(student, "window_options"):
+        return _one_student_cost(distiller, resolution, device, mixed_precision, active)
+    patch = student.patch_size
+    options = student.window_options(resolution[0] // patch, resolution[1] // patch)
+    try:
+        student.window_sizes = [None if None in options else max(options)]
+        return _one_student_cost(distiller, resolution, device, mixed_precision, active)
+    finally:
+        student.window_sizes = drawn
+
+
+def _one_student_cost(distiller, resolution: tuple[int, int], device: str = "meta",
+                      mixed_precision: str = "no", active: Optional[list[str]] = None) -> ModelCost:
     """FLOPs of one image's forward + backward through student and heads, and the bytes kept
     for backward as a GPU run stores them (``radio_core.activations``): per image (the growth
     from batch 1 to 2) plus, under activation checkpointing, one block's recomputed activations
