@@ -29,6 +29,7 @@ open_clip's own code (``force_image_size``; bicubic for open_clip ViTs, timm's
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
@@ -128,12 +129,56 @@ def build_clip_teacher(model: Optional[str] = None, pretrained: Optional[str] = 
     """
     import open_clip
 
+    source = _resolve_source(open_clip, model, pretrained, tiny, cache_dir)
+    if quick_gelu is None:
+        quick_gelu = bool(source.tag_cfg.get("quick_gelu", source.published.get("quick_gelu", False)))
+    # The position grid is sized here and a checkpoint's is resampled to it by open_clip on
+    # load. A size that is not a multiple of the patch (SigLIP-384 with patch 14) drops the
+    # last partial patch, as the published model does: the grid is (H // patch, W // patch).
+    native = _native_image_size(source.name) if source.schema is None else None
+    size = tuple(resolution) if resolution is not None else native
+    kwargs: dict[str, Any] = dict(force_quick_gelu=quick_gelu)
+    if size is not None:
+        kwargs["force_image_size"] = size
+    if meta:
+        clip = _create_on_meta(open_clip, source.name, kwargs)
+    else:
+        weights = source.pretrained if source.tag_cfg else source.checkpoint
+        clip = _create_checked(open_clip, source.name, source.label, weights, source.schema, kwargs)
+
+    preprocess = getattr(clip.visual, "preprocess_cfg", {}) or {}
+    preprocess = {**preprocess, **{k: v for k, v in source.published.items() if k in ("mean", "std")}}
+    if source.tag_cfg:
+        preprocess = {**preprocess, "mean": source.tag_cfg["mean"], "std": source.tag_cfg["std"]}
+    teacher = ClipTeacher(clip, source.name, input_size=_input_size(clip.visual),
+                          mean=mean or preprocess["mean"], std=std or preprocess["std"])
+    if not text:
+        teacher.drop_text_tower()
+    return teacher.freeze()
+
+
+@dataclass
+class _Source:
+    """Where a CLIP teacher's architecture and weights come from."""
+
+    name: str  # the open_clip model name (a config JSON registered under its stem)
+    label: str  # ``model`` as the recipe gave it, for messages
+    schema: Optional[str]  # "local-dir" / "hf-hub", else None (an open_clip name)
+    pretrained: Optional[str]  # the recipe's ``pretrained``
+    tag_cfg: dict  # open_clip's config of that tag ({} when it is a file or absent)
+    checkpoint: Optional[str]  # a local checkpoint file given as ``pretrained``
+    published: dict  # what every published tag of the model agrees on (for a local checkpoint)
+
+
+def _resolve_source(open_clip, model: Optional[str], pretrained: Optional[str], tiny: Union[bool, dict],
+                    cache_dir: Optional[str]) -> _Source:
+    """Name resolution and checks, no model built: the tiny model (written once), the open_clip
+    name, the tag or checkpoint file, with errors that name what is wrong."""
     if tiny or isinstance(tiny, dict):  # `tiny: {}` = the defaults
         if model is not None or pretrained is not None:
             raise ValueError(f"{PLUGIN} teacher: give either tiny or model/pretrained, not both")
         overrides = dict(tiny) if isinstance(tiny, dict) else {}
-        directory = _tiny_dir(cache_dir, overrides)
-        spec = make_tiny_clip(directory, **overrides)
+        spec = make_tiny_clip(_tiny_dir(cache_dir, overrides), **overrides)
         model, pretrained = spec["model"], spec["pretrained"]
     if not model:
         raise ValueError(f"{PLUGIN} teacher needs `model` (an open_clip model name such as "
@@ -143,7 +188,6 @@ def build_clip_teacher(model: Optional[str] = None, pretrained: Optional[str] = 
     if schema is None and open_clip.get_model_config(model_name) is None:
         raise ValueError(f"{PLUGIN} teacher: unknown open_clip model {model_name!r}; see "
                          "open_clip.list_models(), or pass a model-config JSON path")
-
     tag_cfg: dict = {}
     checkpoint: Optional[str] = None
     if pretrained and schema is None:
@@ -158,42 +202,20 @@ def build_clip_teacher(model: Optional[str] = None, pretrained: Optional[str] = 
     # A local copy of published weights gets what all of the model's published tags agree on
     # (OpenAI's ViT-L-14-336 weights need QuickGELU; SigLIP's need mean/std 0.5).
     published = _published_defaults(open_clip, model_name) if checkpoint is not None else {}
-    if quick_gelu is None:
-        quick_gelu = bool(tag_cfg.get("quick_gelu", published.get("quick_gelu", False)))
+    return _Source(model_name, model, schema, pretrained, tag_cfg, checkpoint, published)
 
-    # The position grid is sized here and a checkpoint's is resampled to it by open_clip on
-    # load. A size that is not a multiple of the patch (SigLIP-384 with patch 14) drops the
-    # last partial patch, as the published model does: the grid is (H // patch, W // patch).
-    native = _native_image_size(model_name) if schema is None else None
-    size = tuple(resolution) if resolution is not None else native
 
-    kwargs: dict[str, Any] = dict(force_quick_gelu=quick_gelu)
-    if size is not None:
-        kwargs["force_image_size"] = size
-    if meta:
-        import logging
+def _create_on_meta(open_clip, model_name: str, kwargs: dict) -> nn.Module:
+    """The architecture alone, on the meta device (dimension checks, planning)."""
+    import logging
 
-        root = logging.getLogger()
-        level, root.level = root.level, logging.ERROR  # "no pretrained weights loaded" is the point here
-        try:
-            with torch.device("meta"):
-                clip = open_clip.create_model(model_name, pretrained=None, load_weights=False,
-                                              device="meta", **kwargs)
-        finally:
-            root.setLevel(level)
-    else:
-        weights = pretrained if tag_cfg else checkpoint
-        clip = _create_checked(open_clip, model_name, model, weights, schema, kwargs)
-
-    preprocess = getattr(clip.visual, "preprocess_cfg", {}) or {}
-    preprocess = {**preprocess, **{k: v for k, v in published.items() if k in ("mean", "std")}}
-    if tag_cfg:
-        preprocess = {**preprocess, "mean": tag_cfg["mean"], "std": tag_cfg["std"]}
-    teacher = ClipTeacher(clip, model_name, input_size=_input_size(clip.visual),
-                          mean=mean or preprocess["mean"], std=std or preprocess["std"])
-    if not text:
-        teacher.drop_text_tower()
-    return teacher.freeze()
+    root = logging.getLogger()
+    level, root.level = root.level, logging.ERROR  # "no pretrained weights loaded" is the point here
+    try:
+        with torch.device("meta"):
+            return open_clip.create_model(model_name, pretrained=None, load_weights=False, device="meta", **kwargs)
+    finally:
+        root.setLevel(level)
 
 
 def describe(model: Optional[str] = None, pretrained: Optional[str] = None, **kwargs: Any) -> dict:
