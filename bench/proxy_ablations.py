@@ -285,22 +285,29 @@ def speciality_rows(by_seed: dict[int, dict]) -> list[str]:
     return lines
 
 
+def median_rates(by_seed: dict[int, dict]) -> dict[str, float]:
+    """One arm's single-process inference images/s per scored input (``"128"``, ``"128w8"``),
+    median over seeds."""
+    import statistics
+
+    rates: dict[str, list[float]] = {}
+    for r in by_seed.values():
+        for key, v in r.get("meta", {}).get("images_per_s", {}).items():
+            rates.setdefault(key.removeprefix("student@"), []).append(v)
+    return {k: statistics.median(v) for k, v in rates.items()}
+
+
 def throughput_rows(results: dict[str, dict[int, dict]]) -> list[str]:
     """The speed side of ViTDet mode: for each arm scored with windows, its single-process
     inference throughput globally and in windows at the same resolution (median over seeds)."""
-    import statistics
-
     lines = []
     for arm, by_seed in results.items():
-        rates: dict[str, list[float]] = {}
-        for r in by_seed.values():
-            for key, v in r.get("meta", {}).get("images_per_s", {}).items():
-                rates.setdefault(key.removeprefix("student@"), []).append(v)
+        rates = median_rates(by_seed)
         for windowed in sorted(k for k in rates if "w" in k):
             plain = windowed.split("w")[0]
             if plain not in rates:
                 continue
-            fast, slow = statistics.median(rates[windowed]), statistics.median(rates[plain])
+            fast, slow = rates[windowed], rates[plain]
             lines.append(f"| {arm} | {plain} px | {slow:.0f} | {fast:.0f} ({windowed}) | {fast / slow:.2f}x |")
     if not lines:
         return []
@@ -312,14 +319,8 @@ def throughput_rows(results: dict[str, dict[int, dict]]) -> list[str]:
 def student_speed_rows(spec: dict, results: dict[str, dict[int, dict]]) -> list[str]:
     """Each arm that changes the student, against the first arm: single-process inference
     images/s at each scored resolution (median over seeds)."""
-    import statistics
-
     def rates(arm: str) -> dict[str, float]:
-        by_key: dict[str, list[float]] = {}
-        for r in results.get(arm, {}).values():
-            for key, v in r.get("meta", {}).get("images_per_s", {}).items():
-                by_key.setdefault(key.removeprefix("student@"), []).append(v)
-        return {k: statistics.median(v) for k, v in by_key.items() if "w" not in k}
+        return {k: v for k, v in median_rates(results.get(arm, {})).items() if "w" not in k}
 
     reference = next(iter(spec["arms"]))
     ref = rates(reference)
