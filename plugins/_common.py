@@ -108,6 +108,15 @@ OPEN_CLIP_CHECKPOINT = "open_clip_pytorch_model.bin"
 TINY_SIGLIP_TIMM_MODEL = "radio_tiny_siglip_patch16_64"
 
 
+def tiny_siglip_config(text_cfg: dict) -> dict:
+    """An open_clip config of a tiny SigLIP-like model around ``text_cfg``. As open_clip's SigLIP
+    configs: a timm trunk (``TINY_SIGLIP_TIMM_MODEL``) with 'map' pooling and no extra
+    projection, so the embedding width is the trunk width, and a ``CustomTextCLIP``."""
+    vision = {"image_size": 64, "timm_model_name": TINY_SIGLIP_TIMM_MODEL, "timm_model_pretrained": False,
+              "timm_pool": "map", "timm_proj": "none"}
+    return {"embed_dim": 64, "init_logit_bias": -10, "custom_text": True, "vision_cfg": vision, "text_cfg": text_cfg}
+
+
 def save_tiny_open_clip(directory: Union[str, Path], name: str, model_cfg: dict, seed: int) -> dict:
     """A tiny random open_clip model as open_clip stores one: ``<name>.json`` (its model config)
     and its state dict in ``OPEN_CLIP_CHECKPOINT``, written atomically into ``directory`` (nothing

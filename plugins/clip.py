@@ -38,8 +38,8 @@ from torch import Tensor, nn
 
 from radio_core import Teacher, TeacherOutput, hookimpl
 
-from ._common import (TINY_SIGLIP_TIMM_MODEL, config_hash, register_tiny_timm_models,
-                      save_tiny_open_clip, teacher_facts, tiny_config)
+from ._common import (config_hash, register_tiny_timm_models, save_tiny_open_clip, teacher_facts, tiny_config,
+                      tiny_siglip_config)
 
 PLUGIN = "clip"
 
@@ -272,13 +272,9 @@ def _open_clip_config(cfg: dict) -> dict:
                   "head_width": cfg["head_width"], "patch_size": cfg["patch_size"]}
         return {"embed_dim": cfg["embed_dim"], "vision_cfg": vision, "text_cfg": text}
     if cfg["family"] == "siglip":
-        # As open_clip's SigLIP configs: timm trunk, 'map' pooling, no extra projection, so the
-        # embedding width is the trunk width. The text tower stays a plain open_clip one (its
-        # BPE tokenizer ships with open_clip; SigLIP's own needs a download).
-        vision = {"image_size": 64, "timm_model_name": TINY_SIGLIP_TIMM_MODEL, "timm_model_pretrained": False,
-                  "timm_pool": "map", "timm_proj": "none"}
-        return {"embed_dim": 64, "init_logit_bias": -10, "custom_text": True, "vision_cfg": vision,
-                "text_cfg": text}
+        # The text tower stays a plain open_clip one (its BPE tokenizer ships with open_clip;
+        # SigLIP's own needs a download).
+        return tiny_siglip_config(text)
     raise ValueError(f"{PLUGIN} tiny: family must be 'clip' or 'siglip', got {cfg['family']!r}")
 
 

@@ -33,8 +33,8 @@ from torch import Tensor
 
 from radio_core import Teacher, TeacherOutput, get_registry, hookimpl
 
-from ._common import (TINY_SIGLIP_TIMM_MODEL, config_hash, register_tiny_timm_models, save_tiny_open_clip,
-                      teacher_facts, tiny_config, tiny_dir)
+from ._common import (config_hash, register_tiny_timm_models, save_tiny_open_clip, teacher_facts, tiny_config,
+                      tiny_dir, tiny_siglip_config)
 
 PLUGIN = "siglip2"
 DEFAULT_MODEL, DEFAULT_TAG = "ViT-gopt-16-SigLIP2-384", "webli"
@@ -124,16 +124,11 @@ def make_tiny_siglip2(directory: Union[str, Path], seed: int = 0, **overrides: A
     ``open_clip_pytorch_model.bin``. Returns ``{"model": <json>, "pretrained": <checkpoint>}``."""
     register_tiny_timm_models()
     cfg = tiny_config(PLUGIN, TINY_SIGLIP2, overrides)
-    model_cfg = {
-        "embed_dim": 64, "init_logit_bias": -10, "custom_text": True,
-        "vision_cfg": {"image_size": 64, "timm_model_name": TINY_SIGLIP_TIMM_MODEL, "timm_model_pretrained": False,
-                       "timm_pool": "map", "timm_proj": "none"},
-        # SigLIP2's text options as open_clip's SigLIP2 configs spell them
-        "text_cfg": {"context_length": cfg["context_length"], "vocab_size": 49408, "width": cfg["text_width"],
-                     "heads": cfg["text_heads"], "layers": cfg["text_layers"], "no_causal_mask": True,
-                     "proj_bias": True, "pool_type": "last", "norm_kwargs": {"eps": 1e-6},
-                     "act_kwargs": {"approximate": "tanh"}},
-    }
+    # SigLIP2's text options as open_clip's SigLIP2 configs spell them
+    model_cfg = tiny_siglip_config({
+        "context_length": cfg["context_length"], "vocab_size": 49408, "width": cfg["text_width"],
+        "heads": cfg["text_heads"], "layers": cfg["text_layers"], "no_causal_mask": True, "proj_bias": True,
+        "pool_type": "last", "norm_kwargs": {"eps": 1e-6}, "act_kwargs": {"approximate": "tanh"}})
     # (open_clip picks the Gemma tokenizer, a download, for names containing "siglip")
     return save_tiny_open_clip(directory, f"radio-tiny-sl2-{config_hash({**cfg, 'seed': seed})}", model_cfg, seed)
 
