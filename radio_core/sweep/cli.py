@@ -56,6 +56,10 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "radio_core.sweep") -
     p.add_argument("--status", action="store_true",
                    help="show pending/running/done/failed per run (asking the scheduler about recorded jobs) "
                         "and rebuild the tables from the runs that finished; launch nothing")
+    p.add_argument("--jobs", type=int, default=1, metavar="N",
+                   help="runs at once on this machine: N processes sharing the runs through per-run locks, one CPU "
+                        "thread each (on a small CPU, N = cores beats one process using every core)")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # started by --jobs
     p.add_argument("--execute", metavar="NAME",
                    help="train, evaluate and mark one run in this process (what a slurm/ray job runs)")
     args = p.parse_args(argv)
@@ -75,8 +79,12 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "radio_core.sweep") -
             return print_status(sweep, sweep.select(args.only))
         if args.dry_run:
             return dry_run(sweep, sweep.select(args.only))
+        if args.jobs < 1:
+            raise SweepError(f"--jobs must be at least 1, got {args.jobs}")
         if isinstance(spec.launcher, LocalLauncher):
-            return sweep.run(args.only)
+            return sweep.run(args.only, jobs=args.jobs, worker=args.worker)
+        if args.jobs > 1:
+            raise SweepError(f"--jobs applies to local sweeps; this one's launcher is {spec.launcher.name}")
         from .remote import run_remote
 
         return run_remote(sweep, sweep.select(args.only), args.no_cache)

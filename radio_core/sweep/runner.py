@@ -2,13 +2,16 @@
 signals handled so that a stopped sweep resumes where it was."""
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import json
+import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 from ..recipe import dump_recipe
 from . import local
@@ -17,6 +20,26 @@ from .grid import PlannedRun, override_string, plan
 from .local import SweepInterrupted
 from .spec import SweepError, SweepSpec
 from .state import DONE_MARKER, LAUNCH_LOG, SNAPSHOT, record, run_state, snapshot_conflict, write_json
+
+
+@contextlib.contextmanager
+def run_lock(run: PlannedRun) -> Iterator[bool]:
+    """Whether this process may work on ``run`` (an exclusive, non-blocking lock on a file in
+    its folder, held until the run is done here): parallel sweep processes never train or
+    evaluate one run twice, and every write to its folder happens under the lock."""
+    import fcntl
+
+    run.run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run.run_dir / ".sweep_run.lock", "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 class Sweep:
@@ -33,6 +56,7 @@ class Sweep:
         self.stop_signal: Optional[int] = None
         self.failed_caches: dict[str, str] = {}
         self._bar: Any = None
+        self.workers: list[subprocess.Popen] = []
 
     # ------------------------------------------------------------------ selection and state
     def select(self, only: Optional[Sequence[str]]) -> list[PlannedRun]:
@@ -67,6 +91,9 @@ class Sweep:
 
     # ------------------------------------------------------------------ signals
     def _on_signal(self, signum: int, frame: Any) -> None:  # noqa: ARG002
+        for w in getattr(self, "workers", []):  # each worker stops its own run the same way
+            if w.poll() is None:
+                w.send_signal(signal.SIGTERM)
         if self.stop_signal is not None:  # second signal: stop waiting for the run's checkpoint
             if self.child is not None and self.child.poll() is None:
                 self.child.kill()
@@ -80,22 +107,33 @@ class Sweep:
             raise SweepInterrupted  # cache build or evaluation: redone on relaunch
 
     # ------------------------------------------------------------------ main loop
-    def run(self, only: Optional[Sequence[str]] = None) -> int:
+    def run(self, only: Optional[Sequence[str]] = None, jobs: int = 1, worker: bool = False) -> int:
+        """Bring the selected runs to done. With ``jobs`` > 1, ``jobs - 1`` worker processes
+        (``--worker``) share the runs with this one through per-run locks, each run and each
+        evaluation using one CPU thread; this process alone writes the tables (under the sweep
+        lock), after the workers are done."""
         from tqdm.auto import tqdm
 
         selected = self.select(only)
         self.out.mkdir(parents=True, exist_ok=True)
-        lock = self.lock()
+        lock = None if worker else self.lock()
         old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        if jobs > 1 or worker:
+            os.environ["OMP_NUM_THREADS"] = "1"  # the training processes read it
+            import torch
+
+            torch.set_num_threads(1)  # evaluation in this process
+        self.workers = self._start_workers(jobs - 1, only) if jobs > 1 else []
         tqdm.monitor_interval = 0  # no monitor thread: runs are started with fork + exec
-        self._bar = tqdm(total=len(selected), desc="sweep", unit="run", disable=not self.progress,
-                         dynamic_ncols=True)
+        self._bar = tqdm(total=len(selected), desc="sweep" if not worker else "sweep worker", unit="run",
+                         disable=not self.progress, dynamic_ncols=True)
         try:
             for run in selected:
                 if self.stop_signal is not None:
                     break
                 self.show(run.name[:40])
-                status = self.execute(run)
+                with run_lock(run) as mine:
+                    status = self.execute(run) if mine else "running in another sweep process (skipped here)"
                 self._bar.write(f"{run.name}: {status}")
                 self._bar.update(1)
         except SweepInterrupted:
@@ -103,13 +141,27 @@ class Sweep:
         finally:
             self._bar.close()
             self._bar = None
+            failed_workers = [w.args for w in self.workers if w.wait() not in (0, 1)]
             for s, h in old.items():
                 signal.signal(s, h)
+        if worker:
+            return 128 + self.stop_signal if self.stop_signal is not None else 0
         rows = self.write_results()
         lock.close()
         if self.stop_signal is not None:
             return 128 + self.stop_signal
+        if failed_workers:
+            print(f"{len(failed_workers)} sweep worker process(es) stopped abnormally: relaunch to finish their runs")
+            return 1
         return 0 if all(r["status"] == "ok" for r in rows if r["name"] in {x.name for x in selected}) else 1
+
+    def _start_workers(self, count: int, only: Optional[Sequence[str]]) -> list[subprocess.Popen]:
+        cmd = [sys.executable, "-m", "radio_core.sweep", str(self.sweep_path), "--worker", "--output-dir", str(self.out),
+               "--no-progress"] + [a for pat in only or [] for a in ("--only", pat)] \
+            + (["--no-cache"] if self.no_cache else [])
+        self.log_event("workers", count=count, command=cmd)
+        return [subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                                 preexec_fn=local.parent_death_signal()) for _ in range(count)]
 
     def lock(self):
         self.out.mkdir(parents=True, exist_ok=True)
