@@ -1,16 +1,28 @@
-"""The proxy world: deterministic procedural scenes small enough for a CPU.
+"""The proxy world: deterministic procedural scenes small enough for a CPU, built so that each
+teacher has something to learn that raw pixels do not give away.
 
 Each image (``size`` px, 128 by default) shows one large *main* object and 0-2 small
 distractors on a textured background. What there is to know, and who is meant to know it:
 
 * image label = the main object's colour and shape (``"red star"``; 4 colours x 5 shapes = 20
   classes) and a caption generated from the scene description (colours, shapes, sizes,
-  texture, background): the CLIP-like teacher learns these from image-caption pairs;
-* a per-pixel semantic mask of shape categories (0 = background, 1-5 = shape): the dense
+  background, neighbours): the CLIP-like teacher learns these from image-caption pairs. Colour
+  is a pixel statistic; shape is not (objects are rotated, scaled and placed anywhere), so
+  zero-shot is reported split into colour and shape;
+* a per-pixel semantic mask (``SEGMENT_CLASSES``): *sky* and *ground* for the background above
+  and below the horizon, which is the middle of the frame and drawn nowhere (both halves come
+  from one background generator, so only a model that knows where a pixel is in the frame can
+  tell them apart: position embeddings matter), and the shape category of every object pixel
+  (a patch inside an object looks the same whatever the shape: context is needed). The dense
   semantics the DINOv2-like teacher learns;
-* fine boundaries: every object is cut into parts by 1-px dark cracks; the boundary map marks
-  the edges of every part. At the full size a crack is one pixel; at half size it is blended
-  away, so only a high-resolution model can place them (the SAM-like teacher's speciality).
+* fine structure: every object is cut into 2-4 *parts* by straight lines, and each part is
+  filled with one of three 1-px textures (horizontal stripes, vertical stripes, checks; random
+  phase) around the object's colour, neighbouring parts with different textures. The parts map
+  gives each object pixel its part's texture (``PART_CLASSES``). A texture's sign is random, so
+  a linear read-out of the pixels cannot tell the textures apart (it takes the energy of a
+  high-frequency pattern, a non-linear feature), and at half resolution every 1-px texture
+  averages to the same flat colour: only a high-resolution model sees the parts (the SAM-like
+  teacher's speciality).
 
 Scene ``i`` of a split is a pure function of (seed, split, i): the same seed gives the same
 bytes on every run. A generated world is written once to a cache directory named by its
@@ -30,20 +42,27 @@ from typing import Optional
 import numpy as np
 
 #: bump when the drawing code changes: old caches then stop matching.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 SPLITS = ("train", "val", "test")
 SHAPES = ("circle", "square", "triangle", "star", "cross")
 COLOURS = {"red": (0.85, 0.15, 0.15), "green": (0.15, 0.65, 0.2), "blue": (0.15, 0.3, 0.85),
            "yellow": (0.9, 0.82, 0.15)}
 COLOUR_NAMES = tuple(COLOURS)
-TEXTURES = ("plain", "striped", "dotted")
+#: the 1-px part textures (each part differs from its neighbours).
+PART_TEXTURES = ("horizontal", "vertical", "checks")
+#: classes of the parts map: background (no object), then the texture of the object's part.
+PART_CLASSES = ("background",) + PART_TEXTURES
 BACKGROUNDS = ("noise", "stripes", "checks")
 #: image classes: "<colour> <shape>", index = colour * len(SHAPES) + shape.
 CLASSES = tuple(f"{c} {s}" for c in COLOUR_NAMES for s in SHAPES)
-#: semantic classes of the masks.
-SEGMENT_CLASSES = ("background",) + SHAPES
+#: semantic classes of the masks: background above / below the horizon, then the shapes.
+SEGMENT_CLASSES = ("sky", "ground") + SHAPES
+#: first semantic id of the shapes (``semantic == SHAPE_OFFSET + SHAPES.index(shape)``).
+SHAPE_OFFSET = 2
 #: the template zero-shot uses; captions are written in the same register.
 ZERO_SHOT_TEMPLATES = ("a photo of a {}.",)
+#: relative amplitude of the part textures (+-, around the part's colour).
+TEXTURE_AMPLITUDE = 0.3
 
 
 def cache_root() -> Path:
@@ -55,9 +74,9 @@ class WorldConfig:
     seed: int = 0
     size: int = 128
     train: int = 4000
-    val: int = 1000
-    test: int = 1000
-    #: anti-aliasing: shapes are drawn at ``supersample`` x the size and averaged down.
+    val: int = 2000
+    test: int = 2000
+    #: anti-aliasing of outlines and part lines: drawn at ``supersample`` x the size, averaged down.
     supersample: int = 2
 
     def split_size(self, split: str) -> int:
@@ -74,7 +93,7 @@ class WorldConfig:
 class Scene:
     image: np.ndarray  # (H, W, 3) uint8
     semantic: np.ndarray  # (H, W) uint8, SEGMENT_CLASSES index
-    boundary: np.ndarray  # (H, W) uint8 0/1: edges of every object part
+    parts: np.ndarray  # (H, W) uint8 PART_CLASSES index: the texture of the part under each pixel
     label: int  # CLASSES index of the main object
     caption: str
     objects: list = field(default_factory=list)
@@ -104,41 +123,55 @@ def _shape_mask(shape: str, x: np.ndarray, y: np.ndarray, r: float) -> np.ndarra
 
 
 def _background(rng: np.random.Generator, kind: str, n: int) -> np.ndarray:
-    base = rng.uniform(0.35, 0.7) + rng.uniform(-0.08, 0.08, size=3)  # low-saturation grey
+    """A low-saturation textured background; its statistics do not depend on position."""
+    base = rng.uniform(0.35, 0.7) + rng.uniform(-0.08, 0.08, size=3)
     yy, xx = np.mgrid[0:n, 0:n] / n
     if kind == "noise":
         coarse = rng.normal(0, 1, size=(8, 8))
         pattern = np.kron(coarse, np.ones((n // 8, n // 8)))[:n, :n] * 0.05
     elif kind == "stripes":
-        angle, freq = rng.uniform(0, np.pi), rng.uniform(4, 9)
-        pattern = 0.08 * np.sign(np.sin(2 * np.pi * freq * (np.cos(angle) * xx + np.sin(angle) * yy)))
+        angle, freq, phase = rng.uniform(0, np.pi), rng.uniform(4, 9), rng.uniform(0, 1)
+        pattern = 0.08 * np.sign(np.sin(2 * np.pi * (freq * (np.cos(angle) * xx + np.sin(angle) * yy) + phase)))
     else:
         freq = rng.integers(3, 7)
-        pattern = 0.08 * np.sign(np.sin(2 * np.pi * freq * xx) * np.sin(2 * np.pi * freq * yy))
+        ox, oy = rng.uniform(0, 1, 2)
+        pattern = 0.08 * np.sign(np.sin(2 * np.pi * freq * (xx + ox)) * np.sin(2 * np.pi * freq * (yy + oy)))
     return np.clip(base[None, None, :] + pattern[..., None], 0, 1)
 
 
-def _texture(rng: np.random.Generator, kind: str, xx: np.ndarray, yy: np.ndarray) -> np.ndarray:
-    if kind == "plain":
-        return np.ones_like(xx)
-    if kind == "striped":
-        angle = rng.uniform(0, np.pi)
-        return 1 - 0.25 * (np.sin(2 * np.pi * 0.12 * (np.cos(angle) * xx + np.sin(angle) * yy)) > 0)
-    return 1 - 0.25 * ((np.sin(2 * np.pi * 0.14 * xx) * np.sin(2 * np.pi * 0.14 * yy)) > 0.5)
+def _part_pattern(kind: int, phase: int, px: np.ndarray, py: np.ndarray) -> np.ndarray:
+    """+-1 at integer pixel coordinates: a 1-px texture whose mean over any 2x2 block is 0."""
+    if kind == 0:
+        return 1 - 2 * ((py + phase) % 2)
+    if kind == 1:
+        return 1 - 2 * ((px + phase) % 2)
+    return 1 - 2 * ((px + py + phase) % 2)
 
 
-def _cracks(rng: np.random.Generator, xx: np.ndarray, yy: np.ndarray, cx: float, cy: float, r: float,
-            width: float) -> tuple[np.ndarray, np.ndarray]:
-    """1-2 straight cracks through the object: (crack mask, part id per pixel)."""
-    crack = np.zeros(xx.shape, bool)
+def _cut_into_parts(rng: np.random.Generator, xx: np.ndarray, yy: np.ndarray, cx: float, cy: float,
+                    r: float) -> np.ndarray:
+    """Part id (0..3) per point: 1-2 straight lines through the object."""
     part = np.zeros(xx.shape, np.int64)
     for k in range(int(rng.integers(1, 3))):
         angle = rng.uniform(0, np.pi)
         offset = rng.uniform(-0.35, 0.35) * r
         d = np.cos(angle) * (xx - cx) + np.sin(angle) * (yy - cy) - offset
-        crack |= np.abs(d) < width / 2
         part += (d > 0).astype(np.int64) << k
-    return crack, part
+    return part
+
+
+def _part_textures(rng: np.random.Generator) -> list[tuple[int, int]]:
+    """(texture, phase) of parts 0-3. Parts are the cells of at most two lines (part id bit k = the
+    side of line k), so part p borders p^1 and p^2: every neighbour gets another texture."""
+    def other_than(*taken: int) -> int:
+        free = [k for k in range(len(PART_TEXTURES)) if k not in taken]
+        return free[int(rng.integers(len(free)))]
+
+    kinds = [int(rng.integers(len(PART_TEXTURES)))]
+    kinds.append(other_than(kinds[0]))
+    kinds.append(other_than(kinds[0]))
+    kinds.append(other_than(kinds[1], kinds[2]))
+    return [(k, int(rng.integers(2))) for k in kinds]
 
 
 def render_scene(cfg: WorldConfig, split: str, index: int) -> Scene:
@@ -147,11 +180,12 @@ def render_scene(cfg: WorldConfig, split: str, index: int) -> Scene:
     n, ss = cfg.size, cfg.supersample
     big = n * ss
     yy, xx = np.mgrid[0:big, 0:big].astype(np.float64) / ss  # pixel units of the final image
+    py, px = yy.astype(np.int64), xx.astype(np.int64)  # the final pixel each sample falls in
     bg_kind = BACKGROUNDS[rng.integers(len(BACKGROUNDS))]
     # The background needs no anti-aliasing: drawn at the final size, repeated to the big grid.
     canvas = np.repeat(np.repeat(_background(rng, bg_kind, n), ss, 0), ss, 1)
-    instance = np.zeros((big, big), np.int64)  # part id + 1, 0 = background
-    semantic = np.zeros((big, big), np.uint8)
+    texture = np.zeros((big, big), np.uint8)  # PART_CLASSES index
+    semantic = np.where(yy < n / 2, 0, 1).astype(np.uint8)  # sky above the horizon, ground below
 
     main_shape, main_colour = int(rng.integers(len(SHAPES))), int(rng.integers(len(COLOURS)))
     objects = []
@@ -159,7 +193,6 @@ def render_scene(cfg: WorldConfig, split: str, index: int) -> Scene:
         objects.append(dict(shape=int(rng.integers(len(SHAPES))), colour=int(rng.integers(len(COLOURS))),
                             radius=rng.uniform(0.09, 0.14) * n, main=False))
     objects.append(dict(shape=main_shape, colour=main_colour, radius=rng.uniform(0.2, 0.3) * n, main=True))
-    next_id = 1
     for obj in objects:
         r = obj["radius"]
         margin = r * 1.05
@@ -172,46 +205,40 @@ def render_scene(cfg: WorldConfig, split: str, index: int) -> Scene:
         dx, dy = wx - cx, wy - cy
         rx, ry = np.cos(theta) * dx + np.sin(theta) * dy, -np.sin(theta) * dx + np.cos(theta) * dy
         inside = _shape_mask(SHAPES[obj["shape"]], rx, ry, r)
-        texture = TEXTURES[rng.integers(len(TEXTURES))]
-        colour = np.clip(np.asarray(COLOURS[COLOUR_NAMES[obj["colour"]]]) + rng.uniform(-0.07, 0.07, 3), 0, 1)
-        shade = _texture(rng, texture, rx, ry)
-        crack, part = _cracks(rng, wx, wy, cx, cy, r, width=1.0)
-        win_canvas, win_sem, win_inst = canvas[y0:y1, x0:x1], semantic[y0:y1, x0:x1], instance[y0:y1, x0:x1]
-        win_canvas[inside] = colour[None, :] * shade[inside, None]
-        win_canvas[inside & crack] = 0.08
-        win_sem[inside] = obj["shape"] + 1
-        win_inst[inside] = next_id + part[inside]
-        win_inst[inside & crack] = 0
-        next_id += 4
-        obj.update(texture=texture, centre=(float(cx), float(cy)))
+        colour = np.clip(np.asarray(COLOURS[COLOUR_NAMES[obj["colour"]]]) + rng.uniform(-0.07, 0.07, 3), 0.1, 0.9)
+        part = _cut_into_parts(rng, wx, wy, cx, cy, r)
+        textures = _part_textures(rng)
+        shade = np.ones(part.shape)
+        for p, (kind, phase) in enumerate(textures):
+            sel = part == p
+            shade[sel] = 1 + TEXTURE_AMPLITUDE * _part_pattern(kind, phase, px[y0:y1, x0:x1][sel],
+                                                                 py[y0:y1, x0:x1][sel])
+        kinds = np.array([k for k, _ in textures], np.uint8)
+        win_canvas, win_sem, win_tex = canvas[y0:y1, x0:x1], semantic[y0:y1, x0:x1], texture[y0:y1, x0:x1]
+        win_canvas[inside] = np.clip(colour[None, :] * shade[inside, None], 0, 1)
+        win_sem[inside] = obj["shape"] + SHAPE_OFFSET
+        win_tex[inside] = 1 + kinds[part[inside]]
+        obj.update(centre=(float(cx), float(cy)), parts=int(part[inside].max()) + 1 if inside.any() else 1)
 
     image = canvas.reshape(n, ss, n, ss, 3).mean((1, 3))
     image = np.clip(image + rng.normal(0, 0.02, image.shape), 0, 1)
     image_u8 = np.round(image * 255).astype(np.uint8)
     # Labels at the final size: the sample at the centre of each supersampled cell.
     sem = semantic[ss // 2::ss, ss // 2::ss]
-    inst = instance[ss // 2::ss, ss // 2::ss]
-    edge = np.zeros_like(inst, bool)
-    edge[:, 1:] |= inst[:, 1:] != inst[:, :-1]
-    edge[:, :-1] |= inst[:, 1:] != inst[:, :-1]
-    edge[1:, :] |= inst[1:, :] != inst[:-1, :]
-    edge[:-1, :] |= inst[1:, :] != inst[:-1, :]
-    edge &= inst > 0  # the object side of every edge (cracks and outlines)
-    caption = describe(objects, bg_kind, rng)
-    return Scene(image_u8, sem.astype(np.uint8), edge.astype(np.uint8),
-                 main_colour * len(SHAPES) + main_shape, caption, objects)
+    tex = texture[ss // 2::ss, ss // 2::ss]
+    return Scene(image_u8, sem.astype(np.uint8), tex.astype(np.uint8), main_colour * len(SHAPES) + main_shape,
+                 describe(objects, bg_kind, rng), objects)
 
 
 def describe(objects: list, background: str, rng: np.random.Generator) -> str:
     """A caption from the scene description, in one of several phrasings."""
     main = objects[-1]
     name = f"{COLOUR_NAMES[main['colour']]} {SHAPES[main['shape']]}"
-    texture = "" if main["texture"] == "plain" else f"{main['texture']} "
     form = int(rng.integers(4))
     if form == 0:
         text = f"a photo of a {name}"
     elif form == 1:
-        text = f"a photo of a large {texture}{name}"
+        text = f"a photo of a large {name}"
     elif form == 2:
         text = f"a {name} on a {background} background"
     else:
@@ -228,7 +255,7 @@ def describe(objects: list, background: str, rng: np.random.Generator) -> str:
 
 class ProxyWorld:
     """Memory-mapped arrays of a generated world: ``images(split)`` (N, H, W, 3) uint8,
-    ``semantic(split)`` and ``boundary(split)`` (N, H, W) uint8, ``labels(split)`` (N,)
+    ``semantic(split)`` and ``parts(split)`` (N, H, W) uint8, ``labels(split)`` (N,)
     int64, ``captions(split)`` list[str]."""
 
     def __init__(self, directory: Path, cfg: WorldConfig) -> None:
@@ -244,8 +271,8 @@ class ProxyWorld:
     def semantic(self, split: str) -> np.ndarray:
         return self._array(split, "semantic")
 
-    def boundary(self, split: str) -> np.ndarray:
-        return self._array(split, "boundary")
+    def parts(self, split: str) -> np.ndarray:
+        return self._array(split, "parts")
 
     def labels(self, split: str) -> np.ndarray:
         return np.asarray(self._array(split, "labels"))
@@ -274,7 +301,8 @@ def generate_world(cfg: WorldConfig = WorldConfig(), root: Optional[Path] = None
             for split in SPLITS:
                 _write_split(cfg, split, tmp)
             (tmp / "world.json").write_text(json.dumps({"version": GENERATOR_VERSION, **asdict(cfg),
-                                                        "classes": CLASSES, "segment_classes": SEGMENT_CLASSES},
+                                                        "classes": CLASSES, "segment_classes": SEGMENT_CLASSES,
+                                                        "part_classes": PART_CLASSES},
                                                        indent=1))
             try:
                 os.rename(tmp, directory)
@@ -290,15 +318,15 @@ def _write_split(cfg: WorldConfig, split: str, out: Path) -> None:
     count, n = cfg.split_size(split), cfg.size
     images = np.lib.format.open_memmap(out / f"{split}_images.npy", "w+", np.uint8, (count, n, n, 3))
     semantic = np.lib.format.open_memmap(out / f"{split}_semantic.npy", "w+", np.uint8, (count, n, n))
-    boundary = np.lib.format.open_memmap(out / f"{split}_boundary.npy", "w+", np.uint8, (count, n, n))
+    parts = np.lib.format.open_memmap(out / f"{split}_parts.npy", "w+", np.uint8, (count, n, n))
     labels, captions = np.zeros(count, np.int64), []
     for i in range(count):
         scene = render_scene(cfg, split, i)
-        images[i], semantic[i], boundary[i], labels[i] = scene.image, scene.semantic, scene.boundary, scene.label
+        images[i], semantic[i], parts[i], labels[i] = scene.image, scene.semantic, scene.parts, scene.label
         captions.append(scene.caption)
-    for arr in (images, semantic, boundary):
+    for arr in (images, semantic, parts):
         arr.flush()
-    del images, semantic, boundary
+    del images, semantic, parts
     np.save(out / f"{split}_labels.npy", labels)
     (out / f"{split}_captions.json").write_text(json.dumps(captions))
 
@@ -334,4 +362,5 @@ class ProxyWorldSource:
 
 
 __all__ = ["WorldConfig", "ProxyWorld", "ProxyWorldSource", "generate_world", "render_scene", "world_from_args",
-           "CLASSES", "SEGMENT_CLASSES", "SHAPES", "COLOUR_NAMES", "ZERO_SHOT_TEMPLATES", "cache_root"]
+           "CLASSES", "SEGMENT_CLASSES", "SHAPE_OFFSET", "SHAPES", "COLOUR_NAMES", "ZERO_SHOT_TEMPLATES", "cache_root",
+           "PART_CLASSES"]

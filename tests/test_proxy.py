@@ -44,10 +44,37 @@ def test_scene_labels_agree_with_the_pixels(tmp_path):
         scene = W.render_scene(world.cfg, "val", i)
         colour, shape = W.CLASSES[scene.label].split()
         assert f"{colour} {shape}" in scene.caption  # the caption names the main object
-        assert (scene.semantic == W.SHAPES.index(shape) + 1).sum() > 200  # which covers a large area
-        assert scene.boundary.any() and (scene.semantic[scene.boundary > 0] > 0).all()  # edges lie on objects
-    # cracks are 1 px wide: at half resolution they are blended away
-    assert world.cfg.size == 128 and W.WorldConfig().test >= 1000
+        assert (scene.semantic == W.SHAPE_OFFSET + W.SHAPES.index(shape)).sum() > 200  # which covers a large area
+        background = scene.semantic < W.SHAPE_OFFSET  # sky above the horizon, ground below, whatever is drawn
+        rows = np.arange(128)[:, None].repeat(128, 1)
+        assert (scene.semantic[background] == (rows[background] >= 64)).all()
+        assert ((scene.parts > 0) == (scene.semantic >= W.SHAPE_OFFSET)).all()  # every object pixel is in a part
+    assert world.cfg.size == 128 and W.WorldConfig().test >= 2000
+
+
+def test_part_textures_are_fine_and_invisible_to_a_linear_read_out():
+    """Each part's 1-px texture has a random sign: its energy tells the textures apart, the mean
+    of the pixels does not, and at half resolution the texture averages away."""
+    energy, mean_gap, low_res_energy = {k: [] for k in (1, 2, 3)}, [], []
+    for i in range(30):
+        scene = W.render_scene(W.WorldConfig(), "train", i)
+        grey = scene.image.astype(np.float64).mean(-1)
+        # high-pass along rows, columns and the diagonal: which one fires names the texture
+        dy = np.abs(np.diff(grey, axis=0))[:, :-1]
+        dx = np.abs(np.diff(grey, axis=1))[:-1, :]
+        inner = scene.parts[:-1, :-1]
+        for k in (1, 2, 3):
+            sel = (inner == k) & (np.roll(inner, 1, 0) == k) & (np.roll(inner, 1, 1) == k)
+            if sel.sum() > 50:
+                energy[k].append((dy[sel].mean(), dx[sel].mean()))
+        half = grey.reshape(64, 2, 64, 2).mean((1, 3))
+        obj = scene.parts.reshape(64, 2, 64, 2).min((1, 3)) > 0
+        if obj.sum() > 50:  # inside objects, at 64 px: flat up to the image noise
+            low_res_energy.append(np.abs(np.diff(half, axis=1))[obj[:, :-1] & obj[:, 1:]].mean())
+    horizontal, vertical = np.mean(energy[1], 0), np.mean(energy[2], 0)
+    assert horizontal[0] > 5 * horizontal[1] and vertical[1] > 5 * vertical[0]  # stripes across rows / columns
+    assert np.mean(energy[3], 0).min() > 20  # checks change along both
+    assert np.mean(low_res_energy) < 0.25 * horizontal[0]
 
 
 def test_proxy_world_is_a_dataset_source(registry, cache):
