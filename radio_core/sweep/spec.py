@@ -149,6 +149,77 @@ class RayLauncher(RemoteLauncher):
     max_requeues: int = Field(3, ge=0)
 
 
+class ComparisonRow(Strict):
+    """One paired difference: ``a``'s value minus ``b``'s, per seed. A value is ``metric`` (for
+    ``b``: ``b_metric`` if given), minus ``minus`` when given (a within-run change, e.g. the drop
+    from 64 to 128 px; ``a`` and ``b`` then give a difference in differences)."""
+
+    a: str
+    b: str
+    metric: str
+    b_metric: Optional[str] = None
+    minus: Optional[str] = None
+
+    @property
+    def label(self) -> str:
+        m = self.metric if self.b_metric in (None, self.metric) else f"{self.metric} vs {self.b_metric}"
+        return f"({m} - {self.minus})" if self.minus else m
+
+
+Margin = Union[float, dict[str, float]]
+
+
+def _check_margin(v: Margin) -> Margin:
+    if isinstance(v, dict):
+        if set(v) != {"fraction"} or not 0 < v["fraction"] < 1:
+            raise ValueError("margin must be a number (absolute) or {fraction: f} with 0 < f < 1 (of the metric's gap)")
+    elif not v > 0:
+        raise ValueError("margin must be > 0")
+    return v
+
+
+class Comparison(Strict):
+    """A published finding, tested on paired differences over seeds."""
+
+    name: str
+    #: what the paper (or report) claims, in words.
+    finding: str = ""
+    #: ``higher``: a > b; ``not_worse``: a no worse than b by more than the margin;
+    #: ``equivalent``: |a - b| below the margin (two one-sided tests).
+    claim: Literal["higher", "not_worse", "equivalent"]
+    rows: list[ComparisonRow] = Field(min_length=1)
+    #: smallest effect of interest for this comparison (default: the analysis's).
+    margin: Optional[Annotated[Margin, AfterValidator(_check_margin)]] = None
+
+
+class Analysis(Strict):
+    """How comparisons are judged (see radio_core.sweep.stats.Judgement)."""
+
+    #: no verdict below this many paired seeds.
+    min_seeds: int = Field(5, ge=2)
+    level: float = Field(0.95, gt=0.5, lt=1)
+    #: smallest effect of interest: a number in the metric's units, or ``{fraction: f}`` of the
+    #: metric's gap (``gaps``) between a floor and a ceiling reference.
+    margin: Annotated[Margin, AfterValidator(_check_margin)] = Field(default_factory=lambda: {"fraction": 0.1})
+    #: per metric name (before ``@``): ``[floor, ceiling]`` reference rows, e.g.
+    #: ``miou: [raw, teacher/dino]``; the gap is ceiling - floor at the compared resolution (or
+    #: at the reference's own one).
+    gaps: dict[str, list[str]] = Field(default_factory=dict)
+    #: arms whose retention (arm - floor) / (ceiling - floor) is reported, per ``retention_metrics``.
+    retention_arms: list[str] = Field(default_factory=list)
+    retention_metrics: list[str] = Field(default_factory=list)
+    #: the arm whose seed-to-seed spread is set against the test-set noise.
+    noise_arm: Optional[str] = None
+
+    @field_validator("gaps")
+    @classmethod
+    def _gaps(cls, v: dict[str, list[str]]) -> dict[str, list[str]]:
+        for metric, pair in v.items():
+            if len(pair) != 2:
+                raise ValueError(f"gaps.{metric}: give [floor, ceiling], two reference rows")
+        return v
+
+
 def _launcher_shorthand(v: Any) -> Any:
     """``slurm`` -> ``{name: slurm}``; a list (the old form) -> a local launcher command."""
     if isinstance(v, str):
@@ -181,6 +252,9 @@ class SweepSpec(Strict):
     eval: SweepEval = Field(default_factory=SweepEval)
     #: where runs train: ``local`` (default), ``slurm`` or ``ray``, with their options.
     launcher: Launcher = Field(default_factory=LocalLauncher)
+    #: published findings tested on the arms (paired over seeds), and how they are judged.
+    comparisons: list[Comparison] = Field(default_factory=list)
+    analysis: Analysis = Field(default_factory=Analysis)
 
     @field_validator("grid")
     @classmethod
@@ -208,6 +282,14 @@ class SweepSpec(Strict):
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise ValueError(f"runs: names {dup} are given more than once")
+        if self.comparisons and (self.grid or any(r.name is None for r in self.runs)):
+            raise ValueError("comparisons name arms: give every run entry a name and no grid")
+        for c in self.comparisons:
+            for row in c.rows:
+                for arm in (row.a, row.b):
+                    if arm not in names:
+                        raise ValueError(f"comparisons: {c.name!r} names arm {arm!r}, which is not a run "
+                                         f"(runs: {', '.join(names)})")
         if self.seeds is not None:
             sets_seed = [o for o in self.overrides + [o for r in self.runs for o in r.overrides]
                          if o.partition("=")[0] == SEED_KEY] + ([SEED_KEY] if SEED_KEY in self.grid else [])
