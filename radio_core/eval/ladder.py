@@ -99,7 +99,8 @@ def format_table(result: dict) -> str:
     rows, scores = result["rows"], result["scores"]
     shared = {k: v for k, v in rows[0].items() if k not in scores and k not in ("subject", "kind", "resolution")
               and all(r.get(k) == v for r in rows)}
-    lines = [f"{k}: {v}" for k, v in {"task": result["task"], "run": result["run"], **shared}.items()]
+    top = {k: result[k] for k in ("task", "run", "tier") if result.get(k) is not None}
+    lines = [f"{k}: {v}" for k, v in {**top, **shared}.items()]
     notes = [f"{r['subject']}: {r['skipped']}" for r in rows if "skipped" in r and "skipped" not in shared]
     head = ["subject", "resolution", *scores]
     table = [[r["subject"], "x".join(map(str, r["resolution"])),
