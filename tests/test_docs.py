@@ -64,6 +64,7 @@ TABLE: dict[str, Run | Skip] = {
     "--rdzv_endpoint $HEAD:29400 --rdzv_id $JOB --max_restarts 3 -m radio_core.run recipes/dfn_dino_sam.yaml --resume":
         Skip("cluster-only; tests/test_elastic.py runs the same elastic launch on two localhost nodes"),
     ".venv/bin/python -m pytest -q": Skip("the test suite this test is part of"),
+    ".venv/bin/python -m pytest -q -m slow": Skip("the slow tests, of which this test is one (CI runs them)"),
     # README: the paper's recipe
     "radio plan recipes/dfn_dino_sam.yaml --world-size 64 --gpu-memory 80":
         Run("radio plan recipes/dfn_dino_sam.yaml --world-size 64 --gpu-memory 80",

@@ -51,6 +51,7 @@ def distilled(digits, tmp_path_factory):
     return tmp / "run", trainer
 
 
+@pytest.mark.slow
 def test_knn_beats_chance_and_approaches_the_teacher(digits, distilled):
     run_dir, trainer = distilled
     # the backbone summary (concatenated CLS tokens), RADIO's image embedding for kNN
@@ -62,6 +63,7 @@ def test_knn_beats_chance_and_approaches_the_teacher(digits, distilled):
     assert student["top5"] >= student["top1"]
 
 
+@pytest.mark.slow
 def test_zero_shot_runs_end_to_end_with_a_tiny_clip_text_tower(digits, distilled, capsys):
     run_dir, _ = distilled
     run = load_run(run_dir)
@@ -99,6 +101,7 @@ def test_miou_against_hand_checked_masks():
     assert res["pixel_acc"] == pytest.approx(7 / 10)
 
 
+@pytest.mark.slow
 def test_linear_probe_segmentation_end_to_end(distilled, tmp_path, capsys):
     """ADE20K-layout folder of real photos with two-region masks (left / right half)."""
     import skimage.data
@@ -133,6 +136,7 @@ def test_reduce_zero_label_follows_ade20k():
     assert _mask_loader(False)(labels).tolist() == labels.tolist()
 
 
+@pytest.mark.slow
 def test_report_and_sweep_pictures(distilled, capsys):
     run_dir, _ = distilled
     assert eval_main([str(run_dir), "report", "--resolutions", "64", "96", "--images", "2"]) == 0

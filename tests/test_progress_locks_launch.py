@@ -139,3 +139,16 @@ def test_two_ranks_launched_the_wrong_way_get_the_warning(tmp_path):
     warnings = [ln for ln in proc.stderr.splitlines() if ln.startswith("warning: asked for 2 processes")]
     assert len(warnings) == 1, proc.stderr[-2000:]
     assert "ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 -m radio_core.run" in warnings[0]
+
+
+def test_training_writes_one_progress_line_per_logging_step_into_a_log(tmp_path):
+    """stderr is a pipe here, as in a SLURM log: whole lines with rate and ETA, no carriage returns."""
+    from helpers import run_cli, tiny_recipe
+
+    recipe = tiny_recipe(tmp_path, "train.steps=4", "train.log_every=2", "logging.progress=true",
+                         "checkpoint.export=false")
+    out = run_cli(str(recipe))
+    lines = [ln for ln in out.stderr.splitlines() if ln.startswith("distill:")]
+    assert [ln.split()[2] for ln in lines] == ["1/4", "2/4", "4/4"], out.stderr[-2000:]  # steps 1, 2 and 4 log
+    assert all(re.search(r"\[\d\d:\d\d<\d\d:\d\d, .*(step/s|s/step), loss=", ln) for ln in lines), lines
+    assert "\r" not in out.stderr

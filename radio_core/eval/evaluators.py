@@ -177,38 +177,61 @@ class FidelityEvaluator(Evaluator):
 
 def build_knn(k: int = 20, temperature: float = 0.07, backend: str = "auto", batch_size: int = 32,
               cache_dir: Optional[str] = None) -> KnnEvaluator:
-    """kNN classification (DINO's weighted vote) on summary features. k: neighbours. temperature:
-    vote weight exp(sim / T). backend: auto | torch | faiss (auto: faiss from 20,000 training
-    images). batch_size: images per forward. cache_dir: feature cache (default: RUN/eval/features)."""
+    """kNN classification (DINO's weighted vote) on summary features: top-1 / top-5.
+
+    k: neighbours.
+    temperature: vote weight exp(sim / T).
+    backend: auto | torch | faiss (auto: faiss from 20,000 training images).
+    batch_size: images per forward.
+    cache_dir: feature cache (default: RUN/eval/features).
+    """
     return KnnEvaluator(k, temperature, backend, batch_size=batch_size, cache_dir=cache_dir)
 
 
 def build_linear(epochs: int = 100, lr: float = 1e-2, weight_decay: float = 1e-4, seed: int = 0,
                  batch_size: int = 32, cache_dir: Optional[str] = None) -> LinearEvaluator:
-    """Linear-probe classification on summary features. epochs: full-batch AdamW steps. lr:
-    learning rate. weight_decay: AdamW decay. seed: probe init. batch_size: images per forward.
-    cache_dir: feature cache."""
+    """Linear-probe classification on summary features: top-1 / top-5.
+
+    epochs: full-batch AdamW steps.
+    lr: learning rate.
+    weight_decay: AdamW decay.
+    seed: probe init.
+    batch_size: images per forward.
+    cache_dir: feature cache (default: RUN/eval/features).
+    """
     return LinearEvaluator(epochs, lr, weight_decay, seed, batch_size=batch_size, cache_dir=cache_dir)
 
 
 def build_zeroshot(prompts: str = "openai_imagenet", batch_size: int = 32,
                    cache_dir: Optional[str] = None) -> ZeroShotEvaluator:
-    """Zero-shot classification through a text tower. prompts: openai_imagenet | simple_imagenet |
-    classname (open_clip.zero_shot_metadata's template sets). batch_size: images per forward.
-    cache_dir: feature cache."""
+    """Zero-shot classification through a text tower and prompt templates: top-1 / top-5.
+
+    prompts: openai_imagenet | simple_imagenet | classname (open_clip.zero_shot_metadata's sets).
+    batch_size: images per forward.
+    cache_dir: feature cache (default: RUN/eval/features).
+    """
     return ZeroShotEvaluator(prompts, batch_size=batch_size, cache_dir=cache_dir)
 
 
 def build_seg(epochs: int = 20, lr: float = 1e-2, mask_size: int = 224, seed: int = 0, batch_size: int = 32,
               cache_dir: Optional[str] = None) -> SegmentationEvaluator:
-    """Linear-probe segmentation: mIoU, pixel accuracy, boundary F. epochs: passes over the
-    training masks. lr: AdamW learning rate. mask_size: side the masks are scored at. seed: probe
-    init. batch_size: images per forward. cache_dir: feature cache."""
+    """Linear-probe segmentation: mIoU, pixel accuracy, boundary F.
+
+    epochs: passes over the training masks.
+    lr: AdamW learning rate.
+    mask_size: side the masks are scored at.
+    seed: probe init.
+    batch_size: images per forward.
+    cache_dir: feature cache (default: RUN/eval/features).
+    """
     return SegmentationEvaluator(epochs, lr, mask_size, seed, batch_size=batch_size, cache_dir=cache_dir)
 
 
 def build_fidelity(images: int = 4) -> FidelityEvaluator:
-    """Adaptor heads against their teachers (cosine, relative MSE). images: held-out images."""
+    """Adaptor heads against their teachers: cosine similarity, relative MSE.
+
+    images: held-out images (the data's test split, else the recipe's eval.source).
+    """
     return FidelityEvaluator(images)
 
 
