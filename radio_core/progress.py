@@ -72,6 +72,9 @@ class Progress:
     def set_postfix(self, **values: Any) -> None:
         self.bar.set_postfix(values, refresh=self.live)
 
+    def set_postfix_str(self, text: str) -> None:
+        self.bar.set_postfix_str(text, refresh=self.live)
+
     def set_description(self, desc: str) -> None:
         self.bar.set_description(desc, refresh=self.live)
 

@@ -152,3 +152,23 @@ def test_training_writes_one_progress_line_per_logging_step_into_a_log(tmp_path)
     assert [ln.split()[2] for ln in lines] == ["1/4", "2/4", "4/4"], out.stderr[-2000:]  # steps 1, 2 and 4 log
     assert all(re.search(r"\[\d\d:\d\d<\d\d:\d\d, .*(step/s|s/step), loss=", ln) for ln in lines), lines
     assert "\r" not in out.stderr
+
+
+def test_a_second_sweep_in_the_same_folder_is_told_who_runs_the_first(tmp_path):
+    from radio_core.sweep.runner import Sweep
+
+    sweep = Sweep.__new__(Sweep)  # the lock needs only the output folder
+    sweep.out = tmp_path / "sweep"
+    second = [sys.executable, "-c", "import sys; from pathlib import Path; from radio_core.sweep.runner import Sweep; "
+              "s = Sweep.__new__(Sweep); s.out = Path(sys.argv[1]); s.lock(); print('locked')", str(sweep.out)]
+    held = sweep.lock()
+    try:
+        refused = subprocess.run(second, capture_output=True, text=True, env=env(), timeout=120)
+    finally:
+        held.close()
+    assert refused.returncode != 0 and "locked" not in refused.stdout
+    assert f"another sweep is running in {sweep.out} (held by pid {os.getpid()} on " in refused.stderr, \
+        refused.stderr[-1000:]
+    assert "command: " in refused.stderr
+    after = subprocess.run(second, capture_output=True, text=True, env=env(), timeout=120)  # released
+    assert after.returncode == 0 and "locked" in after.stdout, after.stderr[-1000:]

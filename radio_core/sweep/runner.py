@@ -2,6 +2,7 @@
 signals handled so that a stopped sweep resumes where it was."""
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import json
 import signal
@@ -83,13 +84,15 @@ class Sweep:
     def run(self, only: Optional[Sequence[str]] = None) -> int:
         from tqdm.auto import tqdm
 
+        from ..progress import progress
+
         selected = self.select(only)
         self.out.mkdir(parents=True, exist_ok=True)
         lock = self.lock()
         old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         tqdm.monitor_interval = 0  # no monitor thread: runs are started with fork + exec
-        self._bar = tqdm(total=len(selected), desc="sweep", unit="run", disable=not self.progress,
-                         dynamic_ncols=True)
+        # runs done, rate and ETA; in a log file one line per finished run
+        self._bar = progress(len(selected), "sweep", "run", enabled=self.progress, every_s=None)
         try:
             for run in selected:
                 if self.stop_signal is not None:
@@ -98,6 +101,7 @@ class Sweep:
                 status = self.execute(run)
                 self._bar.write(f"{run.name}: {status}")
                 self._bar.update(1)
+                self._bar.line()
         except SweepInterrupted:
             self._bar.write("sweep interrupted: re-launch the same command to continue")
         finally:
@@ -111,19 +115,19 @@ class Sweep:
             return 128 + self.stop_signal
         return 0 if all(r["status"] == "ok" for r in rows if r["name"] in {x.name for x in selected}) else 1
 
-    def lock(self):
-        self.out.mkdir(parents=True, exist_ok=True)
-        lock = open(self.out / ".sweep.lock", "a+")
-        try:
-            import fcntl
+    def lock(self) -> contextlib.ExitStack:
+        """The sweep folder's lock (``close()`` releases it); SweepError naming the process that
+        holds it (pid, host, command) when another sweep runs here."""
+        from ..locks import LockTimeout, describe_holder, file_lock
 
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except ImportError:  # not POSIX: no protection against two sweeps in one directory
-            pass
-        except OSError:
-            lock.close()
-            raise SweepError(f"output_dir: another sweep is running in {self.out}") from None
-        return lock
+        self.out.mkdir(parents=True, exist_ok=True)
+        stack = contextlib.ExitStack()
+        path = self.out / ".sweep.lock"
+        try:
+            stack.enter_context(file_lock(path, f"the sweep folder {self.out}", timeout=0))
+        except LockTimeout:
+            raise SweepError(f"output_dir: another sweep is running in {self.out} ({describe_holder(path)})") from None
+        return stack
 
     def lock_held(self) -> bool:
         """Whether a sweep process is working in this output folder now."""
