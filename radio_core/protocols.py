@@ -226,6 +226,9 @@ class Subject:
     (H, W) its input is resized or cropped to), and implement ``features``. A subject that can
     embed text for zero-shot implements ``encode_text``; ``fingerprint`` identifies weights and
     preprocessing for the feature cache (change it and cached features are not reused).
+    Subjects built from a run (``radio_core.eval.subjects.StudentSubject``) also carry
+    ``distiller`` (student + heads), ``teachers`` and ``run`` (recipe, run folder), which
+    evaluators such as fidelity, or one that reads the run's own data, may use.
     """
 
     name: str

@@ -15,6 +15,7 @@ from torch import Tensor
 from ..models import preprocess
 from ..models.distiller import Distiller
 from ..models.losses import match_grids
+from ..progress import progress
 from ..protocols import Teacher
 from . import metrics
 from .features import batches, round_to_multiple, student_forward, teacher_forward
@@ -101,7 +102,7 @@ def segmentation_probe(ftr: Tensor, ytr: Tensor, fte: Tensor, yte: Tensor, num_c
     # Features standardised per channel with training statistics (a frozen BatchNorm, as usual).
     mu, sd = ftr.mean((0, 2, 3), keepdim=True), ftr.std((0, 2, 3), keepdim=True).clamp(min=1e-6)
     opt = torch.optim.AdamW(probe.parameters(), lr=lr, weight_decay=1e-4)
-    with torch.enable_grad():
+    with torch.enable_grad(), progress(epochs, "segmentation probe", "epoch") as bar:
         for _ in range(epochs):
             perm = torch.randperm(len(ftr))
             for i in range(0, len(ftr), batch_size):
@@ -112,6 +113,7 @@ def segmentation_probe(ftr: Tensor, ytr: Tensor, fte: Tensor, yte: Tensor, num_c
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
+            bar.update(1)
     scores = metrics.SegmentationScores(num_classes, ignore_index)
     boundaries, preds = ([], []), []
     with torch.no_grad():
@@ -153,7 +155,7 @@ def boundary_probe(ftr: Tensor, btr: Tensor, fte: Tensor, bte: Tensor, epochs: i
                                                                  align_corners=False))[:, 0]
 
     opt = torch.optim.AdamW(probe.parameters(), lr=lr, weight_decay=1e-4)
-    with torch.enable_grad():
+    with torch.enable_grad(), progress(epochs, "boundary probe", "epoch") as bar:
         for _ in range(epochs):
             perm = torch.randperm(len(ftr))
             for i in range(0, len(ftr), batch_size):
@@ -162,6 +164,7 @@ def boundary_probe(ftr: Tensor, btr: Tensor, fte: Tensor, bte: Tensor, epochs: i
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
+            bar.update(1)
     with torch.no_grad():
         probs = torch.cat([logits(fte[i:i + 64]).sigmoid() for i in range(0, len(fte), 64)])
     return metrics.boundary_f_score(probs, bte.bool(), tolerance=tolerance)
