@@ -182,6 +182,18 @@ def launch_warning(environ=os.environ, parent: Optional[Sequence[str]] = None, a
             f"(or: torchrun --nproc_per_node {requested} -m radio_core.run {rest})")
 
 
+def group_warning(num_processes: int, environ=os.environ) -> Optional[str]:
+    """The launcher started WORLD_SIZE processes but the training group holds fewer (each
+    process then trains alone on the whole data)."""
+    world = int(environ.get("WORLD_SIZE", "1") or 1)
+    if num_processes >= world:
+        return None
+    return (f"the launcher started {world} processes (WORLD_SIZE) but this one trains in a group of "
+            f"{num_processes}: every process would train alone. Launch with torchrun --nproc_per_node {world} "
+            f"-m radio_core.run ... or ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes {world} "
+            f"-m radio_core.run ...")
+
+
 def _train(args: argparse.Namespace, recipe, registry) -> int:
     from .registry import PluginError
     from .train.loop import BadDataError, NonFiniteLossError, Trainer
@@ -197,6 +209,9 @@ def _train(args: argparse.Namespace, recipe, registry) -> int:
         error(exc)
         _drop_process_group()
         return EXIT_REFUSED
+    mismatch = group_warning(trainer.accelerator.num_processes)
+    if mismatch and os.environ.get("RANK", "0") == "0":
+        print(f"warning: {mismatch}", file=sys.stderr, flush=True)
     clean = False
     try:
         metrics = trainer.fit()

@@ -16,7 +16,7 @@ from helpers import REPO, env, env_with
 
 from radio_core.locks import LockTimeout, describe_holder, file_lock, holder_path
 from radio_core.progress import progress
-from radio_core.run import launch_warning
+from radio_core.run import group_warning, launch_warning
 
 
 class FakeTTY(io.StringIO):
@@ -126,6 +126,9 @@ def test_launch_warning_names_the_command_that_works():
     assert launch_warning({}, ["bash"], [], gpus=0) is None  # not under accelerate
     assert launch_warning({}, parent[:3] + ["--num_processes=4"], [], gpus=8).startswith("asked for 4")
     assert "ACCELERATE_USE_CPU" not in launch_warning({}, parent, [], gpus=2)
+    # a launcher that set WORLD_SIZE=2 while the training group formed with one process
+    assert group_warning(1, {"WORLD_SIZE": "2"}).startswith("the launcher started 2 processes")
+    assert group_warning(2, {"WORLD_SIZE": "2"}) is None and group_warning(1, {}) is None
 
 
 @pytest.mark.slow
