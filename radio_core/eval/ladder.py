@@ -48,7 +48,7 @@ def subjects_for(run: Any, resolutions: Sequence[int], teachers: bool, baselines
         out += [TeacherSubject(n, t) for n, t in run.teachers.items()]
     for r in resolutions:
         if "random" in baselines:
-            out.append(random_student(run, r))
+            out.append(random_student(run, r, head=head))  # read out the same way as the student
         if "pixels" in baselines:
             out.append(PixelSubject(r, getattr(run.distiller.student, "patch_size", 16)))
     return out

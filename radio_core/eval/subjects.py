@@ -115,7 +115,7 @@ class PixelSubject(Subject):
         return f"pixels-{self.patch}"
 
 
-def random_student(run: Any, resolution: int, seed: int = 0) -> StudentSubject:
+def random_student(run: Any, resolution: int, seed: int = 0, head: Optional[str] = None) -> StudentSubject:
     """The run's student and heads, freshly initialised (seed ``seed``): what the architecture
     gives before any distillation."""
     from ..models.distiller import build_distiller
@@ -126,7 +126,7 @@ def random_student(run: Any, resolution: int, seed: int = 0) -> StudentSubject:
     dims = run.dims
     torch.manual_seed(seed)
     distiller = build_distiller(run.recipe, dims, get_registry()).eval()
-    return StudentSubject(distiller, resolution, teachers=run.teachers, run=run, kind="baseline")
+    return StudentSubject(distiller, resolution, teachers=run.teachers, head=head, run=run, kind="baseline")
 
 
 # --------------------------------------------------------------------------- feature extraction
