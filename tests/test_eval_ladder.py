@@ -408,3 +408,22 @@ def test_sweep_files_name_any_evaluator_with_its_arguments(tmp_path):
         sweep("{linaer: {data: D}}")
     with pytest.raises(SweepError, match="eval.linear.*unknown argument 'epoch'"):
         sweep("{linear: {data: D, epoch: 3}}")
+
+
+def test_bad_data_is_one_line_naming_the_file(tiny_run, tmp_path, capsys):
+    from radio_core.cli import main
+
+    folder = tmp_path / "bad"
+    (folder / "a").mkdir(parents=True)
+    (folder / "b").mkdir()
+    for cls in ("a", "b"):
+        for i in range(3):
+            Image.fromarray(np.full((16, 16, 3), 40 * i, np.uint8)).save(folder / cls / f"{i}.png")
+    (folder / "b" / "9.png").write_bytes(b"not a png")
+    assert main(["eval", str(tiny_run), "knn", "--data", str(folder), "--no-cache"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --data: ") and "9.png: cannot be read" in err[0], err
+    assert main(["eval", str(tiny_run), "knn", "--data", str(tmp_path / "missing")]) == 2
+    assert "no such folder" in capsys.readouterr().err
+    assert main(["eval", str(tiny_run), "knn"]) == 2
+    assert "knn needs --data" in capsys.readouterr().err

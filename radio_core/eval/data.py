@@ -54,7 +54,12 @@ class Lazy(Sequence):
     def __getitem__(self, i):  # type: ignore[override]
         if isinstance(i, slice):
             return Lazy(self.items[i], self.load)
-        return self.load(self.items[i])
+        item = self.items[i]
+        try:
+            return self.load(item)
+        except (OSError, ValueError, SyntaxError) as exc:  # PIL's errors for a bad file
+            what = item if isinstance(item, (str, Path)) else f"item {i}"
+            raise ValueError(f"--data: {what}: cannot be read ({type(exc).__name__}: {exc})") from None
 
     def subset(self, idx: Sequence[int]) -> "Lazy":
         return Lazy([self.items[i] for i in idx], self.load)
