@@ -26,7 +26,7 @@ FRAMEWORK_ARGS: dict[str, dict[str, str]] = {
     "student": {"num_cls_tokens": "one per teacher with a summary target"},
     "adaptor": {"in_dim": "the student's width", "out_dim": "the teacher's dimension",
                 "hidden_dim": "the recipe's adaptor hidden size"},
-    "loss": {}, "dataset": {},
+    "loss": {}, "dataset": {}, "evaluator": {},
 }
 REQUIRED = inspect.Parameter.empty
 

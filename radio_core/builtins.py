@@ -1,10 +1,11 @@
-"""The core's own generic components (adaptors, losses, data sources).
+"""The core's own generic components (adaptors, losses, data sources, evaluators).
 
 Registered through the ``radio_core`` entry-point group exactly like any third-party plugin.
 """
 from __future__ import annotations
 
 from .data import shards, sources
+from .eval.evaluators import BUILTIN as EVALUATORS
 from .hookspecs import hookimpl
 from .models import adaptors, losses
 
@@ -23,3 +24,5 @@ def radio_register(registry) -> None:
     registry.add("dataset", "synthetic", sources.build_synthetic)
     registry.add("dataset", "webdataset", shards.build_webdataset)
     registry.add("dataset", "hf_datasets", shards.build_hf_datasets)
+    for name, factory in EVALUATORS.items():
+        registry.add("evaluator", name, factory)

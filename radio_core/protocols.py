@@ -15,7 +15,7 @@ Tensor layout conventions
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Optional, Sequence
+from typing import Any, Literal, Optional, Sequence
 
 from torch import Tensor, nn
 
@@ -177,4 +177,131 @@ class Loss(nn.Module):
         raise NotImplementedError
 
 
-KINDS = ("teacher", "student", "adaptor", "loss", "dataset", "balancer")
+# ------------------------------------------------------------------------------ evaluation
+#
+# A downstream task (kNN, linear probe, zero-shot, segmentation probe, fidelity, a proxy
+# benchmark, a third party's own) is a plugin of kind ``evaluator``. Its factory is called with
+# the task's arguments (``factory(**args)``, from ``radio eval RUN TASK --arg k=v`` or a sweep
+# file's ``eval:`` section) and returns a callable ``evaluator(subject, data) -> dict``:
+#
+# * ``subject`` (``Subject``): one frozen feature extractor - the run's student at one input
+#   resolution with its adaptor heads, a teacher at its own resolution, or a baseline (raw
+#   pixels, a random-init student). Every subject is scored through the same protocol, so a
+#   table compares like with like.
+# * ``data`` (``EvalData``): labelled images with a train and a test split (class labels and,
+#   where given, segmentation masks), or None for an evaluator that brings its own data
+#   (``needs = ()``, e.g. a proxy world).
+# * the result: a flat dict, metric name -> float, plus the context that makes the numbers
+#   readable (``task``, ``head``, ``k``, ``train_images``, ``prompts``, ...; str / int / list
+#   values). The framework adds ``subject`` and ``resolution``.
+#
+# Features for a whole split come from ``radio_core.eval.subjects.extract`` (batched, cached by
+# subject fingerprint, resolution, data fingerprint and preprocessing), so a second task on
+# the same data does not run the model again.
+
+
+@dataclass
+class Features:
+    """What a ``Subject`` produces for a batch of N images (any may be None when the subject has
+    no such output).
+
+    summary: (N, D) image-level features (kNN, linear probe): the student's backbone summary
+        (its CLS tokens concatenated), a teacher's summary; mean-pooled ``spatial`` stands in
+        for a subject without one.
+    spatial: (N, C, h, w) dense features (segmentation / boundary probes).
+    embedding: (N, E) the image in a text tower's space (zero-shot): a CLIP teacher's image
+        embedding, or the student's CLIP adaptor head's summary.
+    """
+
+    summary: Optional[Tensor]
+    spatial: Optional[Tensor]
+    embedding: Optional[Tensor] = None
+
+
+class Subject:
+    """A frozen feature extractor under evaluation (see the section comment above).
+
+    Set ``name`` (a row of the result table, e.g. ``student@224``, ``teacher/dino``,
+    ``pixels``), ``kind`` (``student`` | ``teacher`` | ``baseline``) and ``resolution`` (the
+    (H, W) its input is resized or cropped to), and implement ``features``. A subject that can
+    embed text for zero-shot implements ``encode_text``; ``fingerprint`` identifies weights and
+    preprocessing for the feature cache (change it and cached features are not reused).
+    Subjects built from a run (``radio_core.eval.subjects.StudentSubject``) also carry
+    ``distiller`` (student + heads), ``teachers`` and ``run`` (recipe, run folder), which
+    evaluators such as fidelity, or one that reads the run's own data, may use.
+    """
+
+    name: str
+    kind: str = "baseline"
+    resolution: tuple[int, int]
+
+    def features(self, images: Tensor) -> Features:  # pragma: no cover - interface
+        """``images``: float (N, 3, H, W) in [0, 1] at ``resolution``; no gradients needed."""
+        raise NotImplementedError
+
+    def encode_text(self, prompts: Sequence[str]) -> Optional[Tensor]:
+        """(len(prompts), E) text embeddings in ``Features.embedding``'s space, or None when the
+        subject has no text tower (zero-shot is then not defined for it)."""
+        return None
+
+    def fingerprint(self) -> str:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+@dataclass
+class Split:
+    """One split of labelled data. ``images``: a sequence of PIL images (loaded on access);
+    ``labels``: (N,) class ids or None; ``masks``: a sequence of (H, W) integer arrays of class
+    ids (``EvalData.ignore_index`` = ignore), aligned with the images, or None."""
+
+    images: Sequence[Any]
+    labels: Optional[Tensor] = None
+    masks: Optional[Sequence[Any]] = None
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+
+@dataclass
+class EvalData:
+    """Labelled data for evaluators: a train split (fits probes, kNN memory) and a test split.
+
+    ``classes``: class names (zero-shot prompts; image-level labels), ``mask_classes``: number of
+    segmentation classes (None without masks), ``fingerprint``: identity of the files and the
+    split (keys the feature cache), ``source``: where it came from (shown in results)."""
+
+    train: Split
+    test: Split
+    classes: list[str]
+    fingerprint: str
+    source: str
+    mask_classes: Optional[int] = None
+    ignore_index: int = 255
+
+    @property
+    def has_labels(self) -> bool:
+        return self.train.labels is not None and self.test.labels is not None
+
+    @property
+    def has_masks(self) -> bool:
+        return self.train.masks is not None and self.test.masks is not None
+
+
+class Evaluator:
+    """A downstream task (kind ``evaluator``); see the section comment above.
+
+    ``needs``: what ``data`` must hold, from ``images``, ``labels``, ``masks``, ``text`` (a
+    subject with ``encode_text``); ``()``: the evaluator brings its own data and is called with
+    ``data=None``. ``needs_teachers``: it reads the run's teachers through the subject
+    (``subject.teachers``, e.g. fidelity), which the framework then loads.
+    """
+
+    name: str = "evaluator"
+    needs: tuple[str, ...] = ("images", "labels")
+    needs_teachers: bool = False
+
+    def __call__(self, subject: Subject, data: Optional[EvalData]) -> dict[str, Any]:  # pragma: no cover
+        raise NotImplementedError
+
+
+KINDS = ("teacher", "student", "adaptor", "loss", "dataset", "balancer", "evaluator")

@@ -61,6 +61,10 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "radio_core.run") -> 
     """Exit status as documented above; every failure is one ``error:`` line, no traceback
     (set RADIO_TRACEBACK=1 to see one for an internal error)."""
     args = parse_args(argv, prog)
+    if os.environ.get("RANK", "0") == "0":
+        warning = launch_warning(argv=sys.argv[1:] if argv is None else list(argv))
+        if warning:
+            print(f"warning: {warning}", file=sys.stderr, flush=True)
     try:
         return _main(args)
     except KeyboardInterrupt:
@@ -116,6 +120,80 @@ def elastic_store_warning(environ=os.environ) -> Optional[str]:
     return None
 
 
+def _parent_command(pid: Optional[int] = None) -> list[str]:
+    """The command line of the process that started this one (Linux /proc; [] elsewhere)."""
+    try:
+        raw = open(f"/proc/{pid or os.getppid()}/cmdline", "rb").read()
+    except OSError:
+        return []
+    return [a.decode(errors="replace") for a in raw.split(b"\0") if a]
+
+
+def _requested_processes(parent: Sequence[str]) -> Optional[int]:
+    """Processes asked of ``accelerate launch`` in ``parent`` (its --num_processes, else its config
+    file's num_processes); None when the parent is not an Accelerate launch."""
+    try:
+        at = next(i for i, a in enumerate(parent) if a == "launch" and i and parent[i - 1].endswith("accelerate"))
+    except StopIteration:
+        return None
+    args, config = parent[at + 1:], None
+    for i, a in enumerate(args):
+        key, eq, value = a.partition("=")
+        if key in ("--num_processes", "--num-processes") and (eq or i + 1 < len(args)):
+            try:
+                return int(value if eq else args[i + 1])
+            except ValueError:
+                return None
+        if key in ("--config_file", "--config-file") and (eq or i + 1 < len(args)):
+            config = value if eq else args[i + 1]
+    try:
+        import yaml
+
+        if config is None:
+            from accelerate.commands.config import default_config_file as config
+        with open(config) as f:
+            return int((yaml.safe_load(f) or {}).get("num_processes") or 1)
+    except Exception:  # noqa: BLE001 - no readable config: nothing was asked beyond the default
+        return None
+
+
+def launch_warning(environ=os.environ, parent: Optional[Sequence[str]] = None, argv: Sequence[str] = (),
+                   gpus: Optional[int] = None) -> Optional[str]:
+    """A launch that asked for N processes and got fewer, with the command that works.
+
+    ``accelerate launch --num_processes 2`` without ``--multi_gpu`` on a machine without GPUs
+    starts one ordinary process (no WORLD_SIZE); a launcher that set WORLD_SIZE while this
+    process sees another world size is caught the same way."""
+    obtained = int(environ.get("WORLD_SIZE", "1") or 1)
+    requested = _requested_processes(_parent_command() if parent is None else parent)
+    if requested is None or requested <= obtained:
+        return None
+    import shlex
+
+    rest = " ".join(shlex.quote(a) for a in argv) or "RECIPE [overrides]"
+    if gpus is None:
+        import torch
+
+        gpus = torch.cuda.device_count()
+    cpu = "ACCELERATE_USE_CPU=true " if gpus < requested else ""
+    return (f"asked for {requested} processes but this launch runs {obtained}: `accelerate launch` starts "
+            f"several processes only with --multi_gpu{' (and, without a GPU per process, ACCELERATE_USE_CPU=true)' if cpu else ''}. "
+            f"Run: {cpu}accelerate launch --multi_gpu --num_processes {requested} -m radio_core.run {rest}  "
+            f"(or: torchrun --nproc_per_node {requested} -m radio_core.run {rest})")
+
+
+def group_warning(num_processes: int, environ=os.environ) -> Optional[str]:
+    """The launcher started WORLD_SIZE processes but the training group holds fewer (each
+    process then trains alone on the whole data)."""
+    world = int(environ.get("WORLD_SIZE", "1") or 1)
+    if num_processes >= world:
+        return None
+    return (f"the launcher started {world} processes (WORLD_SIZE) but this one trains in a group of "
+            f"{num_processes}: every process would train alone. Launch with torchrun --nproc_per_node {world} "
+            f"-m radio_core.run ... or ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes {world} "
+            f"-m radio_core.run ...")
+
+
 def _train(args: argparse.Namespace, recipe, registry) -> int:
     from .registry import PluginError
     from .train.loop import BadDataError, NonFiniteLossError, Trainer
@@ -131,6 +209,9 @@ def _train(args: argparse.Namespace, recipe, registry) -> int:
         error(exc)
         _drop_process_group()
         return EXIT_REFUSED
+    mismatch = group_warning(trainer.accelerator.num_processes)
+    if mismatch and os.environ.get("RANK", "0") == "0":
+        print(f"warning: {mismatch}", file=sys.stderr, flush=True)
     clean = False
     try:
         metrics = trainer.fit()

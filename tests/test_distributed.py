@@ -25,6 +25,7 @@ def two_rank_run(tmp_path_factory):
     return tmp, site, recipe, log
 
 
+@pytest.mark.slow
 def test_two_ranks_two_groups_share_one_student(two_rank_run):
     tmp, _, _, log = two_rank_run
     assert "2 process(es)" in log and "effective batch 6" in log
@@ -42,6 +43,7 @@ def test_two_ranks_two_groups_share_one_student(two_rank_run):
     assert {"loss/clip/summary", "loss/sam/spatial"} <= set(rows[-1])  # gathered from both ranks
 
 
+@pytest.mark.slow
 def test_partition_does_not_change_the_objective(two_rank_run, tmp_path):
     """One process running both groups in turn follows the same loss curve as two ranks
     running one group each: each teacher's loss is its mean over the batches that ran it."""
@@ -138,6 +140,7 @@ def test_dry_run_of_the_paper_recipe_at_64_ranks(capsys):
     assert out.strip() in kept  # the documented output is current
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["radio_v25", "c_radio_v4"])
 def test_dry_runs_of_the_recipes_with_window_draws_are_current(name, capsys):
     """Their students draw ViTDet window sizes at random per step; the plan costs the most

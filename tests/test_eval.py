@@ -11,9 +11,9 @@ from test_train import train
 
 from radio_core.eval import metrics
 from radio_core.eval.__main__ import main as eval_main
-from radio_core.eval.__main__ import split_labelled
+from radio_core.eval.data import open_data
+from radio_core.eval.ladder import run_task
 from radio_core.eval.loading import load_run
-from radio_core.eval.tasks import knn, read_class_folder, teacher_knn, zero_shot
 
 CLASSES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
@@ -51,38 +51,36 @@ def distilled(digits, tmp_path_factory):
     return tmp / "run", trainer
 
 
+@pytest.mark.slow
 def test_knn_beats_chance_and_approaches_the_teacher(digits, distilled):
     run_dir, trainer = distilled
-    images, labels, classes = read_class_folder(digits)
-    tr, te = split_labelled(images, labels, test_fraction=0.4)
-    run = load_run(run_dir)
     # the backbone summary (concatenated CLS tokens), RADIO's image embedding for kNN
-    student = knn(run.distiller, tr, te, len(classes), (64, 64), head=None)
-    teacher = teacher_knn(run.teachers["dino"], tr, te, len(classes))
+    result = run_task(run_dir, "knn", str(digits), [64], teachers=True, data_options={"test_fraction": 0.4})
+    rows = {r["subject"]: r for r in result["rows"]}
+    student, teacher = rows["student@64"], rows["teacher/dino"]
     assert student["top1"] > 0.35 and teacher["top1"] > 0.35, (student, teacher)  # chance is 0.1
     assert student["top1"] >= teacher["top1"] - 0.1, (student, teacher)
     assert student["top5"] >= student["top1"]
 
 
+@pytest.mark.slow
 def test_zero_shot_runs_end_to_end_with_a_tiny_clip_text_tower(digits, distilled, capsys):
     run_dir, _ = distilled
     run = load_run(run_dir)
-    images, labels, classes = read_class_folder(digits, max_per_class=3)
-    res = zero_shot(run.distiller, run.teachers["clip"], "clip", images, labels, classes, (64, 64))
-    assert 0.0 <= res["top1"] <= res["top5"] <= 1.0
-    # by hand for one image: argmax over mean prompt embeddings of the head's summary
     emb = torch.nn.functional.normalize(run.teachers["clip"].encode_text(["a photo of a zero."]).float(), dim=-1)
     assert emb.shape[-1] == run.teachers["clip"].summary_dim
     capsys.readouterr()
-    assert eval_main([str(run_dir), "zeroshot", "--data", str(digits), "--json"]) == 0
+    assert eval_main([str(run_dir), "zeroshot", "--data", str(digits), "--resolutions", "64", "--json"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert {"top1", "top5"} <= set(out) and out["task"] == "zeroshot" and out["head"] == "clip"
-    assert out["classes"] == 10 and out["resolution"] == [64, 64]
-    assert out["train_images"] + out["test_images"] == len(read_class_folder(digits)[0])
+    row = out["rows"][0]
+    assert {"top1", "top5"} <= set(row) and out["task"] == "zeroshot" and row["task"] == "zeroshot"
+    assert row["classes"] == 10 and row["resolution"] == [64, 64] and "openai_imagenet" in row["prompts"]
+    data = open_data(str(digits))
+    assert row["test_images"] == len(data.test)
     assert json.loads((run_dir / "eval" / "zeroshot.json").read_text()) == out
-    assert eval_main([str(run_dir), "zeroshot", "--data", str(digits)]) == 0  # a table by default
+    assert eval_main([str(run_dir), "zeroshot", "--data", str(digits), "--resolutions", "64"]) == 0  # a table
     table = capsys.readouterr().out
-    assert "task          zeroshot" in table and "resolution    64x64" in table and "top1" in table
+    assert "task: zeroshot" in table and "student@64  64x64" in table and "top1" in table
 
 
 def test_miou_against_hand_checked_masks():
@@ -92,17 +90,18 @@ def test_miou_against_hand_checked_masks():
     pred = torch.tensor([[0, 1, 1, 1],
                          [0, 0, 1, 2],
                          [2, 0, 0, 1]])
-    # class 0: inter 3, pred 5 (incl. two pixels under ignore? no: ignored pixels drop out) ...
     # pixels not ignored: 10. class 0 -> gt {00,01,10,11}, pred {00,10,11,21}: inter 3, union 5
     # class 1 -> gt {02,03,12,13}, pred {01,02,03,12}: inter 3, union 5
     # class 2 -> gt {20,21}, pred {13,20}: inter 1, union 3
-    conf = metrics.confusion_matrix(pred, gt, num_classes=3, ignore_index=255)
-    res = metrics.miou(conf)
+    scores = metrics.SegmentationScores(3, ignore_index=255)
+    scores.update(pred[None], gt[None])
+    res = scores.compute()
     assert res["per_class_iou"] == pytest.approx([3 / 5, 3 / 5, 1 / 3])
     assert res["miou"] == pytest.approx((3 / 5 + 3 / 5 + 1 / 3) / 3)
     assert res["pixel_acc"] == pytest.approx(7 / 10)
 
 
+@pytest.mark.slow
 def test_linear_probe_segmentation_end_to_end(distilled, tmp_path, capsys):
     """ADE20K-layout folder of real photos with two-region masks (left / right half)."""
     import skimage.data
@@ -122,19 +121,22 @@ def test_linear_probe_segmentation_end_to_end(distilled, tmp_path, capsys):
             mask = np.zeros((64, 64), np.uint8)
             mask[:, 32:] = 1
             Image.fromarray(mask).save(tmp_path / "annotations" / split / f"{i}.png")
-    assert eval_main([str(run_dir), "segment", "--data", str(tmp_path), "--classes", "2",
-                      "--epochs", "300", "--json"]) == 0
+    assert eval_main([str(run_dir), "segment", "--data", str(tmp_path), "--classes", "2", "--resolutions", "64",
+                      "--epochs", "300", "--arg", "mask_size=64", "--json"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert out["val_images"] == 1 and out["miou"] > 0.6
+    row = out["rows"][0]
+    assert row["test_images"] == 1 and row["miou"] > 0.6 and 0 <= row["boundary_f"] <= 1
 
 
 def test_reduce_zero_label_follows_ade20k():
-    from radio_core.eval.tasks import reduce_zero
+    from radio_core.eval.data import _mask_loader
 
-    labels = torch.tensor([[0, 1, 2], [150, 255, 3]])
-    assert reduce_zero(labels).tolist() == [[255, 0, 1], [149, 255, 2]]
+    labels = np.array([[0, 1, 2], [150, 255, 3]])
+    assert _mask_loader(True)(labels).tolist() == [[255, 0, 1], [149, 255, 2]]
+    assert _mask_loader(False)(labels).tolist() == labels.tolist()
 
 
+@pytest.mark.slow
 def test_report_and_sweep_pictures(distilled, capsys):
     run_dir, _ = distilled
     assert eval_main([str(run_dir), "report", "--resolutions", "64", "96", "--images", "2"]) == 0

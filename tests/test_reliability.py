@@ -23,6 +23,7 @@ def last_per_step(rows):
     return {r["step"]: r for r in rows}
 
 
+@pytest.mark.slow
 def test_sigterm_on_two_ranks_checkpoints_and_resume_continues_the_curve(tmp_path):
     site = install_recorder(tmp_path)
     steps = ["train.steps=14"]

@@ -226,8 +226,7 @@ def build_cache(recipe: Any, registry: Any, out: str | Path, views: int, batch_s
                 teacher_names: Optional[Sequence[str]] = None, device: Optional[str] = None,
                 progress: bool = True) -> Path:
     """Compute and store every teacher's targets for ``views`` fixed views of every image."""
-    from tqdm.auto import tqdm
-
+    from ..progress import progress as progress_display
 
     out = Path(out)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -248,7 +247,7 @@ def build_cache(recipe: Any, registry: Any, out: str | Path, views: int, batch_s
     arrays: dict[str, dict[str, np.ndarray]] = {}
     refs = [SampleRef(e, e // views, view_seed(recipe.train.seed, e // views, e % views), e % views)
             for e in range(n_entries)]
-    bar = tqdm(total=n_entries, desc="teacher-feature cache", unit="crop", disable=not progress)
+    bar = progress_display(n_entries, "teacher-feature cache", "crop", enabled=progress)
     valid = np.lib.format.open_memmap(tmp / "valid.npy", mode="w+", dtype=np.bool_, shape=(n_entries,))
     bad_images = 0
     for start in range(0, n_entries, batch_size):

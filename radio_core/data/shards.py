@@ -71,7 +71,8 @@ def pack_folder(folder: str, out_dir: str, shard_size: int = 1000, shard_bytes: 
     folder would otherwise give batches of one class.
     """
     import webdataset as wds
-    from tqdm.auto import tqdm
+
+    from ..progress import iterate
 
     root = Path(folder).expanduser()
     if not root.is_dir():
@@ -98,7 +99,7 @@ def pack_folder(folder: str, out_dir: str, shard_size: int = 1000, shard_bytes: 
     # mtime fixed: the same folder always packs to the same bytes.
     with wds.ShardWriter(pattern, maxcount=shard_size, maxsize=shard_bytes, verbose=0, encoder=False, mtime=0,
                          post=finished.append) as sink:
-        for path in tqdm(files, desc="pack", unit="img", disable=not progress, dynamic_ncols=True):
+        for path in iterate(files, "pack", "img", enabled=progress):
             rel = path.relative_to(root)
             try:
                 data = path.read_bytes()
@@ -146,13 +147,13 @@ def write_manifest(out: Path, manifest: dict) -> Path:
 def index_shards(shards: str, image_keys: Sequence[str] = IMAGE_KEYS, progress: bool = True) -> dict:
     """Write per-shard index files, ``manifest.json`` and ``shard_table.npz`` for existing
     shards (made by other tools) in their directory, so that later readers never scan."""
-    from tqdm.auto import tqdm
+    from ..progress import iterate
 
     paths = expand_shards(shards)
     if len({p.parent for p in paths}) != 1:
         raise ValueError(f"index: shards {shards!r} span several directories; index each directory")
     entries = []
-    for p in tqdm(paths, desc="index", unit="shard", disable=not progress, dynamic_ncols=True):
+    for p in iterate(paths, "index", "shard", enabled=progress):
         try:
             entries.append(_index_one(p, image_keys))
         except CorruptSampleError as exc:

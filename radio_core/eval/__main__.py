@@ -2,15 +2,21 @@
 
 Tasks:
   report                      report.md + PNGs (loss curves, fidelity table, PCA maps, sweep)
-  fidelity [--resolutions]    cosine / relative MSE of each head against its teacher
   sweep [--resolutions]       fidelity across student resolutions, plotted (mode-switching probe)
-  knn --data DIR              kNN top-1/top-5 on an image-folder dataset (one folder per class)
-  zeroshot --data DIR         zero-shot top-1/top-5 through the CLIP head + CLIP text tower
-  segment --data DIR --classes N   linear-probe segmentation mIoU (ADE20K layout; see --reduce-zero-label)
+  EVALUATOR                   any registered evaluator (radio plugins --kind evaluator); built in:
+    fidelity                  cosine / relative MSE of each head against its teacher
+    knn --data PATH           DINO's weighted kNN, top-1/top-5 (faiss for large sets)
+    linear --data PATH        linear probe on the summary features, top-1/top-5
+    zeroshot --data PATH      through the CLIP head + the CLIP text tower, open_clip's prompt templates
+    seg --data PATH           linear-probe segmentation: mIoU, pixel accuracy, boundary F ("segment" too)
 
-knn / zeroshot / segment print their result with its context (task, head, k, train/test sizes,
-classes, resolution) as a table, or one JSON object with --json, and save it to
-RUN_DIR/eval/<task>.json (the export's model card lists these).
+PATH: an image-folder tree (one folder per class; or train/ + val/), ADE20K's images/ +
+annotations/, webdataset shards (radio pack output or plain tars with cls / seg.png members) or
+a Hugging Face dataset folder (datasets.save_to_disk). The student is scored at every resolution
+it trained at (or --resolutions), each teacher too with --teachers, baselines with --baselines;
+features are cached under RUN_DIR/eval/features. A table is printed (or one JSON object with
+--json) and saved as RUN_DIR/eval/<task>.json (the export's model card lists it), with a plot
+of each score against resolution (RUN_DIR/eval/<task>_resolution.png) when there are several.
 
 Segmentation masks: pixel value = class id, 255 = ignore. ADE20K's annotations use 0 for
 "other" (not one of its 150 classes) and 1..150 for the classes: pass --reduce-zero-label (and
@@ -20,39 +26,27 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
 
-def split_labelled(images: list, labels: list, test_fraction: float, seed: int = 0):
-    idx = list(range(len(images)))
-    random.Random(seed).shuffle(idx)
-    n_test = max(1, int(len(idx) * test_fraction))
-    test, train = idx[:n_test], idx[n_test:]
-    return ([images[i] for i in train], [labels[i] for i in train]), ([images[i] for i in test], [labels[i] for i in test])
+def save_result(result: dict, run_dir: str) -> Path:
+    """RUN_DIR/eval/<task>.json (and the resolution plot beside it); returns the JSON's path."""
+    from .ladder import save_plot
 
-
-def format_result(result: dict) -> str:
-    """A two-column table: context first (task, run, head, ...), then the scores."""
-    width = max(len(k) for k in result)
-    lines = []
-    for key, value in result.items():
-        if isinstance(value, float):
-            value = f"{value:.4f}"
-        elif isinstance(value, (list, tuple)) and key == "resolution":
-            value = "x".join(str(v) for v in value)
-        lines.append(f"{key.ljust(width)}  {value}")
-    return "\n".join(lines)
-
-
-def report_result(result: dict, run_dir: str, as_json: bool) -> None:
-    """Print ``result`` (table or JSON) and save it under RUN_DIR/eval/<task>.json."""
     out = Path(run_dir) / "eval" / f"{result['task']}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
-    print(json.dumps(result) if as_json else format_result(result) + f"\n(saved to {out})")
+    save_plot(result, out.with_name(f"{result['task']}_resolution.png"))
+    return out
+
+
+#: ``radio eval`` flags that are evaluator arguments (passed when given; refused when the
+#: evaluator has no such argument)
+EVALUATOR_FLAGS = ("k", "epochs", "prompts", "images")
+#: the smoke tier: a few images per class and per split
+SMOKE = {"max_per_class": 4, "max_images": 32}
 
 
 def main(argv: Optional[Sequence[str]] = None, prog: str = "radio_core.eval") -> int:
@@ -77,86 +71,95 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "radio_core.eval") ->
         return 1
 
 
+def _parse_arg(item: str) -> tuple[str, object]:
+    import yaml
+
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise ValueError(f"--arg {item!r}: expected KEY=VALUE")
+    return key, yaml.safe_load(value)
+
+
 def _main(argv: Optional[Sequence[str]] = None, prog: str = "radio_core.eval") -> int:
     p = argparse.ArgumentParser(prog=prog, description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dir", help="a training run's output_dir (recipe.yaml + export/ or checkpoints/)")
-    p.add_argument("task", choices=["report", "fidelity", "sweep", "knn", "zeroshot", "segment"])
-    p.add_argument("--resolutions", type=int, nargs="*", help="student resolutions (px)")
-    p.add_argument("--data", help="dataset folder for knn / zeroshot / segment")
-    p.add_argument("--test-fraction", type=float, default=0.3, help="knn/zeroshot: held-out share of --data")
-    p.add_argument("--head", default=None, help="teacher head whose features to use (default: backbone; "
-                                                "zeroshot: the first CLIP-like teacher)")
-    p.add_argument("--classes", type=int, help="segment: number of classes")
-    p.add_argument("--epochs", type=int, default=20, help="segment: epochs of linear-probe training")
-    p.add_argument("--images", type=int, default=4, help="fidelity/report: number of held-out images")
-    p.add_argument("--out", help="output folder for pictures (default: RUN_DIR/report)")
-    p.add_argument("--k", type=int, default=20, help="knn: neighbours (default 20)")
+    p.add_argument("task", help="report, sweep, or an evaluator: fidelity, knn, linear, zeroshot, seg, ...")
+    p.add_argument("--data", help="labelled data: image-folder tree, webdataset shards, HF dataset folder")
+    p.add_argument("--resolutions", type=int, nargs="*", help="student resolutions (px; default: every one it trained at)")
+    p.add_argument("--teachers", action="store_true", help="also score every teacher through the same protocol")
+    p.add_argument("--baselines", nargs="*", default=[], metavar="NAME",
+                   help="also score baselines: pixels (raw pixels), random (the student, random-init)")
+    p.add_argument("--head", default=None, help="use this teacher head's predictions instead of the backbone's")
+    p.add_argument("--smoke", action="store_true", help="smoke tier: at most 4 images per class and 32 per split")
+    p.add_argument("--max-per-class", type=int, help="at most N images per class")
+    p.add_argument("--max-images", type=int, help="at most N images per split")
+    p.add_argument("--test-fraction", type=float, default=0.3, help="held-out share of data that has no split")
+    p.add_argument("--classes", type=int, help="seg: number of mask classes (default: largest id + 1)")
     p.add_argument("--reduce-zero-label", action="store_true",
-                   help="segment: label 0 is 'other' (ADE20K): ignore it and shift classes 1..N down to 0..N-1")
-    p.add_argument("--json", action="store_true", help="knn/zeroshot/segment: print one JSON object instead of a table")
+                   help="seg: label 0 is 'other' (ADE20K): ignore it and shift classes 1..N down to 0..N-1")
+    p.add_argument("--k", type=int, help="knn: neighbours (default 20)")
+    p.add_argument("--epochs", type=int, help="linear / seg: probe training epochs")
+    p.add_argument("--prompts", help="zeroshot: openai_imagenet (default), simple_imagenet or classname")
+    p.add_argument("--images", type=int, default=None, help="fidelity/report/sweep: number of held-out images (default 4)")
+    p.add_argument("--arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="any evaluator argument (radio plugins --verbose --kind evaluator NAME), value as YAML")
+    p.add_argument("--no-cache", action="store_true", help="do not read or write the feature cache")
+    p.add_argument("--out", help="report/sweep: output folder for pictures (default: RUN_DIR/report)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     args = p.parse_args(argv)
 
+    if args.task in ("report", "sweep"):
+        return _report_or_sweep(args)
+    from ..registry import get_registry
+    from .ladder import format_table, run_task
+
+    task = "seg" if args.task == "segment" else args.task
+    registry = get_registry()
+    component = registry.get("evaluator", task)  # unknown: PluginError naming the evaluators there are
+    ev_args = dict(_parse_arg(a) for a in args.arg)
+    for flag in EVALUATOR_FLAGS:
+        value = getattr(args, flag)
+        if value is not None:
+            from .ladder import accepts
+
+            if not accepts(component.factory, flag):
+                raise ValueError(f"--{flag} is not an argument of evaluator {task!r} (radio plugins --verbose "
+                                 f"--kind evaluator {task})")
+            ev_args.setdefault(flag, value)
+    options = {"test_fraction": args.test_fraction, "reduce_zero_label": args.reduce_zero_label,
+               "mask_classes": args.classes, "max_per_class": args.max_per_class, "max_images": args.max_images}
+    if args.smoke:
+        options.update({k: options[k] or v for k, v in SMOKE.items()})
+    result = run_task(args.run_dir, task, args.data, args.resolutions, args.teachers, args.baselines, args.head,
+                      ev_args, options, cache=not args.no_cache, registry=registry)
+    result["tier"] = "smoke" if args.smoke else "full"
+    path = save_result(result, args.run_dir)
+    print(json.dumps(result) if args.json else format_table(result) + f"\n(saved to {path})")
+    return 0
+
+
+def _report_or_sweep(args: argparse.Namespace) -> int:
     from .loading import load_run
+    from .pictures import save_sweep_plot
+    from .report import eval_images, fidelity_table, write_report
+    from .tasks import fidelity
 
-    run = load_run(args.run_dir, with_teachers=args.task in ("report", "fidelity", "sweep", "zeroshot"))
-    res = tuple(run.recipe.student.resolution[0])
+    run = load_run(args.run_dir, with_teachers=True)
     out_dir = Path(args.out or Path(args.run_dir) / "report")
+    images = args.images or 4
     if args.task == "report":
-        from .report import write_report
-
-        print(f"report written to {write_report(run, out_dir, args.resolutions, args.images)}")
+        print(f"report written to {write_report(run, out_dir, args.resolutions, images)}")
         return 0
-    if args.task in ("fidelity", "sweep"):
-        from .pictures import save_sweep_plot
-        from .report import eval_images, fidelity_table
-        from .tasks import fidelity
-
-        resolutions = args.resolutions or ([res[0]] if args.task == "fidelity" else [224, 320, 448, 640, 768, 1024])
-        results = fidelity(run.distiller, run.teachers, eval_images(run, args.images), resolutions)
-        print(fidelity_table(results))
-        if args.task == "sweep":
-            out_dir.mkdir(parents=True, exist_ok=True)
-            heads = next(iter(results.values()))
-            path = save_sweep_plot(list(results), {h: [results[r][h]["cosine"] for r in results] for h in heads},
-                                   out_dir / "resolution_sweep.png")
-            print(f"plot: {path}")
-        return 0
-    if not args.data:
-        p.error(f"{args.task} needs --data")
-    if args.task in ("knn", "zeroshot"):
-        from .tasks import knn, read_class_folder, zero_shot
-
-        images, labels, classes = read_class_folder(args.data)
-        train, test = split_labelled(images, labels, args.test_fraction)
-        context = {"task": args.task, "run": str(args.run_dir), "data": str(args.data)}
-        if args.task == "knn":
-            scores = knn(run.distiller, train, test, len(classes), res, head=args.head, k=args.k)
-            context.update(head=args.head or "backbone", k=args.k)
-        else:
-            head = args.head or next((n for n, t in run.teachers.items() if hasattr(t, "encode_text")), None)
-            if head is None:
-                p.error("zeroshot needs a teacher with a text tower (encode_text), e.g. a clip teacher")
-            scores = zero_shot(run.distiller, run.teachers[head], head, test[0], test[1], classes, res)
-            context.update(head=head)
-        context.update(classes=len(classes), train_images=len(train[0]), test_images=len(test[0]),
-                       resolution=list(res))
-        report_result({**context, **scores}, args.run_dir, args.json)
-        return 0
-    if args.task == "segment":
-        from .tasks import linear_probe_segmentation
-
-        if not args.classes:
-            p.error("segment needs --classes")
-        result = linear_probe_segmentation(run.distiller, args.data, args.classes, res, head=args.head,
-                                           epochs=args.epochs, reduce_zero_label=args.reduce_zero_label)
-        context = {"task": "segment", "run": str(args.run_dir), "data": str(args.data),
-                   "head": args.head or "backbone", "classes": args.classes,
-                   "reduce_zero_label": args.reduce_zero_label, "epochs": args.epochs, "resolution": list(res)}
-        scores = {k: v for k, v in result.items() if k != "per_class_iou"}
-        report_result({**context, **scores}, args.run_dir, args.json)
-        return 0
-    return 1
+    resolutions = args.resolutions or [224, 320, 448, 640, 768, 1024]
+    results = fidelity(run.distiller, run.teachers, eval_images(run, images), resolutions)
+    print(fidelity_table(results))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    heads = next(iter(results.values()))
+    path = save_sweep_plot(list(results), {h: [results[r][h]["cosine"] for r in results] for h in heads},
+                           out_dir / "resolution_sweep.png")
+    print(f"plot: {path}")
+    return 0
 
 
 if __name__ == "__main__":

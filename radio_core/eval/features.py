@@ -1,7 +1,7 @@
 """Running a distilled student (and its teachers) over images for evaluation."""
 from __future__ import annotations
 
-from typing import Iterable, Iterator, Optional, Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -52,19 +52,3 @@ def teacher_forward(teachers: dict[str, Teacher], images01: Tensor) -> dict[str,
     from ..models.teachers import group_teachers
 
     return compute_targets(teachers, group_teachers(teachers), images01)
-
-
-def summary_features(distiller: Distiller, images: Iterable[Tensor], resolution: tuple[int, int],
-                     head: Optional[str] = None) -> Tensor:
-    """Image embeddings: a teacher head's summary prediction, or (head=None) the backbone's
-    summary tokens concatenated (RADIO's backbone summary)."""
-    feats = []
-    for u8 in images:
-        out, preds = student_forward(distiller, preprocess.to_float(u8), resolution)
-        if head is None:
-            feats.append(out.summary.flatten(1))
-        else:
-            if preds[head][0] is None:
-                raise ValueError(f"teacher head {head!r} has no summary output")
-            feats.append(preds[head][0])
-    return torch.cat(feats)

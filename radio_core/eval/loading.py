@@ -1,7 +1,7 @@
 """Load a training run for evaluation: its recipe, teachers and trained student + heads."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -20,6 +20,8 @@ class LoadedRun:
     distiller: Distiller
     teachers: dict[str, Teacher]
     weights: Path
+    #: teacher -> (summary dim or None, spatial dim): what the heads were built for
+    dims: dict = field(default_factory=dict)
 
 
 def latest_weights(run_dir: Path) -> Path:
@@ -72,4 +74,4 @@ def load_run(run_dir: str | Path, registry: Optional[Registry] = None, with_teac
     if missing or unexpected:
         raise WeightsError(f"{weights}: does not match the run's recipe (missing {missing[:5]}, "
                            f"unexpected {unexpected[:5]})")
-    return LoadedRun(run_dir, recipe, distiller.to(device).eval(), teachers, weights)
+    return LoadedRun(run_dir, recipe, distiller.to(device).eval(), teachers, weights, dims)

@@ -1,4 +1,7 @@
-"""Metric math: kNN classification (DINO protocol), mIoU, boundary F-score, feature fidelity."""
+"""Metric math: kNN classification (DINO protocol; torch, or faiss for large sets), top-k accuracy
+and mIoU (torchmetrics), boundary F-score (ours: torchmetrics has no boundary metric), feature
+fidelity. tests/test_eval_ladder.py checks each library metric against the hand-written one it
+replaced, on fixed inputs."""
 from __future__ import annotations
 
 import torch
@@ -6,49 +9,92 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
+#: from this many training vectors on, kNN searches with faiss (exact inner-product index, many
+#: threads, no (N_test x N_train) matrix in memory); below, one torch matmul per chunk.
+FAISS_FROM = 20000
+
+
+def nearest(train: Tensor, test: Tensor, k: int, backend: str = "auto", chunk: int = 1024) -> tuple[Tensor, Tensor]:
+    """(similarities, indices) of the ``k`` most cosine-similar training vectors of each test
+    vector. ``backend``: ``torch`` (exact), ``faiss`` (exact ``IndexFlatIP``, for large sets) or
+    ``auto`` (faiss from ``FAISS_FROM`` training vectors, when it is installed)."""
+    train = F.normalize(train.float(), dim=-1)
+    test = F.normalize(test.float(), dim=-1)
+    k = min(k, train.shape[0])
+    if backend == "auto":
+        import importlib.util
+
+        large = train.shape[0] >= FAISS_FROM and importlib.util.find_spec("faiss") is not None
+        backend = "faiss" if large else "torch"
+    if backend == "faiss":
+        import faiss
+
+        index = faiss.IndexFlatIP(train.shape[1])
+        index.add(train.cpu().numpy())
+        sims, idx = index.search(test.cpu().numpy(), k)
+        return torch.from_numpy(sims), torch.from_numpy(idx).long()
+    if backend != "torch":
+        raise ValueError(f"kNN backend must be auto, torch or faiss, got {backend!r}")
+    sims, idx = [], []
+    for start in range(0, test.shape[0], chunk):
+        s, i = (test[start:start + chunk] @ train.T).topk(k, dim=-1)
+        sims.append(s)
+        idx.append(i)
+    return torch.cat(sims), torch.cat(idx)
+
+
 @torch.no_grad()
 def knn_predict(train_feats: Tensor, train_labels: Tensor, test_feats: Tensor, num_classes: int,
-                k: int = 20, temperature: float = 0.07, chunk: int = 1024) -> Tensor:
+                k: int = 20, temperature: float = 0.07, backend: str = "auto") -> Tensor:
     """Class scores (N_test, num_classes) by a cosine-similarity kNN with the weighted vote of
     DINO (Caron et al. 2021): each of the k nearest neighbours votes exp(sim / T) for its class."""
-    train = F.normalize(train_feats.float(), dim=-1)
-    test = F.normalize(test_feats.float(), dim=-1)
-    k = min(k, train.shape[0])
-    scores = []
-    for start in range(0, test.shape[0], chunk):
-        sim = test[start:start + chunk] @ train.T
-        top_sim, top_idx = sim.topk(k, dim=-1)
-        weights = (top_sim / temperature).exp()
-        votes = torch.zeros(sim.shape[0], num_classes, device=sim.device)
-        votes.scatter_add_(1, train_labels[top_idx], weights)
-        scores.append(votes)
-    return torch.cat(scores)
+    top_sim, top_idx = nearest(train_feats, test_feats, k, backend)
+    votes = torch.zeros(top_sim.shape[0], num_classes)
+    votes.scatter_add_(1, train_labels.cpu()[top_idx], (top_sim / temperature).exp())
+    return votes
 
 
 def topk_accuracy(scores: Tensor, labels: Tensor, ks: tuple[int, ...] = (1, 5)) -> dict[str, float]:
-    out = {}
-    for k in ks:
-        k_eff = min(k, scores.shape[1])
-        hit = (scores.topk(k_eff, dim=-1).indices == labels[:, None]).any(-1)
-        out[f"top{k}"] = float(hit.float().mean())
-    return out
+    """Top-k accuracy (torchmetrics ``MulticlassAccuracy``, micro average) for each k, capped
+    at the number of classes."""
+    from torchmetrics.classification import MulticlassAccuracy
+
+    n = scores.shape[1]
+    return {f"top{k}": float(MulticlassAccuracy(n, top_k=min(k, n), average="micro")(scores.float(), labels.long()))
+            for k in ks}
 
 
-def confusion_matrix(pred: Tensor, target: Tensor, num_classes: int, ignore_index: int = 255) -> Tensor:
-    keep = target != ignore_index
-    idx = target[keep].long() * num_classes + pred[keep].long()
-    return torch.bincount(idx, minlength=num_classes**2).reshape(num_classes, num_classes)
+class SegmentationScores:
+    """mIoU over the classes that occur (in prediction or ground truth; torchmetrics
+    ``MulticlassJaccardIndex``, macro), pixel accuracy and per-class IoU (NaN for absent classes),
+    accumulated batch by batch; pixels labelled ``ignore_index`` are left out."""
+
+    def __init__(self, num_classes: int, ignore_index: int = 255) -> None:
+        from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
+
+        self.miou = MulticlassJaccardIndex(num_classes, average="macro", ignore_index=ignore_index)
+        self.per_class = MulticlassJaccardIndex(num_classes, average="none", ignore_index=ignore_index,
+                                                zero_division=float("nan"))
+        self.pixel_acc = MulticlassAccuracy(num_classes, average="micro", ignore_index=ignore_index)
+
+    def update(self, pred: Tensor, target: Tensor) -> None:
+        for m in (self.miou, self.per_class, self.pixel_acc):
+            m.update(pred.long(), target.long())
+
+    def compute(self) -> dict[str, float | list[float]]:
+        return {"miou": float(self.miou.compute()), "pixel_acc": float(self.pixel_acc.compute()),
+                "per_class_iou": self.per_class.compute().tolist()}
 
 
-def miou(conf: Tensor) -> dict[str, float | list[float]]:
-    """Mean intersection-over-union over classes that occur (in prediction or ground truth)."""
-    conf = conf.double()
-    inter = conf.diag()
-    union = conf.sum(0) + conf.sum(1) - inter
-    present = union > 0
-    iou = torch.where(present, inter / union.clamp(min=1), torch.full_like(inter, float("nan")))
-    return {"miou": float(iou[present].mean()) if present.any() else float("nan"),
-            "pixel_acc": float(inter.sum() / conf.sum().clamp(min=1)), "per_class_iou": iou.tolist()}
+def label_boundaries(labels: Tensor, ignore_index: int = 255) -> Tensor:
+    """(N, H, W) label maps -> bool maps of pixels whose right or lower neighbour has another
+    label (pixels next to ``ignore_index`` are not boundaries)."""
+    edge = torch.zeros_like(labels, dtype=torch.bool)
+    for a, b, sl in ((labels[:, :, 1:], labels[:, :, :-1], (slice(None), slice(None), slice(1, None))),
+                     (labels[:, 1:], labels[:, :-1], (slice(None), slice(1, None)))):
+        diff = (a != b) & (a != ignore_index) & (b != ignore_index)
+        edge[sl] |= diff
+    return edge
 
 
 def fidelity(pred: Tensor, target: Tensor) -> dict[str, float]:

@@ -21,10 +21,11 @@ def pyplot():
 
 
 def save_figure(fig, path: str | Path) -> Path:
-    """Lay out, write as PNG and close (figures left open leak memory in long runs)."""
+    """Lay out, write as PNG and close (figures left open leak memory in long runs). The saved
+    area grows to hold every title, label and annotation (``bbox_inches="tight"``): nothing is cut."""
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, bbox_inches="tight", pad_inches=0.1)
     pyplot().close(fig)
     return path
 

@@ -62,7 +62,8 @@ def write_report(run: LoadedRun, out_dir: Optional[Path] = None, resolutions: Op
     imgs = eval_images(run, images)
     train_res = tuple(run.recipe.student.resolution[0])
     multiple = run.distiller.student.size_multiple
-    resolutions = list(resolutions or run.recipe.eval.resolutions or [train_res[0]])
+    resolutions = list(resolutions or run.recipe.eval.resolutions
+                       or dict.fromkeys(h for h, _ in run.recipe.student_resolutions()))
     results = fidelity(run.distiller, run.teachers, imgs, resolutions) if run.teachers else {}
     (out_dir / "fidelity.json").write_text(json.dumps({str(k): v for k, v in results.items()}, indent=1))
     sections = [f"# Run report: `{run.run_dir}`", "",

@@ -1,8 +1,9 @@
-"""Evaluation tasks. Each takes a trained ``Distiller`` (student + heads) and returns plain
-dicts of numbers, so they serve the CLI, periodic evaluation during training, and sweeps."""
+"""Evaluation building blocks that return plain dicts of numbers: fidelity of a trained
+``Distiller``'s heads, and probes on frozen features (linear classification, segmentation,
+boundaries) and zero-shot weights, shared by the evaluators (``evaluators``) and the proxy
+benchmark."""
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import numpy as np
@@ -11,13 +12,13 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
-from ..data.sources import IMAGE_EXTENSIONS, to_rgb
 from ..models import preprocess
 from ..models.distiller import Distiller
 from ..models.losses import match_grids
+from ..progress import progress
 from ..protocols import Teacher
 from . import metrics
-from .features import batches, round_to_multiple, student_forward, summary_features, teacher_forward
+from .features import batches, round_to_multiple, student_forward, teacher_forward
 
 # --------------------------------------------------------------------------- fidelity
 
@@ -49,76 +50,20 @@ def fidelity(distiller: Distiller, teachers: dict[str, Teacher], images: Sequenc
     return results
 
 
-# --------------------------------------------------------------------------- labelled folders
-
-
-def read_class_folder(root: str | Path, max_per_class: Optional[int] = None) -> tuple[list[Image.Image], list[int], list[str]]:
-    """An image-folder dataset: one sub-folder per class (ImageNet layout)."""
-    root = Path(root)
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
-    if not classes:
-        raise FileNotFoundError(f"{root}: expected one sub-folder per class, found none")
-    images, labels = [], []
-    for label, cls in enumerate(classes):
-        files = sorted(p for p in (root / cls).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
-        for f in files[:max_per_class]:
-            with Image.open(f) as im:
-                im.load()  # read now: the file closes with the block
-                images.append(to_rgb(im))
-            labels.append(label)
-    return images, labels, classes
-
-
-@torch.no_grad()
-def knn(distiller: Distiller, train: tuple[list, list], test: tuple[list, list], num_classes: int,
-        resolution: tuple[int, int], head: Optional[str] = None, k: int = 20, batch_size: int = 32) -> dict:
-    """DINO's weighted kNN (cosine, k=20, T=0.07) on summary features: top-1 / top-5."""
-    tr = summary_features(distiller, batches(train[0], resolution, batch_size), resolution, head)
-    te = summary_features(distiller, batches(test[0], resolution, batch_size), resolution, head)
-    scores = metrics.knn_predict(tr, torch.tensor(train[1]), te, num_classes, k=k)
-    return metrics.topk_accuracy(scores, torch.tensor(test[1]))
-
-
-@torch.no_grad()
-def teacher_knn(teacher: Teacher, train: tuple[list, list], test: tuple[list, list], num_classes: int,
-                k: int = 20, batch_size: int = 32) -> dict:
-    """The same kNN protocol on a teacher's own summary features (the reference to approach)."""
-    def feats(images):
-        out = [teacher_forward({"t": teacher}, preprocess.to_float(u8))["t"].summary
-               for u8 in batches(images, tuple(teacher.input_size), batch_size)]
-        return torch.cat(out)
-
-    scores = metrics.knn_predict(feats(train[0]), torch.tensor(train[1]), feats(test[0]), num_classes, k=k)
-    return metrics.topk_accuracy(scores, torch.tensor(test[1]))
-
-
 # --------------------------------------------------------------------------- zero-shot
-
-DEFAULT_TEMPLATES = ("a photo of a {}.", "a blurry photo of a {}.", "a photo of the large {}.",
-                     "a photo of the small {}.", "a close-up photo of a {}.", "itap of a {}.")
-
 
 @torch.no_grad()
 def zero_shot_weights(clip_teacher: Any, classnames: Sequence[str],
-                      templates: Sequence[str] = DEFAULT_TEMPLATES) -> Tensor:
-    """(classes, D) zero-shot classifier from a CLIP text tower: per class, the normalised mean
-    of its normalised prompt embeddings."""
+                      templates: Sequence[Any]) -> Tensor:
+    """(classes, D) zero-shot classifier from a CLIP text tower (anything with ``encode_text``):
+    per class, the normalised mean of its normalised prompt embeddings. ``templates``: format
+    strings with ``{}`` or callables (open_clip's ``zero_shot_metadata`` templates)."""
     weights = []
     for name in classnames:
-        emb = F.normalize(clip_teacher.encode_text([t.format(name) for t in templates]).float(), dim=-1)
+        prompts = [t(name) if callable(t) else t.format(name) for t in templates]
+        emb = F.normalize(clip_teacher.encode_text(prompts).float(), dim=-1)
         weights.append(F.normalize(emb.mean(0), dim=-1))
     return torch.stack(weights)
-
-
-@torch.no_grad()
-def zero_shot(distiller: Distiller, clip_teacher: Any, head: str, images: list, labels: list,
-              classnames: Sequence[str], resolution: tuple[int, int],
-              templates: Sequence[str] = DEFAULT_TEMPLATES, batch_size: int = 32) -> dict:
-    """Zero-shot classification through the student's CLIP summary head and the CLIP teacher's
-    text tower: class embedding = mean of normalised prompt embeddings."""
-    weights = zero_shot_weights(clip_teacher, classnames, templates)
-    feats = F.normalize(summary_features(distiller, batches(images, resolution, batch_size), resolution, head), dim=-1)
-    return metrics.topk_accuracy(feats @ weights.T, torch.tensor(labels))
 
 
 def linear_probe_classification(train_feats: Tensor, train_labels: Tensor, test_feats: Tensor,
@@ -147,73 +92,9 @@ def linear_probe_classification(train_feats: Tensor, train_labels: Tensor, test_
 # --------------------------------------------------------------------------- segmentation
 
 
-def read_segmentation_folder(root: str | Path, split: str) -> list[tuple[Path, Path]]:
-    """ADE20K layout: ``images/<split>/*.jpg`` with ``annotations/<split>/*.png`` masks of the
-    same stem (pixel value = class id; 255 = ignore)."""
-    root = Path(root)
-    img_dir, ann_dir = root / "images" / split, root / "annotations" / split
-    if not img_dir.is_dir() or not ann_dir.is_dir():
-        raise FileNotFoundError(f"{root}: expected images/{split}/ and annotations/{split}/ (ADE20K layout)")
-    pairs = []
-    for img in sorted(p for p in img_dir.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS):
-        mask = ann_dir / (img.stem + ".png")
-        if not mask.is_file():
-            raise FileNotFoundError(f"{img}: no mask {mask}")
-        pairs.append((img, mask))
-    return pairs
-
-
-def _load_pair(img_path: Path, mask_path: Path, size: tuple[int, int]) -> tuple[Tensor, Tensor]:
-    with Image.open(img_path) as im:
-        img = to_rgb(im).resize((size[1], size[0]), Image.BICUBIC)
-    with Image.open(mask_path) as m:
-        mask = m.resize((size[1], size[0]), Image.NEAREST)
-    return (torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1),
-            torch.from_numpy(np.asarray(mask, dtype=np.int64).copy()))
-
-
-@torch.no_grad()
-def _spatial(distiller: Distiller, images_u8: Tensor, resolution: tuple[int, int], head: Optional[str]) -> Tensor:
-    out, preds = student_forward(distiller, preprocess.to_float(images_u8), resolution)
-    return out.spatial() if head is None else preds[head][1]
-
-
-def reduce_zero(labels: Tensor, ignore_index: int = 255) -> Tensor:
-    """ADE20K's convention: 0 ("other") -> ignore, 1..N -> 0..N-1, ignore stays ignore."""
-    out = labels - 1
-    out[(labels == 0) | (labels == ignore_index)] = ignore_index
-    return out
-
-
-def linear_probe_segmentation(distiller: Distiller, root: str | Path, num_classes: int,
-                              resolution: tuple[int, int], head: Optional[str] = None, epochs: int = 20,
-                              lr: float = 1e-2, batch_size: int = 8, ignore_index: int = 255,
-                              seed: int = 0, reduce_zero_label: bool = False) -> dict:
-    """A linear (1x1 conv) head on frozen spatial features, logits bilinearly upsampled to the
-    mask, cross-entropy on ``training``, mIoU on ``validation``.
-
-    Masks hold class ids, ``ignore_index`` = ignore. ``reduce_zero_label``: label 0 means
-    "other" (ADE20K) and is ignored; labels 1..N become 0..N-1 (the benchmark's convention)."""
-    train_pairs = read_segmentation_folder(root, "training")
-    val_pairs = read_segmentation_folder(root, "validation")
-
-    def load(pairs):
-        xs, ys = zip(*(_load_pair(i, m, resolution) for i, m in pairs))
-        return torch.stack(xs), torch.stack(ys)
-
-    xtr, ytr = load(train_pairs)
-    xva, yva = load(val_pairs)
-    if reduce_zero_label:
-        ytr, yva = (reduce_zero(y, ignore_index) for y in (ytr, yva))
-    ftr = torch.cat([_spatial(distiller, xtr[i:i + batch_size], resolution, head) for i in range(0, len(xtr), batch_size)])
-    fva = torch.cat([_spatial(distiller, xva[i:i + batch_size], resolution, head) for i in range(0, len(xva), batch_size)])
-    result = segmentation_probe(ftr, ytr, fva, yva, num_classes, epochs=epochs, lr=lr, batch_size=batch_size,
-                                ignore_index=ignore_index, seed=seed)
-    return {**result, "train_images": len(train_pairs), "val_images": len(val_pairs)}
-
-
 def segmentation_probe(ftr: Tensor, ytr: Tensor, fte: Tensor, yte: Tensor, num_classes: int, epochs: int = 20,
-                       lr: float = 1e-2, batch_size: int = 8, ignore_index: int = 255, seed: int = 0) -> dict:
+                       lr: float = 1e-2, batch_size: int = 8, ignore_index: int = 255, seed: int = 0,
+                       return_predictions: bool = False) -> dict:
     """A linear (1x1 conv) head on frozen spatial features (N, C, h, w), logits bilinearly
     upsampled to the masks (N, H, W); cross-entropy on the training pair, mIoU on the test pair."""
     torch.manual_seed(seed)
@@ -221,7 +102,7 @@ def segmentation_probe(ftr: Tensor, ytr: Tensor, fte: Tensor, yte: Tensor, num_c
     # Features standardised per channel with training statistics (a frozen BatchNorm, as usual).
     mu, sd = ftr.mean((0, 2, 3), keepdim=True), ftr.std((0, 2, 3), keepdim=True).clamp(min=1e-6)
     opt = torch.optim.AdamW(probe.parameters(), lr=lr, weight_decay=1e-4)
-    with torch.enable_grad():
+    with torch.enable_grad(), progress(epochs, "segmentation probe", "epoch") as bar:
         for _ in range(epochs):
             perm = torch.randperm(len(ftr))
             for i in range(0, len(ftr), batch_size):
@@ -232,13 +113,25 @@ def segmentation_probe(ftr: Tensor, ytr: Tensor, fte: Tensor, yte: Tensor, num_c
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
-    conf = torch.zeros(num_classes, num_classes, dtype=torch.long)
+            bar.update(1)
+    scores = metrics.SegmentationScores(num_classes, ignore_index)
+    boundaries, preds = ([], []), []
     with torch.no_grad():
         for i in range(0, len(fte), 64):
             logits = F.interpolate(probe((fte[i:i + 64] - mu) / sd), size=yte.shape[-2:], mode="bilinear",
                                    align_corners=False)
-            conf += metrics.confusion_matrix(logits.argmax(1), yte[i:i + 64], num_classes, ignore_index)
-    return metrics.miou(conf)
+            pred = logits.argmax(1)
+            preds.append(pred)
+            scores.update(pred, yte[i:i + 64])
+            ignored = yte[i:i + 64] == ignore_index  # no boundary is scored where the truth is unknown
+            boundaries[0].append(metrics.label_boundaries(pred.masked_fill(ignored, ignore_index), ignore_index))
+            boundaries[1].append(metrics.label_boundaries(yte[i:i + 64], ignore_index))
+    result = scores.compute()
+    if return_predictions:  # the predicted label maps (N, H, W), for checks
+        result["predictions"] = torch.cat(preds)
+    # the boundaries of the predicted segments against the true ones (1 px tolerance)
+    bf = metrics.boundary_f_score(torch.cat(boundaries[0]).float(), torch.cat(boundaries[1]), thresholds=(0.5,))
+    return {**result, "boundary_f": bf["boundary_f"]}
 
 
 def boundary_probe(ftr: Tensor, btr: Tensor, fte: Tensor, bte: Tensor, epochs: int = 10, lr: float = 1e-2,
@@ -262,7 +155,7 @@ def boundary_probe(ftr: Tensor, btr: Tensor, fte: Tensor, bte: Tensor, epochs: i
                                                                  align_corners=False))[:, 0]
 
     opt = torch.optim.AdamW(probe.parameters(), lr=lr, weight_decay=1e-4)
-    with torch.enable_grad():
+    with torch.enable_grad(), progress(epochs, "boundary probe", "epoch") as bar:
         for _ in range(epochs):
             perm = torch.randperm(len(ftr))
             for i in range(0, len(ftr), batch_size):
@@ -271,6 +164,7 @@ def boundary_probe(ftr: Tensor, btr: Tensor, fte: Tensor, bte: Tensor, epochs: i
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
+            bar.update(1)
     with torch.no_grad():
         probs = torch.cat([logits(fte[i:i + 64]).sigmoid() for i in range(0, len(fte), 64)])
     return metrics.boundary_f_score(probs, bte.bool(), tolerance=tolerance)

@@ -18,12 +18,12 @@ def _run(out_dir: Path, recipe: Any, distiller: Distiller, teachers: dict[str, T
 
 def fidelity_metrics(out_dir: Path, recipe: Any, distiller: Distiller, teachers: dict[str, Teacher]) -> dict[str, float]:
     """Fidelity of every head whose teacher is given, on ``eval.source`` images at
-    ``eval.resolutions`` (keys fidelity/<res>/<teacher>/<head>/<metric>)."""
+    ``eval.resolutions`` (default: every student training resolution; keys fidelity/<res>/<teacher>/<head>/<metric>)."""
     from .report import eval_images
     from .tasks import fidelity
 
     run = _run(out_dir, recipe, distiller, teachers)
-    res = recipe.eval.resolutions or [recipe.student.resolution[0][0]]
+    res = recipe.eval.resolutions or list(dict.fromkeys(h for h, _ in recipe.student_resolutions()))
     results = fidelity(run.distiller, teachers, eval_images(run, recipe.eval.images), res)
     return {f"fidelity/{r}/{head}/{m}": v for r, row in results.items() for head, ms in row.items()
             for m, v in ms.items()}

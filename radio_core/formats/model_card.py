@@ -111,9 +111,10 @@ def render_model_card(config: dict, run_dir: Optional[Path] = None, fmt: str = "
                      f"final losses: {losses or 'not logged'}.")
     else:
         lines.append("No training log was found beside this export.")
-    res = config.get("resolution")
-    if res:
-        lines.append(f"Student resolution in training: {res[0]}x{res[1]}.")
+    sizes = _student_resolutions(recipe_text) or ([config["resolution"]] if config.get("resolution") else [])
+    if sizes:
+        plural = "s" if len(sizes) > 1 else ""
+        lines.append(f"Student resolution{plural} in training: {', '.join(f'{h}x{w}' for h, w in sizes)}.")
     lines.append("")
 
     rows = _fidelity_rows(run_dir, logged["fidelity"]) if run_dir is not None else []
@@ -127,8 +128,9 @@ def render_model_card(config: dict, run_dir: Optional[Path] = None, fmt: str = "
     if results:
         lines += ["## Benchmarks", "", "| task | result |", "|---|---|"]
         for task, result in results:
-            shown = ", ".join(f"{k}={_fmt(v)}" for k, v in result.items() if not isinstance(v, (dict, list)))
-            lines.append(f"| {task} | {shown} |")
+            for row in result.get("rows") or [result]:  # radio eval: one row per subject
+                shown = ", ".join(f"{k}={_fmt(v)}" for k, v in row.items() if not isinstance(v, (dict, list)))
+                lines.append(f"| {task} | {shown} |")
         lines.append("")
 
     lines += ["## How to load", "", _how_to_load(fmt, location), ""]
@@ -153,6 +155,20 @@ def _how_to_load(fmt: str, location: str) -> str:
         return ("An official-RADIO-layout checkpoint: `RadioModel.load(\"model.pth.tar\")` here, or the official "
                 "loader (`torch.hub.load(\"NVlabs/RADIO\", \"radio_model\", version=PATH)`).")
     return ours
+
+
+def _student_resolutions(recipe_text: str) -> list:
+    """Every student input size of the run's resolved recipe (groups, stages, sets); [] if unreadable."""
+    if not recipe_text:
+        return []
+    try:
+        import yaml
+
+        from ..recipe.schema import Recipe
+
+        return Recipe.model_validate(yaml.safe_load(recipe_text)).student_resolutions()
+    except Exception:  # noqa: BLE001 - the export config's resolution stands in
+        return []
 
 
 def _recipe_teachers(recipe_text: str) -> dict:

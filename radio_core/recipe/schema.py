@@ -284,7 +284,7 @@ class EvalSpec(Strict):
     #: run the fidelity evaluation every N steps (0 = never) and log it to TensorBoard/JSONL.
     every: Count0 = 0
     images: Annotated[int, _StrictType(), Field(ge=1, le=100000)] = 4
-    #: student resolutions for fidelity (default: the training resolution).
+    #: student resolutions for fidelity (default: every resolution the student trains at).
     resolutions: Optional[list[Edge]] = Field(None, min_length=1)
     #: write report/ (report.md + PNGs) at the end of training.
     report: Bool = False
@@ -385,6 +385,16 @@ class Recipe(Strict):
         if isinstance(value, str):
             return list(self.resolution_sets[value])
         return value
+
+    def student_resolutions(self) -> list[Size]:
+        """Every student input size the run trains at (``student.resolution``, each group's and
+        stage's ``student_resolution``, sets resolved), in first-seen order."""
+        found = list(self.student.resolution)
+        for st in self.stages or []:
+            found += self.resolutions(st.student_resolution) or []
+            found += [s for g in (st.groups or {}).values() for s in self.resolutions(g.student_resolution) or []]
+        found += [s for g in (self.groups or {}).values() for s in self.resolutions(g.student_resolution) or []]
+        return list(dict.fromkeys(tuple(s) for s in found))
 
     @field_validator("teachers")
     @classmethod

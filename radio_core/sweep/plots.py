@@ -34,8 +34,9 @@ def save_plots(rows: list[dict], metrics: list[str], out_dir: Path) -> list[Path
                         capsize=4, markersize=5, zorder=3)
             ax.annotate(ci.text(), (x + 0.3, ci.mean), fontsize=7, va="center")
         ax.set_xticks(range(len(arms)), arms, rotation=30, ha="right", fontsize=8)
-        ax.set_xlim(-0.5, len(arms) - 0.2)
-        ax.set_title(f"{metric}  (points: seeds; black: mean ± 95% CI)", fontsize=9)
+        ax.set_xlim(-0.5, len(arms) + 0.2)  # room for the last arm's "mean ± half-width" text
+        # two lines: a long metric name and the legend never share one line, so neither is cut
+        ax.set_title(f"{metric}\npoints: seeds; black: mean ± 95% CI", fontsize=9)
         ax.grid(axis="y", alpha=0.3)
         paths.append(save_figure(fig, out_dir / f"{slug(metric.replace('/', '_'))}.png"))
     return paths

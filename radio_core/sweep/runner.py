@@ -114,6 +114,8 @@ class Sweep:
         lock), after the workers are done."""
         from tqdm.auto import tqdm
 
+        from ..progress import progress
+
         selected = self.select(only)
         self.out.mkdir(parents=True, exist_ok=True)
         lock = None if worker else self.lock()
@@ -125,8 +127,9 @@ class Sweep:
             torch.set_num_threads(1)  # evaluation in this process
         self.workers = self._start_workers(jobs - 1, only) if jobs > 1 else []
         tqdm.monitor_interval = 0  # no monitor thread: runs are started with fork + exec
-        self._bar = tqdm(total=len(selected), desc="sweep" if not worker else "sweep worker", unit="run",
-                         disable=not self.progress, dynamic_ncols=True)
+        # runs done, rate and ETA; in a log file one line per finished run
+        self._bar = progress(len(selected), "sweep worker" if worker else "sweep", "run", enabled=self.progress,
+                             every_s=None)
         try:
             for run in selected:
                 if self.stop_signal is not None:
@@ -136,6 +139,7 @@ class Sweep:
                     status = self.execute(run) if mine else "running in another sweep process (skipped here)"
                 self._bar.write(f"{run.name}: {status}")
                 self._bar.update(1)
+                self._bar.line()
         except SweepInterrupted:
             self._bar.write("sweep interrupted: re-launch the same command to continue")
         finally:
@@ -163,19 +167,19 @@ class Sweep:
         return [subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"},
                                  preexec_fn=local.parent_death_signal()) for _ in range(count)]
 
-    def lock(self):
-        self.out.mkdir(parents=True, exist_ok=True)
-        lock = open(self.out / ".sweep.lock", "a+")
-        try:
-            import fcntl
+    def lock(self) -> contextlib.ExitStack:
+        """The sweep folder's lock (``close()`` releases it); SweepError naming the process that
+        holds it (pid, host, command) when another sweep runs here."""
+        from ..locks import LockTimeout, describe_holder, file_lock
 
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except ImportError:  # not POSIX: no protection against two sweeps in one directory
-            pass
-        except OSError:
-            lock.close()
-            raise SweepError(f"output_dir: another sweep is running in {self.out}") from None
-        return lock
+        self.out.mkdir(parents=True, exist_ok=True)
+        stack = contextlib.ExitStack()
+        path = self.out / ".sweep.lock"
+        try:
+            stack.enter_context(file_lock(path, f"the sweep folder {self.out}", timeout=0))
+        except LockTimeout:
+            raise SweepError(f"output_dir: another sweep is running in {self.out} ({describe_holder(path)})") from None
+        return stack
 
     def lock_held(self) -> bool:
         """Whether a sweep process is working in this output folder now."""

@@ -68,12 +68,43 @@ class KnnEval(LabelledEval):
     k: int = Field(20, ge=1)
 
 
+#: options of any ``eval:`` entry that choose data and subjects rather than evaluator arguments
+LADDER_KEYS = ("data", "test_fraction", "max_per_class", "max_images", "head", "resolutions", "reduce_zero_label",
+               "classes")
+
+
 class SweepEval(Strict):
-    """Evaluation of each finished run (radio_core.eval)."""
+    """Evaluation of each finished run (radio_core.eval): ``fidelity``, ``knn``, ``zeroshot`` as
+    below, and any other registered evaluator by name (``linear: {data: DIR, epochs: 50}``,
+    ``seg: {data: DIR}``, a third party's): its ``LADDER_KEYS`` pick the data, the rest are the
+    evaluator's arguments (checked against its factory when the sweep file is read)."""
+
+    model_config = ConfigDict(extra="allow", protected_namespaces=())
 
     fidelity: Union[bool, FidelityEval] = False
     knn: Optional[KnnEval] = None
     zeroshot: Optional[LabelledEval] = None
+
+    @model_validator(mode="after")
+    def _other_evaluators(self) -> "SweepEval":
+        from ..arguments import check_args
+        from ..registry import PluginError, get_registry
+
+        for name, value in (self.model_extra or {}).items():
+            if value is None or value is False:
+                continue
+            if value is not True and not isinstance(value, dict):
+                raise ValueError(f"eval.{name}: expected a mapping of the evaluator's arguments (or true), "
+                                 f"got {type(value).__name__}")
+            try:
+                factory = get_registry().get("evaluator", name).factory
+            except PluginError as exc:
+                raise ValueError(f"eval.{name}: {exc}") from None
+            args = {k: v for k, v in (value if isinstance(value, dict) else {}).items() if k not in LADDER_KEYS}
+            problems = check_args("evaluator", name, factory, args, f"eval.{name}")
+            if problems:
+                raise ValueError(problems[0])
+        return self
 
     @property
     def fidelity_spec(self) -> Optional[FidelityEval]:
@@ -81,9 +112,23 @@ class SweepEval(Strict):
             return FidelityEval()
         return self.fidelity or None
 
+    def tasks(self) -> list[tuple[str, dict]]:
+        """(evaluator name, options: LADDER_KEYS and evaluator arguments) of every enabled entry."""
+        out = []
+        fid = self.fidelity_spec
+        if fid:
+            out.append(("fidelity", fid.model_dump(exclude_none=True)))
+        for name, entry in (("knn", self.knn), ("zeroshot", self.zeroshot)):
+            if entry is not None:
+                out.append((name, entry.model_dump(exclude_none=True)))
+        for name, value in (self.model_extra or {}).items():
+            if value is not None and value is not False:
+                out.append((name, dict(value) if isinstance(value, dict) else {}))
+        return out
+
     @property
     def enabled(self) -> bool:
-        return bool(self.fidelity_spec or self.knn or self.zeroshot)
+        return bool(self.tasks())
 
 
 class LocalLauncher(Strict):

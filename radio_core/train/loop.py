@@ -220,6 +220,8 @@ class Trainer:
                         progress.set_postfix(loss=f"{metrics['loss/total']:.4f}",
                                              img_s=f"{metrics['images_per_s']:.1f}")
                     progress.update(1)
+                    if metrics:
+                        progress.line()  # not a terminal: one line per logging step
                     self.registry.hook.radio_step_end(trainer=self, step=self.state.step, metrics=metrics)
                     # Every rank takes the same branches below (the stop flag is reduced), so the
                     # collectives inside stay matched.

@@ -102,6 +102,8 @@ class MetricsLogger:
 
 
 def progress_bar(start: int, total: int, enabled: bool):
-    from tqdm.auto import tqdm
+    """Steps with rate and ETA (``radio_core.progress``): a live bar on a terminal, else one
+    line per logging step (the loop calls ``line()`` there)."""
+    from ..progress import progress
 
-    return tqdm(total=total, initial=start, disable=not enabled, desc="distill", unit="step", dynamic_ncols=True)
+    return progress(total, "distill", "step", initial=start, enabled=enabled, every_s=None)
