@@ -19,17 +19,19 @@ Metrics, each at an input resolution (``name@res``):
   from a linear pixel-shuffle read-out (each feature vector predicts the pixels of its cell; only
   where 128 px is a whole number of cells: 64 and 128 px inputs for patch 8).
 
-``python -m radio_proxy.downstream RUN_DIR [--teachers] [--baselines]``.
+It is the evaluator ``proxy`` (plugin kind ``evaluator``; it brings its own data): every subject
+of the evaluation ladder goes through it the same way::
+
+    radio eval RUN_DIR proxy --teachers --baselines pixels random
+
+and a sweep file's ``eval: {proxy: {resolutions: [64, 128]}}`` scores each run's student. Besides
+each score, ``se_<metric>`` is its test-set standard error (bootstrap over the test images):
+the part of the noise that the test set's size leaves.
 """
 from __future__ import annotations
 
-import argparse
-import json
-import sys
-import time
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
@@ -45,10 +47,6 @@ METRICS = ("zeroshot", "zeroshot_colour", "zeroshot_shape", "knn", "linear", "mi
 CHANCE = {"zeroshot": 1 / len(CLASSES), "zeroshot_colour": 1 / len(COLOUR_NAMES), "zeroshot_shape": 1 / len(SHAPES)}
 SEG_SIZE = 64
 RAW_PATCH = 8
-
-#: uint8 images (N, 3, H, W) -> (summary (N, D) or None, CLIP embedding (N, E) or None, spatial (N, C, h, w))
-Encoder = Callable[[Tensor], tuple[Optional[Tensor], Optional[Tensor], Tensor]]
-
 
 class Labelled:
     """One split's pixels and labels, in memory."""
@@ -67,19 +65,26 @@ class Labelled:
 
 
 @dataclass
-class Features:
+class Encoded:
     summary: Tensor
     clip: Optional[Tensor]
     spatial: Tensor
 
 
 @torch.no_grad()
-def encode(encoder: Encoder, images: Tensor, batch_size: int = 100) -> Features:
-    parts = [encoder(images[i:i + batch_size]) for i in range(0, len(images), batch_size)]
+def encode(subject: Any, images: Tensor, batch_size: int = 100, progress: Any = None) -> Encoded:
+    """A subject's features of uint8 images (N, 3, H, W) (``radio_core.protocols.Subject``: it
+    resizes them to its own input)."""
+    parts = []
+    for i in range(0, len(images), batch_size):
+        f = subject.features(images[i:i + batch_size].float() / 255)
+        parts.append((f.summary, f.embedding, f.spatial))
+        if progress is not None:
+            progress.update(len(images[i:i + batch_size]))
     summary, clip, spatial = (None if p[0] is None else torch.cat(list(p)).float() for p in zip(*parts))
     if summary is None:  # no summary: mean-pooled patch features stand in
         summary = spatial.mean((2, 3))
-    return Features(summary, clip, spatial)
+    return Encoded(summary, clip, spatial)
 
 
 def _rate(correct: Tensor) -> tuple[float, float]:
@@ -87,7 +92,7 @@ def _rate(correct: Tensor) -> tuple[float, float]:
     return float(correct.float().mean()), probes.bootstrap_se(correct)
 
 
-def score(train: Features, test: Features, fit: Labelled, held: Labelled, text_weights: Optional[Tensor],
+def score(train: Encoded, test: Encoded, fit: Labelled, held: Labelled, text_weights: Optional[Tensor],
           metrics: Sequence[str] = METRICS) -> tuple[dict, dict]:
     """(scores, test-set standard errors) of one subject's features at one resolution."""
     out, noise = {}, {}
@@ -112,78 +117,7 @@ def score(train: Features, test: Features, fit: Labelled, held: Labelled, text_w
     return out, noise
 
 
-# --------------------------------------------------------------------------- subjects
-
-
-def student_encoder(distiller, clip_head: Optional[str], resolution: int) -> Encoder:
-    from radio_core.eval.features import student_forward
-    from radio_core.models import preprocess
-
-    def run(u8: Tensor):
-        out, preds = student_forward(distiller, preprocess.to_float(u8), (resolution, resolution))
-        clip = preds[clip_head][0] if clip_head else None
-        return out.summary.flatten(1), clip, out.spatial()
-
-    return run
-
-
-def teacher_encoder(teacher, is_clip: bool) -> Encoder:
-    from radio_core.eval.features import teacher_forward
-    from radio_core.models import preprocess
-
-    def run(u8: Tensor):
-        target = teacher_forward({"t": teacher}, preprocess.to_float(u8))["t"]
-        return target.summary, target.summary if is_clip else None, target.spatial
-
-    return run
-
-
-def raw_encoder(resolution: int) -> Encoder:
-    """The floor every learned feature must beat: the image itself. Summary: the image pooled
-    to 8 x 8 (192 numbers); spatial: each 8 x 8 pixel patch flattened (192 numbers a cell)."""
-    def run(u8: Tensor):
-        x = F.interpolate(u8.float() / 255, size=(resolution, resolution), mode="bilinear", antialias=True,
-                          align_corners=False)
-        return F.adaptive_avg_pool2d(x, 8).flatten(1), None, F.pixel_unshuffle(x, RAW_PATCH)
-
-    return run
-
-
-def family(teacher) -> str:
-    name = type(teacher).__name__.lower()
-    return next((k for k in SPECIALITY if k in name), name)
-
-
-def teacher_resolution(teacher) -> int:
-    return int(teacher.input_size[0])
-
-
-def clip_teacher_name(teachers: dict) -> Optional[str]:
-    return next((n for n, t in teachers.items() if hasattr(t, "encode_text")), None)
-
-
-# --------------------------------------------------------------------------- evaluation
-
-
-@dataclass
-class Bench:
-    """The labelled splits and the zero-shot classifier, loaded once for many subjects."""
-
-    fit: Labelled
-    held: Labelled
-    text_weights: Optional[Tensor]
-
-    def run(self, encoder: Encoder, metrics: Sequence[str] = METRICS, resolution: Optional[int] = None,
-            log: Callable[[str], None] = lambda _: None, name: str = "") -> tuple[dict, dict]:
-        """Scores keyed ``metric@resolution`` and their test-set standard errors."""
-        start = time.perf_counter()
-        train, test = encode(encoder, self.fit.images), encode(encoder, self.held.images)
-        encoded = time.perf_counter()
-        scores, noise = score(train, test, self.fit, self.held, self.text_weights, metrics)
-        log(f"  {name}@{resolution}: encoded in {encoded - start:.0f} s, probes {time.perf_counter() - encoded:.0f} s: "
-            + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))
-        tag = f"@{resolution}"
-        return {k + tag: v for k, v in scores.items()}, {k + tag: v for k, v in noise.items()}
+# --------------------------------------------------------------------------- the evaluator
 
 
 def world_of_run(recipe) -> ProxyWorld:
@@ -191,145 +125,67 @@ def world_of_run(recipe) -> ProxyWorld:
 
     spec = recipe.data.source
     if spec.name != "proxy_world":
-        raise ValueError(f"downstream: the run trained on {spec.name!r}, not on the proxy world (data.source)")
+        raise ValueError(f"proxy: the run trained on {spec.name!r}, not on the proxy world (data.source)")
     return world_from_args(spec.args.get("world"))
 
 
-def make_bench(world: ProxyWorld, teachers: dict, limit: Optional[int] = None) -> Bench:
-    from radio_core.eval.tasks import zero_shot_weights
+class ProxyEvaluator:
+    """Every proxy metric of one subject (see the module docstring); the world is the one the
+    run trained on (or ``world``), val fits the probes, test scores."""
 
-    clip_name = clip_teacher_name(teachers)
-    weights = zero_shot_weights(teachers[clip_name], CLASSES, ZERO_SHOT_TEMPLATES) if clip_name else None
-    return Bench(Labelled(world, "val", limit), Labelled(world, "test", limit), weights)
+    name, needs = "proxy", ()
+    scores = METRICS
+    chance = CHANCE
 
+    def __init__(self, world: Optional[dict] = None, limit: Optional[int] = None,
+                 metrics: Sequence[str] = METRICS) -> None:
+        unknown = sorted(set(metrics) - set(METRICS))
+        if unknown:
+            raise ValueError(f"proxy: unknown metrics {unknown}; known: {', '.join(METRICS)}")
+        self.world_args, self.limit, self.metrics = world, limit, tuple(metrics)
+        self._splits: dict[str, tuple[Labelled, Labelled]] = {}
+        self._text: dict[int, Tensor] = {}
 
-def windowed_blocks(student) -> int:
-    """How many blocks of a student attend in ViTDet windows when a window size is set (0: the
-    student has no window mode, or every block is global)."""
-    if not hasattr(student, "set_window_size") or not hasattr(student, "is_global_block"):
-        return 0
-    return sum(not student.is_global_block(i) for i in range(len(student.blocks)))
+    def splits(self, subject: Any) -> tuple[Labelled, Labelled]:
+        from .world import world_from_args
 
+        run = getattr(subject, "run", None)
+        world = world_from_args(self.world_args) if self.world_args is not None or run is None \
+            else world_of_run(run.recipe)
+        if world.fingerprint not in self._splits:
+            self._splits[world.fingerprint] = (Labelled(world, "val", self.limit), Labelled(world, "test", self.limit))
+        return self._splits[world.fingerprint]
 
-def evaluate_student(distiller, teachers: dict, bench: Bench, resolutions: Sequence[int],
-                     windows: Sequence[tuple[int, int]] = (), log: Callable[[str], None] = lambda _: None,
-                     name: str = "student") -> tuple[dict, dict, dict]:
-    """(scores, noise, images/s) of a student at each resolution (and in ViTDet mode at each
-    ``(resolution, window)`` pair when it has windowed blocks). Keys: ``metric@res`` and
-    ``metric@{res}w{window}``."""
-    clip_name = clip_teacher_name(teachers)
-    head = clip_name if clip_name in distiller.summary_heads else None  # a student without a CLIP head
-    scores, noise, rates = {}, {}, {}
-    for res in resolutions:
-        start = time.perf_counter()
-        s, n = bench.run(student_encoder(distiller, head, res), resolution=res, log=log, name=name)
-        scores.update(s)
-        noise.update(n)
-        rates[str(res)] = 2 * len(bench.held) / (time.perf_counter() - start)
-    student = distiller.student
-    for res, ws in windows if windowed_blocks(student) else ():
-        previous = student.window_size
-        student.set_window_size(ws)
+    def text_weights(self, subject: Any) -> Optional[Tensor]:
+        """The zero-shot classifier from the subject's text tower (prompt ensemble of
+        ``ZERO_SHOT_TEMPLATES``), or None for a subject without one."""
+        emb = subject.encode_text([t.format(c) for c in CLASSES for t in ZERO_SHOT_TEMPLATES])
+        if emb is None:
+            return None
+        emb = F.normalize(emb.float(), dim=-1).view(len(CLASSES), len(ZERO_SHOT_TEMPLATES), -1).mean(1)
+        return F.normalize(emb, dim=-1)
+
+    def __call__(self, subject: Any, data: Any = None) -> dict[str, Any]:
+        from radio_core.progress import progress
+
+        fit, held = self.splits(subject)
+        bar = progress(len(fit) + len(held), f"proxy {subject.name}", "img", every_s=30)
         try:
-            s, n = bench.run(student_encoder(distiller, head, res), resolution=f"{res}w{ws}", log=log, name=name)
+            train, test = encode(subject, fit.images, progress=bar), encode(subject, held.images, progress=bar)
         finally:
-            student.set_window_size(previous)
-        scores.update(s)
-        noise.update(n)
-    return scores, noise, rates
+            bar.close()
+        scores, noise = score(train, test, fit, held, self.text_weights(subject), self.metrics)
+        return {"task": "proxy", "probe_images": len(fit), "test_images": len(held),
+                "probe": "ridge, penalty by 5-fold cross-validation on val (closed form: no probe seed)",
+                "prompts": ZERO_SHOT_TEMPLATES[0], **scores, **{f"se_{k}": v for k, v in noise.items()}}
 
 
-def evaluate_teachers(teachers: dict, bench: Bench, log: Callable[[str], None] = lambda _: None) -> dict[str, dict]:
-    """Each teacher's scores at its own input size: ``{"teacher/clip": {"zeroshot@64": ...}}``."""
-    clip_name = clip_teacher_name(teachers)
-    out = {}
-    for name, t in teachers.items():
-        is_clip = name == clip_name
-        bench_t = bench if is_clip else Bench(bench.fit, bench.held, None)
-        out[f"teacher/{name}"], _ = bench_t.run(teacher_encoder(t, is_clip), resolution=teacher_resolution(t),
-                                               log=log, name=f"teacher/{name}")
-    return out
+def build_proxy_evaluator(world: Optional[dict] = None, limit: Optional[int] = None,
+                          metrics: Optional[list[str]] = None) -> ProxyEvaluator:
+    """The proxy world's downstream scores (zero-shot split into colour and shape, kNN, linear
+    probe, mIoU, parts mIoU). world: the proxy world's options (default: the run's). limit: only
+    the first N val and test images (smoke runs). metrics: a subset of the metrics."""
+    return ProxyEvaluator(world, limit, metrics or METRICS)
 
 
-def evaluate_raw(bench: Bench, resolutions: Sequence[int], log: Callable[[str], None] = lambda _: None) -> dict:
-    scores = {}
-    for res in resolutions:
-        s, _ = Bench(bench.fit, bench.held, None).run(raw_encoder(res), resolution=res, log=log, name="raw")
-        scores.update(s)
-    return scores
-
-
-def random_init_distiller(recipe, teachers: dict, seed: int):
-    """The run's student and heads as training starts (``train.seed``), never trained."""
-    from radio_core.models.distiller import build_distiller
-    from radio_core.registry import get_registry
-
-    dims = {n: (t.summary_dim, t.spatial_dim) for n, t in teachers.items()}
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return build_distiller(recipe, dims, get_registry())
-
-
-def evaluate_run(run_dir: str | Path, resolutions: Sequence[int] = (64, 128), teachers: bool = False,
-                 baselines: bool = False, limit: Optional[int] = None, windows: Sequence[tuple[int, int]] = (),
-                 log: Callable[[str], None] = lambda _: None) -> dict:
-    """Downstream scores of a finished run's student, as ``{"student": {"miou@64": ...},
-    "teacher/clip": {...}, "raw": {...}, "random_init": {...}, "_meta": {...}}`` (teachers and
-    baselines on request). ``_meta`` holds the test-set standard errors and the student's
-    single-process throughput per resolution."""
-    from radio_core.eval.loading import load_run
-
-    start = time.perf_counter()
-    run = load_run(run_dir, with_teachers=True)
-    bench = make_bench(world_of_run(run.recipe), run.teachers, limit)
-    scores, noise, rates = evaluate_student(run.distiller, run.teachers, bench, resolutions, windows, log)
-    results: dict = {"student": scores}
-    if teachers:
-        results.update(evaluate_teachers(run.teachers, bench, log))
-    if baselines:
-        results["raw"] = evaluate_raw(bench, resolutions, log)
-        rand = random_init_distiller(run.recipe, run.teachers, run.recipe.train.seed)
-        results["random_init"], _, _ = evaluate_student(rand, run.teachers, bench, resolutions, log=log,
-                                                        name="random_init")
-    results["_meta"] = {"eval_seconds": time.perf_counter() - start, "test_images": len(bench.held),
-                        "probe_images": len(bench.fit), "chance": CHANCE, "test_se": noise, "images_per_s": rates,
-                        "probe": "ridge, penalty by 5-fold CV on val (exact solve: no probe seed)"}
-    return results
-
-
-def table(results: dict, resolutions: Sequence[int] = ()) -> str:
-    rows = [k for k in results if not k.startswith("_")]
-    keys = list(dict.fromkeys(k for r in rows for k in results[r]))
-    lines = ["| features | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
-    for r in rows:
-        cells = [f"{results[r][m]:.3f}" if m in results[r] else "-" for m in keys]
-        lines.append(f"| {r} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="radio_proxy.downstream", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("run_dir", help="a training run on the proxy world (its output_dir)")
-    p.add_argument("--resolutions", type=int, nargs="+", default=[64, 128], help="student input sizes (px)")
-    p.add_argument("--teachers", action="store_true", help="also score every teacher with the same protocol")
-    p.add_argument("--baselines", action="store_true",
-                   help="also score raw pixels and the student's architecture at random initialisation")
-    p.add_argument("--limit", type=int, help="use only the first N images of val and test (smoke runs)")
-    p.add_argument("--window", type=int, nargs=2, action="append", default=[], metavar=("RES", "WINDOW"),
-                   help="also score the student in ViTDet mode: windows of WINDOW tokens at RES px (repeatable)")
-    p.add_argument("--out", help="write the results as JSON here")
-    args = p.parse_args(argv)
-    results = evaluate_run(args.run_dir, args.resolutions, args.teachers, args.baselines, args.limit,
-                           windows=[tuple(w) for w in args.window], log=lambda m: print(m, flush=True))
-    print(table(results))
-    meta = results["_meta"]
-    print(f"{meta['test_images']} test images, probes fit on {meta['probe_images']} val images ({meta['probe']}); "
-          f"zero-shot chance {meta['chance']['zeroshot']:.3f}; {meta['eval_seconds']:.0f} s")
-    if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=1))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+__all__ = ["ProxyEvaluator", "build_proxy_evaluator", "METRICS", "SPECIALITY", "CHANCE", "Labelled", "score"]

@@ -1,6 +1,7 @@
 """Registration of the proxy benchmark's components (light: heavy imports happen in factories).
 
 * dataset ``proxy_world``: the images of one split of the proxy world (``split``, ``world``);
+* evaluator ``proxy``: its downstream scores (``radio eval RUN proxy --teachers --baselines pixels random``);
 * teachers ``proxy_clip``, ``proxy_dinov2``, ``proxy_sam``: specialist teachers trained on the
   proxy world on first use (cached by fingerprint), then loaded by the built-in ``clip``,
   ``dinov2`` and ``sam`` plugins through their local-checkpoint path.
@@ -31,8 +32,20 @@ def _teacher_factory(kind: str):
     return factory
 
 
+def build_proxy_evaluator(world: Optional[dict] = None, limit: Optional[int] = None,
+                          metrics: Optional[list[str]] = None):
+    """The proxy world's downstream scores: zero-shot (split into colour and shape), kNN, linear probe,
+    mIoU, parts mIoU, each with its test-set standard error. world: the proxy world's options
+    (default: the run's). limit: only the first N val and test images (smoke runs). metrics: a
+    subset of zeroshot, knn, linear, miou, parts_miou."""
+    from .downstream import build_proxy_evaluator as build
+
+    return build(world, limit, metrics)
+
+
 @hookimpl
 def radio_register(registry) -> None:
     registry.add("dataset", "proxy_world", build_proxy_world)
+    registry.add("evaluator", "proxy", build_proxy_evaluator)
     for kind in ("clip", "dinov2", "sam"):
         registry.add("teacher", f"proxy_{kind}", _teacher_factory(kind))
