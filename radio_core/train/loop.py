@@ -34,7 +34,7 @@ from ..plan.partition import StagePlan, describe, plan_stages, stage_at
 from ..protocols import Teacher
 from ..recipe import Recipe, dump_recipe
 from ..registry import Registry, get_registry
-from . import outputs, setup, stages
+from . import outputs, regularizers, setup, stages
 from .checkpoint import (  # noqa: F401 - re-exported
     Checkpointer,
     ResumeError,
@@ -129,6 +129,9 @@ class Trainer:
         if self.sharded:  # teachers stay out: only the student + heads are sharded
             setup.check_fsdp_wrap(r, distiller)
         self.distiller, self.optimizer = acc.prepare(distiller, optimizer)
+        # MESA's EMA copy (made before compiling) and DAMP's weight noise; None when off
+        self.mesa, self.damp = regularizers.build(r, self.unwrapped)
+        self.objective.mesa = self.mesa
         if r.train.compile:
             self.unwrapped.student.compile()  # in place: DDP and the checkpoint keys are unchanged
         # Not prepared: Accelerate would step it once per process; ours steps once per optimiser
@@ -261,7 +264,10 @@ class Trainer:
             seed = _mix(r.train.seed, step, rt.slot.offset, k // max(1, len(work) // micro))
             torch.manual_seed(seed)
             random.seed(seed)
-            with (contextlib.nullcontext() if last else acc.no_sync(self.distiller)):
+            micro_step = k // max(1, len(work) // micro)
+            noise = (self.damp.perturbed(step, rt.slot.offset, micro_step) if self.damp is not None
+                     else contextlib.nullcontext())  # DAMP: this micro-step runs on perturbed weights
+            with noise, (contextlib.nullcontext() if last else acc.no_sync(self.distiller)):
                 terms = self.objective.forward_losses(self.distiller, self.unwrapped, rt, batch, step, self.stage)
                 acc.backward(terms["total"] / micro)
             for key, v in terms.items():
@@ -276,6 +282,8 @@ class Trainer:
                 summed["grad_norm"] = acc.clip_grad_norm_(self.distiller.parameters(), r.train.grad_clip)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
+            if self.mesa is not None:
+                self.mesa.update()  # MESA: the EMA follows the updated weights
         else:
             self._skip_nonfinite(summed, step)
         summed["lr"] = self.scheduler.get_last_lr()[0]  # the rate this step used
@@ -344,13 +352,15 @@ class Trainer:
         def saved(path: Path) -> None:
             self.registry.hook.radio_checkpoint_saved(trainer=self, path=str(path))
 
-        return self.checkpointer.save(self.state, self.scheduler, self.recipe.train.steps, on_saved=saved)
+        return self.checkpointer.save(self.state, self.scheduler, self.recipe.train.steps, on_saved=saved,
+                                      extra=self.mesa.save if self.mesa is not None else None)
 
     def load_latest_checkpoint(self) -> Optional[Path]:
         """Load the newest loadable checkpoint; a corrupt one is reported and the previous used;
         ResumeError (nothing changed on disk) when there are checkpoints and none loads."""
         acc = self.accelerator
-        found = self.checkpointer.load_latest(self.state, self.scheduler, self.recipe.train.steps)
+        found = self.checkpointer.load_latest(self.state, self.scheduler, self.recipe.train.steps,
+                                              extra=self.mesa.load if self.mesa is not None else None)
         if found is None:
             acc.print(f"no checkpoint under {self.ckpt_dir}; starting from step 0")
             return None
