@@ -32,6 +32,13 @@ class Slot:
     offset: int = 0
     #: teacher -> input resolution on this slot, where the group overrides the teacher's own.
     teacher_resolution: dict[str, tuple[int, int]] = field(default_factory=dict)
+    #: mosaic augmentation: k x k images per canvas (``groups.NAME.mosaic``), or None.
+    mosaic: Optional[int] = None
+
+    @property
+    def forwards(self) -> int:
+        """Inputs the student and teachers run on per micro-step (canvases under a mosaic)."""
+        return self.batch_size // (self.mosaic or 1) ** 2
 
 
 @dataclass
@@ -123,7 +130,8 @@ def plan_stages(recipe: Recipe, world_size: int) -> list[StagePlan]:
                 g = groups[gname]
                 slot = Slot(gname, list(g.teachers), g.batch_size or recipe.data.batch_size,
                             [tuple(x) for x in (recipe.resolutions(g.student_resolution) or student_res)], offset,
-                            {t: tuple(res) for t, res in g.teacher_resolution.items() if t in g.teachers})
+                            {t: tuple(res) for t, res in g.teacher_resolution.items() if t in g.teachers},
+                            g.mosaic)
                 offset += slot.batch_size
                 slots.append(slot)
                 for t in g.teachers:
@@ -159,8 +167,9 @@ def describe(plans: list[StagePlan], grad_accum: int = 1) -> str:
             res = ", ".join(f"{h}x{w}" for h, w in s.student_resolution)
             teachers = ", ".join(f"{t}@{s.teacher_resolution[t][0]}x{s.teacher_resolution[t][1]}"
                                  if t in s.teacher_resolution else t for t in s.teachers)
+            mosaic = f" in {s.forwards} mosaic(s) of {s.mosaic}x{s.mosaic}" if s.mosaic else ""
             lines.append(f"  group {gname}: {len(ranks)} rank(s) {_ranges(ranks)}, teachers {teachers}, "
-                         f"batch {s.batch_size}/rank, student {res}")
+                         f"batch {s.batch_size}/rank{mosaic}, student {res}")
     return "\n".join(lines)
 
 

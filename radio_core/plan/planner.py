@@ -53,6 +53,14 @@ class GroupPlan:
     #: stochastic multi-resolution: the student costs at each resolution the group draws from
     #: (uniformly, one per step), in the order of ``Slot.student_resolution``.
     student_by_resolution: list[ModelCost] = field(default_factory=list)
+    #: inputs per rank and micro-step when they differ from ``batch_size`` (a mosaic of k x k
+    #: images per canvas: batch_size / k^2); FLOPs and activations are per input.
+    forwards: Optional[int] = None
+    mosaic: Optional[int] = None
+
+    @property
+    def inputs(self) -> int:
+        return self.forwards or self.batch_size
 
     @property
     def total_bytes(self) -> float:
@@ -62,13 +70,13 @@ class GroupPlan:
     def flops_per_rank_step(self) -> float:
         """At the group's largest student resolution (the worst case)."""
         per_image = self.student.flops_per_image + sum(t.flops_per_image for t in self.teachers.values())
-        return per_image * self.batch_size
+        return per_image * self.inputs
 
     def step_flops(self, choice: int) -> float:
         """Per-rank FLOPs of a step whose resolution draw is ``choice`` (index mod set size)."""
         costs = self.student_by_resolution or [self.student]
         per_image = costs[choice % len(costs)].flops_per_image + sum(t.flops_per_image for t in self.teachers.values())
-        return per_image * self.batch_size
+        return per_image * self.inputs
 
     @property
     def expected_flops_per_rank_step(self) -> float:
@@ -195,7 +203,7 @@ def plan(recipe: Recipe, registry: Registry, world_size: int) -> tuple[list[Grou
             res = max(slot.student_resolution, key=lambda r: r[0] * r[1])  # worst case for memory
             sc = cost_at(res)
             row = GroupPlan(p.name, gname, nranks, slot.batch_size, res, sc,
-                            {t: cost(t, slot) for t in slot.teachers})
+                            {t: cost(t, slot) for t in slot.teachers}, forwards=slot.forwards, mosaic=slot.mosaic)
             if len(slot.student_resolution) > 1:
                 row.student_by_resolution = [cost_at(r) for r in slot.student_resolution]
             student_bytes = sc.params * 4
@@ -204,7 +212,7 @@ def plan(recipe: Recipe, registry: Registry, world_size: int) -> tuple[list[Grou
                 student_bytes = sc.params * 4 / world_size + gathered * teacher_bytes
                 row.optimizer_bytes = 0.0 if recipe.train.fsdp.cpu_offload else row.optimizer_bytes / world_size
             row.weight_bytes = student_bytes + sum(c.params for c in row.teachers.values()) * teacher_bytes
-            row.activation_bytes = sc.activation_bytes_per_image * slot.batch_size + sc.fixed_activation_bytes
+            row.activation_bytes = sc.activation_bytes_per_image * row.inputs + sc.fixed_activation_bytes
             rows.append(row)
     return rows, describe(plans, recipe.train.grad_accum), distiller.student
 
@@ -245,7 +253,8 @@ def levers(row: GroupPlan, budget: float, student, recipe: Recipe) -> list[str]:
     out = []
     per_image = row.student.activation_bytes_per_image
     room = budget - row.weight_bytes - row.optimizer_bytes - row.student.fixed_activation_bytes
-    fits = int(room // per_image) if per_image > 0 else row.batch_size
+    per_input = row.batch_size // row.inputs  # images per canvas under a mosaic, else 1
+    fits = int(room // per_image) * per_input if per_image > 0 else row.batch_size
     if 0 < fits < row.batch_size:
         accum = -(-row.batch_size // fits)
         out.append(f"batch {fits}/rank fits: set groups.{row.group}.batch_size (or the stage's) to {fits} and "
@@ -290,6 +299,9 @@ def format_plan(rows: list[GroupPlan], layout: str, world_size: int, recipe: Rec
         for name, t in r.teachers.items():
             lines.append(f"{'':<10} {'':<10} teacher {name}: {t.params / 1e6:.4g}M params, "
                          f"{t.flops_per_image / 1e9:.4g} GFLOP/img fwd")
+        if r.mosaic:
+            lines.append(f"{'':<10} {'':<10} mosaic {r.mosaic}x{r.mosaic}: {r.batch_size} images in {r.inputs} "
+                         f"canvas(es) per rank-step (FLOPs and activations per canvas)")
         if not fits:
             fix = levers(r, budget, student, recipe) if student is not None else []
             warnings.append(f"WARNING: stage {r.stage}, group {r.group}: {r.total_bytes / GiB:.3g} GiB per rank does "

@@ -29,7 +29,7 @@ from torch import Tensor
 from ..data.sampling import _mix
 from ..models.distiller import Distiller, build_distiller
 from ..models.teachers import build_teacher
-from ..plan.checks import check_student_resolutions
+from ..plan.checks import check_mosaic_cache, check_student_resolutions
 from ..plan.partition import StagePlan, describe, plan_stages, stage_at
 from ..protocols import Teacher
 from ..recipe import Recipe, dump_recipe
@@ -102,6 +102,7 @@ class Trainer:
         mine = {(t, slot.teacher_resolution.get(t)) for p in self.plans for slot in p.rank_slots[acc.process_index]
                 for t in slot.teachers}
         self.cache, self.cached = setup.open_cache(r, all_teachers)
+        check_mosaic_cache(self.plans, self.cached)
         dims: dict[str, tuple[Optional[int], int]] = {}
         for name in all_teachers:
             if name in self.cached:

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from ..data.augment import collate
+from ..data.mosaic import make_mosaic, mosaic_valid
 from ..data.sampling import StepBatchSampler, _mix, sampling_kwargs
 from ..models import preprocess
 from ..models.distiller import Distiller
@@ -229,6 +230,9 @@ class Objective:
         and losses of one micro-batch."""
         acc = self.accelerator
         images01 = preprocess.to_float(batch["image"].to(acc.device, non_blocking=True))
+        valid = batch.get("valid")
+        if rt.slot.mosaic:  # the group's canvases replace its images for the student and every teacher
+            images01, valid = make_mosaic(images01, rt.slot.mosaic), mosaic_valid(valid, rt.slot.mosaic)
         resolution = self.student_resolution(rt.slot, step)
         geometry: dict[str, CropGeometry] = {}
         if self.recipe.augment.shift > 0:
@@ -241,9 +245,9 @@ class Objective:
             ema_preds = mesa.targets(student_in, set(targets)) if mesa is not None else None
             _, preds = model(student_in, return_predictions=True, active=set(targets))
         terms = self.losses(distiller, preds, targets, stage.teacher_scale(acc.num_processes), geometry=geometry,
-                            valid=batch.get("valid"))
+                            valid=valid)
         if mesa is not None:  # MESA: every head also follows the EMA model's output
-            terms["mesa"] = mesa.distance(preds, ema_preds, set(targets), _readable(batch.get("valid"), student_in))
+            terms["mesa"] = mesa.distance(preds, ema_preds, set(targets), _readable(valid, student_in))
             terms["total"] = terms["total"] + mesa.weight * terms["mesa"]
         return terms
 
