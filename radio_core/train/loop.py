@@ -28,11 +28,11 @@ from torch import Tensor
 
 from ..data.sampling import _mix
 from ..models.distiller import Distiller, build_distiller
-from ..models.teachers import build_teacher
+from ..models.teachers import build_teacher, with_upsampler
 from ..plan.checks import check_mosaic_cache, check_student_resolutions
 from ..plan.partition import StagePlan, describe, plan_stages, stage_at
 from ..protocols import Teacher
-from ..recipe import Recipe, dump_recipe
+from ..recipe import Recipe, RecipeError, dump_recipe
 from ..registry import Registry, get_registry
 from . import outputs, regularizers, setup, stages
 from .checkpoint import (  # noqa: F401 - re-exported
@@ -81,7 +81,8 @@ class Trainer:
         self.checkpointer = Checkpointer(self.accelerator, self.ckpt_dir, recipe.checkpoint.keep)
         self.bad_images = BadImageCounter(self.accelerator)
         self.teachers: dict[str, Teacher] = {}
-        #: (teacher, resolution) -> instance, for groups that run a teacher at their own resolution
+        #: Slot.teacher_key -> instance, for groups that run a teacher at their own resolution or
+        #: upsampled by its FeatSharp
         self.teacher_variants: dict[tuple, Teacher] = {}
         self.stage: Optional[StagePlan] = None
         self._number_shift = 0  # added to sample numbers when resuming on another world size
@@ -98,23 +99,30 @@ class Trainer:
                             for t in {t for p in self.plans for t in p.teachers}}
         torch.manual_seed(r.train.seed)
         all_teachers = [t for t in r.teachers if any(t in p.teachers for p in self.plans)]
-        # (teacher, group resolution override or None) for every slot this rank runs
-        mine = {(t, slot.teacher_resolution.get(t)) for p in self.plans for slot in p.rank_slots[acc.process_index]
+        # (teacher, group resolution override or None, upsampled) for every slot this rank runs
+        mine = {slot.teacher_key(t) for p in self.plans for slot in p.rank_slots[acc.process_index]
                 for t in slot.teachers}
         self.cache, self.cached = setup.open_cache(r, all_teachers)
         check_mosaic_cache(self.plans, self.cached)
         dims: dict[str, tuple[Optional[int], int]] = {}
         for name in all_teachers:
             if name in self.cached:
+                if any(key[0] == name and key[2] for key in mine):
+                    raise RecipeError(f"teachers.{name}.upsampler: the teacher is read from the feature cache, which "
+                                     "holds its plain features; leave it out of cache.teachers or drop the upsampler")
                 dims[name] = self.cache.dims(name)
                 continue
-            for res in sorted((res for n, res in mine if n == name), key=lambda x: x or (0, 0)):
-                t = build_teacher(r, name, self.registry, resolution=res).to(acc.device,
-                                                                           setup.teacher_dtype(r, acc.device))
-                if res is None:
+            bases: dict = {}  # resolution -> the plain instance (an upsampled one wraps it: weights loaded once)
+            for key in sorted((k for k in mine if k[0] == name), key=lambda k: (k[1] or (0, 0), k[2])):
+                _, res, upsampled = key
+                if res not in bases:
+                    bases[res] = build_teacher(r, name, self.registry, resolution=res).to(
+                        acc.device, setup.teacher_dtype(r, acc.device))
+                t = with_upsampler(r, name, bases[res]) if upsampled else bases[res]
+                if key == (name, None, False):
                     self.teachers[name] = t
                 else:
-                    self.teacher_variants[(name, res)] = t
+                    self.teacher_variants[key] = t
                     self.teachers.setdefault(name, t)  # evaluation uses one instance per teacher
             if name not in self.teachers:  # another rank runs it; this rank only needs its dimensions
                 t = build_teacher(r, name, self.registry, meta=True)

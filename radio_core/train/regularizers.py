@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..data.sampling import _mix
-from ..utils import read_safetensors
+from ..utils import linear_weights, read_safetensors
 
 #: tags DAMP's seed so that its noise is independent of every other per-step draw.
 DAMP_STREAM = 0xDA3B
@@ -50,8 +50,7 @@ class Damp:
 
     def __init__(self, student: nn.Module, std: float, seed: int) -> None:
         self.std, self.seed = std, seed
-        self.weights = [p for m in student.modules() if isinstance(m, nn.Linear)
-                        for name, p in m.named_parameters() if name in ("weight", "parametrizations.weight.original")]
+        self.weights = linear_weights(student)
 
     @contextlib.contextmanager
     def perturbed(self, step: int, slot_offset: int, micro: int) -> Iterator[None]:
