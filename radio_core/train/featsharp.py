@@ -52,7 +52,7 @@ from ..models.teachers import build_teacher
 from ..plan.partition import plan_stages
 from ..protocols import Teacher
 from ..recipe import Recipe, RecipeError
-from ..registry import Registry
+from ..registry import PluginError, Registry
 
 VAL_STREAM = 0xF5A1  # held-out crops come from their own sample stream
 
@@ -333,7 +333,7 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "radio featsharp") ->
                    help=f"batches for the PHI-S statistics (default {d.norm_batches})")
     p.add_argument("--out", default=None, help="file to write (default: the recipe's upsampler.path, else the "
                    "fingerprinted cache, $RADIO_FEATSHARP_CACHE or ~/.cache/radio_distill/featsharp)")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)  # overrides may come after the options
     for flag in ("steps", "batch_size", "jitters", "norm_batches"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be at least 1")
@@ -345,7 +345,7 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "radio featsharp") ->
         settings = Settings(steps=args.steps, batch_size=args.batch_size, lr=args.lr, jitters=args.jitters,
                             norm_batches=args.norm_batches, seed=recipe.train.seed)
         train(recipe, args.teacher, get_registry(), settings, Path(args.out) if args.out else None)
-    except RecipeError as exc:
+    except (RecipeError, PluginError, ValueError, OSError) as exc:  # bad recipe, plugin, data: one line
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0
