@@ -134,3 +134,14 @@ def test_tiles_round_trip():
     t = fs.tile(x, 3)
     assert t.shape == (18, 3, 2, 2) and torch.equal(t[1], x[0, :, 0:2, 2:4]) and torch.equal(t[3], x[0, :, 2:4, 0:2])
     assert torch.equal(fs.untile(t, 3), x)
+
+
+def test_a_bf16_run_checks_the_file_against_the_fp32_weights(trained, tmp_path):
+    """Teachers are cast (train.teacher_dtype) after the upsampler's fingerprint check, so a
+    file trained on the fp32 weights serves a bf16 run; the upsampler itself stays fp32."""
+    _, path, _, _, _ = trained
+    trainer = Trainer(load_recipe(tiny_recipe(tmp_path, *DINO, upsampler(path), "train.teacher_dtype=bf16")))
+    sharp = trainer.teachers["dino"]
+    assert isinstance(sharp, fs.FeatSharpTeacher)
+    assert next(sharp.base.parameters()).dtype == torch.bfloat16
+    assert next(sharp.upsampler.parameters()).dtype == torch.float32

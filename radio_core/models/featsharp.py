@@ -251,9 +251,9 @@ class FeatSharpTeacher(Teacher):
 def feature_grid(teacher: Teacher) -> tuple[int, int]:
     """The teacher's spatial grid at its resolution (one forward of a blank image)."""
     p = next(iter(teacher.parameters()), None)
-    device = p.device if p is not None else torch.device("cpu")
+    device, dtype = (p.device, p.dtype) if p is not None else (torch.device("cpu"), torch.float32)
     with torch.no_grad():
-        return tuple(teacher(torch.zeros(1, 3, *teacher.input_size, device=device)).spatial.shape[-2:])
+        return tuple(teacher(torch.zeros(1, 3, *teacher.input_size, device=device, dtype=dtype)).spatial.shape[-2:])
 
 
 def default_path(plugin: str, fingerprint: str, input_size: tuple[int, int], factor: int) -> Path:

@@ -113,12 +113,15 @@ class Trainer:
                 dims[name] = self.cache.dims(name)
                 continue
             bases: dict = {}  # resolution -> the plain instance (an upsampled one wraps it: weights loaded once)
+            built: dict = {}
             for key in sorted((k for k in mine if k[0] == name), key=lambda k: (k[1] or (0, 0), k[2])):
                 _, res, upsampled = key
                 if res not in bases:
-                    bases[res] = build_teacher(r, name, self.registry, resolution=res).to(
-                        acc.device, setup.teacher_dtype(r, acc.device))
-                t = with_upsampler(r, name, bases[res]) if upsampled else bases[res]
+                    bases[res] = build_teacher(r, name, self.registry, resolution=res)
+                # wrapped before the cast: the upsampler's file is checked against the fp32 weights' fingerprint
+                built[key] = with_upsampler(r, name, bases[res]) if upsampled else bases[res]
+            for key, t in built.items():
+                t = t.to(acc.device, setup.teacher_dtype(r, acc.device))
                 if key == (name, None, False):
                     self.teachers[name] = t
                 else:
