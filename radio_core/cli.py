@@ -1,6 +1,6 @@
 """The ``radio`` console script: one command per task, each with its own ``--help``.
 
-    radio train | validate | plan | eval | cache | pack | sweep | plugins | export
+    radio train | validate | plan | eval | cache | pack | sweep | plugins | export | featsharp
 
 ``python -m radio_core.run`` stays the entry point ``accelerate launch -m`` takes (``radio train``
 runs the same code). Commands import their module only when run, so ``radio --help`` is fast.
@@ -23,6 +23,7 @@ COMMANDS = {
     "sweep": "run an ablation sweep (one run per combination of overrides)",
     "plugins": "list registered teachers, students, adaptors, losses, datasets (--verbose: their arguments)",
     "export": "write a trained model for transformers, the official RADIO loader, or this framework",
+    "featsharp": "train a teacher's FeatSharp upsampler (teachers.NAME.upsampler) and save it, fingerprinted",
 }
 
 
@@ -111,9 +112,15 @@ def _export(argv: list[str]) -> int:
     return _with_prog(export_main, argv, "radio export")
 
 
+def _featsharp(argv: list[str]) -> int:
+    from .train.featsharp import main as featsharp_main
+
+    return _with_prog(featsharp_main, argv, "radio featsharp")
+
+
 HANDLERS: dict[str, Callable[[list[str]], int]] = {
     "train": _train, "validate": _validate, "plan": _plan, "eval": _eval, "cache": _cache, "pack": _pack,
-    "sweep": _sweep, "plugins": _plugins, "export": _export,
+    "sweep": _sweep, "plugins": _plugins, "export": _export, "featsharp": _featsharp,
 }
 
 
@@ -124,6 +131,7 @@ SYNOPSIS = {
     "cache": "RECIPE [--views K] [--out DIR]", "pack": "FOLDER OUT [--shard-size N]",
     "sweep": "SWEEP.yaml [--only NAME] [--dry-run] [--status]", "plugins": "[--kind KIND] [--verbose] [NAME ...]",
     "export": "RUN [--format transformers|radio|radio-distill] [--out DIR]",
+    "featsharp": "RECIPE --teacher NAME [--steps N] [--out FILE] [overrides]",
 }
 
 

@@ -21,6 +21,13 @@ def module_fingerprint(module: nn.Module, extra: Iterable[Any] = ()) -> str:
     return h.hexdigest()[:16]
 
 
+def linear_weights(module: nn.Module) -> list[nn.Parameter]:
+    """The weight matrices of ``module``'s ``nn.Linear`` layers (under a parametrisation such as
+    σReparam, the raw ``original`` weight it is computed from)."""
+    return [p for m in module.modules() if isinstance(m, nn.Linear)
+            for name, p in m.named_parameters() if name in ("weight", "parametrizations.weight.original")]
+
+
 def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
 

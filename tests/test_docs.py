@@ -74,6 +74,12 @@ TABLE: dict[str, Run | Skip] = {
         Run("radio validate recipes/dfn_dino_sam.yaml data.source.args.shards=/data/shards --world-size 8",
             "cluster-only (8 GPUs, DataComp shards, hub weights): its recipe and overrides are validated instead",
             expect="OK (4 teachers"),
+    "radio featsharp recipes/c_radio_v4.yaml --teacher siglip2 data.source.args.shards=/data/shards":
+        Run("radio featsharp recipes/tiny_random.yaml --teacher dino teachers.dino.resolution=56 "
+            "'teachers.dino.upsampler={{name: featsharp, factor: 2}}' --steps 2 --norm-batches 1 "
+            "--out dino.safetensors",
+            "SigLIP2-g and DataComp are cluster-scale: the tiny random DINOv2 at 56 px, 2x, 2 steps, written to "
+            "the temp directory", expect="wrote dino.safetensors"),
     # README: plugins, data, cache
     "radio plugins --verbose --kind teacher dinov2":
         Run("radio plugins --verbose --kind teacher dinov2", expect="upsample_to: int | Sequence[int] | None"),

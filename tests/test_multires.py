@@ -33,7 +33,7 @@ def test_sets_resolve_per_group_with_teacher_overrides(tmp_path):
 def test_training_draws_one_shape_per_step_and_runs_teachers_at_both_resolutions(tmp_path):
     trainer = Trainer(load_recipe(tiny_recipe(tmp_path, *MULTIRES)))
     assert trainer.teachers["dino"].input_size == (56, 56)
-    assert trainer.teacher_variants[("dino", (112, 112))].input_size == (112, 112)
+    assert trainer.teacher_variants[("dino", (112, 112), False)].input_size == (112, 112)
     runtimes = {rt.slot.group: rt for rt in trainer.enter_stage(trainer.plans[0], 0)}
     low, high = runtimes["low"], runtimes["high"]
     assert low.teachers["dino"].input_size == (56, 56) and high.teachers["dino"].input_size == (112, 112)

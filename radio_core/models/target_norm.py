@@ -98,6 +98,8 @@ class _TargetNorm(nn.Module):
 
     # -- application ----------------------------------------------------------------------
     def _check_ready(self) -> None:
+        if self.ready.is_meta:  # an architecture built without weights (dry runs)
+            return
         if not bool(self.ready):
             raise RuntimeError(f"{type(self).__name__}: statistics are not estimated yet; call "
                                "update() over a few batches of teacher features, then finalize()")

@@ -35,10 +35,11 @@ def group_teachers(teachers: dict[str, Teacher]) -> list[TeacherGroup]:
 
 
 def build_teacher(recipe: "Recipe", name: str, registry: Registry, meta: bool = False,
-                  resolution: Any = None) -> Teacher:
+                  resolution: Any = None, upsampled: bool = False) -> Teacher:
     """Build (and freeze) one teacher; ``meta=True`` builds its architecture without weights,
     only to learn its dimensions (plugins that don't support it are built for real).
-    ``resolution`` overrides the recipe's (a group's ``teacher_resolution``)."""
+    ``resolution`` overrides the recipe's (a group's ``teacher_resolution``); ``upsampled``
+    wraps it with the recipe's ``upsampler`` (FeatSharp)."""
     spec = recipe.teachers[name]
     resolution = resolution or spec.resolution
     kwargs: dict[str, Any] = dict(spec.args, resolution=tuple(resolution) if resolution else None)
@@ -51,7 +52,30 @@ def build_teacher(recipe: "Recipe", name: str, registry: Registry, meta: bool = 
     if not isinstance(teacher, Teacher):
         raise PluginError(f"teachers.{name}: plugin {spec.plugin!r} returned {type(teacher).__name__}, "
                           "not a radio_core.Teacher")
-    return teacher.freeze()
+    teacher = teacher.freeze()
+    return with_upsampler(recipe, name, teacher) if upsampled else teacher
+
+
+def with_upsampler(recipe: "Recipe", name: str, base: Teacher) -> Teacher:
+    """``base`` wrapped with its FeatSharp upsampler: loaded from the recipe's ``path`` (or the
+    fingerprinted cache) and checked against the teacher's weights, resolution and the factor;
+    a meta-device ``base`` gets an untrained one (dry runs: only shapes and FLOPs count)."""
+    from . import featsharp
+
+    spec = recipe.teachers[name]
+    up = spec.upsampler
+    param = next(iter(base.parameters()), None)
+    grid = featsharp.feature_grid(base)
+    if param is not None and param.is_meta:
+        with torch.device("meta"):
+            upsampler = featsharp.FeatSharp(featsharp.FeatSharpConfig(base.spatial_dim, grid, up.factor))
+    else:
+        ident = featsharp.identity(spec.plugin, spec.args, base)
+        path = up.path or featsharp.default_path(spec.plugin, ident["fingerprint"], tuple(base.input_size), up.factor)
+        upsampler = featsharp.load(path, base, ident, up.factor, f"teachers.{name}.upsampler")
+        if param is not None:
+            upsampler = upsampler.to(param.device)
+    return featsharp.FeatSharpTeacher(base, upsampler).freeze()
 
 
 def check_teacher_output(name: str, plugin: str, teacher: Teacher, out: Any, batch: int,

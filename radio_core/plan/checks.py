@@ -112,3 +112,16 @@ def check_student_resolutions(plans: list, multiple: int, student: str, origin: 
                             f"{origin}: student.resolution: {h}x{w} (group {slot.group}) is not a multiple of "
                             f"{multiple}, the input size multiple of student {student!r}; "
                             f"nearest valid: {near[0]}x{near[1]}")
+
+
+def check_mosaic_cache(plans: list, cached: set[str]) -> None:
+    """A feature cache holds each image's own targets: a group that tiles its images into
+    mosaics cannot read them (its teachers see canvases)."""
+    for plan in plans:
+        for slots in plan.rank_slots:
+            for slot in slots:
+                clash = sorted(set(slot.teachers) & cached) if slot.mosaic else []
+                if clash:
+                    raise RecipeError(f"groups.{slot.group}.mosaic: teachers {clash} are read from the feature cache, "
+                                      "which holds single images' features, not mosaics'; leave them out of "
+                                      "cache.teachers or drop the mosaic")

@@ -32,6 +32,19 @@ class Slot:
     offset: int = 0
     #: teacher -> input resolution on this slot, where the group overrides the teacher's own.
     teacher_resolution: dict[str, tuple[int, int]] = field(default_factory=dict)
+    #: mosaic augmentation: k x k images per canvas (``groups.NAME.mosaic``), or None.
+    mosaic: Optional[int] = None
+    #: teachers whose spatial target this slot upsamples with their ``upsampler`` (FeatSharp).
+    upsample: tuple[str, ...] = ()
+
+    def teacher_key(self, name: str) -> tuple:
+        """(teacher, resolution override or None, upsampled): which instance of a teacher runs here."""
+        return (name, self.teacher_resolution.get(name), name in self.upsample)
+
+    @property
+    def forwards(self) -> int:
+        """Inputs the student and teachers run on per micro-step (canvases under a mosaic)."""
+        return self.batch_size // (self.mosaic or 1) ** 2
 
 
 @dataclass
@@ -123,7 +136,8 @@ def plan_stages(recipe: Recipe, world_size: int) -> list[StagePlan]:
                 g = groups[gname]
                 slot = Slot(gname, list(g.teachers), g.batch_size or recipe.data.batch_size,
                             [tuple(x) for x in (recipe.resolutions(g.student_resolution) or student_res)], offset,
-                            {t: tuple(res) for t, res in g.teacher_resolution.items() if t in g.teachers})
+                            {t: tuple(res) for t, res in g.teacher_resolution.items() if t in g.teachers},
+                            g.mosaic, upsampled_here(recipe, gname, g.teachers))
                 offset += slot.batch_size
                 slots.append(slot)
                 for t in g.teachers:
@@ -135,6 +149,16 @@ def plan_stages(recipe: Recipe, world_size: int) -> list[StagePlan]:
         start += steps
         number += steps * recipe.train.grad_accum * offset
     return plans
+
+
+def upsampled_here(recipe: Recipe, group: str, teachers: list[str]) -> tuple[str, ...]:
+    """The teachers of ``group`` whose ``upsampler`` runs on it (its ``groups``, or all)."""
+    out = []
+    for t in teachers:
+        up = recipe.teachers[t].upsampler
+        if up is not None and (up.groups is None or group in up.groups):
+            out.append(t)
+    return tuple(out)
 
 
 def stage_at(plans: list[StagePlan], step: int) -> Optional[StagePlan]:
@@ -157,11 +181,17 @@ def describe(plans: list[StagePlan], grad_accum: int = 1) -> str:
         for gname, ranks in by_group.items():
             s = next(s for slots in p.rank_slots for s in slots if s.group == gname)
             res = ", ".join(f"{h}x{w}" for h, w in s.student_resolution)
-            teachers = ", ".join(f"{t}@{s.teacher_resolution[t][0]}x{s.teacher_resolution[t][1]}"
-                                 if t in s.teacher_resolution else t for t in s.teachers)
+            teachers = ", ".join(_teacher_label(s, t) for t in s.teachers)
+            mosaic = f" in {s.forwards} mosaic(s) of {s.mosaic}x{s.mosaic}" if s.mosaic else ""
             lines.append(f"  group {gname}: {len(ranks)} rank(s) {_ranges(ranks)}, teachers {teachers}, "
-                         f"batch {s.batch_size}/rank, student {res}")
+                         f"batch {s.batch_size}/rank{mosaic}, student {res}")
     return "\n".join(lines)
+
+
+def _teacher_label(slot: Slot, name: str) -> str:
+    res = slot.teacher_resolution.get(name)
+    label = name if res is None else f"{name}@{res[0]}x{res[1]}"
+    return f"{label}+featsharp" if name in slot.upsample else label
 
 
 def _ranges(ranks: list[int]) -> str:

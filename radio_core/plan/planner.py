@@ -24,6 +24,7 @@ from ..models.distiller import build_distiller
 from ..models.teachers import build_teacher
 from ..recipe import Recipe
 from ..registry import Registry
+from ..utils import linear_weights
 from .activations import saved_bytes
 from .partition import describe, plan_stages
 
@@ -36,6 +37,7 @@ class ModelCost:
     flops_per_image: float  # forward (teachers) or forward + backward (student)
     activation_bytes_per_image: float = 0.0  # kept for backward, as stored under the run's precision
     fixed_activation_bytes: float = 0.0  # per step whatever the batch (e.g. autocast's weight copies)
+    forward_flops_per_image: float = 0.0  # the forward alone (what MESA's EMA copy costs; student only)
 
 
 @dataclass
@@ -53,22 +55,40 @@ class GroupPlan:
     #: stochastic multi-resolution: the student costs at each resolution the group draws from
     #: (uniformly, one per step), in the order of ``Slot.student_resolution``.
     student_by_resolution: list[ModelCost] = field(default_factory=list)
+    #: inputs per rank and micro-step when they differ from ``batch_size`` (a mosaic of k x k
+    #: images per canvas: batch_size / k^2); FLOPs and activations are per input.
+    forwards: Optional[int] = None
+    mosaic: Optional[int] = None
+    #: MESA runs the EMA copy of student + heads forward on every input (train.mesa)
+    mesa: bool = False
+    #: teacher -> FeatSharp factor, for the teachers this group upsamples
+    upsampled: dict[str, int] = field(default_factory=dict)
+    #: bytes of the regularisers' weight copies (MESA's EMA, DAMP's clean Linear weights), part
+    #: of ``weight_bytes``
+    regularizer_bytes: float = 0.0
+
+    @property
+    def inputs(self) -> int:
+        return self.forwards or self.batch_size
 
     @property
     def total_bytes(self) -> float:
         return self.weight_bytes + self.optimizer_bytes + self.activation_bytes
 
+    def per_input_flops(self, student: ModelCost) -> float:
+        """Student fwd + bwd (+ MESA's EMA forward) and every teacher's forward, per input."""
+        mesa = student.forward_flops_per_image if self.mesa else 0.0
+        return student.flops_per_image + mesa + sum(t.flops_per_image for t in self.teachers.values())
+
     @property
     def flops_per_rank_step(self) -> float:
         """At the group's largest student resolution (the worst case)."""
-        per_image = self.student.flops_per_image + sum(t.flops_per_image for t in self.teachers.values())
-        return per_image * self.batch_size
+        return self.per_input_flops(self.student) * self.inputs
 
     def step_flops(self, choice: int) -> float:
         """Per-rank FLOPs of a step whose resolution draw is ``choice`` (index mod set size)."""
         costs = self.student_by_resolution or [self.student]
-        per_image = costs[choice % len(costs)].flops_per_image + sum(t.flops_per_image for t in self.teachers.values())
-        return per_image * self.batch_size
+        return self.per_input_flops(costs[choice % len(costs)]) * self.inputs
 
     @property
     def expected_flops_per_rank_step(self) -> float:
@@ -131,6 +151,8 @@ def _one_student_cost(distiller, resolution: tuple[int, int], device: str = "met
 
     distiller.train()
     flops = count_flops(flop_step)
+    x1 = torch.rand(1, 3, *resolution, device=device)  # (with grad: FlopCounterMode's module hooks want it)
+    forward = count_flops(lambda: distiller(x1, return_predictions=True, active=active))
     one, two = kept(1), kept(2)
     per_image, fixed = two - one, 2 * one - two
     student = distiller.student
@@ -143,7 +165,7 @@ def _one_student_cost(distiller, resolution: tuple[int, int], device: str = "met
             student.grad_checkpointing = True
         per_image += max(full - per_image, 0.0) / blocks  # one block recomputed at a time
     params = sum(p.numel() for p in distiller.parameters())
-    return ModelCost(params, flops, per_image, max(fixed, 0.0))
+    return ModelCost(params, flops, per_image, max(fixed, 0.0), forward)
 
 
 @torch.no_grad()
@@ -166,18 +188,21 @@ def plan(recipe: Recipe, registry: Registry, world_size: int) -> tuple[list[Grou
             dims[name] = (teachers[name].summary_dim, teachers[name].spatial_dim)
     with torch.device("meta"):
         distiller = build_distiller(recipe, dims, registry)
-    costs: dict[tuple, ModelCost] = {(n, None): teacher_cost(t) for n, t in teachers.items()}
+    costs: dict[tuple, ModelCost] = {(n, None, False): teacher_cost(t) for n, t in teachers.items()}
 
     def cost(name: str, slot) -> ModelCost:
-        """A teacher's cost at the slot's resolution for it (a group override or its own)."""
-        key = (name, slot.teacher_resolution.get(name))
+        """A teacher's cost as the slot runs it: at its resolution there (a group override or its
+        own), upsampled by FeatSharp or not (the tiles' forwards and the upsampler included)."""
+        key = slot.teacher_key(name)
         if key not in costs:
-            costs[key] = teacher_cost(build_teacher(recipe, name, registry, meta=True, resolution=key[1]))
+            costs[key] = teacher_cost(build_teacher(recipe, name, registry, meta=True, resolution=key[1],
+                                                    upsampled=key[2]))
         return costs[key]
     fsdp = recipe.train.fsdp.enabled and world_size > 1
     gathered = fsdp_gathered_params(distiller, recipe.train.fsdp) if fsdp else 0
     rows: list[GroupPlan] = []
     student_cache: dict[tuple, ModelCost] = {}
+    regularizer_bytes = regularizer_weight_bytes(recipe, distiller)
     for p in plans:
         groups: dict[str, tuple[int, object]] = {}
         for slots in p.rank_slots:
@@ -195,7 +220,9 @@ def plan(recipe: Recipe, registry: Registry, world_size: int) -> tuple[list[Grou
             res = max(slot.student_resolution, key=lambda r: r[0] * r[1])  # worst case for memory
             sc = cost_at(res)
             row = GroupPlan(p.name, gname, nranks, slot.batch_size, res, sc,
-                            {t: cost(t, slot) for t in slot.teachers})
+                            {t: cost(t, slot) for t in slot.teachers}, forwards=slot.forwards, mosaic=slot.mosaic,
+                            mesa=recipe.train.mesa is not None, regularizer_bytes=regularizer_bytes,
+                            upsampled={t: recipe.teachers[t].upsampler.factor for t in slot.upsample})
             if len(slot.student_resolution) > 1:
                 row.student_by_resolution = [cost_at(r) for r in slot.student_resolution]
             student_bytes = sc.params * 4
@@ -203,10 +230,22 @@ def plan(recipe: Recipe, registry: Registry, world_size: int) -> tuple[list[Grou
             if fsdp:  # each rank holds 1/world of all of it, plus the units gathered at a time
                 student_bytes = sc.params * 4 / world_size + gathered * teacher_bytes
                 row.optimizer_bytes = 0.0 if recipe.train.fsdp.cpu_offload else row.optimizer_bytes / world_size
-            row.weight_bytes = student_bytes + sum(c.params for c in row.teachers.values()) * teacher_bytes
-            row.activation_bytes = sc.activation_bytes_per_image * slot.batch_size + sc.fixed_activation_bytes
+            row.weight_bytes = (student_bytes + sum(c.params for c in row.teachers.values()) * teacher_bytes
+                                + regularizer_bytes)
+            row.activation_bytes = sc.activation_bytes_per_image * row.inputs + sc.fixed_activation_bytes
             rows.append(row)
     return rows, describe(plans, recipe.train.grad_accum), distiller.student
+
+
+def regularizer_weight_bytes(recipe: Recipe, distiller) -> float:
+    """fp32 copies the robustness regularisers keep: MESA's EMA of student + heads, DAMP's clean
+    copy of the student's Linear weights during a micro-step."""
+    total = 0.0
+    if recipe.train.mesa is not None:
+        total += sum(p.numel() for p in distiller.parameters()) * 4
+    if recipe.train.damp is not None:
+        total += sum(p.numel() for p in linear_weights(distiller.student)) * 4
+    return total
 
 
 def fsdp_gathered_params(model: torch.nn.Module, spec) -> int:
@@ -245,7 +284,8 @@ def levers(row: GroupPlan, budget: float, student, recipe: Recipe) -> list[str]:
     out = []
     per_image = row.student.activation_bytes_per_image
     room = budget - row.weight_bytes - row.optimizer_bytes - row.student.fixed_activation_bytes
-    fits = int(room // per_image) if per_image > 0 else row.batch_size
+    per_input = row.batch_size // row.inputs  # images per canvas under a mosaic, else 1
+    fits = int(room // per_image) * per_input if per_image > 0 else row.batch_size
     if 0 < fits < row.batch_size:
         accum = -(-row.batch_size // fits)
         out.append(f"batch {fits}/rank fits: set groups.{row.group}.batch_size (or the stage's) to {fits} and "
@@ -276,7 +316,7 @@ def format_plan(rows: list[GroupPlan], layout: str, world_size: int, recipe: Rec
     warnings = []
     for r in rows:
         params = r.student.params + sum(t.params for t in r.teachers.values())
-        gflop = (r.student.flops_per_image + sum(t.flops_per_image for t in r.teachers.values())) / 1e9
+        gflop = r.per_input_flops(r.student) / 1e9
         fits = r.total_bytes <= budget
         lines.append(f"{r.stage:<10} {r.group:<10} {r.ranks:>5} {r.batch_size:>5} "
                      f"{r.student_resolution[0]:>4}x{r.student_resolution[1]:<4} {params / 1e6:>9.4g} {gflop:>10.4g} "
@@ -288,8 +328,18 @@ def format_plan(rows: list[GroupPlan], layout: str, world_size: int, recipe: Rec
                      f"activations {r.student.activation_bytes_per_image / 2**20:.4g} MiB/img "
                      f"+ {r.student.fixed_activation_bytes / 2**20:.4g} MiB/step")
         for name, t in r.teachers.items():
+            u = r.upsampled.get(name)
+            how = (f" (FeatSharp {u}x: the teacher on the image and on its {u * u} tiles, then the upsampler)"
+                   if u else "")
             lines.append(f"{'':<10} {'':<10} teacher {name}: {t.params / 1e6:.4g}M params, "
-                         f"{t.flops_per_image / 1e9:.4g} GFLOP/img fwd")
+                         f"{t.flops_per_image / 1e9:.4g} GFLOP/img fwd{how}")
+        if r.mesa or r.regularizer_bytes:
+            mesa = (f"MESA EMA forward {r.student.forward_flops_per_image / 1e9:.4g} GFLOP/img; " if r.mesa else "")
+            lines.append(f"{'':<10} {'':<10} regularisers: {mesa}weight copies {r.regularizer_bytes / GiB:.3g} GiB "
+                         f"(in weights)")
+        if r.mosaic:
+            lines.append(f"{'':<10} {'':<10} mosaic {r.mosaic}x{r.mosaic}: {r.batch_size} images in {r.inputs} "
+                         f"canvas(es) per rank-step (FLOPs and activations per canvas)")
         if not fits:
             fix = levers(r, budget, student, recipe) if student is not None else []
             warnings.append(f"WARNING: stage {r.stage}, group {r.group}: {r.total_bytes / GiB:.3g} GiB per rank does "

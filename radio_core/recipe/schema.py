@@ -93,6 +93,21 @@ class StudentSpec(ComponentSpec):
         return _resolutions(v)
 
 
+class UpsamplerSpec(Strict):
+    """A learned upsampler of one teacher's spatial features (FeatSharp, Ranzinger et al., ICML
+    2025), trained beforehand by ``radio featsharp RECIPE --teacher NAME``: the teacher then runs
+    on its input and on ``factor`` x ``factor`` tiles of a ``factor``-times larger input, and the
+    upsampler fuses them into a ``factor``-times finer grid (C-RADIOv4: SigLIP2 at 3x)."""
+
+    name: Literal["featsharp"]
+    factor: Annotated[int, _StrictType(), Field(ge=2, le=8)]
+    #: the ``.safetensors`` file ``radio featsharp`` wrote; None: its fingerprinted cache
+    #: (``~/.cache/radio_distill/featsharp/``, keyed by the teacher's weights, resolution and factor).
+    path: Optional[Name] = None
+    #: the groups whose ranks use it (e.g. only the high-resolution one); None: every group.
+    groups: Optional[list[Name]] = Field(None, min_length=1)
+
+
 class TeacherSpec(Strict):
     #: registered teacher plugin name (``python -m radio_core.plugins`` lists them).
     plugin: Name
@@ -122,6 +137,9 @@ class TeacherSpec(Strict):
     #: block ``student_layer`` (1-based) instead of the last block (pair it with a teacher whose
     #: target is an intermediate layer, e.g. ``args: {layer: 12}``); needs ``use_summary: false``.
     student_layer: Optional[int] = Field(None, ge=1)
+    #: learned upsampling of the spatial target (``{name: featsharp, factor: 3}``); None: the
+    #: grids are matched by bilinear interpolation (AM-RADIO's rule).
+    upsampler: Optional[UpsamplerSpec] = None
 
     @field_validator("resolution", mode="before")
     @classmethod
@@ -224,6 +242,29 @@ class FSDPSpec(Strict):
     checkpoint: Literal["sharded", "full"] = "sharded"
 
 
+class MesaSpec(Strict):
+    """MESA (Du et al., NeurIPS 2022, "Sharpness-Aware Training for Free"): an exponential moving
+    average of the student (and heads) is kept as a second target; from ``start_step`` on the
+    objective adds ``weight`` x the distance of every head's output to the EMA model's output
+    on the same input. The EMA is updated after every optimiser step and saved in checkpoints.
+    Defaults: the MESA reference script's ImageNet run (``--reinforce 0.8``, timm EMA decay
+    0.9998); its ``kl_start_epoch`` is ``start_step`` here."""
+
+    weight: Float = Field(0.8, gt=0, le=1e4)
+    decay: Float = Field(0.9998, gt=0, lt=1)
+    start_step: Count0 = 0
+
+
+class DampSpec(Strict):
+    """DAMP (Trinh et al., NeurIPS 2024, "Improving robustness to corruptions with multiplicative
+    weight perturbations"): every micro-step's forward and backward run with the student's
+    Linear weights multiplied by 1 + std * N(0, 1) noise, drawn from (seed, step, slot,
+    micro-step); the update applies to the unperturbed weights. The DAMP reference configs use
+    std 0.1 (ViT-S) and 0.15 (ViT-B) on ImageNet."""
+
+    std: Float = Field(gt=0, le=1)
+
+
 class TrainSpec(Strict):
     steps: Count = 100
     grad_accum: Annotated[int, _StrictType(), Field(ge=1, le=65536)] = 1
@@ -254,6 +295,17 @@ class TrainSpec(Strict):
     #: ... and stop with an error after this many such steps in a row.
     max_nonfinite_steps: Count = 5
     fsdp: FSDPSpec = Field(default_factory=FSDPSpec)
+    #: robustness regularisers of the C-RADIO reports, off by default (see MesaSpec, DampSpec).
+    mesa: Optional[MesaSpec] = None
+    damp: Optional[DampSpec] = None
+
+    @model_validator(mode="after")
+    def _unsharded_regularisers(self) -> "TrainSpec":
+        on = [k for k in ("mesa", "damp") if getattr(self, k) is not None]
+        if on and self.fsdp.enabled:
+            raise ValueError(f"{' and '.join(on)} cannot be combined with fsdp yet (the EMA copy and the weight "
+                             "noise work on whole, unsharded weights)")
+        return self
 
 
 class CheckpointSpec(Strict):
@@ -313,6 +365,10 @@ class GroupSpec(Strict):
     #: teacher input resolutions on this group's ranks, overriding ``teachers.<name>.resolution``
     #: (RADIOv2.5: every teacher at a low and a high resolution, in two groups).
     teacher_resolution: dict[Name, Size] = Field(default_factory=dict)
+    #: mosaic augmentation (C-RADIOv4 distils SAM3 from mosaics at 1152 px): every ``mosaic`` x
+    #: ``mosaic`` images of this group's batch are tiled into one canvas, which the student and
+    #: the group's teachers all see; batch_size must be a multiple of mosaic^2. None: off.
+    mosaic: Optional[Annotated[int, _StrictType(), Field(ge=2, le=8)]] = None
 
     @field_validator("student_resolution", mode="before")
     @classmethod
@@ -435,6 +491,11 @@ class Recipe(Strict):
                 if stray:
                     raise ValueError(f"{where}.{gname}.teacher_resolution: {stray} are not teachers of this group")
                 seen += g.teachers
+                if g.mosaic is not None:
+                    batch = g.batch_size or self.data.batch_size
+                    if batch % g.mosaic ** 2:
+                        raise ValueError(f"{where}.{gname}.mosaic: batch size {batch} is not a multiple of "
+                                         f"{g.mosaic}x{g.mosaic}={g.mosaic ** 2} (the images of one canvas)")
                 if g.share is not None and g.ranks is not None:
                     raise ValueError(f"{where}.{gname}: give share or ranks, not both")
             missing = set(stage_teachers) - set(seen)
@@ -446,6 +507,14 @@ class Recipe(Strict):
 
         if self.groups:
             check_groups(self.groups, list(self.teachers) if not self.stages else [], "groups")
+        group_names = set(self.groups or {}) | {n for st in self.stages or [] for n in (st.groups or {})}
+        for tname, spec in self.teachers.items():
+            up = spec.upsampler
+            if up is not None and up.groups is not None:
+                stray = sorted(set(up.groups) - group_names)
+                if stray:
+                    raise ValueError(f"teachers.{tname}.upsampler.groups: {stray} are not groups of this recipe "
+                                     f"({', '.join(sorted(group_names)) or 'none defined'})")
         if self.stages:
             total = sum(s.steps for s in self.stages)
             if total > MAX_COUNT:

@@ -108,7 +108,10 @@ class Checkpointer:
         self.unloadable: set[str] = set()  # names a resume could not load: kept as they are
 
     def save(self, state: TrainerState, scheduler: Any, recipe_steps: int,
-             on_saved: Optional[Callable[[Path], None]] = None) -> Path:
+             on_saved: Optional[Callable[[Path], None]] = None,
+             extra: Optional[Callable[[Path], None]] = None) -> Path:
+        """``extra(directory)``: the main process writes further files (MESA's EMA) into the
+        checkpoint before its checksums."""
         acc = self.accelerator
         name = checkpoint_name(state.step)
         final, tmp = self.ckpt_dir / name, self.ckpt_dir / f".tmp-{name}"
@@ -122,6 +125,8 @@ class Checkpointer:
         # the main process must not rename tmp before the slowest rank has (seen on a loaded machine).
         acc.wait_for_everyone()
         if acc.is_main_process:
+            if extra is not None:
+                extra(tmp)
             (tmp / STATE_FILE).write_text(json.dumps({"trainer": state.state_dict(),
                                                       "scheduler": scheduler.state_dict(),
                                                       "recipe_steps": recipe_steps, "run_id": self.run_id}))
@@ -149,18 +154,21 @@ class Checkpointer:
         for old in ours[:-self.keep]:
             shutil.rmtree(old, ignore_errors=True)
 
-    def load_latest(self, state: TrainerState, scheduler: Any, recipe_steps: int) -> Optional[tuple[Path, dict]]:
+    def load_latest(self, state: TrainerState, scheduler: Any, recipe_steps: int,
+                    extra: Optional[Callable[[Path], None]] = None) -> Optional[tuple[Path, dict]]:
         """Load the newest loadable checkpoint into the prepared objects, ``state`` and
         ``scheduler``; one that fails (checksums, corrupt files, a model the recipe no longer
         builds) is reported and the previous one tried. Returns (path, saved trainer_state.json),
         or None when there is no checkpoint at all. Raises ResumeError, changing nothing on disk,
-        when checkpoints exist but none loads or the newest lies beyond ``recipe_steps``."""
+        when checkpoints exist but none loads or the newest lies beyond ``recipe_steps``.
+        ``extra(directory)`` loads the files ``save``'s ``extra`` wrote (a failure there makes
+        the checkpoint unloadable like any other)."""
         acc = self.accelerator
         found = list_checkpoints(self.ckpt_dir)
         failures = []
         for path in reversed(found):
             try:
-                saved = self._load(path, state, scheduler, recipe_steps)
+                saved = self._load(path, state, scheduler, recipe_steps, extra)
             except ResumeError:
                 raise
             except Exception as exc:  # noqa: BLE001 - fall back to an older checkpoint
@@ -176,7 +184,8 @@ class Checkpointer:
                               "loaded; nothing was changed:\n" + "\n".join(f"  {f}" for f in failures))
         return None
 
-    def _load(self, path: Path, state: TrainerState, scheduler: Any, recipe_steps: int) -> dict:
+    def _load(self, path: Path, state: TrainerState, scheduler: Any, recipe_steps: int,
+              extra: Optional[Callable[[Path], None]] = None) -> dict:
         problem = verify_checksums(path)
         if problem:
             raise ValueError(problem)
@@ -186,6 +195,8 @@ class Checkpointer:
             raise ResumeError(f"--resume: {path} is at step {step}, beyond this recipe's train.steps={recipe_steps}: "
                               "that run was longer. Raise train.steps to continue it, or use another output_dir; "
                               "nothing was changed")
+        if extra is not None:  # before the model: a bad extra file leaves the run as it was
+            extra(path)
         self.accelerator.load_state(str(path))
         state.load_state_dict(saved["trainer"])
         scheduler.load_state_dict(saved["scheduler"])

@@ -28,13 +28,13 @@ from torch import Tensor
 
 from ..data.sampling import _mix
 from ..models.distiller import Distiller, build_distiller
-from ..models.teachers import build_teacher
-from ..plan.checks import check_student_resolutions
+from ..models.teachers import build_teacher, with_upsampler
+from ..plan.checks import check_mosaic_cache, check_student_resolutions
 from ..plan.partition import StagePlan, describe, plan_stages, stage_at
 from ..protocols import Teacher
-from ..recipe import Recipe, dump_recipe
+from ..recipe import Recipe, RecipeError, dump_recipe
 from ..registry import Registry, get_registry
-from . import outputs, setup, stages
+from . import outputs, regularizers, setup, stages
 from .checkpoint import (  # noqa: F401 - re-exported
     Checkpointer,
     ResumeError,
@@ -81,7 +81,8 @@ class Trainer:
         self.checkpointer = Checkpointer(self.accelerator, self.ckpt_dir, recipe.checkpoint.keep)
         self.bad_images = BadImageCounter(self.accelerator)
         self.teachers: dict[str, Teacher] = {}
-        #: (teacher, resolution) -> instance, for groups that run a teacher at their own resolution
+        #: Slot.teacher_key -> instance, for groups that run a teacher at their own resolution or
+        #: upsampled by its FeatSharp
         self.teacher_variants: dict[tuple, Teacher] = {}
         self.stage: Optional[StagePlan] = None
         self._number_shift = 0  # added to sample numbers when resuming on another world size
@@ -98,22 +99,33 @@ class Trainer:
                             for t in {t for p in self.plans for t in p.teachers}}
         torch.manual_seed(r.train.seed)
         all_teachers = [t for t in r.teachers if any(t in p.teachers for p in self.plans)]
-        # (teacher, group resolution override or None) for every slot this rank runs
-        mine = {(t, slot.teacher_resolution.get(t)) for p in self.plans for slot in p.rank_slots[acc.process_index]
+        # (teacher, group resolution override or None, upsampled) for every slot this rank runs
+        mine = {slot.teacher_key(t) for p in self.plans for slot in p.rank_slots[acc.process_index]
                 for t in slot.teachers}
         self.cache, self.cached = setup.open_cache(r, all_teachers)
+        check_mosaic_cache(self.plans, self.cached)
         dims: dict[str, tuple[Optional[int], int]] = {}
         for name in all_teachers:
             if name in self.cached:
+                if any(key[0] == name and key[2] for key in mine):
+                    raise RecipeError(f"teachers.{name}.upsampler: the teacher is read from the feature cache, which "
+                                     "holds its plain features; leave it out of cache.teachers or drop the upsampler")
                 dims[name] = self.cache.dims(name)
                 continue
-            for res in sorted((res for n, res in mine if n == name), key=lambda x: x or (0, 0)):
-                t = build_teacher(r, name, self.registry, resolution=res).to(acc.device,
-                                                                           setup.teacher_dtype(r, acc.device))
-                if res is None:
+            bases: dict = {}  # resolution -> the plain instance (an upsampled one wraps it: weights loaded once)
+            built: dict = {}
+            for key in sorted((k for k in mine if k[0] == name), key=lambda k: (k[1] or (0, 0), k[2])):
+                _, res, upsampled = key
+                if res not in bases:
+                    bases[res] = build_teacher(r, name, self.registry, resolution=res)
+                # wrapped before the cast: the upsampler's file is checked against the fp32 weights' fingerprint
+                built[key] = with_upsampler(r, name, bases[res]) if upsampled else bases[res]
+            for key, t in built.items():
+                t = t.to(acc.device, setup.teacher_dtype(r, acc.device))
+                if key == (name, None, False):
                     self.teachers[name] = t
                 else:
-                    self.teacher_variants[(name, res)] = t
+                    self.teacher_variants[key] = t
                     self.teachers.setdefault(name, t)  # evaluation uses one instance per teacher
             if name not in self.teachers:  # another rank runs it; this rank only needs its dimensions
                 t = build_teacher(r, name, self.registry, meta=True)
@@ -129,6 +141,9 @@ class Trainer:
         if self.sharded:  # teachers stay out: only the student + heads are sharded
             setup.check_fsdp_wrap(r, distiller)
         self.distiller, self.optimizer = acc.prepare(distiller, optimizer)
+        # MESA's EMA copy (made before compiling) and DAMP's weight noise; None when off
+        self.mesa, self.damp = regularizers.build(r, self.unwrapped)
+        self.objective.mesa = self.mesa
         if r.train.compile:
             self.unwrapped.student.compile()  # in place: DDP and the checkpoint keys are unchanged
         # Not prepared: Accelerate would step it once per process; ours steps once per optimiser
@@ -263,7 +278,10 @@ class Trainer:
             seed = _mix(r.train.seed, step, rt.slot.offset, k // max(1, len(work) // micro))
             torch.manual_seed(seed)
             random.seed(seed)
-            with (contextlib.nullcontext() if last else acc.no_sync(self.distiller)):
+            micro_step = k // max(1, len(work) // micro)
+            noise = (self.damp.perturbed(step, rt.slot.offset, micro_step) if self.damp is not None
+                     else contextlib.nullcontext())  # DAMP: this micro-step runs on perturbed weights
+            with noise, (contextlib.nullcontext() if last else acc.no_sync(self.distiller)):
                 terms = self.objective.forward_losses(self.distiller, self.unwrapped, rt, batch, step, self.stage)
                 acc.backward(terms["total"] / micro)
             for key, v in terms.items():
@@ -278,6 +296,8 @@ class Trainer:
                 summed["grad_norm"] = acc.clip_grad_norm_(self.distiller.parameters(), r.train.grad_clip)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
+            if self.mesa is not None:
+                self.mesa.update()  # MESA: the EMA follows the updated weights
         else:
             self._skip_nonfinite(summed, step)
         summed["lr"] = self.scheduler.get_last_lr()[0]  # the rate this step used
@@ -346,13 +366,15 @@ class Trainer:
         def saved(path: Path) -> None:
             self.registry.hook.radio_checkpoint_saved(trainer=self, path=str(path))
 
-        return self.checkpointer.save(self.state, self.scheduler, self.recipe.train.steps, on_saved=saved)
+        return self.checkpointer.save(self.state, self.scheduler, self.recipe.train.steps, on_saved=saved,
+                                      extra=self.mesa.save if self.mesa is not None else None)
 
     def load_latest_checkpoint(self) -> Optional[Path]:
         """Load the newest loadable checkpoint; a corrupt one is reported and the previous used;
         ResumeError (nothing changed on disk) when there are checkpoints and none loads."""
         acc = self.accelerator
-        found = self.checkpointer.load_latest(self.state, self.scheduler, self.recipe.train.steps)
+        found = self.checkpointer.load_latest(self.state, self.scheduler, self.recipe.train.steps,
+                                              extra=self.mesa.load if self.mesa is not None else None)
         if found is None:
             acc.print(f"no checkpoint under {self.ckpt_dir}; starting from step 0")
             return None

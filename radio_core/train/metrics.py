@@ -15,7 +15,7 @@ from torch import Tensor
 def reduce_losses(accelerator: Any, terms: dict[str, Tensor], teachers: list[str]) -> dict[str, float]:
     """Mean of each loss over the ranks that computed it (teachers differ per rank)."""
     # "kept": the share of images a balancer (``balance``) kept for the teacher
-    keys = ["total"] + [f"{t}/{h}" for t in teachers for h in ("summary", "spatial", "kept")]
+    keys = ["total", "mesa"] + [f"{t}/{h}" for t in teachers for h in ("summary", "spatial", "kept")]
     values = torch.zeros(2, len(keys), device=accelerator.device)
     for i, k in enumerate(keys):
         if k in terms:

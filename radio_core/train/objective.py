@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from ..data.augment import collate
+from ..data.mosaic import make_mosaic, mosaic_valid
 from ..data.sampling import StepBatchSampler, _mix, sampling_kwargs
 from ..models import preprocess
 from ..models.distiller import Distiller
@@ -17,6 +18,7 @@ from ..plan.partition import Slot, StagePlan
 from ..protocols import CropGeometry, Teacher, TeacherOutput
 from ..recipe import Recipe
 from ..registry import Registry
+from .regularizers import Mesa
 from .stages import SlotRuntime
 from .views import cut_windows, sample_windows, window_size
 
@@ -37,6 +39,8 @@ class Objective:
         self._checked: set[str] = set()  # teachers whose first outputs were checked to be finite
         spec = recipe.balance
         self.balancer = registry.build("balancer", spec.name, **spec.args) if spec is not None else None
+        #: MESA (radio_core.train.regularizers), set by the trainer when the recipe asks for it
+        self.mesa: Optional[Mesa] = None
 
     # -- targets ------------------------------------------------------------------------------
     @torch.no_grad()
@@ -174,9 +178,7 @@ class Objective:
         first = next(iter(preds.values()))
         total = first[1 if first[0] is None else 0].new_zeros(())
         per_image: dict[str, Tensor] = {}  # teacher -> (B,) weighted summary + spatial loss
-        keep = None
-        if valid is not None and not bool(valid.all()):
-            keep = valid.nonzero().flatten().to(total.device)
+        keep = _readable(valid, total)
         for name, (pred_summary, pred_spatial) in preds.items():
             target = targets.get(name)
             if target is None or (keep is not None and keep.numel() == 0):
@@ -228,6 +230,9 @@ class Objective:
         and losses of one micro-batch."""
         acc = self.accelerator
         images01 = preprocess.to_float(batch["image"].to(acc.device, non_blocking=True))
+        valid = batch.get("valid")
+        if rt.slot.mosaic:  # the group's canvases replace its images for the student and every teacher
+            images01, valid = make_mosaic(images01, rt.slot.mosaic), mosaic_valid(valid, rt.slot.mosaic)
         resolution = self.student_resolution(rt.slot, step)
         geometry: dict[str, CropGeometry] = {}
         if self.recipe.augment.shift > 0:
@@ -235,10 +240,16 @@ class Objective:
         else:
             targets = self.slot_targets(rt, batch, images01)
             student_in = preprocess.resize(images01, resolution)
+        mesa = self.mesa if self.mesa is not None and self.mesa.active(step) else None
         with acc.autocast():
+            ema_preds = mesa.targets(student_in, set(targets)) if mesa is not None else None
             _, preds = model(student_in, return_predictions=True, active=set(targets))
-        return self.losses(distiller, preds, targets, stage.teacher_scale(acc.num_processes), geometry=geometry,
-                           valid=batch.get("valid"))
+        terms = self.losses(distiller, preds, targets, stage.teacher_scale(acc.num_processes), geometry=geometry,
+                            valid=valid)
+        if mesa is not None:  # MESA: every head also follows the EMA model's output
+            terms["mesa"] = mesa.distance(preds, ema_preds, set(targets), _readable(valid, student_in))
+            terms["total"] = terms["total"] + mesa.weight * terms["mesa"]
+        return terms
 
     def shifted_views(self, rt: SlotRuntime, images01: Tensor, resolution: tuple[int, int]):
         """Shift-equivariant distillation: the student's window of each crop (resized to its
@@ -265,6 +276,13 @@ def _apply(fn: nn.Module, pred: Tensor, target: Tensor, geometry: Optional[CropG
     if pred.dim() == 4:
         pred, target = match_grids(pred, target)
     return fn(pred, target)
+
+
+def _readable(valid: Optional[Tensor], like: Tensor) -> Optional[Tensor]:
+    """Indices of the readable samples, or None when all are."""
+    if valid is None or bool(valid.all()):
+        return None
+    return valid.nonzero().flatten().to(like.device)
 
 
 def _sample(geometry: Optional[CropGeometry], i: int) -> Optional[CropGeometry]:

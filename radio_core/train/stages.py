@@ -31,11 +31,18 @@ class SlotRuntime:
 
 
 def slot_teachers(slot: Slot, teachers: dict[str, Teacher], variants: dict | None = None) -> dict[str, Teacher]:
-    """The instance of each of ``slot``'s teachers: the group's resolution override if it has
-    one (``variants[(name, resolution)]``), else the recipe's (``teachers[name]``)."""
+    """The instance of each of ``slot``'s teachers: ``variants[slot.teacher_key(name)]`` where the
+    group runs its own (another resolution, or upsampled by FeatSharp), else the recipe's
+    (``teachers[name]``)."""
     variants = variants or {}
-    return {t: variants[(t, slot.teacher_resolution[t])] if t in slot.teacher_resolution else teachers[t]
-            for t in slot.teachers if t in teachers or t in slot.teacher_resolution}
+    out = {}
+    for t in slot.teachers:
+        key = slot.teacher_key(t)
+        if key in variants:
+            out[t] = variants[key]
+        elif t in teachers:
+            out[t] = teachers[t]
+    return out
 
 
 def crop_size(recipe: Recipe, slot: Slot, teachers: dict[str, Teacher], cache: Any,
