@@ -145,8 +145,6 @@ def segmentation_probe(train_f: Tensor, train_y: Tensor, test_f: Tensor, test_y:
                        chunk: int = 64) -> dict:
     """mIoU of a linear read-out of feature grids (N, C, h, w) whose logits are bilinearly
     upsampled to the masks (N, H, W) of class ids."""
-    from radio_core.eval import metrics
-
     norm = Standardiser(train_f, 1)
     grid, size = tuple(train_f.shape[-2:]), tuple(train_y.shape[-2:])
     a = interpolation_matrix(grid, size)  # (HW, hw)
@@ -172,18 +170,34 @@ def segmentation_probe(train_f: Tensor, train_y: Tensor, test_f: Tensor, test_y:
     for i in range(0, len(test_f), chunk):
         logits = (tokens(test_f[i:i + chunk]) @ w).transpose(1, 2).reshape(-1, classes, *grid)
         pred = balanced_argmax(F.interpolate(logits, size=size, mode="bilinear", align_corners=False), prior)
-        per_image += [metrics.confusion_matrix(p, y, classes) for p, y in zip(pred, test_y[i:i + chunk])]
-    return {**_confusions_and_bootstrap(per_image), "penalty": penalty}
+        per_image.append(confusion_per_image(pred, test_y[i:i + chunk], classes))
+    return {**_segmentation_result(torch.cat(per_image)), "penalty": penalty}
 
 
-def _confusions_and_bootstrap(per_image: list[Tensor]) -> dict:
-    from radio_core.eval import metrics
+def confusion_per_image(pred: Tensor, target: Tensor, classes: int) -> Tensor:
+    """(N, K, K) confusion matrices (row: true class, column: predicted), one per image, in one
+    bincount (checked against torchmetrics' multiclass_confusion_matrix in the tests)."""
+    n = len(pred)
+    idx = (torch.arange(n).view(n, 1) * classes * classes + target.reshape(n, -1).long() * classes
+           + pred.reshape(n, -1).long())
+    return torch.bincount(idx.flatten(), minlength=n * classes * classes).view(n, classes, classes)
 
-    confs = torch.stack(per_image)
-    out = metrics.miou(confs.sum(0))
-    resampled = [metrics.miou(confs[d].sum(0))["miou"] for d in _bootstrap_indices(len(confs))]
-    return {"miou": out["miou"], "pixel_acc": out["pixel_acc"], "per_class_iou": out["per_class_iou"],
-            "bootstrap_se": float(torch.tensor(resampled).std())}
+
+def miou_of(conf: Tensor) -> tuple[float, list[float]]:
+    """Mean IoU over the classes present in prediction or truth, and the per-class IoU (NaN where
+    absent), from a (K, K) confusion matrix: torchmetrics' macro Jaccard index."""
+    conf = conf.double()
+    inter = conf.diagonal()
+    union = conf.sum(0) + conf.sum(1) - inter
+    iou = torch.where(union > 0, inter / union.clamp(min=1), torch.full_like(inter, float("nan")))
+    return float(iou[union > 0].mean()), iou.tolist()
+
+
+def _segmentation_result(confs: Tensor) -> dict:
+    """mIoU over the test images and its bootstrap standard error."""
+    miou, per_class = miou_of(confs.sum(0))
+    resampled = torch.tensor([miou_of(confs[d].sum(0))[0] for d in _bootstrap_indices(len(confs))])
+    return {"miou": miou, "per_class_iou": per_class, "bootstrap_se": float(resampled.std())}
 
 
 def shuffle_segmentation_probe(train_f: Tensor, train_y: Tensor, test_f: Tensor, test_y: Tensor, classes: int,
@@ -192,8 +206,6 @@ def shuffle_segmentation_probe(train_f: Tensor, train_y: Tensor, test_f: Tensor,
     predicts the class scores of the r x r pixels of its cell (its own weights per sub-position,
     r = mask size / grid size), so fine structure inside a cell can be read out where the
     features hold it. The masks' size must be a whole multiple of the grid."""
-    from radio_core.eval import metrics
-
     grid, size = tuple(train_f.shape[-2:]), tuple(train_y.shape[-2:])
     if size[0] % grid[0] or size[1] % grid[1] or size[0] // grid[0] != size[1] // grid[1]:
         raise ValueError(f"shuffle probe: a {grid[0]}x{grid[1]} feature grid does not tile {size[0]}x{size[1]} masks")
@@ -220,8 +232,8 @@ def shuffle_segmentation_probe(train_f: Tensor, train_y: Tensor, test_f: Tensor,
         f = test_f[i:i + chunk]
         logits = (tokens(f) @ w).view(len(f), grid[0] * grid[1], -1).transpose(1, 2).reshape(len(f), -1, *grid)
         pred = balanced_argmax(F.pixel_shuffle(logits, r), prior)
-        per_image += [metrics.confusion_matrix(p, y, classes) for p, y in zip(pred, test_y[i:i + chunk])]
-    return {**_confusions_and_bootstrap(per_image), "penalty": penalty}
+        per_image.append(confusion_per_image(pred, test_y[i:i + chunk], classes))
+    return {**_segmentation_result(torch.cat(per_image)), "penalty": penalty}
 
 
 def knn_accuracy(train_x: Tensor, train_y: Tensor, test_x: Tensor, classes: int, k: int = 20) -> Tensor:

@@ -53,7 +53,7 @@ _CURVE = dict(eval_images=1000, patience=2, min_delta=0.01)
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "standard": {
         "clip": dict(width=64, layers=2, text_width=64, text_layers=1, embed_dim=64, steps=2400, batch=64, lr=2e-3,
-                     eval_every=300, **_CURVE),
+                     eval_every=200, **_CURVE),
         "dinov2": dict(hidden=64, layers=2, steps=3000, batch=32, lr=2e-3, eval_every=300, **_CURVE),
         "sam": dict(hidden=64, layers=2, channels=32, patch=8, detail_weight=1.0, steps=3000, batch=12, lr=2e-3,
                     eval_every=300, **_CURVE),

@@ -234,6 +234,9 @@ class Subject:
     name: str
     kind: str = "baseline"
     resolution: tuple[int, int]
+    #: the loaded run the subject belongs to or stands beside (``radio_core.eval.loading.LoadedRun``),
+    #: when there is one: an evaluator that brings its own data may read the run's recipe.
+    run: Any = None
 
     def features(self, images: Tensor) -> Features:  # pragma: no cover - interface
         """``images``: float (N, 3, H, W) in [0, 1] at ``resolution``; no gradients needed."""

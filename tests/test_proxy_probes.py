@@ -58,10 +58,11 @@ def test_segmentation_probe_equals_least_squares_on_upsampled_features():
     x = norm(up).permute(0, 2, 3, 1).reshape(-1, 4).double()
     y = F.one_hot(masks.flatten(), 3).double()
     w = _explicit_ridge(x, y, out["penalty"])
-    pred = (P.with_bias(x) @ w).argmax(1).view(10, 12, 12)
-    from radio_core.eval.metrics import confusion_matrix, miou
+    scores = (P.with_bias(x) @ w).view(10, 12, 12, 3).permute(0, 3, 1, 2)
+    pred = P.balanced_argmax(scores.float(), P.class_prior(masks, 3))
+    from torchmetrics.functional.classification import multiclass_jaccard_index
 
-    assert out["miou"] == pytest.approx(miou(confusion_matrix(pred, masks, 3))["miou"], abs=1e-9)
+    assert out["miou"] == pytest.approx(float(multiclass_jaccard_index(pred, masks, 3, average="macro")), abs=1e-6)
 
 
 def test_probes_have_no_seed_and_read_linear_structure():
@@ -89,3 +90,16 @@ def test_bootstrap_is_the_binomial_standard_error():
     correct = torch.from_numpy(np.random.default_rng(0).random(2000) < 0.3)
     p = float(correct.float().mean())
     assert P.bootstrap_se(correct) == pytest.approx((p * (1 - p) / 2000) ** 0.5, rel=0.15)
+
+
+def test_confusions_and_miou_match_torchmetrics():
+    from torchmetrics.functional.classification import multiclass_confusion_matrix, multiclass_jaccard_index
+
+    g = torch.Generator().manual_seed(3)
+    pred, target = torch.randint(4, (6, 9, 9), generator=g), torch.randint(4, (6, 9, 9), generator=g)
+    target[target == 3] = 2  # a class never true, sometimes predicted
+    per_image = P.confusion_per_image(pred, target, 4)
+    for i in range(6):
+        assert torch.equal(per_image[i], multiclass_confusion_matrix(pred[i].flatten(), target[i].flatten(), 4))
+    assert P.miou_of(per_image.sum(0))[0] == pytest.approx(
+        float(multiclass_jaccard_index(pred, target, 4, average="macro")), abs=1e-6)

@@ -45,12 +45,12 @@ def subjects_for(run: Any, resolutions: Sequence[int], teachers: bool, baselines
         raise ValueError(f"--baselines: unknown {', '.join(unknown)}; choose from {', '.join(BASELINES)}")
     out: list[Subject] = [StudentSubject(run.distiller, r, run.teachers, head=head, run=run) for r in resolutions]
     if teachers:
-        out += [TeacherSubject(n, t) for n, t in run.teachers.items()]
+        out += [TeacherSubject(n, t, run=run) for n, t in run.teachers.items()]
     for r in resolutions:
         if "random" in baselines:
             out.append(random_student(run, r, head=head))  # read out the same way as the student
         if "pixels" in baselines:
-            out.append(PixelSubject(r, getattr(run.distiller.student, "patch_size", 16)))
+            out.append(PixelSubject(r, getattr(run.distiller.student, "patch_size", 16), run=run))
     return out
 
 

@@ -76,8 +76,8 @@ class TeacherSubject(Subject):
 
     kind = "teacher"
 
-    def __init__(self, name: str, teacher: Teacher) -> None:
-        self.name, self.teacher = f"teacher/{name}", teacher
+    def __init__(self, name: str, teacher: Teacher, run: Any = None) -> None:
+        self.name, self.teacher, self.run = f"teacher/{name}", teacher, run
         self.resolution = tuple(teacher.input_size)
 
     @torch.no_grad()
@@ -102,8 +102,9 @@ class PixelSubject(Subject):
 
     kind = "baseline"
 
-    def __init__(self, resolution: int | tuple[int, int], patch: int = 16) -> None:
+    def __init__(self, resolution: int | tuple[int, int], patch: int = 16, run: Any = None) -> None:
         res = (resolution, resolution) if isinstance(resolution, int) else tuple(resolution)
+        self.run = run  # the run it stands beside (an evaluator may read its recipe)
         self.resolution = tuple(max(patch, r // patch * patch) for r in res)
         self.patch, self.name = patch, f"pixels@{self.resolution[0]}"
 

@@ -11,21 +11,26 @@ import statistics
 from typing import Any, Optional
 
 from .spec import Analysis, Comparison, ComparisonRow
-from .stats import Interval, Judgement, judge, mean_ci
+from .stats import Judgement, judge, mean_ci
 from .tables import per_arm
 
 
-def metric_name(metric: str) -> str:
-    return metric.split("@", 1)[0]
+def metric_name(key: str) -> str:
+    """``proxy/64/miou`` -> ``miou`` (a sweep column: task, resolution when several, metric)."""
+    return key.rsplit("/", 1)[-1]
 
 
-def reference_value(references: dict[str, dict], row: str, metric: str) -> Optional[float]:
-    """A reference row's value of ``metric``: at the same resolution, else (a teacher runs at its
-    own size) the same metric at the only resolution the row has."""
+def task_of(key: str) -> str:
+    return key.split("/", 1)[0]
+
+
+def reference_value(references: dict[str, dict], row: str, key: str) -> Optional[float]:
+    """A reference row's value of the column ``key``: at the same resolution, else (a teacher
+    runs at its own size) the same task and metric at the only resolution the row has."""
     values = references.get(row) or {}
-    if metric in values:
-        return _scalar(values[metric])
-    same = [k for k in values if metric_name(k) == metric_name(metric)]
+    if key in values:
+        return _scalar(values[key])
+    same = [k for k in values if metric_name(k) == metric_name(key) and task_of(k) == task_of(key)]
     return _scalar(values[same[0]]) if len(same) == 1 else None
 
 
@@ -153,14 +158,16 @@ def retention_markdown(rows: list[dict], analysis: Analysis, references: dict[st
 
 def noise_markdown(rows: list[dict], analysis: Analysis, metrics: list[str]) -> str:
     """Seed-to-seed standard deviation of one arm against the test set's sampling noise (the
-    evaluator's bootstrap standard errors, ``se/<metric>`` in each run's results)."""
+    evaluator's bootstrap standard errors, column ``.../se_<metric>`` beside ``.../<metric>``)."""
     arm = analysis.noise_arm
     if arm is None:
         return ""
     lines = ["| metric | seed SD | test-set SE (median over runs) | ratio |", "|---|---|---|---|"]
     for m in metrics:
         seeds = list(per_arm(rows, m).get(arm, {}).values())
-        ses = [r[f"se/{m}"] for r in rows if isinstance(r.get(f"se/{m}"), (int, float))]
+        head, _, name = m.rpartition("/")
+        se_key = f"{head}/se_{name}" if head else f"se_{name}"
+        ses = [r[se_key] for r in rows if isinstance(r.get(se_key), (int, float))]
         if len(seeds) < 2 or not ses:
             continue
         sd, se = statistics.stdev(seeds), statistics.median(ses)
@@ -169,19 +176,20 @@ def noise_markdown(rows: list[dict], analysis: Analysis, metrics: list[str]) -> 
 
 
 def references_markdown(references: dict[str, dict], metrics: list[str]) -> str:
-    rows = [r for r in references if not r.startswith("_")]
-    cols = [m for m in metrics if any(m in references[r] for r in rows)]
-    if not rows or not cols:
+    """One line per metric column, one column per reference row (teachers hold only their own
+    resolution's metrics; random init is a mean ± CI over seeds)."""
+    refs = [r for r in references if not r.startswith("_")]
+    keys = [m for m in metrics if any(m in references[r] for r in refs)]
+    if not refs or not keys:
         return ""
-    lines = ["| reference | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
-    for r in rows:
+    lines = ["| metric | " + " | ".join(refs) + " |", "|---|" + "---|" * len(refs)]
+    for m in keys:
         cells = []
-        for m in cols:
+        for r in refs:
             v = references[r].get(m)
             if isinstance(v, dict):
-                iv: Interval = mean_ci([float(x) for x in v.values()])
-                cells.append(iv.text())
+                cells.append(mean_ci([float(x) for x in v.values()]).text())
             else:
                 cells.append("–" if v is None else f"{v:.3f}")
-        lines.append(f"| {r} | " + " | ".join(cells) + " |")
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

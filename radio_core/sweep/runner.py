@@ -150,6 +150,8 @@ class Sweep:
                 signal.signal(s, h)
         if worker:
             return 128 + self.stop_signal if self.stop_signal is not None else 0
+        if self.spec.references is not None and self.stop_signal is None:
+            self.update_references()
         rows = self.write_results()
         lock.close()
         if self.stop_signal is not None:
@@ -239,6 +241,19 @@ class Sweep:
         write_json(run.run_dir / DONE_MARKER, {"eval_spec": self.spec.eval.model_dump(mode="json"), "eval": results,
                                                "wall_s": wall, "time": time.time()})
         return "ok"
+
+    def update_references(self) -> None:
+        """Score the reference rows (teachers, baselines) the finished runs make possible; a
+        failure is reported and the tables are written without them."""
+        from . import references
+
+        try:
+            references.update(self, log=print)
+        except SweepInterrupted:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the runs' own results still get their tables
+            self.log_event("references_failed", error=f"{type(exc).__name__}: {exc}")
+            print(f"references: {type(exc).__name__}: {exc}")
 
     def write_results(self, quiet: bool = False) -> list[dict[str, Any]]:
         from .results import write_results

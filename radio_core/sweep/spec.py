@@ -237,6 +237,17 @@ class Comparison(Strict):
     margin: Optional[Annotated[Margin, AfterValidator(_check_margin)]] = None
 
 
+class References(Strict):
+    """Rows every arm is measured against, scored once by the sweep's evaluators (file
+    ``references.json``): the teachers, raw pixels, and the student's architecture at random
+    initialisation (one per seed of ``arm``'s finished runs), plus each evaluator's chance level."""
+
+    #: the arm whose finished runs supply the teachers and the random initialisations.
+    arm: str
+    teachers: bool = True
+    baselines: list[Literal["pixels", "random"]] = Field(default_factory=lambda: ["pixels", "random"])
+
+
 class Analysis(Strict):
     """How comparisons are judged (see radio_core.sweep.stats.Judgement)."""
 
@@ -282,6 +293,7 @@ LAUNCHERS = {"local": LocalLauncher, "slurm": SlurmLauncher, "ray": RayLauncher}
 
 
 class SweepSpec(Strict):
+    #: the base recipe (relative to this file; a ``base:`` sweep file's own is relative to it).
     recipe: str
     output_dir: str
     overrides: list[Override] = Field(default_factory=list)
@@ -300,6 +312,7 @@ class SweepSpec(Strict):
     #: published findings tested on the arms (paired over seeds), and how they are judged.
     comparisons: list[Comparison] = Field(default_factory=list)
     analysis: Analysis = Field(default_factory=Analysis)
+    references: Optional[References] = None
 
     @field_validator("grid")
     @classmethod
@@ -329,6 +342,9 @@ class SweepSpec(Strict):
             raise ValueError(f"runs: names {dup} are given more than once")
         if self.comparisons and (self.grid or any(r.name is None for r in self.runs)):
             raise ValueError("comparisons name arms: give every run entry a name and no grid")
+        arms = {a for a in names}
+        if self.references is not None and self.references.arm not in arms:
+            raise ValueError(f"references.arm: {self.references.arm!r} is not a run (runs: {', '.join(names)})")
         for c in self.comparisons:
             for row in c.rows:
                 for arm in (row.a, row.b):
@@ -377,16 +393,40 @@ def format_errors(exc: ValidationError, origin: str, data: Any = None) -> str:
     return "\n".join(lines)
 
 
-def load_sweep(path: str | Path) -> SweepSpec:
-    path = Path(path)
+def _read_sweep_mapping(path: Path, chain: tuple[Path, ...] = ()) -> dict:
+    """A sweep file's mapping with its ``base:`` chain merged in (mappings key by key, ``null``
+    drops a key, lists are replaced); a base's ``recipe`` stays relative to the base's folder."""
+    from ..recipe.loader import deep_merge
+
+    if path.resolve() in chain:
+        raise SweepError(f"{path}: base: include cycle ({' -> '.join(str(p) for p in (*chain, path.resolve()))})")
     try:
         data = yaml.safe_load(path.read_text())
     except FileNotFoundError:
         raise SweepError(f"sweep file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SweepError(f"{path}: cannot read the sweep file: {exc}") from None
     except yaml.YAMLError as exc:
         raise SweepError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(data, dict):
         raise SweepError(f"{path}: a sweep file must be a mapping, got {type(data).__name__}")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise SweepError(f"{path}: base: expected a path to another sweep file, got {type(base).__name__}")
+    if len(chain) >= 8:
+        raise SweepError(f"{path}: base: more than 8 levels of base files")
+    base_path = path.parent / base
+    parent = _read_sweep_mapping(base_path, (*chain, path.resolve()))
+    if isinstance(parent.get("recipe"), str) and "recipe" not in data:
+        parent["recipe"] = str((base_path.parent / parent["recipe"]).resolve())
+    return deep_merge(parent, data)
+
+
+def load_sweep(path: str | Path) -> SweepSpec:
+    path = Path(path)
+    data = _read_sweep_mapping(path)
     try:
         spec = SweepSpec.model_validate(data)
     except ValidationError as exc:

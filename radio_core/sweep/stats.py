@@ -111,9 +111,17 @@ def minimum_detectable_effect(sd: float, n: int, level: float = LEVEL, power: fl
         return float(nct.sf(crit, df, ncp) + nct.cdf(-crit, df, ncp)) - power
 
     hi = sd
-    while shortfall(hi) < 0:
+    for _ in range(60):
+        value = shortfall(hi)
+        if not math.isfinite(value):
+            return None  # the noncentral t is not computable here (tiny df, extreme level)
+        if value >= 0:
+            break
         hi *= 2
-    return float(brentq(shortfall, 0.0, hi, xtol=1e-12 * max(sd, 1e-300)))
+    try:
+        return float(brentq(shortfall, 0.0, hi, xtol=1e-12 * max(sd, 1e-300)))
+    except ValueError:
+        return None
 
 
 @dataclass
