@@ -2,7 +2,7 @@
 from .hookspecs import hookimpl
 from .protocols import Adaptor, CropGeometry, Loss, Student, StudentOutput, Teacher, TeacherOutput
 from .registry import PluginError, Registry, get_registry
-from .utils import WeightsError, check_finite, read_safetensors
+from .utils import WeightsError, check_finite, read_safetensors, safetensors_from_legacy_pickle
 
 
 
@@ -17,5 +17,6 @@ def transformers_student_state(path, student, origin: str = "pretrained"):
 
 __all__ = ["hookimpl", "Adaptor", "CropGeometry", "Loss", "Student", "StudentOutput", "Teacher", "TeacherOutput",
            "PluginError", "Registry", "get_registry", "WeightsError", "check_finite", "read_safetensors",
+           "safetensors_from_legacy_pickle",
            "transformers_student_state"]
 __version__ = "0.1.0"

@@ -11,11 +11,11 @@ import os
 import sys
 from typing import Optional, Sequence
 
-from .utils import EXIT_PREEMPTED
+from .utils import EXIT_PREEMPTED, OneLineParser, positive_float, positive_int
 
 
 def parse_args(argv: Optional[Sequence[str]] = None, prog: str = "radio_core.run") -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog=prog, description=__doc__,
+    p = OneLineParser(prog=prog, description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     # `radio validate` and `radio plan` are their own commands; `radio train --help` omits them
     hidden = prog != "radio_core.run"
@@ -29,9 +29,9 @@ def parse_args(argv: Optional[Sequence[str]] = None, prog: str = "radio_core.run
                    "check the recipe, plugin names and arguments, then exit (radio validate)")
     p.add_argument("--dry-run", action="store_true", help=argparse.SUPPRESS if hidden else
                    "build every model on the meta device and print FLOPs and memory per group and rank (radio plan)")
-    p.add_argument("--world-size", type=int, default=None, help=argparse.SUPPRESS if hidden else
+    p.add_argument("--world-size", type=positive_int, default=None, help=argparse.SUPPRESS if hidden else
                    "number of processes to plan for with --dry-run (default: this launch's)")
-    p.add_argument("--gpu-memory", type=float, default=None, metavar="GiB", help=argparse.SUPPRESS if hidden else
+    p.add_argument("--gpu-memory", type=positive_float, default=None, metavar="GiB", help=argparse.SUPPRESS if hidden else
                    "memory per GPU to check the --dry-run estimate against (default: the visible GPU's, else 80)")
     return p.parse_intermixed_args(argv)  # overrides may follow the flags
 
@@ -55,6 +55,8 @@ def warn_plugin_problems(registry) -> None:
               f"({f.error}); nothing it provides is available", file=sys.stderr)
     for kind, name, _ in registry.conflicts:
         print(f"warning: {registry.conflict_message(kind, name)}", file=sys.stderr)
+    for w in registry.warnings:
+        print(f"warning: {w}", file=sys.stderr)
 
 
 def main(argv: Optional[Sequence[str]] = None, prog: str = "radio_core.run") -> int:

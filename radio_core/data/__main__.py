@@ -7,12 +7,13 @@ from typing import Optional, Sequence
 
 def main(argv: Optional[Sequence[str]] = None, prog: str = "python -m radio_core.data") -> int:
     """python -m radio_core.data pack FOLDER OUT [--shard-size 1000] | index SHARDS"""
-    import argparse
     import sys
 
     from . import shards
 
-    p = argparse.ArgumentParser(prog=prog, description="Data tools.")
+    from ..utils import OneLineParser
+
+    p = OneLineParser(prog=prog, description="Data tools.")
     sub = p.add_subparsers(dest="command", required=True)
     pk = sub.add_parser("pack", help="pack an image folder into webdataset tar shards plus their index")
     pk.add_argument("folder")

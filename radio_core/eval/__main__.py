@@ -78,7 +78,9 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "radio_core.eval") ->
 
 
 def _main(argv: Optional[Sequence[str]] = None, prog: str = "radio_core.eval") -> int:
-    p = argparse.ArgumentParser(prog=prog, description=__doc__,
+    from ..utils import OneLineParser
+
+    p = OneLineParser(prog=prog, description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dir", help="a training run's output_dir (recipe.yaml + export/ or checkpoints/)")
     p.add_argument("task", choices=["report", "fidelity", "sweep", "knn", "zeroshot", "segment"])

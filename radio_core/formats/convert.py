@@ -80,10 +80,11 @@ __all__ = ["export_run", "load_model", "locate", "FORMATS", "ExportSourceError"]
 
 
 def main(argv=None) -> int:
-    import argparse
     import sys
 
-    p = argparse.ArgumentParser(prog="radio export", description=(
+    from ..utils import OneLineParser
+
+    p = OneLineParser(prog="radio export", description=(
         "Write a trained run's student and adaptor heads in another format, with a model card (README.md)."))
     p.add_argument("run", help="a finished run's directory (its export/ is read) or an export directory")
     p.add_argument("--format", choices=FORMATS, default="transformers",

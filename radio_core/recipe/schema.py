@@ -134,6 +134,10 @@ class TeacherSpec(Strict):
             raise ValueError("use_summary and use_spatial are both false: this teacher gives no target to learn")
         return self
 
+    def learning_weight(self) -> float:
+        """What this teacher's losses count for in total (0: the student learns nothing from it)."""
+        return self.weight * (self.summary_weight * self.use_summary + self.spatial_weight * self.use_spatial)
+
     @model_validator(mode="after")
     def _intermediate(self) -> "TeacherSpec":
         if self.student_layer is not None and self.use_summary:
@@ -386,6 +390,13 @@ class Recipe(Strict):
             return list(self.resolution_sets[value])
         return value
 
+    @field_validator("output_dir")
+    @classmethod
+    def _printable_path(cls, v: str) -> str:
+        if any(ord(c) < 32 or ord(c) == 127 for c in v):
+            raise ValueError("contains a NUL or another control character; not usable as a path")
+        return v
+
     @field_validator("teachers")
     @classmethod
     def _some_teachers(cls, v: dict) -> dict:
@@ -434,6 +445,13 @@ class Recipe(Strict):
             if shares and len(shares) == len(groups) and abs(sum(shares) - 1) > 1e-6:
                 raise ValueError(f"{where}: group shares sum to {sum(shares):g}, not 1")
 
+        def check_weights(names: list[str], where: str) -> None:
+            if names and not any(self.teachers[n].learning_weight() > 0 for n in names if n in self.teachers):
+                raise ValueError(f"{where}: every teacher's loss weight is 0 (weight x summary_weight / "
+                                 f"spatial_weight): the student would learn nothing; give one a weight > 0")
+
+        if not self.stages:
+            check_weights(list(self.teachers), "teachers")
         if self.groups:
             check_groups(self.groups, list(self.teachers) if not self.stages else [], "groups")
         if self.stages:
@@ -446,6 +464,7 @@ class Recipe(Strict):
             for i, st in enumerate(self.stages):
                 stage_teachers = st.teachers if st.teachers is not None else list(self.teachers)
                 check_names(stage_teachers, f"stages.{i}.teachers")
+                check_weights(stage_teachers, f"stages.{i}.teachers")
                 check_set(st.student_resolution, f"stages.{i}.student_resolution")
                 groups = st.groups or self.groups
                 if groups:

@@ -4,7 +4,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
-import yaml
 from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator,
                       model_validator)
 
@@ -251,13 +250,17 @@ def format_errors(exc: ValidationError, origin: str, data: Any = None) -> str:
 
 
 def load_sweep(path: str | Path) -> SweepSpec:
+    from ..recipe.loader import MAX_RECIPE_BYTES, parse_yaml
+    from ..recipe.schema import RecipeError
+    from ..utils import UserFileError, read_user_text
+
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise SweepError(f"sweep file not found: {path}") from None
-    except yaml.YAMLError as exc:
-        raise SweepError(f"{path}: not valid YAML: {exc}") from None
+    if not path.exists() and not path.is_symlink():
+        raise SweepError(f"sweep file not found: {path}")
+    try:  # a FIFO, /dev/zero, a symlink loop or a huge file: one line, never a hang
+        data = parse_yaml(read_user_text(path, "sweep file", MAX_RECIPE_BYTES), str(path))
+    except (UserFileError, RecipeError) as exc:
+        raise SweepError(str(exc)) from None
     if not isinstance(data, dict):
         raise SweepError(f"{path}: a sweep file must be a mapping, got {type(data).__name__}")
     try:

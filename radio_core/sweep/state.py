@@ -23,10 +23,16 @@ LAUNCH_LOG = "launches.jsonl"
 
 
 def read_json(path: Path) -> Optional[dict]:
-    try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
+    """A state file's content; None when it is missing or unusable (not a regular file, malformed)."""
+    from ..utils import UserFileError, read_user_json
+
+    if not path.exists():
         return None
+    try:
+        data = read_user_json(path, "sweep state file")
+    except UserFileError:
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def write_json(path: Path, data: dict) -> None:
@@ -80,7 +86,12 @@ def snapshot_conflict(run: PlannedRun) -> Optional[str]:
     old_path = run.run_dir / SNAPSHOT
     if not old_path.is_file():
         return None
-    old = _flatten(yaml.safe_load(old_path.read_text()))
+    from ..utils import UserFileError, read_user_text
+
+    try:
+        old = _flatten(yaml.safe_load(read_user_text(old_path, "recipe snapshot")))
+    except (UserFileError, yaml.YAMLError, ValueError) as exc:
+        return f"{run.run_dir}: its {SNAPSHOT} is unreadable ({exc}); remove the directory to rerun it"
     new = _flatten(run.recipe.model_dump(mode="json"))
     # Keys only one side has are schema changes (a radio-distill upgrade), not a different run.
     diff = sorted(k for k in set(old) & set(new) if old[k] != new[k])

@@ -1,10 +1,12 @@
 """Checkpoints: atomic save with checksums, pruning of this run's own, loading the newest
 loadable one, and the guard that keeps a new run out of an output_dir that holds one.
 
-A checkpoint is ``accelerator.save_state`` (safetensors model; optimiser and RNG loaded with
-``weights_only=True``) plus ``trainer_state.json`` (the trainer's counters, the LR scheduler's
-state and the run id: Accelerate would unpickle a registered scheduler, and a checkpoint must
-never be able to run code) plus ``checksums.json`` (verified on load).
+A checkpoint is the training state as safetensors + JSON (``state_files``: model, optimiser,
+RNG; nothing in it is ever unpickled, so a checkpoint can never run code) plus
+``trainer_state.json`` (the trainer's counters, the LR scheduler's state and the run id) plus
+``checksums.json`` (SHA-256 of every file; a checkpoint without it, or with a file it does not
+list, is not loaded). A write that fails (a full disk) removes its temp folder and raises
+CheckpointWriteError; the previous checkpoint is untouched.
 
 Never lose a run: a resume that finds checkpoints but can load none raises ResumeError listing
 each and why, before anything is written; pruning deletes only checkpoints of this run (same run
@@ -31,6 +33,12 @@ from ..formats.checkpoints import (
     verify_checksums,
     write_checksums,
 )
+from ..utils import read_user_json
+from .state_files import load_state, save_state
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (a full disk, ...); its partial folder was removed."""
 
 
 class ResumeError(ValueError):
@@ -106,26 +114,50 @@ class Checkpointer:
         self.run_id = uuid.uuid4().hex
         self.written: set[str] = set()  # checkpoint names this process wrote
         self.unloadable: set[str] = set()  # names a resume could not load: kept as they are
+        self.model: Any = None  # the prepared module and optimiser (``attach``)
+        self.optimizer: Any = None
+        self.sharded = self.gather = False
+        #: called with each checkpoint folder this process writes (the run folder's manifest)
+        self.on_written: Optional[Callable[[Path], None]] = None
+
+    def attach(self, model: Any, optimizer: Any, sharded: bool, gather: bool = False) -> None:
+        """What ``save`` writes and ``load_latest`` loads into (once the trainer built them);
+        ``sharded``: under FSDP; ``gather``: also write the gathered full weights."""
+        self.model, self.optimizer, self.sharded, self.gather = model, optimizer, sharded, gather
 
     def save(self, state: TrainerState, scheduler: Any, recipe_steps: int,
              on_saved: Optional[Callable[[Path], None]] = None) -> Path:
         acc = self.accelerator
         name = checkpoint_name(state.step)
-        final, tmp = self.ckpt_dir / name, self.ckpt_dir / f".tmp-{name}"
+        # the temp name is unique to this run (its lock keeps others out of the folder anyway)
+        final, tmp = self.ckpt_dir / name, self.ckpt_dir / f".tmp-{name}-{self.run_id[:12]}"
+        problem = ""
+        try:
+            if acc.is_main_process:
+                self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+                if tmp.exists():
+                    shutil.rmtree(tmp)
+                tmp.mkdir()
+        except OSError as exc:
+            problem = _why(exc)
+        self._agree(problem, tmp, final)
+        try:
+            save_state(tmp, acc, self.model, self.optimizer, self.sharded, self.gather)
+        except Exception as exc:  # noqa: BLE001 - OSError, safetensors' and dcp's own wrappers of it
+            problem = _why(exc)
+        # every rank writes its own files into tmp: the main process must not rename tmp before
+        # the slowest rank has (seen on a loaded machine); a rank's failure is every rank's.
+        self._agree(problem, tmp, final)
         if acc.is_main_process:
-            self.ckpt_dir.mkdir(parents=True, exist_ok=True)
-            if tmp.exists():
-                shutil.rmtree(tmp)
-        acc.wait_for_everyone()
-        acc.save_state(str(tmp), safe_serialization=True)
-        # save_state has no barrier at its end: every rank writes its own RNG file into tmp, and
-        # the main process must not rename tmp before the slowest rank has (seen on a loaded machine).
-        acc.wait_for_everyone()
+            try:
+                (tmp / STATE_FILE).write_text(json.dumps({"trainer": state.state_dict(),
+                                                          "scheduler": scheduler.state_dict(),
+                                                          "recipe_steps": recipe_steps, "run_id": self.run_id}))
+                write_checksums(tmp)
+            except OSError as exc:
+                problem = _why(exc)
+        self._agree(problem, tmp, final)
         if acc.is_main_process:
-            (tmp / STATE_FILE).write_text(json.dumps({"trainer": state.state_dict(),
-                                                      "scheduler": scheduler.state_dict(),
-                                                      "recipe_steps": recipe_steps, "run_id": self.run_id}))
-            write_checksums(tmp)
             if final.exists() or final.is_symlink():
                 if name in self.written:
                     shutil.rmtree(final)
@@ -135,11 +167,33 @@ class Checkpointer:
                     acc.print(f"{final} was not written by this run: moved to {aside.name}, not overwritten")
             os.replace(tmp, final)  # atomic: a kill leaves either the old or the new directory
             self.written.add(name)
+            if self.on_written is not None:
+                self.on_written(final)
             self.prune()
             if on_saved is not None:
                 on_saved(final)
         acc.wait_for_everyone()
         return final
+
+    def _agree(self, problem: str, tmp: Path, final: Path) -> None:
+        """A barrier at which every rank learns whether any rank failed to write; then all raise
+        CheckpointWriteError together, with the partial folder removed."""
+        acc = self.accelerator
+        failed = bool(problem)
+        if acc.num_processes > 1:
+            import torch
+
+            flag = acc.reduce(torch.tensor([1.0 if problem else 0.0], device=acc.device), "sum")
+            failed = float(flag.item()) > 0
+        if not failed:
+            return
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        older = [p.name for p in list_checkpoints(self.ckpt_dir) if p != final]
+        kept = f"the previous checkpoint {older[-1]} is intact" if older else "there is no earlier checkpoint"
+        raise CheckpointWriteError(f"checkpoint {final.name} could not be written under {self.ckpt_dir}: "
+                                   f"{problem or 'another rank failed to write its part'}; the partial folder was "
+                                   f"removed and {kept}")
 
     def prune(self) -> None:
         """Keep the newest ``keep`` of this run's checkpoints; never delete one of another run,
@@ -180,16 +234,23 @@ class Checkpointer:
         problem = verify_checksums(path)
         if problem:
             raise ValueError(problem)
-        saved = json.loads((path / STATE_FILE).read_text())
+        saved = read_user_json(path / STATE_FILE, "trainer state")
         step = int(saved["trainer"]["step"])
         if step > recipe_steps:
             raise ResumeError(f"--resume: {path} is at step {step}, beyond this recipe's train.steps={recipe_steps}: "
                               "that run was longer. Raise train.steps to continue it, or use another output_dir; "
                               "nothing was changed")
-        self.accelerator.load_state(str(path))
+        load_state(path, self.accelerator, self.model, self.optimizer, self.sharded)
         state.load_state_dict(saved["trainer"])
         scheduler.load_state_dict(saved["scheduler"])
         return saved
+
+
+def _why(exc: BaseException) -> str:
+    """``No space left on device (FILE)``: the OS's words and the file, in one line."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror + (f" ({exc.filename})" if exc.filename else "")
+    return " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
 
 
 def _aside(path: Path) -> Path:
@@ -201,6 +262,6 @@ def _aside(path: Path) -> Path:
 
 def _run_id(path: Path) -> Optional[str]:
     try:
-        return json.loads((path / STATE_FILE).read_text()).get("run_id")
+        return read_user_json(path / STATE_FILE, "trainer state").get("run_id")
     except (OSError, ValueError, AttributeError):
         return None

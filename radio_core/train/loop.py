@@ -129,6 +129,7 @@ class Trainer:
         if self.sharded:  # teachers stay out: only the student + heads are sharded
             setup.check_fsdp_wrap(r, distiller)
         self.distiller, self.optimizer = acc.prepare(distiller, optimizer)
+        self.checkpointer.attach(self.distiller, self.optimizer, self.sharded, r.train.fsdp.checkpoint == "full")
         if r.train.compile:
             self.unwrapped.student.compile()  # in place: DDP and the checkpoint keys are unchanged
         # Not prepared: Accelerate would step it once per process; ours steps once per optimiser
