@@ -22,9 +22,12 @@ COMMON = ["train.steps=6", "checkpoint.every=2", "checkpoint.keep=3", "checkpoin
 
 
 def snapshot(root: Path) -> dict:
-    """Every file's bytes (hash) and every directory under ``root``."""
+    """Every file's bytes (hash) and every directory under ``root`` (but the run folder's lock,
+    which records its latest holder)."""
     out = {}
     for p in sorted(root.rglob("*")):
+        if p.name == ".radio.lock":
+            continue
         rel = str(p.relative_to(root))
         out[rel] = "dir" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
     return out

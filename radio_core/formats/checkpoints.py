@@ -21,8 +21,6 @@ _NAME = re.compile(r"step_(\d{8,})")
 
 #: what in an output_dir shows that a run lives there (a new run there needs --overwrite).
 RUN_ARTIFACTS = ("checkpoints", "export", "metrics.jsonl")
-#: what --overwrite removes (the run's own outputs, nothing else in the folder).
-RUN_OUTPUTS = ("checkpoints", "export", "metrics.jsonl", "tensorboard", "report", "recipe.yaml")
 
 
 def checkpoint_name(step: int) -> str:

@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from ..formats.checkpoints import (
-    RUN_OUTPUTS,
     STATE_FILE,
     checkpoint_name,
     list_checkpoints,
@@ -32,6 +31,18 @@ from ..formats.checkpoints import (
     trim_jsonl,
     verify_checksums,
     write_checksums,
+)
+from ..formats.run_folder import (
+    MANIFEST_FILE,
+    RUN_OUTPUTS,
+    RunFolderError,
+    foreign_outputs,
+    forget,
+    lock_run_folder,
+    read_manifest,
+    record,
+    remove_recorded,
+    unlock_run_folder,
 )
 from ..utils import read_user_json
 from .state_files import load_state, save_state
@@ -49,34 +60,67 @@ class RunExistsError(ValueError):
     """A new run was asked for in an output_dir that already holds one."""
 
 
+def hold_run_folder(out_dir: Path) -> bool:
+    """On the main process (global rank 0, before any process group exists): take the output
+    folder's exclusive lock for the run's life (RunExistsError naming the holder if another run
+    has it). True when this process took it."""
+    if os.environ.get("RANK", "0") not in ("0", ""):
+        return False
+    try:
+        lock_run_folder(out_dir)
+    except RunFolderError as exc:
+        raise RunExistsError(str(exc)) from None
+    except OSError as exc:
+        raise RunExistsError(f"output_dir {out_dir}: cannot be used ({exc.strerror or exc})") from None
+    return True
+
+
 def check_new_run(out_dir: Path, resume: bool, overwrite: bool) -> bool:
-    """Refuse a new run where a run lives unless ``overwrite``; True when outputs must be
-    removed (by ``prepare_out_dir``, at the start of training)."""
+    """Refuse a new run where a run lives unless ``overwrite``, and any run where files that no
+    run recorded writing (a user's own ``export/``, ``recipe.yaml``...) are in the way of what it
+    writes; True when the earlier run's recorded outputs must be removed (by ``prepare_out_dir``,
+    at the start of training)."""
     if resume and overwrite:
         raise RunExistsError("--resume and --overwrite contradict each other: choose one")
+    try:
+        manifest = read_manifest(out_dir)
+        foreign = foreign_outputs(out_dir)
+    except RunFolderError as exc:
+        raise RunExistsError(str(exc)) from None
+    if resume and manifest is None:
+        return False  # a run folder of an older version: --resume adopts what is there
+    if manifest is None and foreign:
+        raise RunExistsError(f"output_dir {out_dir} holds {', '.join(foreign)} but no {MANIFEST_FILE}: no run "
+                             "recorded writing them (an older version's run: continue it with --resume, or remove "
+                             "them by hand); a new run would mix with or replace them, and --overwrite deletes only "
+                             "what a manifest lists")
     found = [] if resume else run_artifacts(out_dir)
     if found and not overwrite:
         raise RunExistsError(f"output_dir {out_dir} already holds a run ({', '.join(found)}); continue it with "
                              "--resume, start over with --overwrite (removes that run's outputs), or choose "
                              "another output_dir")
-    return bool(found)
+    if foreign:
+        raise RunExistsError(f"output_dir {out_dir} holds {', '.join(foreign)}, files that no run recorded writing "
+                             f"(not in {MANIFEST_FILE}); a run writes there and would mix with or replace them: "
+                             "move them, or choose another output_dir (--overwrite never deletes them)")
+    return manifest is not None and not resume
 
 
-def prepare_out_dir(out_dir: Path, step: int, remove_outputs: bool, say: Callable[[str], None]) -> None:
-    """Main process, at the start of training: with --overwrite remove the earlier run's outputs
-    (only those); cut the per-step logs back to ``step``, the step this run continues from, so
-    that each step is logged once."""
+def prepare_out_dir(out_dir: Path, step: int, remove_outputs: bool, say: Callable[[str], None],
+                    writes: tuple[str, ...] = ()) -> None:
+    """Main process, at the start of training: with --overwrite remove the earlier run's
+    recorded outputs (only those); record what this run will write (``writes``; an older
+    version's folder resumed: what it holds); cut the per-step logs back to ``step``, the step
+    this run continues from, so that each step is logged once."""
     out_dir.mkdir(parents=True, exist_ok=True)
     if remove_outputs:
-        for name in RUN_OUTPUTS:
-            target = out_dir / name
-            if target.is_dir() and not target.is_symlink():
-                shutil.rmtree(target)
-            elif target.exists() or target.is_symlink():
-                target.unlink()
-        for old in out_dir.glob("samples_rank*.jsonl"):
-            old.unlink()
-        say(f"--overwrite: removed the earlier run's outputs in {out_dir}")
+        remove_recorded(out_dir, say)
+    if read_manifest(out_dir) is None:  # new, or an older version's run resumed: adopt its outputs
+        adopted = [n for n in RUN_OUTPUTS if (out_dir / n).exists()]
+        adopted += [f"checkpoints/{p.name}" for p in list_checkpoints(out_dir / "checkpoints")]
+        adopted += [p.name for p in out_dir.glob("samples_rank*.jsonl")]
+        record(out_dir, adopted)
+    record(out_dir, writes)
     trim_jsonl(out_dir / "metrics.jsonl", step)
     for log in out_dir.glob("samples_rank*.jsonl"):
         trim_jsonl(log, step - 1)  # their rows hold the 0-based step being taken
@@ -117,13 +161,19 @@ class Checkpointer:
         self.model: Any = None  # the prepared module and optimiser (``attach``)
         self.optimizer: Any = None
         self.sharded = self.gather = False
-        #: called with each checkpoint folder this process writes (the run folder's manifest)
-        self.on_written: Optional[Callable[[Path], None]] = None
 
     def attach(self, model: Any, optimizer: Any, sharded: bool, gather: bool = False) -> None:
         """What ``save`` writes and ``load_latest`` loads into (once the trainer built them);
-        ``sharded``: under FSDP; ``gather``: also write the gathered full weights."""
+        ``sharded``: under FSDP; ``gather``: also write the gathered full weights. Every rank
+        calls it: the main process's run id becomes every rank's (the temp folder's name)."""
         self.model, self.optimizer, self.sharded, self.gather = model, optimizer, sharded, gather
+        acc = self.accelerator
+        if acc.num_processes > 1:
+            import torch
+            from accelerate.utils import broadcast
+
+            ident = torch.tensor(list(bytes.fromhex(self.run_id)), dtype=torch.int64, device=acc.device)
+            self.run_id = bytes(broadcast(ident, from_process=0).cpu().tolist()).hex()
 
     def save(self, state: TrainerState, scheduler: Any, recipe_steps: int,
              on_saved: Optional[Callable[[Path], None]] = None) -> Path:
@@ -165,10 +215,9 @@ class Checkpointer:
                     aside = _aside(final)
                     os.replace(final, aside)
                     acc.print(f"{final} was not written by this run: moved to {aside.name}, not overwritten")
+            record(self.ckpt_dir.parent, ["checkpoints", f"checkpoints/{name}"])  # before it exists: a kill
             os.replace(tmp, final)  # atomic: a kill leaves either the old or the new directory
             self.written.add(name)
-            if self.on_written is not None:
-                self.on_written(final)
             self.prune()
             if on_saved is not None:
                 on_saved(final)
@@ -202,6 +251,8 @@ class Checkpointer:
                 and (p.name in self.written or _run_id(p) == self.run_id)]
         for old in ours[:-self.keep]:
             shutil.rmtree(old, ignore_errors=True)
+        if ours[:-self.keep]:
+            forget(self.ckpt_dir.parent, [f"checkpoints/{p.name}" for p in ours[:-self.keep]])
 
     def load_latest(self, state: TrainerState, scheduler: Any, recipe_steps: int) -> Optional[tuple[Path, dict]]:
         """Load the newest loadable checkpoint into the prepared objects, ``state`` and

@@ -41,7 +41,9 @@ from .checkpoint import (  # noqa: F401 - re-exported
     RunExistsError,
     TrainerState,
     check_new_run,
+    hold_run_folder,
     prepare_out_dir,
+    unlock_run_folder,
 )
 from .metrics import (  # noqa: F401
     BadDataError,
@@ -70,7 +72,17 @@ class Trainer:
         self.recipe, self.recipe_path = recipe, recipe_path
         self.out_dir = Path(recipe.output_dir)
         self.ckpt_dir = self.out_dir / "checkpoints"
-        self._remove_outputs = check_new_run(self.out_dir, resume, overwrite)
+        # The main process holds the folder's lock for the run's life, before it looks inside.
+        self._locked = hold_run_folder(self.out_dir)
+        try:
+            self._remove_outputs = check_new_run(self.out_dir, resume, overwrite)
+            self._setup(registry, accelerator, resume)
+        except BaseException:
+            self.release_run_folder()
+            raise
+
+    def _setup(self, registry: Optional[Registry], accelerator: Any, resume: bool) -> None:
+        recipe = self.recipe
         self.registry = registry or get_registry()
         self.accelerator = accelerator or setup.make_accelerator(recipe)
         self.cpu_threads, self._threads_why = setup.set_cpu_threads(recipe, self.accelerator)
@@ -183,7 +195,7 @@ class Trainer:
     def fit(self) -> dict[str, float]:
         acc, r = self.accelerator, self.recipe
         if acc.is_main_process:
-            prepare_out_dir(self.out_dir, self.state.step, self._remove_outputs, acc.print)
+            prepare_out_dir(self.out_dir, self.state.step, self._remove_outputs, acc.print, self._writes())
             (self.out_dir / "recipe.yaml").write_text(dump_recipe(r))
         acc.wait_for_everyone()
         logger = MetricsLogger(self.out_dir, r.logging, enabled=acc.is_main_process)
@@ -245,7 +257,22 @@ class Trainer:
         if self.state.step == r.train.steps and r.checkpoint.export:  # after the report: its card cites it
             self.export(self.out_dir / "export")
         self.registry.hook.radio_train_end(trainer=self)
+        self.release_run_folder()
         return last
+
+    def _writes(self) -> tuple[str, ...]:
+        """What this run writes at the top of its folder (recorded in its manifest up front)."""
+        r = self.recipe
+        names = ["recipe.yaml"] + ["metrics.jsonl"] * r.logging.jsonl + ["tensorboard"] * r.logging.tensorboard
+        names += ["report"] * r.eval.report + ["export"] * r.checkpoint.export
+        names += [f"samples_rank{i}.jsonl" for i in range(self.accelerator.num_processes) if r.data.log_samples]
+        return tuple(names)
+
+    def release_run_folder(self) -> None:
+        """Let go of the output folder's lock (``close`` does; idempotent)."""
+        if self._locked:
+            self._locked = False
+            unlock_run_folder(self.out_dir)
 
     def train_step(self, work: list[tuple[SlotRuntime, dict]], step: int) -> dict[str, Tensor]:
         """One optimiser step over this rank's (slot, batch) pairs (all micro-steps)."""
@@ -377,6 +404,9 @@ class Trainer:
         ``clean``: every rank got here the same way, so a barrier first lets the last collective
         drain; after an error the peers may be anywhere, so the group is dropped without one."""
         acc = self.accelerator
-        if clean and acc.num_processes > 1:
-            acc.wait_for_everyone()
-        acc.end_training()
+        try:
+            if clean and acc.num_processes > 1:
+                acc.wait_for_everyone()
+            acc.end_training()
+        finally:
+            self.release_run_folder()
