@@ -141,7 +141,20 @@ def usage() -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    """Run one command. SIGTERM and Ctrl-C, in any phase (imports included), end it with one
+    ``error:`` line naming the phase and the status of README's table."""
+    from . import lifecycle
+
+    with lifecycle.command():
+        try:
+            return _dispatch(list(sys.argv[1:] if argv is None else argv))
+        except (KeyboardInterrupt, lifecycle.Stopped) as exc:
+            message, status = lifecycle.stop_message(exc)
+            print(f"error: {message}", file=sys.stderr, flush=True)
+            return status
+
+
+def _dispatch(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage())
         return 0

@@ -168,15 +168,18 @@ class Registry:
         (``clip``, ``core``) loads beside it, never instead of it, and any component name both
         register becomes ambiguous (see the module docstring). One that fails in any way (an
         exception, ``sys.exit``) is recorded in ``failures`` and registers nothing."""
+        from . import lifecycle
+
         for ep, dist, key in discover_entry_points(group, self.warnings):
             try:
-                plugin = ep.load()
+                with lifecycle.phase(f"importing plugin {ep.name!r}", plugin=f"{dist}:{ep.name}"):
+                    plugin = ep.load()
                 if self.plugin_manager.is_registered(plugin):
                     other = self.plugin_manager.get_name(plugin)
                     raise PluginError(f"its module {ep.value!r} is already registered as plugin {other!r}; a "
                                       "module cannot be two plugins")
                 self.register_plugin(plugin, name=ep.name, distribution=dist, key=key)
-            except KeyboardInterrupt:
+            except (KeyboardInterrupt, lifecycle.Stopped):  # the user's stop, not the plugin's failure
                 raise
             except BaseException as exc:  # noqa: BLE001 - SystemExit too: report by name, keep the rest
                 what = f"{type(exc).__name__}: {exc}" if not isinstance(exc, SystemExit) else \
@@ -257,10 +260,13 @@ class Registry:
         accept, a value it refuses, a missing file, ``sys.exit``) is a PluginError naming the
         component. ``kind`` and ``name`` are positional-only: a plugin argument may be called
         ``name`` (or ``kind``)."""
+        from . import lifecycle
+
         comp = self.get(kind, name)
         try:
-            return comp.factory(**kwargs)
-        except (PluginError, KeyboardInterrupt):
+            with lifecycle.phase(f"building {kind} {name!r}", plugin=f"{comp.distribution}:{comp.plugin}"):
+                return comp.factory(**kwargs)
+        except (PluginError, KeyboardInterrupt, lifecycle.Stopped):
             raise
         except SystemExit as exc:  # plugin code may not end the process: its failure, by name
             raise PluginError(f"{kind} {name!r} (plugin {comp.plugin!r}, {comp.distribution}) called "
@@ -277,6 +283,29 @@ class Registry:
     @property
     def hook(self):
         return self.plugin_manager.hook
+
+    def plugin_in_traceback(self, tb: Any) -> Optional[str]:
+        """``DIST (entry point)`` of the plugin whose code is innermost in traceback ``tb`` (its
+        registered module, or the module of one of its factories), or None."""
+        owners: dict[str, str] = {}
+        for comp in self.components():
+            module = getattr(comp.factory, "__module__", None)
+            if module:
+                owners.setdefault(module, f"{comp.distribution} ({comp.plugin})")
+        for key, plugin in self.plugin_manager.list_name_plugin():
+            module = getattr(plugin, "__name__", None)
+            if module:
+                dist, _, entry = key.rpartition(":")
+                owners[module] = f"{dist or '<local>'} ({entry})"
+        frames = []
+        while tb is not None:
+            frames.append(tb.tb_frame)
+            tb = tb.tb_next
+        for frame in reversed(frames):
+            owner = owners.get(frame.f_globals.get("__name__", ""))
+            if owner:
+                return owner
+        return None
 
 
 _DEFAULT: Optional[Registry] = None

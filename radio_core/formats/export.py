@@ -300,6 +300,7 @@ def _build(config: dict, registry, origin: str) -> Distiller:
     with torch.device("cpu"):  # small; and their non-persistent buffers are not in the weights file
         norms = _build_target_norms(config.get("target_norms", {}), origin)
     distiller = Distiller(student, heads, summary_heads, spatial_heads, norms)
+    distiller.student_name = sconf["name"]
     slots = config.get("summary_slots")
     if slots is not None:
         for name, slot in slots.items():

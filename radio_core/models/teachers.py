@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from .. import lifecycle
 from ..protocols import Teacher, TeacherOutput
 from ..registry import PluginError, Registry
 from . import preprocess
@@ -106,7 +107,8 @@ def compute_targets(teachers: dict[str, Teacher], resize_sets: list, images01: t
             g = preprocess.group_input(images01, group.input_size, group.resize_mode)
             for name in group.names:
                 t = teachers[name]
-                out = t(preprocess.teacher_input(g, t.mean, t.std))
+                with lifecycle.phase(f"forward of teacher {name!r}"):
+                    out = t(preprocess.teacher_input(g, t.mean, t.std))
                 if check is not None:
                     check(name, t, out, images01.shape[0])
                 spatial = preprocess.crop_valid(out.spatial, g.valid_fraction)

@@ -134,6 +134,8 @@ class TrainerState:
     samples_seen: int = 0  # global, all ranks
     nonfinite_in_row: int = 0
     skipped_steps: int = 0
+    #: optimiser steps with a finite, non-zero objective: 0 at the end means the run learned nothing
+    learned_steps: int = 0
     bad_images: int = 0  # over all ranks
     #: global number of the next sample to draw (lets a run resume on another world size).
     next_number: int = 0

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import random
 import time
 from pathlib import Path
@@ -26,6 +27,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
+from .. import lifecycle
 from ..data.sampling import _mix
 from ..models.distiller import Distiller, build_distiller
 from ..models.teachers import build_teacher
@@ -60,6 +62,10 @@ from .stages import SlotRuntime
 
 class NonFiniteLossError(RuntimeError):
     pass
+
+
+class NotTrainedError(RuntimeError):
+    """The run reached its last step without one step that learned anything."""
 
 
 class Trainer:
@@ -194,6 +200,7 @@ class Trainer:
     # ------------------------------------------------------------------ loop
     def fit(self) -> dict[str, float]:
         acc, r = self.accelerator, self.recipe
+        lifecycle.resumable = None
         if acc.is_main_process:
             prepare_out_dir(self.out_dir, self.state.step, self._remove_outputs, acc.print, self._writes())
             (self.out_dir / "recipe.yaml").write_text(dump_recipe(r))
@@ -217,6 +224,7 @@ class Trainer:
                 runtimes = self.enter_stage(plan, self.state.step)
                 self.objective.estimate_target_norms(self.unwrapped, runtimes, plan, self.source)
                 for step in range(self.state.step, plan.end_step):
+                    lifecycle.heartbeat()
                     if r.train.target_norm_steps:
                         self.objective.reestimate_target_norms(self.unwrapped, runtimes, plan, self.source, step,
                                                                self.first_steps)
@@ -241,7 +249,10 @@ class Trainer:
                     if s % r.checkpoint.every == 0 or s == r.train.steps or stop or s == plan.end_step:
                         if not metrics:
                             self._sync_bad_images()
-                        self.save_checkpoint()
+                        if s == r.train.steps:
+                            self.check_learned()  # before the last checkpoint: a run that learned nothing ends here
+                        with lifecycle.phase(f"writing checkpoint step {s}"):
+                            self.save_checkpoint()
                     if stop:
                         acc.print(f"stop requested: checkpoint written at step {s}; resume with --resume")
                         self.stopped = True
@@ -252,13 +263,35 @@ class Trainer:
             if sample_log is not None:
                 sample_log.close()
             self.signals.restore()
+        if self.state.step == r.train.steps:
+            self.check_learned()  # (a resumed run that was complete: checked again)
+            lifecycle.resumable = (f"the last checkpoint (step {self.state.step}) is complete: --resume writes what "
+                                   "is missing (report, export)")
+        # (a stop from here on is reported as resumable: the exception carries no state of ours)
         if self.state.step == r.train.steps and r.eval.report:
-            self.write_report()
+            with lifecycle.phase("writing the report"):
+                self.write_report()
         if self.state.step == r.train.steps and r.checkpoint.export:  # after the report: its card cites it
-            self.export(self.out_dir / "export")
-        self.registry.hook.radio_train_end(trainer=self)
+            with lifecycle.phase("writing the export"):
+                self.export(self.out_dir / "export")
+        with lifecycle.phase("the plugins' radio_train_end hooks"):
+            self.registry.hook.radio_train_end(trainer=self)
+        lifecycle.resumable = None
         self.release_run_folder()
         return last
+
+    def check_learned(self) -> None:
+        """NotTrainedError (on every rank) when no step of the run had a finite, non-zero
+        objective: every loss was NaN/inf (a run shorter than the non-finite guard) or exactly 0."""
+        acc = self.accelerator
+        learned = torch.tensor([float(self.state.learned_steps)], device=acc.device)
+        if acc.num_processes > 1:
+            learned = acc.reduce(learned, "max")
+        if float(learned.item()) == 0:
+            raise NotTrainedError(
+                f"the run ended at step {self.state.step} without learning: no step had a finite, non-zero objective "
+                f"({self.state.skipped_steps} skipped as non-finite, the others 0); no checkpoint, report or export "
+                "was written for its last step. Check the teachers' weights and outputs, the loss weights and optim.lr")
 
     def _writes(self) -> tuple[str, ...]:
         """What this run writes at the top of its folder (recorded in its manifest up front)."""
@@ -297,8 +330,10 @@ class Trainer:
                 counts[key] = counts.get(key, 0) + 1
         summed = {k: v / counts[k] for k, v in summed.items()}
         summed["total"] = summed["total"] * len(work) / micro  # the step's objective on this rank
-        finite = bool(torch.isfinite(summed["total"]).item()) if r.train.skip_nonfinite else True
+        objective = float(summed["total"].detach())  # one host sync: finite? learned anything?
+        finite = math.isfinite(objective) or not r.train.skip_nonfinite
         if finite:
+            self.state.learned_steps += int(math.isfinite(objective) and objective != 0)
             self.state.nonfinite_in_row = 0
             if r.train.grad_clip:
                 summed["grad_norm"] = acc.clip_grad_norm_(self.distiller.parameters(), r.train.grad_clip)
@@ -316,6 +351,9 @@ class Trainer:
         self.state.skipped_steps += 1
         self.state.nonfinite_in_row += 1
         bad = [k for k, v in summed.items() if k != "total" and not torch.isfinite(v).item()]
+        flag = self.unwrapped.last_output_finite
+        if flag is not None and not bool(flag):  # the student, not a teacher or a loss
+            bad.insert(0, f"the student {self.recipe.student.name!r}, whose outputs were non-finite")
         self.accelerator.print(f"step {step}: non-finite loss from {', '.join(bad) or 'total'}; step skipped "
                                f"({self.state.nonfinite_in_row} in a row)")
         if self.state.nonfinite_in_row >= self.recipe.train.max_nonfinite_steps:
