@@ -246,6 +246,22 @@ def read_user_json(path: Any, what: str = "JSON file", max_bytes: int = MAX_TEXT
                             f"({short_repr(exc, 160, quote=False)})") from None
 
 
+def read_user_jsonl(path: Any, what: str = "JSON-lines file", max_bytes: int = MAX_TEXT_BYTES) -> list[dict]:
+    """The JSON objects of a JSON-lines log (``read_user_text``), one per line; lines that are
+    not JSON objects (cut by a kill, or garbage) are skipped, never an error."""
+    import json
+
+    rows = []
+    for line in read_user_text(path, what, max_bytes).splitlines():
+        try:
+            row = json.loads(line)
+        except (ValueError, RecursionError):
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
 # ------------------------------------------------------------------------ command lines
 class OneLineParser(argparse.ArgumentParser):
     """argparse, but a bad command line is one ``error:`` line (exit status 2), like every other

@@ -37,6 +37,9 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "python -m radio_core
                   f"({rate:.0f} images/s); manifest: {where}")
             if m["unreadable"]:
                 print(f"skipped {len(m['unreadable'])} unreadable file(s), e.g. {m['unreadable'][0]}")
+            if m["skipped_links"]:
+                print(f"skipped {len(m['skipped_links'])} symlink(s) leading out of {args.folder} (never followed), "
+                      f"e.g. {m['skipped_links'][0]}")
             print(f"use it with: data.source.name=webdataset data.source.args.shards={Path(args.out).resolve()}")
         else:
             m = shards.index_shards(args.shards)

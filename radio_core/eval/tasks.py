@@ -60,7 +60,7 @@ def read_class_folder(root: str | Path, max_per_class: Optional[int] = None) -> 
         raise FileNotFoundError(f"{root}: expected one sub-folder per class, found none")
     images, labels = [], []
     for label, cls in enumerate(classes):
-        files = sorted(p for p in (root / cls).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+        files = sorted(p for p in (root / cls).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
         for f in files[:max_per_class]:
             with Image.open(f) as im:
                 im.load()  # read now: the file closes with the block
@@ -155,7 +155,7 @@ def read_segmentation_folder(root: str | Path, split: str) -> list[tuple[Path, P
     if not img_dir.is_dir() or not ann_dir.is_dir():
         raise FileNotFoundError(f"{root}: expected images/{split}/ and annotations/{split}/ (ADE20K layout)")
     pairs = []
-    for img in sorted(p for p in img_dir.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS):
+    for img in sorted(p for p in img_dir.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()):
         mask = ann_dir / (img.stem + ".png")
         if not mask.is_file():
             raise FileNotFoundError(f"{img}: no mask {mask}")

@@ -142,20 +142,18 @@ def load_export(path: str | os.PathLike, registry=None) -> tuple[Distiller, dict
     """Rebuild the distiller of an export (by plugin name, through the registry) and load its
     weights. ``path``: the export directory, or its config.json / model.safetensors. Every
     problem is one ExportError line naming the file."""
-    from ..utils import WeightsError, read_safetensors, short_repr
+    from ..utils import UserFileError, WeightsError, read_safetensors, read_user_json
 
     path = Path(path)
     folder = path.parent if path.is_file() else path
     config_file, weights_file = folder / CONFIG_NAME, folder / WEIGHTS_NAME
     for f in (config_file, weights_file):
-        if not f.is_file():
+        if not f.exists() and not f.is_symlink():
             raise ExportError(f"{folder}: not an export directory (missing {f.name})")
-    try:
-        config = json.loads(config_file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
-        raise ExportError(f"{config_file}: not valid JSON ({short_repr(exc, 200, quote=False)})") from None
-    except OSError as exc:
-        raise ExportError(f"{config_file}: cannot read ({exc.strerror or exc})") from None
+    try:  # a FIFO, a device or a huge file: one line, never a hang
+        config = read_user_json(config_file, "export config", 16 << 20)
+    except UserFileError as exc:
+        raise ExportError(str(exc)) from None
     check_export_config(config, str(config_file))
     try:
         state = read_safetensors(weights_file, "export weights")
