@@ -238,10 +238,10 @@ def read_user_json(path: Any, what: str = "JSON file", max_bytes: int = MAX_TEXT
     to convert and nesting too deep are one UserFileError line naming the file."""
     import json
 
-    text = read_user_text(path, what, max_bytes)
+    data = read_user_file(path, what, max_bytes)
     try:
-        return json.loads(text)
-    except (ValueError, RecursionError) as exc:  # JSONDecodeError, int digit limit
+        return json.loads(data.decode("utf-8"))
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError, JSONDecodeError, int digit limit
         raise UserFileError(f"{_shown(path)}: {what} is not valid JSON "
                             f"({short_repr(exc, 160, quote=False)})") from None
 
