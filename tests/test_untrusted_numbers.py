@@ -13,26 +13,17 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from helpers import env
-from test_model_api import make_recipe, trained_distiller
+from test_export_safety import export_with_target_norms
 
 from radio_core.cli import main as radio
-from radio_core.model import ExportError, RadioModel, save_export
+from radio_core.model import ExportError, RadioModel
 from radio_core.registry import PluginError
 
 
 @pytest.fixture(scope="module")
 def phi_s_export(tmp_path_factory):
     """An export whose dino teacher (16 wide) has PHI-S normalisers with estimated statistics."""
-    from radio_core.registry import get_registry
-
-    recipe = make_recipe(dino={"target_norm": "phi_s"})
-    distiller = trained_distiller(recipe, get_registry())
-    for norm in distiller.target_norms["dino"].values():
-        norm.update(torch.randn(64, norm.dim))
-        norm.finalize()
-    path = tmp_path_factory.mktemp("export") / "export"
-    save_export(distiller, recipe, None, path)
-    return path
+    return export_with_target_norms(tmp_path_factory.mktemp("export"), dino={"target_norm": "phi_s"})
 
 
 def _edit(export, tmp_path, change):
@@ -130,7 +121,6 @@ def test_nan_weights_in_a_transformers_folder_are_refused_everywhere(transformer
 
 
 def test_nan_weights_in_a_checkpoint_are_refused_on_resume(tmp_path, capsys):
-    from test_never_lose_a_run import copy_run  # noqa: F401 - the helper only
     from helpers import tiny_recipe
     from test_train import train
     from radio_core.recipe import load_recipe
