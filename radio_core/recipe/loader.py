@@ -154,6 +154,8 @@ def load_raw(path: str | Path, _chain: tuple[Path, ...] = (), _origin: Optional[
     levels and MAX_RECIPE_FILES files: a fan-out of includes cannot read a file a million times)."""
     if "\0" in str(path):
         raise RecipeError(f"{_origin or 'recipe'}: path {short_repr(str(path))} contains a NUL byte")
+    if _origin is None and Path(path).is_symlink():
+        _origin = str(path)  # name the file as the user did, and where its link leads
     path = Path(os.path.realpath(path))  # a symlink loop stays unresolved: reading it is one error line
     if path in _chain:
         raise RecipeError(f"{path}: circular base include via {' -> '.join(map(str, _chain))}")
