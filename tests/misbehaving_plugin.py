@@ -7,6 +7,8 @@ factory or in its N-th forward; its student returns wrong shapes or NaN. Environ
 * ``MISBEHAVE_AFTER``: forward calls to let through first (default 0);
 * ``MISBEHAVE_MARKER``: a file touched just before misbehaving (the test waits for it);
 * ``MISBEHAVE_STUDENT``: ``shape`` | ``nan`` | ``type`` for the student ``toy_student``.
+
+The loss ``toy_nan`` is always NaN.
 """
 import os
 import sys
@@ -91,7 +93,19 @@ def build_toy_student(num_cls_tokens: int = 1):
     return ToyStudent()
 
 
+def build_nan_loss():
+    """A loss that is always NaN (what a broken loss plugin, or a diverged run, gives)."""
+    from radio_core import Loss
+
+    class NanLoss(Loss):
+        def forward(self, pred, target):
+            return (pred - target).abs().mean() * float("nan")
+
+    return NanLoss()
+
+
 @hookimpl
 def radio_register(registry):
     registry.add("teacher", "toy", build_toy)
     registry.add("student", "toy_student", build_toy_student)
+    registry.add("loss", "toy_nan", build_nan_loss)
