@@ -113,6 +113,8 @@ class Distiller(nn.Module):
             if not isinstance(t, Tensor) or tuple(t.shape) != tuple(out.patches.shape):
                 raise PluginError(f"{where}: intermediate layer {layer} has shape "
                                   f"{tuple(getattr(t, 'shape', ()))}; expected {tuple(out.patches.shape)}")
+        if out.patches.is_meta:  # a dry run's forward on the meta device: shapes only
+            return
         finite = torch.isfinite(out.summary).all() & torch.isfinite(out.patches).all()
         self.last_output_finite = finite.detach()
         if not self._checked_finite:

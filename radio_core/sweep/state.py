@@ -102,9 +102,13 @@ def snapshot_conflict(run: PlannedRun) -> Optional[str]:
 
 
 def tail_lines(path: Path, n: int = 40) -> list[str]:
-    try:
-        text = path.read_text(errors="replace")
-    except FileNotFoundError:
+    from ..utils import UserFileError, read_user_file
+
+    if not path.exists():
+        return []
+    try:  # a log or metrics file replaced by a FIFO or a device is not read (it would hang)
+        text = read_user_file(path, "run log").decode(errors="replace")
+    except UserFileError:
         return []
     lines = [l for l in re.split(r"[\r\n]+", text) if l.strip()]
     return lines[-n:]
@@ -122,6 +126,12 @@ def read_metrics(path: Path) -> list[dict]:
 
 def last_logged_step(metrics: Path) -> Optional[int]:
     """Step of the last complete line of a metrics.jsonl, reading only its end."""
+    from ..utils import UserFileError, check_user_file
+
+    try:
+        check_user_file(metrics, "training log", None)
+    except UserFileError:
+        return None
     try:
         with open(metrics, "rb") as f:
             f.seek(max(0, f.seek(0, os.SEEK_END) - 4096))
