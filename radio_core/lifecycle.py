@@ -34,6 +34,9 @@ _progress = time.monotonic()
 _main_running = False
 #: what a stop at this point can be resumed from (the trainer sets it after its last checkpoint)
 resumable: Optional[str] = None
+#: a stop raised but not yet handled by a command: raised again at the next phase boundary, in
+#: case library code swallowed it (some catch BaseException while they import)
+_pending: Optional[int] = None
 
 
 class Stopped(BaseException):
@@ -48,10 +51,12 @@ class Stopped(BaseException):
 def phase(what: str, plugin: Optional[str] = None) -> Iterator[None]:
     """Name what the main thread does (for the watchdog and for stop messages)."""
     global _progress
+    _redeliver()
     _STACK.append((what, plugin, time.monotonic()))
     _progress = time.monotonic()
     try:
         yield
+        _redeliver()
     except BaseException as exc:
         if not hasattr(exc, "radio_phase"):  # the innermost phase an exception left through names it
             try:
@@ -75,8 +80,16 @@ def phase_of(exc: BaseException) -> str:
     return getattr(exc, "radio_phase", None) or current()
 
 
+def _redeliver() -> None:
+    if _pending is not None:
+        raise Stopped(_pending)
+
+
 def stop_message(exc: BaseException) -> tuple[str, int]:
-    """(one line, exit status) for a process stopped by ``exc`` (Stopped or KeyboardInterrupt)."""
+    """(one line, exit status) for a process stopped by ``exc`` (Stopped or KeyboardInterrupt);
+    the stop counts as handled."""
+    global _pending
+    _pending = None
     signum = getattr(exc, "signum", signal.SIGINT)
     name = "SIGTERM" if signum == signal.SIGTERM else "Ctrl-C (SIGINT)"
     if resumable:
@@ -86,10 +99,12 @@ def stop_message(exc: BaseException) -> tuple[str, int]:
 
 
 def _on_signal(signum, frame) -> None:  # noqa: ARG001 - the signal module's signature
-    if not _main_running:  # nothing above us would catch it: say so and leave
+    global _pending
+    if not _main_running:  # modules still import, nothing of ours is in flight: say so and leave
         message, status = stop_message(Stopped(signum))
         print(f"error: {message}", file=sys.stderr, flush=True)
-        raise SystemExit(status)
+        os._exit(status)  # (an exception could be swallowed by the importing library)
+    _pending = signum
     raise Stopped(signum)
 
 
@@ -164,4 +179,5 @@ def _watch() -> None:
 def heartbeat() -> None:
     """Progress inside a long phase (a training step): resets the watchdog's clock."""
     global _progress
+    _redeliver()
     _progress = time.monotonic()
