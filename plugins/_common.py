@@ -102,8 +102,8 @@ def save_tiny_pretrained(directory: Union[str, Path], seed: int, build: Callable
 
 # --------------------------------------------------------------------------- open_clip tiny models
 
-#: open_clip's own checkpoint file name
-OPEN_CLIP_CHECKPOINT = "open_clip_pytorch_model.bin"
+#: the tiny open_clip models' weights: safetensors (open_clip reads them), never a pickle
+OPEN_CLIP_CHECKPOINT = "open_clip_model.safetensors"
 #: a tiny SigLIP-like timm trunk (no class token, attention-pool head) for offline tests
 TINY_SIGLIP_TIMM_MODEL = "radio_tiny_siglip_patch16_64"
 
@@ -125,8 +125,12 @@ def save_tiny_open_clip(directory: Union[str, Path], name: str, model_cfg: dict,
     ``{"model": <config json>, "pretrained": <checkpoint>}``."""
     import open_clip
 
+    from radio_core import safetensors_from_legacy_pickle
+    from safetensors.torch import save_file
+
     directory = Path(directory)
     spec = {"model": str(directory / f"{name}.json"), "pretrained": str(directory / OPEN_CLIP_CHECKPOINT)}
+    safetensors_from_legacy_pickle(directory / "open_clip_pytorch_model.bin", directory / OPEN_CLIP_CHECKPOINT)
     if (directory / OPEN_CLIP_CHECKPOINT).is_file() and Path(spec["model"]).is_file():
         return spec
 
@@ -135,7 +139,8 @@ def save_tiny_open_clip(directory: Union[str, Path], name: str, model_cfg: dict,
         # (the config is registered with open_clip only when loaded, from its final location)
         kwargs = {k: v for k, v in model_cfg.items() if k != "custom_text"}
         model_cls = open_clip.CustomTextCLIP if model_cfg.get("custom_text") else open_clip.CLIP
-        torch.save(seeded_random(lambda: model_cls(**kwargs), seed).state_dict(), tmp / OPEN_CLIP_CHECKPOINT)
+        state = seeded_random(lambda: model_cls(**kwargs), seed).state_dict()
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / OPEN_CLIP_CHECKPOINT))
 
     write_atomically(directory, write)
     return spec

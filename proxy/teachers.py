@@ -4,7 +4,7 @@ code path of the teacher it stands in for, and cached on disk by fingerprint.
 * ``clip``: an ``open_clip.CLIP`` (ViT image tower + text transformer, open_clip's BPE
   tokenizer) trained contrastively on the world's image-caption pairs (symmetric InfoNCE with
   the learned temperature), so zero-shot through its own text tower is real. Saved as an
-  open_clip model-config JSON + ``open_clip_pytorch_model.bin`` and loaded back by the
+  open_clip model-config JSON + ``open_clip_model.safetensors`` and loaded back by the
   ``clip`` plugin (``model: <json>, pretrained: <bin>``).
 * ``dinov2``: a transformers ``Dinov2Model`` trained with a dense objective: a linear head on
   its patch tokens predicts each patch's share of every shape category (soft cross-entropy),
@@ -34,6 +34,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from .world import CLASSES, PART_CLASSES, SEGMENT_CLASSES, SHAPE_OFFSET, SHAPES, ProxyWorld, cache_root, world_from_args
@@ -137,6 +138,18 @@ def _train_into(kind: str, preset: str, cfg: dict, w: ProxyWorld, directory: Pat
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+#: the proxy CLIP's weights: safetensors, so reading the cache never unpickles anything
+CLIP_WEIGHTS = "open_clip_model.safetensors"
+
+
+def _clip_weights(directory: Path) -> Path:
+    """The CLIP teacher's safetensors file (a cache written before it existed is converted once)."""
+    from radio_core.utils import safetensors_from_legacy_pickle
+
+    safetensors_from_legacy_pickle(directory / "open_clip_pytorch_model.bin", directory / CLIP_WEIGHTS)
+    return directory / CLIP_WEIGHTS
+
+
 def build_proxy_teacher(kind: str, preset: str = "standard", world: Optional[dict] = None, resolution=None,
                         meta: bool = False, config: Optional[dict] = None, **kwargs: Any):
     """A trained proxy teacher, loaded by the built-in plugin of its family."""
@@ -148,7 +161,7 @@ def build_proxy_teacher(kind: str, preset: str = "standard", world: Optional[dic
         from radio_plugins.clip import build_clip_teacher
 
         return build_clip_teacher(model=str(directory / "proxy-clip.json"),
-                                  pretrained=None if meta else str(directory / "open_clip_pytorch_model.bin"),
+                                  pretrained=None if meta else str(_clip_weights(directory)),
                                   resolution=resolution, meta=meta, **kwargs)
     if kind == "dinov2":
         from radio_plugins.dinov2 import build_dinov2_teacher
@@ -336,7 +349,7 @@ class ClipTrainer(_Trainer):
 
     def save(self, out: Path) -> None:
         (out / "proxy-clip.json").write_text(json.dumps(self.model_cfg, indent=1))
-        torch.save(self.model.state_dict(), out / "open_clip_pytorch_model.bin")
+        save_file({k: v.contiguous() for k, v in self.model.state_dict().items()}, str(out / CLIP_WEIGHTS))
 
 
 def train_clip(world: ProxyWorld, cfg: dict, out: Path, log=print) -> dict:

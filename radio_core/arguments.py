@@ -159,8 +159,8 @@ def check_args(kind: str, name: str, factory: Callable[..., Any], args: dict, fi
     """Problems binding ``args`` (the recipe's ``field``, e.g. ``teachers.dino.args``) to the
     ``kind`` plugin ``name``'s factory, one line each; empty when they bind."""
     schema = factory_arguments(kind, factory)
-    if not schema and getattr(factory, "args_model", None) is None:
-        return []
+    if not schema and getattr(factory, "args_model", None) is None and not _inspectable(factory):
+        return []  # a factory whose signature cannot be read: its own call will judge the args
     by_name = {a.name: a for a in schema}
     open_ended = any(a.name.startswith("**") for a in schema)
     accepted = [a.name for a in schema if not a.framework and not a.name.startswith("**")]
@@ -193,6 +193,14 @@ def check_args(kind: str, name: str, factory: Callable[..., Any], args: dict, fi
             loc = ".".join(str(x) for x in err.get("loc", ()))
             problems.append(f"{where}: {loc}: {err.get('msg')}")
     return problems
+
+
+def _inspectable(factory: Callable[..., Any]) -> bool:
+    try:
+        inspect.signature(factory)
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 def format_arguments(kind: str, factory: Callable[..., Any], indent: str = "    ") -> list[str]:

@@ -28,10 +28,12 @@ COMMANDS = {
 
 
 def _recipe_parser(prog: str, description: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description=description)
+    from .utils import OneLineParser, positive_int
+
+    p = OneLineParser(prog=prog, description=description)
     p.add_argument("recipe", help="path to a YAML recipe")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=100 teachers.dino.weight=0.5")
-    p.add_argument("--world-size", type=int, default=None,
+    p.add_argument("--world-size", type=positive_int, default=None,
                    help="number of processes to check/plan for (default: this launch's, else 1)")
     return p
 
@@ -45,17 +47,19 @@ def _validate(argv: list[str]) -> int:
 
 def _plan(argv: list[str]) -> int:
     parser = _recipe_parser("radio plan", COMMANDS["plan"] + ". Nothing is downloaded; no hub is contacted.")
-    parser.add_argument("--gpu-memory", type=float, default=None, metavar="GiB",
+    from .utils import positive_float
+
+    parser.add_argument("--gpu-memory", type=positive_float, default=None, metavar="GiB",
                         help="memory per GPU to check the estimate against (default: the visible GPU's, else 80)")
     args = parser.parse_args(argv)
     from .run import main as run_main
 
-    gpu = ["--gpu-memory", str(args.gpu_memory)] if args.gpu_memory else []
+    gpu = ["--gpu-memory", repr(args.gpu_memory)] if args.gpu_memory is not None else []
     return run_main([args.recipe, *args.overrides, "--dry-run", *_world(args), *gpu])
 
 
 def _world(args: argparse.Namespace) -> list[str]:
-    return ["--world-size", str(args.world_size)] if args.world_size else []
+    return ["--world-size", str(args.world_size)] if args.world_size is not None else []
 
 
 def _with_prog(main: Callable[..., int], argv: list[str], prog: str) -> int:
@@ -145,7 +149,20 @@ def usage() -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    """Run one command. SIGTERM and Ctrl-C, in any phase (imports included), end it with one
+    ``error:`` line naming the phase and the status of README's table."""
+    from . import lifecycle
+
+    with lifecycle.command():
+        try:
+            return _dispatch(list(sys.argv[1:] if argv is None else argv))
+        except (KeyboardInterrupt, lifecycle.Stopped) as exc:
+            message, status = lifecycle.stop_message(exc)
+            print(f"error: {message}", file=sys.stderr, flush=True)
+            return status
+
+
+def _dispatch(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage())
         return 0

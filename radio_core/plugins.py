@@ -5,13 +5,13 @@
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from typing import Optional, Sequence
 
 from .arguments import format_arguments
 from .protocols import KINDS
 from .registry import get_registry
+from .utils import OneLineParser
 
 
 def format_table(kind: Optional[str] = None, verbose: bool = False, names: Sequence[str] = ()) -> str:
@@ -31,6 +31,8 @@ def format_table(kind: Optional[str] = None, verbose: bool = False, names: Seque
     for k, n, _ in reg.conflicts:
         if kind in (None, k):
             lines.append(f"CONFLICT: {reg.conflict_message(k, n)}")
+    for w in reg.warnings:
+        lines.append(f"WARNING: {w}")
     for f in reg.failures:
         lines.append(f"FAILED to load plugin {f.entry_point!r} from {f.distribution}: {f.error}")
         if verbose:
@@ -39,7 +41,7 @@ def format_table(kind: Optional[str] = None, verbose: bool = False, names: Seque
 
 
 def main(argv: Optional[Sequence[str]] = None, prog: str = "radio plugins") -> int:
-    p = argparse.ArgumentParser(prog=prog, description="List registered radio-distill plugins (teachers, students, "
+    p = OneLineParser(prog=prog, description="List registered radio-distill plugins (teachers, students, "
                                 "adaptors, losses, datasets) and, with --verbose, their arguments.")
     p.add_argument("names", nargs="*", metavar="NAME", help="only these components (e.g. dinov2)")
     p.add_argument("--kind", choices=KINDS, help="only this kind of component")
@@ -52,7 +54,7 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "radio plugins") -> i
         print(f"error: no registered {args.kind or 'component'} named {', '.join(map(repr, unknown))}", file=sys.stderr)
         return 2
     print(format_table(args.kind, args.verbose, args.names))
-    return 1 if reg.failures or reg.conflicts else 0
+    return 1 if reg.failures or reg.conflicts or reg.warnings else 0
 
 
 if __name__ == "__main__":

@@ -51,6 +51,46 @@ def _normalise(dist: str) -> str:
     return re.sub(r"[-_.]+", "-", dist).lower()
 
 
+def discover_entry_points(group: str, warnings: list[str]) -> list[tuple[Any, str, str]]:
+    """(entry point, distribution name, unique plugin name) of every entry point in ``group``,
+    over every distribution on ``sys.path``. ``importlib.metadata.entry_points`` keeps only the
+    first distribution of a name and pluggy only the first plugin of a name: either would let
+    one package hide another. Here the same entry point seen twice (one install visible through
+    two paths) loads once; one distribution name installed twice with different plugins loads
+    both and says so in ``warnings`` (neither copy shadows the other silently)."""
+    found: list[tuple[Any, str, str]] = []
+    seen: dict[tuple[str, str, str], str] = {}  # (dist, entry point, module) -> where it was found
+    copies: dict[str, set[str]] = {}  # normalised dist name -> its locations
+    for dist in metadata.distributions():
+        eps = [ep for ep in dist.entry_points if ep.group == group]
+        if not eps:
+            continue
+        name = (dist.metadata["Name"] if dist.metadata is not None else None) or "<unknown>"
+        where = str(getattr(dist, "_path", "") or "?")
+        fresh = []
+        for ep in eps:
+            key = (_normalise(name), ep.name, ep.value)
+            if key not in seen:
+                seen[key] = where
+                fresh.append(ep)
+        if not fresh:
+            continue  # the same install seen again (e.g. an .egg-info beside its .dist-info)
+        locations = copies.setdefault(_normalise(name), set())
+        if locations:
+            warnings.append(short_repr(
+                f"distribution {name!r} is installed more than once with different plugins "
+                f"({', '.join(sorted(locations))} and {where}); both are loaded and the names they share are "
+                "ambiguous: uninstall one", 600, quote=False))
+        locations.add(where)
+        for ep in fresh:
+            pm_name = f"{name}:{ep.name}"
+            n = 2
+            while any(p == pm_name for _, _, p in found):
+                pm_name, n = f"{name}:{ep.name}#{n}", n + 1
+            found.append((ep, name, pm_name))
+    return sorted(found, key=lambda f: (f[0].name, f[2]))
+
+
 class Registry:
     """Holds factories by (kind, name). Filled by the ``radio_register`` hook."""
 
@@ -59,6 +99,8 @@ class Registry:
         #: (kind, name) registered by more than one plugin: every claimant, in load order.
         self._conflicts: dict[str, dict[str, list[Component]]] = {k: {} for k in KINDS}
         self.failures: list[LoadFailure] = []
+        #: problems of the installation that load nothing less (a distribution installed twice)
+        self.warnings: list[str] = []
         self._current: tuple[str, str] = ("<local>", "<local>")
         self._added: list[Component] = []  # by the plugin being registered (undone if it fails)
         self.plugin_manager = pluggy.PluginManager(hookspecs.PROJECT)
@@ -99,10 +141,14 @@ class Registry:
         elif self._components[comp.kind].get(comp.name) is comp:
             del self._components[comp.kind][comp.name]
 
-    def register_plugin(self, plugin: Any, name: str, distribution: str = "<local>") -> None:
+    def register_plugin(self, plugin: Any, name: str, distribution: str = "<local>",
+                        key: Optional[str] = None) -> None:
         """Register a plugin object (module) by hand, e.g. in tests or notebooks. If its
-        ``radio_register`` fails, nothing of it stays registered and the error propagates."""
-        self.plugin_manager.register(plugin, name=name)
+        ``radio_register`` fails, nothing of it stays registered and the error propagates.
+        ``key``: its unique name in the plugin manager (default ``name``; entry points use
+        ``DIST:NAME``, so two distributions' entry points of one name both register)."""
+        key = key or name
+        self.plugin_manager.register(plugin, name=key)
         self._current, self._added = (name, distribution), []
         try:
             impl = getattr(plugin, "radio_register", None)
@@ -111,24 +157,29 @@ class Registry:
         except BaseException:
             for comp in reversed(self._added):
                 self._remove(comp)
-            self.plugin_manager.unregister(plugin, name=name)
+            self.plugin_manager.unregister(plugin, name=key)
             raise
         finally:
             self._current, self._added = ("<local>", "<local>"), []
 
     def load_entry_points(self, group: str = ENTRY_POINT_GROUP) -> None:
-        """Import every entry point of ``group``. One that fails in any way (an exception,
-        ``sys.exit``) is recorded in ``failures`` and registers nothing; the rest load."""
-        seen: set[str] = set()
-        for ep in sorted(metadata.entry_points(group=group), key=lambda e: e.name):
-            if ep.name in seen:  # same distribution visible twice on sys.path
-                continue
-            seen.add(ep.name)
-            dist = ep.dist.name if ep.dist is not None else "<unknown>"
+        """Import every entry point of ``group`` of every installed distribution. A plugin is
+        (distribution, entry-point name): a third-party entry point named like a built-in one
+        (``clip``, ``core``) loads beside it, never instead of it, and any component name both
+        register becomes ambiguous (see the module docstring). One that fails in any way (an
+        exception, ``sys.exit``) is recorded in ``failures`` and registers nothing."""
+        from . import lifecycle
+
+        for ep, dist, key in discover_entry_points(group, self.warnings):
             try:
-                plugin = ep.load()
-                self.register_plugin(plugin, name=ep.name, distribution=dist)
-            except KeyboardInterrupt:
+                with lifecycle.phase(f"importing plugin {ep.name!r}", plugin=f"{dist}:{ep.name}"):
+                    plugin = ep.load()
+                if self.plugin_manager.is_registered(plugin):
+                    other = self.plugin_manager.get_name(plugin)
+                    raise PluginError(f"its module {ep.value!r} is already registered as plugin {other!r}; a "
+                                      "module cannot be two plugins")
+                self.register_plugin(plugin, name=ep.name, distribution=dist, key=key)
+            except (KeyboardInterrupt, lifecycle.Stopped):  # the user's stop, not the plugin's failure
                 raise
             except BaseException as exc:  # noqa: BLE001 - SystemExit too: report by name, keep the rest
                 what = f"{type(exc).__name__}: {exc}" if not isinstance(exc, SystemExit) else \
@@ -204,14 +255,23 @@ class Registry:
                     "(pip install -e .) in this environment?")
         return msg
 
-    def build(self, kind: str, name: str, **kwargs: Any) -> Any:
+    def build(self, kind: str, name: str, /, **kwargs: Any) -> Any:
         """``factory(**kwargs)``; any failure of the factory (a recipe ``args`` key it does not
-        accept, a value it refuses, a missing file) is a PluginError naming the component."""
+        accept, a value it refuses, a missing file, ``sys.exit``) is a PluginError naming the
+        component. ``kind`` and ``name`` are positional-only: a plugin argument may be called
+        ``name`` (or ``kind``)."""
+        from . import lifecycle
+
         comp = self.get(kind, name)
         try:
-            return comp.factory(**kwargs)
-        except (PluginError, KeyboardInterrupt):
+            with lifecycle.phase(f"building {kind} {name!r}", plugin=f"{comp.distribution}:{comp.plugin}"):
+                return comp.factory(**kwargs)
+        except (PluginError, KeyboardInterrupt, lifecycle.Stopped):
             raise
+        except SystemExit as exc:  # plugin code may not end the process: its failure, by name
+            raise PluginError(f"{kind} {name!r} (plugin {comp.plugin!r}, {comp.distribution}) called "
+                              f"sys.exit({exc.code!r}) while being built; a plugin must raise an exception "
+                              "instead") from None
         except Exception as exc:  # noqa: BLE001 - one line naming the plugin, not a traceback
             # Name the files it was given: the library's own message often does not.
             files = "".join(f", {k}={short_repr(v, 160)}" for k, v in kwargs.items()
@@ -223,6 +283,29 @@ class Registry:
     @property
     def hook(self):
         return self.plugin_manager.hook
+
+    def plugin_in_traceback(self, tb: Any) -> Optional[str]:
+        """``DIST (entry point)`` of the plugin whose code is innermost in traceback ``tb`` (its
+        registered module, or the module of one of its factories), or None."""
+        owners: dict[str, str] = {}
+        for comp in self.components():
+            module = getattr(comp.factory, "__module__", None)
+            if module:
+                owners.setdefault(module, f"{comp.distribution} ({comp.plugin})")
+        for key, plugin in self.plugin_manager.list_name_plugin():
+            module = getattr(plugin, "__name__", None)
+            if module:
+                dist, _, entry = key.rpartition(":")
+                owners[module] = f"{dist or '<local>'} ({entry})"
+        frames = []
+        while tb is not None:
+            frames.append(tb.tb_frame)
+            tb = tb.tb_next
+        for frame in reversed(frames):
+            owner = owners.get(frame.f_globals.get("__name__", ""))
+            if owner:
+                return owner
+        return None
 
 
 _DEFAULT: Optional[Registry] = None

@@ -6,16 +6,22 @@
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # python -m radio_core.run: stop signals are one line from the first import on
+    from radio_core import lifecycle as _lifecycle
+
+    _lifecycle.install()
+
 import argparse
 import os
 import sys
 from typing import Optional, Sequence
 
-from .utils import EXIT_PREEMPTED
+from . import lifecycle
+from .utils import EXIT_PREEMPTED, OneLineParser, positive_float, positive_int
 
 
 def parse_args(argv: Optional[Sequence[str]] = None, prog: str = "radio_core.run") -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog=prog, description=__doc__,
+    p = OneLineParser(prog=prog, description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     # `radio validate` and `radio plan` are their own commands; `radio train --help` omits them
     hidden = prog != "radio_core.run"
@@ -29,9 +35,10 @@ def parse_args(argv: Optional[Sequence[str]] = None, prog: str = "radio_core.run
                    "check the recipe, plugin names and arguments, then exit (radio validate)")
     p.add_argument("--dry-run", action="store_true", help=argparse.SUPPRESS if hidden else
                    "build every model on the meta device and print FLOPs and memory per group and rank (radio plan)")
-    p.add_argument("--world-size", type=int, default=None, help=argparse.SUPPRESS if hidden else
+    p.add_argument("--world-size", type=positive_int, default=None, help=argparse.SUPPRESS if hidden else
                    "number of processes to plan for with --dry-run (default: this launch's)")
-    p.add_argument("--gpu-memory", type=float, default=None, metavar="GiB", help=argparse.SUPPRESS if hidden else
+    p.add_argument("--gpu-memory", type=positive_float, default=None, metavar="GiB",
+                   help=argparse.SUPPRESS if hidden else
                    "memory per GPU to check the --dry-run estimate against (default: the visible GPU's, else 80)")
     return p.parse_intermixed_args(argv)  # overrides may follow the flags
 
@@ -55,26 +62,30 @@ def warn_plugin_problems(registry) -> None:
               f"({f.error}); nothing it provides is available", file=sys.stderr)
     for kind, name, _ in registry.conflicts:
         print(f"warning: {registry.conflict_message(kind, name)}", file=sys.stderr)
+    for w in registry.warnings:
+        print(f"warning: {w}", file=sys.stderr)
 
 
 def main(argv: Optional[Sequence[str]] = None, prog: str = "radio_core.run") -> int:
     """Exit status as documented above; every failure is one ``error:`` line, no traceback
     (set RADIO_TRACEBACK=1 to see one for an internal error)."""
-    args = parse_args(argv, prog)
-    if os.environ.get("RANK", "0") == "0":
-        warning = launch_warning(argv=sys.argv[1:] if argv is None else list(argv))
-        if warning:
-            print(f"warning: {warning}", file=sys.stderr, flush=True)
-    try:
-        return _main(args)
-    except KeyboardInterrupt:
-        error("interrupted")
-        return 130
-    except Exception as exc:  # noqa: BLE001 - the last line of defence: one line, not a traceback
-        if os.environ.get("RADIO_TRACEBACK"):
-            raise
-        error(f"internal error: {type(exc).__name__}: {exc} (set RADIO_TRACEBACK=1 for the traceback)")
-        return EXIT_INTERNAL
+    with lifecycle.command():
+        try:
+            args = parse_args(argv, prog)
+            if os.environ.get("RANK", "0") == "0":
+                warning = launch_warning(argv=sys.argv[1:] if argv is None else list(argv))
+                if warning:
+                    print(f"warning: {warning}", file=sys.stderr, flush=True)
+            return _main(args)
+        except (KeyboardInterrupt, lifecycle.Stopped) as exc:  # in any phase: its name, one line
+            message, status = lifecycle.stop_message(exc)
+            error(message)
+            return status
+        except Exception as exc:  # noqa: BLE001 - the last line of defence: one line, not a traceback
+            if os.environ.get("RADIO_TRACEBACK"):
+                raise
+            error(f"internal error: {type(exc).__name__}: {exc} (set RADIO_TRACEBACK=1 for the traceback)")
+            return EXIT_INTERNAL
 
 
 def _main(args: argparse.Namespace) -> int:
@@ -86,11 +97,13 @@ def _main(args: argparse.Namespace) -> int:
     if args.output_dir:
         overrides.append(f"output_dir={args.output_dir}")
     try:
-        recipe = load_recipe(args.recipe, overrides)
+        with lifecycle.phase("reading the recipe"):
+            recipe = load_recipe(args.recipe, overrides)
         registry = get_registry()
         warn_plugin_problems(registry)
-        world = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
-        check_recipe(recipe, registry, world_size=world, origin=args.recipe)
+        world = args.world_size or _launch_world_size()
+        with lifecycle.phase("checking the recipe"):
+            check_recipe(recipe, registry, world_size=world, origin=args.recipe)
     except (RecipeError, PluginError) as exc:
         error(exc)
         return EXIT_REFUSED
@@ -107,6 +120,23 @@ def _main(args: argparse.Namespace) -> int:
             return EXIT_REFUSED
         return EXIT_OK
     return _train(args, recipe, registry)
+
+
+def _launch_world_size() -> int:
+    from .recipe import RecipeError
+
+    value = os.environ.get("WORLD_SIZE", "1").strip()
+    if not value.isdigit() or not 1 <= int(value) <= 1_000_000:
+        raise RecipeError(f"WORLD_SIZE={value[:40]!r} in the environment is not a positive number of processes")
+    return int(value)
+
+
+def plugin_exit_message(exc: SystemExit, registry) -> str:
+    """A plugin's ``sys.exit`` (our code never calls it inside a command): its failure, by name."""
+    who = registry.plugin_in_traceback(exc.__traceback__)
+    who = f"plugin {who}" if who else "plugin code"
+    return (f"{who} called sys.exit({exc.code!r}) while {lifecycle.phase_of(exc)}; a plugin must raise an "
+            "exception instead of ending the process")
 
 
 def elastic_store_warning(environ=os.environ) -> Optional[str]:
@@ -196,17 +226,22 @@ def group_warning(num_processes: int, environ=os.environ) -> Optional[str]:
 
 def _train(args: argparse.Namespace, recipe, registry) -> int:
     from .registry import PluginError
-    from .train.loop import BadDataError, NonFiniteLossError, Trainer
+    from .train.loop import BadDataError, NonFiniteLossError, NotTrainedError, Trainer
 
     warning = elastic_store_warning()
     if warning and os.environ.get("RANK", "0") == "0":
         print(f"warning: {warning}", file=sys.stderr, flush=True)
 
     try:
-        trainer = Trainer(recipe, registry=registry, resume=args.resume, recipe_path=args.recipe,
-                          overwrite=args.overwrite)
+        with lifecycle.phase("building the teachers, the student and the data"):
+            trainer = Trainer(recipe, registry=registry, resume=args.resume, recipe_path=args.recipe,
+                              overwrite=args.overwrite)
     except (PluginError, ValueError, OSError) as exc:  # ResumeError, RunExistsError, CacheMismatchError, ...
         error(exc)
+        _drop_process_group()
+        return EXIT_REFUSED
+    except SystemExit as exc:
+        error(plugin_exit_message(exc, registry))
         _drop_process_group()
         return EXIT_REFUSED
     mismatch = group_warning(trainer.accelerator.num_processes)
@@ -216,16 +251,21 @@ def _train(args: argparse.Namespace, recipe, registry) -> int:
     try:
         metrics = trainer.fit()
         clean = True
-    except (PluginError, NonFiniteLossError, BadDataError, ValueError, OSError) as exc:
+    except (PluginError, NonFiniteLossError, NotTrainedError, BadDataError, ValueError, OSError) as exc:
         error(exc)
+        return EXIT_FAILED
+    except SystemExit as exc:
+        error(plugin_exit_message(exc, registry))
         return EXIT_FAILED
     finally:
         trainer.close(clean)
     if trainer.stopped:
         return EXIT_STOPPED
-    if trainer.accelerator.is_main_process and metrics:
-        summary = ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k.startswith("loss/"))
-        print(f"done: step {trainer.state.step}; {summary}; outputs in {os.path.abspath(recipe.output_dir)}")
+    if trainer.accelerator.is_main_process:
+        s = trainer.state
+        summary = "".join(f"; {k}={v:.4f}" for k, v in (metrics or {}).items() if k.startswith("loss/"))
+        print(f"done: step {s.step}, trained: {s.learned_steps} step(s) learned, {s.skipped_steps} skipped as "
+              f"non-finite{summary}; outputs in {os.path.abspath(recipe.output_dir)}")
     return EXIT_OK
 
 

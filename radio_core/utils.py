@@ -1,8 +1,10 @@
 """Small helpers shared across the core."""
 from __future__ import annotations
 
+import argparse
 import hashlib
-from typing import Any, Iterable
+import os
+from typing import Any, Iterable, Optional
 
 import torch
 from torch import nn
@@ -88,8 +90,12 @@ def read_safetensors(path: Any, what: str = "weights") -> dict[str, torch.Tensor
     path = Path(path)
     if path.is_dir():
         raise WeightsError(f"{path}: is a directory, not a {what} file")
-    if not path.is_file():
+    if not path.exists() and not path.is_symlink():
         raise WeightsError(f"{path}: {what} file not found")
+    try:
+        check_user_file(path, f"{what} file", None)  # a FIFO, a device, a symlink loop: refused, never read
+    except UserFileError as exc:
+        raise WeightsError(str(exc)) from None
     try:
         state = load_file(str(path))
     except Exception as exc:  # noqa: BLE001 - SafetensorError, OSError, ...: one line naming the file
@@ -130,3 +136,188 @@ def check_dtypes(state: dict[str, torch.Tensor], reference: dict[str, torch.Tens
     if len(float_dtypes) > 1:
         examples = ", ".join(f"{str(d).removeprefix('torch.')} ({k!r})" for d, k in float_dtypes.items())
         raise WeightsError(f"{origin}: mixed floating dtypes: {examples}; convert the whole file to one dtype")
+
+
+# ------------------------------------------------------------------------ files a user names
+class UserFileError(ValueError):
+    """A path that is not what it should be (missing, a FIFO, a device, a symlink loop, too
+    large, a directory where a file was meant...); the message is one line naming it."""
+
+
+#: the largest small file (JSON, YAML, text) the project reads whole unless told otherwise.
+MAX_TEXT_BYTES = 64 << 20
+
+
+def _shown(path: Any) -> str:
+    return short_repr(str(path), 200, quote=False)
+
+
+def _file_kind(mode: int) -> str:
+    import stat
+
+    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def stat_user_path(path: Any, what: str = "file") -> "os.stat_result":
+    """``os.stat`` (symlinks followed) with every failure one UserFileError line naming ``path``:
+    missing, a NUL byte in the name, a symlink loop, a name too long, no permission."""
+    import errno
+
+    shown = _shown(path)
+    try:
+        return os.stat(path)
+    except ValueError:  # "embedded null byte"
+        raise UserFileError(f"{what} path {shown} contains a NUL byte") from None
+    except FileNotFoundError:
+        raise UserFileError(f"{shown}: {what} not found") from None
+    except OSError as exc:
+        why = {errno.ELOOP: "a symlink loop (too many levels of symbolic links)",
+               errno.ENAMETOOLONG: "the path is too long", errno.EACCES: "permission denied",
+               errno.ENOTDIR: "a part of the path is not a directory"}.get(exc.errno, exc.strerror or str(exc))
+        raise UserFileError(f"{shown}: cannot use this {what}: {why}") from None
+
+
+def check_user_file(path: Any, what: str = "file", max_bytes: Optional[int] = MAX_TEXT_BYTES) -> "os.stat_result":
+    """``path`` must be a regular file (after symlinks) of at most ``max_bytes``: never a FIFO
+    (reading it would hang), a device (``/dev/zero`` never ends), a directory or a symlink loop.
+    Returns its stat; raises UserFileError (one line naming the file) otherwise."""
+    import stat
+
+    st = stat_user_path(path, what)
+    shown = _shown(path)
+    if not stat.S_ISREG(st.st_mode):
+        raise UserFileError(f"{shown}: {what} is {_file_kind(st.st_mode)}, not a regular file")
+    if max_bytes is not None and st.st_size > max_bytes:
+        raise UserFileError(f"{shown}: {what} is {st.st_size} bytes, larger than the {max_bytes} this project "
+                            f"reads; not a {what}")
+    return st
+
+
+def check_user_dir(path: Any, what: str = "directory") -> "os.stat_result":
+    """``path`` must be a directory (after symlinks); one UserFileError line otherwise."""
+    import stat
+
+    st = stat_user_path(path, what)
+    if not stat.S_ISDIR(st.st_mode):
+        raise UserFileError(f"{_shown(path)}: {what} is {_file_kind(st.st_mode)}, not a directory")
+    return st
+
+
+def read_user_file(path: Any, what: str = "file", max_bytes: int = MAX_TEXT_BYTES) -> bytes:
+    """The bytes of a regular file of at most ``max_bytes`` (``check_user_file``), opened without
+    blocking and checked again on the open descriptor (a file swapped for a FIFO in between is
+    refused too), read no further than ``max_bytes`` (a file that grows is refused)."""
+    import stat
+
+    check_user_file(path, what, max_bytes)
+    shown = _shown(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0))
+    except OSError as exc:
+        raise UserFileError(f"{shown}: cannot read this {what}: {exc.strerror or exc}") from None
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise UserFileError(f"{shown}: {what} is not a regular file")
+        try:
+            data = f.read(max_bytes + 1)
+        except OSError as exc:
+            raise UserFileError(f"{shown}: cannot read this {what}: {exc.strerror or exc}") from None
+    if len(data) > max_bytes:
+        raise UserFileError(f"{shown}: {what} is larger than the {max_bytes} bytes this project reads")
+    return data
+
+
+def read_user_text(path: Any, what: str = "file", max_bytes: int = MAX_TEXT_BYTES) -> str:
+    """``read_user_file`` decoded as UTF-8 (one UserFileError line if it is not)."""
+    try:
+        return read_user_file(path, what, max_bytes).decode("utf-8")
+    except UnicodeDecodeError:
+        raise UserFileError(f"{_shown(path)}: {what} is not UTF-8 text") from None
+
+
+def read_user_json(path: Any, what: str = "JSON file", max_bytes: int = MAX_TEXT_BYTES) -> Any:
+    """The parsed content of a JSON file (``read_user_text``); malformed JSON, numbers too long
+    to convert and nesting too deep are one UserFileError line naming the file."""
+    import json
+
+    data = read_user_file(path, what, max_bytes)
+    try:
+        return json.loads(data.decode("utf-8"))
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError, JSONDecodeError, int digit limit
+        raise UserFileError(f"{_shown(path)}: {what} is not valid JSON "
+                            f"({short_repr(exc, 160, quote=False)})") from None
+
+
+def read_user_jsonl(path: Any, what: str = "JSON-lines file", max_bytes: int = MAX_TEXT_BYTES) -> list[dict]:
+    """The JSON objects of a JSON-lines log (``read_user_text``), one per line; lines that are
+    not JSON objects (cut by a kill, or garbage) are skipped, never an error."""
+    import json
+
+    rows = []
+    for line in read_user_text(path, what, max_bytes).splitlines():
+        try:
+            row = json.loads(line)
+        except (ValueError, RecursionError):
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
+# ------------------------------------------------------------------------ command lines
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad command line is one ``error:`` line (exit status 2), like every other
+    refusal, instead of a usage block."""
+
+    def error(self, message: str):  # noqa: ANN201 - argparse's signature
+        self.exit(2, f"error: {self.prog}: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 of at most 18 digits."""
+    value = text.strip()
+    if not value.isdigit() or len(value) > 18 or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {short_repr(text, 40)}")
+    return int(value)
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0 (of a sane length)."""
+    import math
+
+    try:
+        value = float(text) if len(text) <= 40 else math.nan
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {short_repr(text, 40)}")
+    return value
+
+
+def safetensors_from_legacy_pickle(pickle_path: Any, safetensors_path: Any) -> bool:
+    """Convert, once, a state-dict pickle that an earlier version of this project wrote into one
+    of its own caches into safetensors beside it (read from then on: the cache is never unpickled
+    again; the pickle stays for older versions sharing the cache). The one read uses torch's
+    restricted ``weights_only`` unpickler (tensors and plain containers only). True when a
+    conversion happened."""
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    pickle_path, safetensors_path = Path(pickle_path), Path(safetensors_path)
+    if safetensors_path.is_file() or not pickle_path.is_file():
+        return False
+    check_user_file(pickle_path, "cached weights", None)
+    state = torch.load(pickle_path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise WeightsError(f"{pickle_path}: not a state dict; delete it to rebuild the cache entry")
+    check_finite(state, str(pickle_path))
+    tmp = safetensors_path.with_name(f".{safetensors_path.name}.{os.getpid()}.tmp")
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
+    os.replace(tmp, safetensors_path)
+    return True

@@ -40,19 +40,24 @@ def live_payloads(tmp_path):
     return found
 
 
-@pytest.fixture(scope="module")
-def export_dir(tmp_path_factory):
+def export_with_target_norms(folder, **teachers):
+    """An export of ``make_recipe(**teachers)`` whose target norms have estimated statistics."""
     from radio_core.registry import get_registry
 
-    recipe = make_recipe(clip={"target_norm": "standardize"})
+    recipe = make_recipe(**teachers)
     distiller = trained_distiller(recipe, get_registry())
     for parts in distiller.target_norms.values():
         for norm in parts.values():
-            norm.update(torch.randn(32, norm.dim))
+            norm.update(torch.randn(64, norm.dim))
             norm.finalize()
-    path = tmp_path_factory.mktemp("export") / "export"
+    path = folder / "export"
     save_export(distiller, recipe, None, path)
     return path
+
+
+@pytest.fixture(scope="module")
+def export_dir(tmp_path_factory):
+    return export_with_target_norms(tmp_path_factory.mktemp("export"), clip={"target_norm": "standardize"})
 
 
 def crafted(export_dir, tmp_path, entry):

@@ -37,9 +37,13 @@ def test_fsdp_matches_ddp_and_resumes_from_sharded_checkpoints(tmp_path):
     out = launch(fsdp, env_with(site, RADIO_TEST_SIGTERM="3:1"), stopped=True)
     assert "stop requested: checkpoint written at step 3" in out
     ckpt = tmp_path / "fsdp" / "run" / "checkpoints" / "step_00000003"
-    # Sharded state (torch.distributed.checkpoint: one file per rank), no replicated weights file.
-    assert sorted(p.name for p in (ckpt / "pytorch_model_fsdp_0").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    # Sharded state (torch.distributed.checkpoint's Hugging Face storage: one safetensors file per
+    # rank, offsets in its JSON header), no replicated weights file, and no pickle anywhere.
+    assert sorted(p.name for p in (ckpt / "sharded").iterdir()) == [
+        "shard-00001-model-00001-of-00001.safetensors", "shard-00002-model-00001-of-00001.safetensors"]
     assert not (ckpt / "model.safetensors").exists()
+    assert sorted(p.name for p in ckpt.iterdir() if p.is_file()) == [
+        "checksums.json", "optimizer.json", "rng_rank0.safetensors", "rng_rank1.safetensors", "trainer_state.json"]
     out = launch(fsdp, env_with(site), "--resume")
     assert "resumed from" in out and "step_00000003" in out
 

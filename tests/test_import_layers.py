@@ -9,7 +9,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Lowest first. A module may import from its own layer or any layer below it.
 LAYERS = [
-    ["radio_core.utils", "radio_core.progress", "radio_core.locks"],
+    ["radio_core.utils", "radio_core.progress", "radio_core.locks", "radio_core.lifecycle"],
     ["radio_core.protocols", "radio_core.hookspecs", "radio_core.registry", "radio_core.arguments"],
     ["radio_core.recipe"],
     ["radio_core.models"],

@@ -22,9 +22,12 @@ COMMON = ["train.steps=6", "checkpoint.every=2", "checkpoint.keep=3", "checkpoin
 
 
 def snapshot(root: Path) -> dict:
-    """Every file's bytes (hash) and every directory under ``root``."""
+    """Every file's bytes (hash) and every directory under ``root`` (but the run folder's lock,
+    which records its latest holder)."""
     out = {}
     for p in sorted(root.rglob("*")):
+        if p.name == ".radio.lock":
+            continue
         rel = str(p.relative_to(root))
         out[rel] = "dir" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
     return out
@@ -71,6 +74,10 @@ FAILED_RESUMES = [
     ("all_flipped_same_size", corrupt_all("flip"), [], ["step_00000004", "step_00000002", "checksum mismatch"]),
     ("truncated_without_checksums", lambda c: [(_truncate(s / "model.safetensors"), (s / "checksums.json").unlink())
                                                for s in c.glob("step_*")], [], ["step_00000004", "step_00000002"]),
+    ("checksums_deleted", lambda c: [(s / "checksums.json").unlink() for s in c.glob("step_*")], [],
+     ["step_00000004: ValueError: no checksums.json: a checkpoint is never loaded unverified"]),
+    ("file_added_after_the_fact", lambda c: [(s / "notes.txt").write_text("x") for s in c.glob("step_*")], [],
+     ["step_00000004: ValueError: file(s) not in checksums.json: notes.txt"]),
     ("recipe_changed_the_model", lambda c: None, ["student.args.embed_dim=64"], ["step_00000004", "step_00000002"]),
     ("state_beyond_the_schedule", lambda c: None, ["train.steps=3"],
      ["step_00000004 is at step 4, beyond this recipe's train.steps=3"]),
@@ -134,7 +141,7 @@ def test_checksums_catch_a_flipped_byte_and_the_resume_falls_back(stopped_run, t
     root, recipe = copy_run(stopped_run, tmp_path)
     newest = root / "run" / "checkpoints" / "step_00000004"
     table = json.loads((newest / "checksums.json").read_text())["files"]
-    assert {"model.safetensors", "optimizer.bin", "trainer_state.json"} <= set(table)
+    assert {"model.safetensors", "optimizer.safetensors", "optimizer.json", "rng_rank0.safetensors", "trainer_state.json"} <= set(table)
     _flip_byte(newest / "model.safetensors")  # still a valid safetensors file, of the same size
     assert main([str(recipe), "--resume"]) == 0
     out = capsys.readouterr().out

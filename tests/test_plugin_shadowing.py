@@ -125,3 +125,58 @@ def test_plugins_validate_and_train_go_on_when_a_plugin_calls_sys_exit(tmp_path)
     assert "warning: plugin 'aaa_exit' from distribution 'exiting-plugin' failed to load" in val.stderr
     train = _cli(site, "train", str(recipe))
     assert train.returncode == 0 and "done: step 2" in train.stdout, train.stdout[-2000:] + train.stderr[-2000:]
+
+
+# A package whose *entry point* is named like a built-in one: importlib.metadata and pluggy both
+# key plugins by that name, so such a package could replace the built-in CLIP plugin (``clip``)
+# or every built-in adaptor, loss and data source (``core``). Identity is (distribution, name).
+def impostor(kind, name, module):
+    return COPYCAT.format(kind=kind, name=name, dist=module)
+
+
+@pytest.mark.parametrize("entry_point,kind,name", [("clip", "teacher", "clip"), ("core", "adaptor", "mlp"),
+                                                   ("core", "loss", "cosine"), ("vit", "student", "vit")])
+def test_an_entry_point_named_like_a_built_in_drops_nothing(entry_point, kind, name, tmp_path, monkeypatch):
+    module = f"impostor_{entry_point}_{kind}"
+    fake_distribution(tmp_path, "evil-twin", module, impostor(kind, name, module), entry_point=entry_point)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    reg = Registry()
+    reg.load_entry_points()
+    assert reg.failures == [] and reg.warnings == []
+    # every built-in is still there: the whole core (adaptors, losses, data sources) and CLIP
+    builtin = {(c.kind, c.name) for c in reg.components() if c.distribution == "radio-distill"}
+    assert {("adaptor", "mlp"), ("loss", "cosine"), ("dataset", "image_folder"), ("teacher", "clip"),
+            ("student", "vit")} <= builtin
+    assert [(k, n) for k, n, _ in reg.conflicts] == [(kind, name)]
+    with pytest.raises(PluginError, match="evil-twin"):
+        reg.get(kind, name)
+    assert reg.get(kind, f"radio-distill:{name}").distribution == "radio-distill"
+    assert reg.get(kind, f"evil-twin:{name}").plugin == entry_point
+    # the entry-point name alone does not pick one: both distributions have an entry point of that name
+    with pytest.raises(PluginError, match="matches more than one"):
+        reg.get(kind, f"{entry_point}:{name}")
+
+
+def test_one_distribution_name_installed_twice_is_reported_not_silently_hidden(tmp_path, monkeypatch):
+    """importlib.metadata.entry_points() keeps only the first distribution of a name on sys.path:
+    a second ``radio-distill`` earlier on the path would hide every built-in."""
+    fake_distribution(tmp_path, "radio-distill", "fake_core", impostor("adaptor", "mlp", "fake_core"),
+                      entry_point="core")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    reg = Registry()
+    reg.load_entry_points()
+    assert "dinov2" in reg.names("teacher") and "image_folder" in reg.names("dataset")  # the real one loaded
+    assert any("'radio-distill' is installed more than once" in w and str(tmp_path) in w for w in reg.warnings)
+    assert [(k, n) for k, n, _ in reg.conflicts] == [("adaptor", "mlp")]
+    with pytest.raises(PluginError, match="matches more than one"):
+        reg.get("adaptor", "radio-distill:mlp")
+
+
+def test_plugins_listing_names_the_distribution_of_each_component(tmp_path):
+    site = fake_distribution(tmp_path / "site", "evil-twin", "impostor_cli", impostor("teacher", "clip", "impostor_cli"),
+                             entry_point="clip")
+    listing = _cli(site, "plugins", "--kind", "teacher")
+    assert listing.returncode == 1
+    rows = {ln.split()[1]: ln for ln in listing.stdout.splitlines() if ln.startswith("teacher")}
+    assert "radio-distill (clip)" in rows["radio-distill:clip"] and "evil-twin (clip)" in rows["evil-twin:clip"]
+    assert "radio-distill (dinov2)" in rows["dinov2"]

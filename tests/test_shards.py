@@ -6,6 +6,7 @@ import pickle
 import shutil
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -90,10 +91,11 @@ def test_pack_writes_shards_and_a_correct_manifest(photos, packed):
         tar_members = scan_tar(out / shard["name"])
         assert [mm[:4] for mm in members(out, shard)] == tar_members
         with open(out / shard["name"], "rb") as f:
-            for key, ext, offset, size, source_path in members(out, shard):
+            for key, ext, offset, size, crc, source_path in members(out, shard):
                 assert source_path == f"{key}.{ext}"
                 f.seek(offset)
-                assert f.read(size) == (photos / source_path).read_bytes()
+                data = f.read(size)
+                assert data == (photos / source_path).read_bytes() and crc == zlib.crc32(data)
 
 
 def test_random_access_gives_the_folder_sources_pixels(photos, packed):
@@ -299,7 +301,7 @@ def test_pack_command_line(photos, tmp_path):
     assert f"packed {n} images" in res.stdout and f"into {(n + 5) // 6} shard(s)" in res.stdout
     m = json.loads((out / MANIFEST).read_text())
     assert m["count"] == n and m["shuffle_seed"] is None
-    assert [mm[4] for s in m["shards"] for mm in members(out, s)] == files  # folder order kept
+    assert [mm[5] for s in m["shards"] for mm in members(out, s)] == files  # folder order kept
     again = subprocess.run([sys.executable, "-m", "radio_core.data", "pack", str(photos), str(out)],
                            capture_output=True, text=True)
     assert again.returncode == 2 and "already holds shards" in again.stderr
@@ -312,7 +314,8 @@ def test_index_command_writes_a_manifest_for_foreign_shards(packed, tmp_path):
     assert main(["index", f"{out}/{{000000..{len(packed[1]['shards']) - 1:06d}}}.tar"]) == 0
     m = json.loads((out / MANIFEST).read_text())
     assert m["count"] == packed[1]["count"] and (out / TABLE).is_file()
-    assert [members(out, s) for s in m["shards"]] == [[mm[:4] for mm in members(packed[0], s)]
+    # (the same members with the same CRC-32s as pack wrote, without pack's source paths)
+    assert [members(out, s) for s in m["shards"]] == [[mm[:5] for mm in members(packed[0], s)]
                                                       for s in packed[1]["shards"]]
 
 

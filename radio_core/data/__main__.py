@@ -7,12 +7,13 @@ from typing import Optional, Sequence
 
 def main(argv: Optional[Sequence[str]] = None, prog: str = "python -m radio_core.data") -> int:
     """python -m radio_core.data pack FOLDER OUT [--shard-size 1000] | index SHARDS"""
-    import argparse
     import sys
 
     from . import shards
 
-    p = argparse.ArgumentParser(prog=prog, description="Data tools.")
+    from ..utils import OneLineParser
+
+    p = OneLineParser(prog=prog, description="Data tools.")
     sub = p.add_subparsers(dest="command", required=True)
     pk = sub.add_parser("pack", help="pack an image folder into webdataset tar shards plus their index")
     pk.add_argument("folder")
@@ -36,6 +37,9 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "python -m radio_core
                   f"({rate:.0f} images/s); manifest: {where}")
             if m["unreadable"]:
                 print(f"skipped {len(m['unreadable'])} unreadable file(s), e.g. {m['unreadable'][0]}")
+            if m["skipped_links"]:
+                print(f"skipped {len(m['skipped_links'])} symlink(s) leading out of {args.folder} (never followed), "
+                      f"e.g. {m['skipped_links'][0]}")
             print(f"use it with: data.source.name=webdataset data.source.args.shards={Path(args.out).resolve()}")
         else:
             m = shards.index_shards(args.shards)

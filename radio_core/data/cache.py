@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from ..models import preprocess
+from ..utils import OneLineParser, check_user_file, read_user_json
 from ..models.teachers import build_teacher, compute_targets, group_teachers
 from ..protocols import Teacher
 from .augment import AugmentedImages, collate
@@ -80,8 +81,8 @@ class FeatureCache:
         if not index.is_file():
             raise FileNotFoundError(f"cache.path: no complete teacher-feature cache at {self.path} "
                                     f"(missing {INDEX}); build it with radio cache RECIPE")
-        self.index = json.loads(index.read_text())
-        if self.index.get("version") != CACHE_VERSION:
+        self.index = read_user_json(index, "cache index")
+        if not isinstance(self.index, dict) or self.index.get("version") != CACHE_VERSION:
             raise CacheMismatchError(f"cache.path: {self.path} has cache version {self.index.get('version')}, "
                                      f"expected {CACHE_VERSION}; rebuild it")
         self.views: int = self.index["views"]
@@ -109,13 +110,23 @@ class FeatureCache:
         key = (name, part)
         if key not in self._arrays:
             # copy-on-write: writable for torch.from_numpy (no copy, no warning), file untouched
-            self._arrays[key] = np.load(self.path / name / f"{part}.npy", mmap_mode="c")
+            path = self.path / name / f"{part}.npy"
+            check_user_file(path, "cached features", None)
+            try:  # never unpickled: an object array in the cache is refused
+                self._arrays[key] = np.load(path, mmap_mode="c", allow_pickle=False)
+            except ValueError as exc:
+                raise CacheMismatchError(f"cache.path: {path} is not a feature array ({exc})") from None
         return self._arrays[key]
 
     def _basis(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         if name not in self._bases:
-            with np.load(self.path / name / "pca.npz") as f:
-                self._bases[name] = (torch.from_numpy(f["basis"]), torch.from_numpy(f["mean"]))
+            path = self.path / name / "pca.npz"
+            check_user_file(path, "cache PCA basis", None)
+            try:
+                with np.load(path, allow_pickle=False) as f:
+                    self._bases[name] = (torch.from_numpy(f["basis"]), torch.from_numpy(f["mean"]))
+            except (ValueError, KeyError) as exc:
+                raise CacheMismatchError(f"cache.path: {path} is not a PCA basis ({exc})") from None
         return self._bases[name]
 
     def bytes_per_entry(self) -> dict[str, int]:
@@ -304,7 +315,7 @@ def run_identity(recipe: Any, source: Any, teachers: dict[str, Teacher], crop: t
 
 
 def main(argv: Optional[Sequence[str]] = None, prog: str = "python -m radio_core.data.cache") -> int:
-    p = argparse.ArgumentParser(prog=prog, description=__doc__,
+    p = OneLineParser(prog=prog, description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("recipe")
     p.add_argument("overrides", nargs="*")

@@ -27,6 +27,7 @@ import json
 import os
 import time
 import warnings
+import zlib
 from collections import OrderedDict
 from pathlib import Path
 from typing import NamedTuple, Optional, Sequence
@@ -79,9 +80,10 @@ def pack_folder(folder: str, out_dir: str, shard_size: int = 1000, shard_bytes: 
         raise FileNotFoundError(f"pack: image folder not found: {root}")
     if shard_size < 1:
         raise ValueError(f"pack: shard_size must be >= 1, got {shard_size}")
-    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    files, outside = _files_inside(root)
     if not files:
-        raise FileNotFoundError(f"pack: no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) under {root}")
+        raise FileNotFoundError(f"pack: no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) under {root}"
+                                + (f" (skipped {len(outside)} symlink(s) leading out of it)" if outside else ""))
     if shuffle_seed is not None:
         order = np.random.default_rng(shuffle_seed).permutation(len(files))
         files = [files[i] for i in order]
@@ -113,20 +115,46 @@ def pack_folder(folder: str, out_dir: str, shard_size: int = 1000, shard_bytes: 
     manifest = {"format": MANIFEST_FORMAT, "count": sum(s["count"] for s in shards),
                 "bytes": sum(s["bytes"] for s in shards), "image_bytes": sum(s.pop("image_bytes") for s in shards),
                 "source": str(root.resolve()), "shard_size": shard_size, "shuffle_seed": shuffle_seed,
-                "unreadable": unreadable,
+                "unreadable": unreadable, "skipped_links": outside,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "seconds": round(time.perf_counter() - t0, 3),
-                "image_keys": list(IMAGE_KEYS), "member_fields": MEMBER_FIELDS + ["source_path"],
+                "image_keys": list(IMAGE_KEYS), "member_fields": MEMBER_FIELDS + ["crc32", "source_path"],
                 "index_files": f"<shard>{INDEX_SUFFIX}", "table": TABLE, "shards": shards}
     write_manifest(out, manifest)
     return manifest
 
 
+def _files_inside(root: Path) -> tuple[list[Path], list[str]]:
+    """Image files under ``root`` (regular files: no FIFO, device or socket) whose real path
+    stays inside it, and the symlinks that lead out of it (never followed: a folder handed over
+    must not pack a system file or another user's folder into shards that are then shared)."""
+    real_root = Path(os.path.realpath(root))
+    inside, outside = [], []
+    for p in sorted(root.rglob("*")):
+        if p.suffix.lower() not in IMAGE_EXTENSIONS or not p.is_file():
+            continue
+        real = Path(os.path.realpath(p))
+        (inside if real_root in real.parents else outside).append(p)
+    return inside, [str(p.relative_to(root)) for p in outside]
+
+
+def _member_crcs(shard: Path, members: list[list]) -> list[int]:
+    """CRC-32 of each member's bytes, read back from the shard (one sequential pass)."""
+    fd = os.open(shard, os.O_RDONLY)
+    try:
+        return [zlib.crc32(os.pread(fd, int(m[3]), int(m[2]))) for m in members]
+    finally:
+        os.close(fd)
+
+
 def _index_one(shard: Path, image_keys: Sequence[str], sources: Optional[dict[str, str]] = None) -> dict:
-    """Scan a freshly written shard, write its index file; its manifest entry."""
+    """Scan a freshly written shard, write its index file (with each member's CRC-32, checked on
+    every read); its manifest entry."""
     members = scan_tar(shard, image_keys)
+    members = [m + [crc] for m, crc in zip(members, _member_crcs(shard, members))]
     if sources is not None:  # pack knows where each member came from
         members = [m + [sources[m[0]]] for m in members]
-    write_shard_index(shard, members, image_keys, MEMBER_FIELDS + (["source_path"] if sources is not None else []))
+    write_shard_index(shard, members, image_keys,
+                      MEMBER_FIELDS + ["crc32"] + (["source_path"] if sources is not None else []))
     return {"name": shard.name, "count": len(members), "bytes": shard.stat().st_size,
             "image_bytes": sum(m[3] for m in members)}
 
@@ -161,7 +189,7 @@ def index_shards(shards: str, image_keys: Sequence[str] = IMAGE_KEYS, progress: 
     manifest = {"format": MANIFEST_FORMAT, "count": sum(e["count"] for e in entries),
                 "bytes": sum(e["bytes"] for e in entries), "image_bytes": sum(e.pop("image_bytes") for e in entries),
                 "source": shards, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "image_keys": list(image_keys),
-                "member_fields": MEMBER_FIELDS, "index_files": f"<shard>{INDEX_SUFFIX}", "table": TABLE,
+                "member_fields": MEMBER_FIELDS + ["crc32"], "index_files": f"<shard>{INDEX_SUFFIX}", "table": TABLE,
                 "shards": entries}
     write_manifest(paths[0].parent, manifest)
     return manifest
@@ -244,6 +272,7 @@ class _Members(NamedTuple):
     keys: list[str]
     offsets: np.ndarray
     sizes: np.ndarray
+    crcs: np.ndarray  # CRC-32 per member, -1 where the index has none (a header scan, an older index)
 
 
 class TarShardSource:
@@ -288,6 +317,7 @@ class TarShardSource:
         self._fds: dict[int, int] = {}
         self._members: OrderedDict[int, _Members] = OrderedDict()
         self._stale: set[int] = set()  # shards whose size changed since the table was written
+        self._warned_unverified = False
         self._pid = os.getpid()
 
     # -- ImageSource -----------------------------------------------------------------------
@@ -336,6 +366,10 @@ class TarShardSource:
         if len(data) != size:
             raise CorruptSampleError(f"{self.table.path(shard)}: member {members.keys[local]!r} is truncated "
                                      f"({len(data)} of {size} bytes; the shard file is cut short)")
+        crc = int(members.crcs[local])
+        if crc >= 0 and zlib.crc32(data) != crc:
+            raise CorruptSampleError(f"{self.table.path(shard)}: member {members.keys[local]!r} fails its CRC-32 "
+                                     "checksum: its bytes changed after the shard was indexed")
         return data
 
     def members(self, shard: int) -> _Members:
@@ -348,8 +382,14 @@ class TarShardSource:
         path = self.table.path(shard)
         size = None if shard in self._stale else int(self.table.sizes[shard])
         rows = shard_index(path, self.image_keys, self.index_cache, size=size)
+        crcs = np.array([m[4] if len(m) > 4 and isinstance(m[4], int) else -1 for m in rows], dtype=np.int64)
+        if len(crcs) and (crcs < 0).any() and not self._warned_unverified:  # once per reader, not per shard
+            self._warned_unverified = True
+            warnings.warn(f"{path}: its index holds no checksums, so its samples are read unverified (and those of "
+                          "any other shard indexed so); index the directory again with `python -m radio_core.data "
+                          "index` to add them", stacklevel=2)
         entry = _Members([m[0] for m in rows], np.array([m[2] for m in rows], dtype=np.int64),
-                         np.array([m[3] for m in rows], dtype=np.int64))
+                         np.array([m[3] for m in rows], dtype=np.int64), crcs)
         if len(self._members) >= self.index_lru:
             self._members.popitem(last=False)
         self._members[shard] = entry

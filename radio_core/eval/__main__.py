@@ -81,7 +81,9 @@ def _parse_arg(item: str) -> tuple[str, object]:
 
 
 def _main(argv: Optional[Sequence[str]] = None, prog: str = "radio_core.eval") -> int:
-    p = argparse.ArgumentParser(prog=prog, description=__doc__,
+    from ..utils import OneLineParser
+
+    p = OneLineParser(prog=prog, description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dir", help="a training run's output_dir (recipe.yaml + export/ or checkpoints/)")
     p.add_argument("task", help="report, sweep, or an evaluator: fidelity, knn, linear, zeroshot, seg, ...")

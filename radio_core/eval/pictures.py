@@ -1,7 +1,6 @@
 """Pictures a person would rather look at than read: PCA feature maps, loss curves, sweeps."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -76,10 +75,12 @@ def save_pca_figure(image: np.ndarray, maps: dict[str, np.ndarray], path: str | 
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
+    from ..utils import read_user_jsonl
+
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"no metrics.jsonl in {run_dir}")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return read_user_jsonl(path, "training log")  # malformed lines skipped; a FIFO or a device refused
 
 
 def save_loss_curves(run_dir: str | Path, path: str | Path) -> Path:
@@ -89,7 +90,9 @@ def save_loss_curves(run_dir: str | Path, path: str | Path) -> Path:
     keys = sorted({k for r in rows for k in r if k.startswith("loss/")})
     fig, ax = plt.subplots(figsize=(7, 4))
     for k in keys:
-        pts = [(r["step"], r[k]) for r in rows if k in r]
+        pts = [(r["step"], r[k]) for r in rows if all(isinstance(r.get(f), (int, float)) for f in ("step", k))]
+        if not pts:
+            continue
         ax.plot(*zip(*pts), label=k[5:], linewidth=2.2 if k == "loss/total" else 1.2)
     ax.set_xlabel("step")
     ax.set_ylabel("loss")

@@ -78,8 +78,8 @@ def write_report(run: LoadedRun, out_dir: Optional[Path] = None, resolutions: Op
                      f"(first logged: {rows[0]['loss/total']:.4f}); last measured throughput "
                      f"{last.get('images_per_s', float('nan')):.1f} images/s.", "",
                      "![loss curves](loss_curves.png)", ""]
-    except FileNotFoundError:
-        pass
+    except (FileNotFoundError, IndexError, KeyError, TypeError, ValueError):
+        pass  # no usable training log (missing, empty, or rows without losses): the section is left out
     if results:
         sections += ["## Fidelity to the teachers", "",
                      f"Cosine similarity and relative MSE of each adaptor head against its teacher on "

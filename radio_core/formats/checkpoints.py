@@ -21,8 +21,6 @@ _NAME = re.compile(r"step_(\d{8,})")
 
 #: what in an output_dir shows that a run lives there (a new run there needs --overwrite).
 RUN_ARTIFACTS = ("checkpoints", "export", "metrics.jsonl")
-#: what --overwrite removes (the run's own outputs, nothing else in the folder).
-RUN_OUTPUTS = ("checkpoints", "export", "metrics.jsonl", "tensorboard", "report", "recipe.yaml")
 
 
 def checkpoint_name(step: int) -> str:
@@ -70,21 +68,33 @@ def write_checksums(folder: Path) -> Path:
 
 
 def verify_checksums(folder: Path) -> Optional[str]:
-    """None when every file matches ``checksums.json``; else what is wrong, in one line.
-    A checkpoint without the file (written before checksums existed) passes."""
+    """None when the files are exactly those ``checksums.json`` lists, each matching; else what
+    is wrong, in one line. A checkpoint without the file is never loaded unverified (deleting it
+    must not be a way past the check), nor one holding a file the table does not list. (The
+    checksums catch damage; what keeps a planted file from running code is that no checkpoint
+    file is ever unpickled, see ``radio_core.train.state_files``.)"""
+    from ..utils import UserFileError, read_user_json
+
     folder = Path(folder)
     path = folder / CHECKSUMS_FILE
-    if not path.is_file():
-        return None
+    if not path.exists() and not path.is_symlink():
+        return f"no {CHECKSUMS_FILE}: a checkpoint is never loaded unverified (deleted, or not written by a run)"
     try:
-        table = json.loads(path.read_text())["files"]
-        assert isinstance(table, dict)
-    except Exception:  # noqa: BLE001 - a damaged checksums file is itself a failed check
+        table = read_user_json(path, "checksums file")["files"]
+        assert isinstance(table, dict) and all(isinstance(e, dict) for e in table.values())
+    except (UserFileError, KeyError, TypeError, AssertionError):
         return f"{CHECKSUMS_FILE} is unreadable"
-    present = {str(p.relative_to(folder)) for p in _files(folder)}
+    listed = {p for p in folder.rglob("*") if p.name != CHECKSUMS_FILE and not p.is_dir()}
+    odd = sorted(str(p.relative_to(folder)) for p in listed if p.is_symlink() or not p.is_file())
+    if odd:
+        return f"not regular file(s): {', '.join(odd[:3])}"
+    present = {str(p.relative_to(folder)) for p in listed}
     missing = sorted(set(table) - present)
     if missing:
         return f"file(s) missing: {', '.join(missing[:3])}"
+    extra = sorted(present - set(table))
+    if extra:
+        return f"file(s) not in {CHECKSUMS_FILE}: {', '.join(extra[:3])} (added after the checkpoint was written)"
     for name, entry in sorted(table.items()):
         p = folder / name
         if p.stat().st_size != entry.get("bytes") or _digest(p) != entry.get("sha256"):

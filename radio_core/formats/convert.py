@@ -59,8 +59,9 @@ def export_run(source: str | Path, fmt: str = "transformers", out: Optional[str 
 
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; formats: {', '.join(FORMATS)}")
-    model, run_dir = load_model(source, registry=registry)
     out = Path(out) if out is not None else default_output(source, fmt)
+    _check_output(out, fmt)
+    model, run_dir = load_model(source, registry=registry)
     if fmt == "transformers":
         model.save_transformers(out)
         write_model_card(out, model.config, run_dir, fmt="transformers")
@@ -76,14 +77,36 @@ def export_run(source: str | Path, fmt: str = "transformers", out: Optional[str 
     return out
 
 
+def _check_output(out: Path, fmt: str) -> None:
+    """``--out`` must be a directory or a path that can become one (``radio``: also a file to
+    write or replace): an existing file, FIFO, device or symlink loop is one error line."""
+    import stat
+
+    from ..utils import UserFileError, stat_user_path
+
+    if not out.exists() and not out.is_symlink():
+        return
+    try:
+        st = stat_user_path(out, "--out")
+    except UserFileError as exc:
+        raise ExportSourceError(str(exc)) from None
+    as_file = fmt == "radio" and out.name.endswith((".tar", ".pth", ".pt"))
+    if as_file and not stat.S_ISREG(st.st_mode):
+        raise ExportSourceError(f"--out {out}: exists and is not a regular file; give a .pth.tar path to write")
+    if not as_file and not stat.S_ISDIR(st.st_mode):
+        raise ExportSourceError(f"--out {out}: exists and is not a directory; the {fmt} export is a folder: give a "
+                                "new or existing folder")
+
+
 __all__ = ["export_run", "load_model", "locate", "FORMATS", "ExportSourceError"]
 
 
 def main(argv=None) -> int:
-    import argparse
     import sys
 
-    p = argparse.ArgumentParser(prog="radio export", description=(
+    from ..utils import OneLineParser
+
+    p = OneLineParser(prog="radio export", description=(
         "Write a trained run's student and adaptor heads in another format, with a model card (README.md)."))
     p.add_argument("run", help="a finished run's directory (its export/ is read) or an export directory")
     p.add_argument("--format", choices=FORMATS, default="transformers",
@@ -95,10 +118,14 @@ def main(argv=None) -> int:
     from .export import ExportError
     from .hf_transformers import TransformersFormatError
 
+    from ..utils import bounded_message
+
     try:
         path = export_run(args.run, args.format, args.out)
-    except (ExportSourceError, ExportError, TransformersFormatError, PluginError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except (ExportSourceError, ExportError, TransformersFormatError, PluginError, ValueError, OSError) as exc:
+        what = exc if not isinstance(exc, OSError) or isinstance(exc, ExportSourceError) else \
+            f"cannot write the export: {exc.strerror or exc}" + (f" ({exc.filename})" if exc.filename else "")
+        print(f"error: {bounded_message(str(what))}", file=sys.stderr)
         return 2
     print(f"{args.format} export written to {path}")
     return 0

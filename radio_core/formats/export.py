@@ -26,6 +26,7 @@ floating dtypes) and finite values. Every problem is one ExportError line naming
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Mapping
@@ -142,20 +143,18 @@ def load_export(path: str | os.PathLike, registry=None) -> tuple[Distiller, dict
     """Rebuild the distiller of an export (by plugin name, through the registry) and load its
     weights. ``path``: the export directory, or its config.json / model.safetensors. Every
     problem is one ExportError line naming the file."""
-    from ..utils import WeightsError, read_safetensors, short_repr
+    from ..utils import UserFileError, WeightsError, read_safetensors, read_user_json
 
     path = Path(path)
     folder = path.parent if path.is_file() else path
     config_file, weights_file = folder / CONFIG_NAME, folder / WEIGHTS_NAME
     for f in (config_file, weights_file):
-        if not f.is_file():
+        if (not f.exists() and not f.is_symlink()) or f.is_dir():  # (a FIFO or a device: refused when read)
             raise ExportError(f"{folder}: not an export directory (missing {f.name})")
-    try:
-        config = json.loads(config_file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
-        raise ExportError(f"{config_file}: not valid JSON ({short_repr(exc, 200, quote=False)})") from None
-    except OSError as exc:
-        raise ExportError(f"{config_file}: cannot read ({exc.strerror or exc})") from None
+    try:  # a FIFO, a device or a huge file: one line, never a hang
+        config = read_user_json(config_file, "export config", 16 << 20)
+    except UserFileError as exc:
+        raise ExportError(str(exc)) from None
     check_export_config(config, str(config_file))
     try:
         state = read_safetensors(weights_file, "export weights")
@@ -226,6 +225,7 @@ def check_export_config(config: Any, origin: str) -> None:
         fail("target_norms", "must map teachers to {part: {class, args}}")
 
 
+
 def build_distiller_from_config(config: dict, registry, state: Optional[dict[str, Tensor]] = None,
                                 origin: str = "config") -> Distiller:
     """Student + heads (+ target norms) described by an export ``config``; loads ``state`` if given.
@@ -233,17 +233,21 @@ def build_distiller_from_config(config: dict, registry, state: Optional[dict[str
     Modules are first built on the meta device and the weights assigned (fast for big models);
     if anything is left unmaterialised the model is rebuilt normally and loaded.
     """
-    def build(device: Optional[str]) -> Distiller:
+    def build(device: Optional[str], norms_device: Optional[str] = "cpu") -> Distiller:
         if device == "meta":
             with torch.device("meta"):
-                return _build(config, registry, origin)
-        return _build(config, registry, origin)
+                return _build(config, registry, origin, norms_device)
+        return _build(config, registry, origin, norms_device)
 
     if state is None:
         return build(None)
     from ..utils import check_dtypes
 
-    check_dtypes(state, build("meta").state_dict(), origin)
+    # Names and shapes against a build that allocates nothing (target norms on meta too): a
+    # config asking for more than the weights file holds is refused before any real tensor exists.
+    expected = build("meta", norms_device=None).state_dict()
+    _check_shapes(state, expected, origin)
+    check_dtypes(state, expected, origin)
     try:
         distiller = build("meta")
         _load(distiller, state, origin, assign=True)
@@ -256,6 +260,17 @@ def build_distiller_from_config(config: dict, registry, state: Optional[dict[str
         distiller = build(None)
         _load(distiller, state, origin, assign=False)
     return distiller
+
+
+def _check_shapes(state: dict[str, Tensor], reference: dict[str, Tensor], origin: str) -> None:
+    missing, unexpected = sorted(set(reference) - set(state)), sorted(set(state) - set(reference))
+    if missing or unexpected:
+        raise ExportError(f"{origin}: weights do not match the config (missing {missing[:5]}, "
+                          f"unexpected {unexpected[:5]})")
+    for key, ref in reference.items():
+        if tuple(state[key].shape) != tuple(ref.shape):
+            raise ExportError(f"{origin}: weights do not match the config: {key!r} is {tuple(state[key].shape)} in "
+                              f"the weights file, the config asks for {tuple(ref.shape)}")
 
 
 def _materialise_plain_attributes(distiller: Distiller) -> None:
@@ -276,7 +291,9 @@ def _head_spec(config: dict, teacher: str, kind: str) -> tuple[str, dict, int]:
     return spec["name"], dict(spec.get("args", {})), int(hidden)
 
 
-def _build(config: dict, registry, origin: str) -> Distiller:
+def _build(config: dict, registry, origin: str, norms_device: Optional[str] = "cpu") -> Distiller:
+    """``norms_device``: where target norms are built (their non-persistent buffers are not in the
+    weights file, so a meta-built model that is then assigned keeps them real); None: as the rest."""
     sconf = config["student"]
     try:
         student = registry.build("student", sconf["name"], **dict(sconf.get("args", {})),
@@ -297,9 +314,12 @@ def _build(config: dict, registry, origin: str) -> Distiller:
                                              hidden_dim=hidden, **args)
             except PluginError as exc:
                 raise ExportError(f"{origin}: teacher {name!r} {kind} adaptor: {exc}") from None
-    with torch.device("cpu"):  # small; and their non-persistent buffers are not in the weights file
-        norms = _build_target_norms(config.get("target_norms", {}), origin)
+    with torch.device(norms_device) if norms_device else contextlib.nullcontext():
+        widths = {n: {"summary": e.get("summary_dim"), "spatial": e.get("spatial_dim")}
+                  for n, e in config["teachers"].items()}
+        norms = _build_target_norms(config.get("target_norms", {}), origin, widths)
     distiller = Distiller(student, heads, summary_heads, spatial_heads, norms)
+    distiller.student_name = sconf["name"]
     slots = config.get("summary_slots")
     if slots is not None:
         for name, slot in slots.items():
@@ -372,8 +392,9 @@ _TARGET_NORM_ALIASES = {"standardize": Standardize, "phi_s": PHIS,
                         "radio_core.models.target_norm.PHIS": PHIS}
 
 
-def _target_norm_args(args: Any, where: str) -> dict:
-    """``{"dim": positive int, "eps": positive finite float (optional)}`` and nothing else."""
+def _target_norm_args(args: Any, where: str, expected_dim: Optional[int] = None) -> dict:
+    """``{"dim": positive int, "eps": positive finite float (optional)}`` and nothing else; ``dim``
+    must be ``expected_dim``, its teacher's width (a normaliser cannot ask for more)."""
     import math
 
     if not isinstance(args, dict):
@@ -384,12 +405,15 @@ def _target_norm_args(args: Any, where: str) -> dict:
     dim, eps = args.get("dim"), args.get("eps", 1e-6)
     if not (isinstance(dim, int) and not isinstance(dim, bool) and 1 <= dim <= 1 << 20):
         raise ExportError(f"{where}: dim must be an integer in [1, {1 << 20}], got {dim!r:.60}")
+    if expected_dim is not None and dim != expected_dim:
+        raise ExportError(f"{where}: dim {dim} is not the width of the teacher's target ({expected_dim})")
     if not (isinstance(eps, (int, float)) and not isinstance(eps, bool) and math.isfinite(eps) and 0 < eps <= 1):
         raise ExportError(f"{where}: eps must be a number in (0, 1], got {eps!r:.60}")
     return {"dim": dim, "eps": float(eps)}
 
 
-def _build_target_norms(spec: dict, origin: str) -> dict[str, nn.Module]:
+def _build_target_norms(spec: dict, origin: str, dims: Optional[dict] = None) -> dict[str, nn.Module]:
+    """``dims``: {teacher: {"summary": int | None, "spatial": int | None}} from the config."""
     from ..utils import short_repr
 
     table = {**_TARGET_NORM_CLASSES, **_TARGET_NORM_ALIASES}
@@ -405,8 +429,14 @@ def _build_target_norms(spec: dict, origin: str) -> dict[str, nn.Module]:
                                   f"{', '.join(sorted(set(_TARGET_NORM_NAMES.values())))}")
             if kind not in ("summary", "spatial", ""):
                 raise ExportError(f"{where}: the part must be 'summary' or 'spatial'")
+            expected = None
+            if dims is not None:
+                widths = dims.get(teacher) or {}
+                expected = widths.get(kind) if kind else (widths.get("spatial") or widths.get("summary"))
+                if expected is None:
+                    raise ExportError(f"{where}: teacher {short_repr(teacher)} has no {kind or 'target'} of its own")
             try:
-                parts[kind] = cls(**_target_norm_args(entry.get("args", {}), where))
+                parts[kind] = cls(**_target_norm_args(entry.get("args", {}), where, expected))
             except ValueError as exc:
                 raise ExportError(f"{where}: {short_repr(exc, 200, quote=False)}") from None
         out[teacher] = nn.ModuleDict(parts) if "" not in parts else parts[""]

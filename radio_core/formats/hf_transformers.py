@@ -56,12 +56,14 @@ class TransformersFormatError(ValueError):
 
 def is_transformers_radio_dir(path: str | os.PathLike) -> bool:
     """A directory whose config.json says ``model_type: radio``."""
+    from ..utils import UserFileError, read_user_json
+
     config = Path(path) / HF_CONFIG
     if not config.is_file():
         return False
     try:
-        return json.loads(config.read_text()).get("model_type") == HF_MODEL_TYPE
-    except (json.JSONDecodeError, AttributeError):
+        return read_user_json(config, "transformers config").get("model_type") == HF_MODEL_TYPE
+    except (UserFileError, AttributeError):
         return False
 
 
@@ -184,9 +186,8 @@ def _json_default(value: Any) -> Any:
 def load_transformers_export(path: str | os.PathLike, registry: Any = None) -> tuple[Any, dict]:
     """(distiller, export config) of a directory written by ``save_transformers``: the student
     from the transformers weights, the heads from ``radio_adaptors.safetensors``."""
-    from safetensors.torch import load_file
-
     from ..registry import get_registry
+    from ..utils import UserFileError, WeightsError, read_safetensors, read_user_json
     from .export import ExportError, build_distiller_from_config
 
     path = Path(path)
@@ -195,11 +196,15 @@ def load_transformers_export(path: str | os.PathLike, registry: Any = None) -> t
         if not f.is_file():
             raise ExportError(f"{path}: a transformers directory without this framework's {f.name}; load it with "
                               f"transformers.AutoModel, or initialise a student from it (student.args.pretrained)")
-    config = json.loads(sidecar.read_text())
+    try:
+        config = read_user_json(sidecar, "export config")
+        heads = read_safetensors(heads_file, "adaptor weights")
+    except (UserFileError, WeightsError) as exc:
+        raise ExportError(str(exc)) from None
     hf_config, hf_state = read_transformers_radio(path)
     layer_scale = bool(config.get("student", {}).get("args", {}).get("init_values"))
     state = {f"student.{k}": v for k, v in transformers_to_student(hf_config, hf_state, layer_scale=layer_scale).items()}
-    state.update(load_file(str(heads_file)))
+    state.update(heads)
     distiller = build_distiller_from_config(config, registry or get_registry(), state, origin=str(sidecar))
     return distiller, config
 
@@ -207,27 +212,44 @@ def load_transformers_export(path: str | os.PathLike, registry: Any = None) -> t
 # ---------------------------------------------------------------------------------- in
 def read_transformers_radio(path: str | os.PathLike) -> tuple[dict, dict[str, Tensor]]:
     """(config.json as a dict, state dict in transformers' layout) of a transformers RADIO
-    directory; safetensors only (no code runs from the files), one file or an index of shards."""
-    from safetensors.torch import load_file
+    directory; safetensors only (no code runs from the files), one file or an index of shards,
+    every file checked (regular, finite values) before use."""
+    from ..utils import UserFileError, WeightsError, read_safetensors, read_user_json
 
     path = Path(path)
-    if not (path / HF_CONFIG).is_file():
+    if not (path / HF_CONFIG).exists():
         raise TransformersFormatError(f"{path}: not a transformers model directory (no {HF_CONFIG})")
-    config = json.loads((path / HF_CONFIG).read_text())
+    try:
+        config = read_user_json(path / HF_CONFIG, "transformers config")
+    except UserFileError as exc:
+        raise TransformersFormatError(str(exc)) from None
+    if not isinstance(config, dict):
+        raise TransformersFormatError(f"{path / HF_CONFIG}: not a JSON object")
     if config.get("model_type") != HF_MODEL_TYPE:
         raise TransformersFormatError(f"{path}: model_type {config.get('model_type')!r} is not {HF_MODEL_TYPE!r} "
                                       f"(transformers' RadioModel)")
     if (path / HF_WEIGHTS).is_file():
         files = [path / HF_WEIGHTS]
     elif (path / HF_WEIGHTS_INDEX).is_file():
-        index = json.loads((path / HF_WEIGHTS_INDEX).read_text())
-        files = [path / f for f in sorted(set(index.get("weight_map", {}).values()))]
+        try:
+            index = read_user_json(path / HF_WEIGHTS_INDEX, "weights index")
+            names = sorted(set(index["weight_map"].values()))
+        except (UserFileError, KeyError, TypeError, AttributeError) as exc:
+            raise TransformersFormatError(f"{path / HF_WEIGHTS_INDEX}: not a weights index ({exc})") from None
+        # shard names stay inside the folder: an index cannot point at files elsewhere
+        if not all(isinstance(n, str) and n and "/" not in n and "\\" not in n and n not in (".", "..")
+                   for n in names):
+            raise TransformersFormatError(f"{path / HF_WEIGHTS_INDEX}: shard names must be file names in {path}")
+        files = [path / f for f in names]
     else:
         raise TransformersFormatError(f"{path}: no {HF_WEIGHTS} (or {HF_WEIGHTS_INDEX}); only safetensors weights "
                                       f"are read")
     state: dict[str, Tensor] = {}
     for f in files:
-        state.update(load_file(str(f)))
+        try:  # NaN/inf weights are refused here, whichever command reads the folder
+            state.update(read_safetensors(f, "transformers weights"))
+        except WeightsError as exc:
+            raise TransformersFormatError(str(exc)) from None
     return config, _from_disk_layout(state)
 
 

@@ -16,32 +16,52 @@ from typing import Any, Optional
 CARD_NAME = "README.md"
 
 
+def _read(path: Path, json_file: bool = False) -> Any:
+    """A file the run left (text, or parsed JSON), or None when it is missing or unusable (not a
+    regular file, too large, not UTF-8, malformed): a card leaves out what it cannot read."""
+    from ..utils import UserFileError, read_user_json, read_user_text
+
+    if not path.is_file():
+        return None
+    try:
+        return read_user_json(path, "run file") if json_file else read_user_text(path, "run file")
+    except UserFileError:
+        return None
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 def _last_metrics(run_dir: Path) -> dict:
-    """The last logged line of ``metrics.jsonl`` and the last fidelity numbers logged."""
-    path = run_dir / "metrics.jsonl"
+    """The last logged line of ``metrics.jsonl`` and the last fidelity numbers logged (rows that
+    are not JSON objects, values that are not numbers: skipped)."""
+    from ..utils import UserFileError, read_user_jsonl
+
     last: dict = {}
     fidelity: dict = {}
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut by a kill
-            last = row
-            found = {k: v for k, v in row.items() if k.startswith("fidelity/")}
-            if found:
-                fidelity = found
+    try:
+        rows = read_user_jsonl(run_dir / "metrics.jsonl", "training log") if (run_dir / "metrics.jsonl").is_file() \
+            else []
+    except UserFileError:
+        rows = []
+    for row in rows:
+        last = row
+        found = {k: v for k, v in row.items() if k.startswith("fidelity/") and _number(v)}
+        if found:
+            fidelity = found
     return {"last": last, "fidelity": fidelity}
 
 
-def _fidelity_rows(run_dir: Path, logged: dict) -> list[tuple[str, str, float, Optional[float]]]:
+def _fidelity_rows(run_dir: Path, logged: dict) -> list[tuple[str, str, Any, Any]]:
     """(resolution, head, cosine, relative MSE) from the report, else from the training log."""
     rows = []
-    report = run_dir / "report" / "fidelity.json"
-    if report.is_file():
-        for res, heads in json.loads(report.read_text()).items():
-            for head, m in heads.items():
-                rows.append((str(res), head, m.get("cosine"), m.get("rel_mse")))
+    report = _read(run_dir / "report" / "fidelity.json", json_file=True)
+    if isinstance(report, dict):
+        for res, heads in report.items():
+            for head, m in (heads.items() if isinstance(heads, dict) else []):
+                if isinstance(m, dict):
+                    rows.append((str(res), str(head), m.get("cosine"), m.get("rel_mse")))
         return rows
     by_key: dict[tuple[str, str], dict] = {}
     for key, value in logged.items():  # fidelity/<res>/<teacher>/<head>/<metric>
@@ -56,17 +76,39 @@ def _eval_results(run_dir: Path) -> list[tuple[str, dict]]:
     out = []
     if folder.is_dir():
         for f in sorted(folder.glob("*.json")):
-            try:
-                out.append((f.stem, json.loads(f.read_text())))
-            except json.JSONDecodeError:
-                continue
+            result = _read(f, json_file=True)
+            if isinstance(result, dict):
+                out.append((f.stem, result))
     return out
 
 
 def _fmt(v: Any) -> str:
+    """A value for the card's text: numbers formatted, everything else escaped (``_text``)."""
     if isinstance(v, float):
         return f"{v:.4f}"
-    return "" if v is None else str(v)
+    return "" if v is None else _text(v)
+
+
+def _text(v: Any) -> str:
+    """Text from a recipe or a run's files, safe in Markdown and in the HTML it renders to: HTML
+    special characters as entities (no tag, script or attribute survives), and the Markdown
+    characters that could break a table row, start a link or code, or a new line, escaped."""
+    import html
+
+    text = html.escape(" ".join(str(v).split()), quote=True)
+    for char, entity in (("|", "&#124;"), ("`", "&#96;"), ("[", "&#91;"), ("]", "&#93;"), ("*", "&#42;"),
+                         ("_", "&#95;"), ("\\", "&#92;"), ("!", "&#33;")):
+        text = text.replace(char, entity)
+    return text
+
+
+def _code_block(language: str, body: str) -> str:
+    """A fenced code block that ``body`` cannot close: the fence is longer than any run of
+    backticks in it (CommonMark)."""
+    import re
+
+    fence = "`" * max(3, 1 + max((len(m) for m in re.findall(r"`+", body)), default=0))
+    return f"{fence}{language}\n{body}\n{fence}"
 
 
 def render_model_card(config: dict, run_dir: Optional[Path] = None, fmt: str = "radio-distill",
@@ -76,17 +118,16 @@ def render_model_card(config: dict, run_dir: Optional[Path] = None, fmt: str = "
     student = config.get("student", {})
     teachers = config.get("teachers", {})
     run_dir = Path(run_dir) if run_dir is not None else None
-    recipe_text = ""
-    if run_dir is not None and (run_dir / "recipe.yaml").is_file():
-        recipe_text = (run_dir / "recipe.yaml").read_text()
+    recipe_text = (_read(run_dir / "recipe.yaml") or "") if run_dir is not None else ""
     logged = _last_metrics(run_dir) if run_dir is not None else {"last": {}, "fidelity": {}}
     tags = ["radio-distill", "agglomerative-distillation", "vision", "feature-extraction"]
     lines = ["---", f"library_name: {'transformers' if fmt == 'transformers' else 'radio-distill'}",
              "pipeline_tag: image-feature-extraction", "tags:"] + [f"- {t}" for t in tags] + ["---", ""]
     name = student.get("name", "?")
     args = student.get("args", {})
-    lines += [f"# {args.get('model', name)} student distilled with radio-distill", "",
-              f"An agglomerative student (plugin `{name}`, {student.get('num_cls_tokens', 1)} summary token(s)) "
+    lines += [f"# {_text(args.get('model', name))} student distilled with radio-distill", "",
+              f"An agglomerative student (plugin {_text(name)}, {_fmt(student.get('num_cls_tokens', 1))} summary "
+              f"token(s)) "
               f"trained without labels to reproduce {len(teachers)} frozen teacher(s) through per-teacher "
               f"adaptor heads (AM-RADIO, Ranzinger et al., CVPR 2024).", ""]
 
@@ -98,23 +139,24 @@ def render_model_card(config: dict, run_dir: Optional[Path] = None, fmt: str = "
         model = targs.get("model") or ("tiny random-init (offline)" if targs.get("tiny") not in (None, False) else "")
         if targs.get("pretrained"):
             model = f"{model} ({targs['pretrained']})"
-        size = "x".join(str(s) for s in t.get("input_size", [])) or ""
-        lines.append(f"| {tname} | {t.get('plugin') or ''} | {_fmt(model)} | {_fmt(t.get('summary_dim'))} | "
+        size = "x".join(_fmt(s) for s in t.get("input_size", [])) or ""
+        lines.append(f"| {_text(tname)} | {_fmt(t.get('plugin'))} | {_fmt(model)} | {_fmt(t.get('summary_dim'))} | "
                      f"{_fmt(t.get('spatial_dim'))} | {size} |")
     lines.append("")
 
     last = logged["last"]
     lines += ["## Training", ""]
     if last:
-        losses = ", ".join(f"{k} = {v:.4f}" for k, v in last.items() if k.startswith("loss/"))
-        lines.append(f"{last.get('step', '?')} optimiser steps, {last.get('samples', '?')} images seen; "
+        losses = ", ".join(f"{_text(k)} = {_fmt(float(v))}" for k, v in last.items()
+                           if k.startswith("loss/") and _number(v))
+        lines.append(f"{_fmt(last.get('step', '?'))} optimiser steps, {_fmt(last.get('samples', '?'))} images seen; "
                      f"final losses: {losses or 'not logged'}.")
     else:
         lines.append("No training log was found beside this export.")
     sizes = _student_resolutions(recipe_text) or ([config["resolution"]] if config.get("resolution") else [])
     if sizes:
         plural = "s" if len(sizes) > 1 else ""
-        lines.append(f"Student resolution{plural} in training: {', '.join(f'{h}x{w}' for h, w in sizes)}.")
+        lines.append(f"Student resolution{plural} in training: {', '.join(f'{_fmt(h)}x{_fmt(w)}' for h, w in sizes)}.")
     lines.append("")
 
     rows = _fidelity_rows(run_dir, logged["fidelity"]) if run_dir is not None else []
@@ -122,35 +164,38 @@ def render_model_card(config: dict, run_dir: Optional[Path] = None, fmt: str = "
         lines += ["## Fidelity to the teachers", "",
                   "Cosine similarity and relative MSE of each adaptor head against its teacher on held-out images.",
                   "", "| resolution | head | cosine | relative MSE |", "|---|---|---|---|"]
-        lines += [f"| {r} | {h} | {_fmt(c)} | {_fmt(m)} |" for r, h, c, m in rows]
+        lines += [f"| {_text(r)} | {_text(h)} | {_fmt(c)} | {_fmt(m)} |" for r, h, c, m in rows]
         lines.append("")
     results = _eval_results(run_dir) if run_dir is not None else []
     if results:
         lines += ["## Benchmarks", "", "| task | result |", "|---|---|"]
         for task, result in results:
             for row in result.get("rows") or [result]:  # radio eval: one row per subject
-                shown = ", ".join(f"{k}={_fmt(v)}" for k, v in row.items() if not isinstance(v, (dict, list)))
-                lines.append(f"| {task} | {shown} |")
+                shown = ", ".join(f"{_text(k)}={_fmt(v)}" for k, v in row.items() if not isinstance(v, (dict, list)))
+                lines.append(f"| {_text(task)} | {shown} |")
         lines.append("")
 
     lines += ["## How to load", "", _how_to_load(fmt, location), ""]
     if recipe_text:
         lines += ["## Recipe", "", "The resolved recipe of the run (`radio train` input after `base:` and overrides):",
-                  "", "```yaml", recipe_text.rstrip(), "```", ""]
+                  "", _code_block("yaml", recipe_text.rstrip()), ""]
     return "\n".join(lines)
 
 
 def _how_to_load(fmt: str, location: str) -> str:
-    ours = ("```python\nfrom radio_core.model import RadioModel\n\n"
-            f"model = RadioModel.load(\"{location}\")            # or RadioModel.from_pretrained(...)\n"
-            "summary, spatial = model(images)                  # [0, 1] RGB, sides multiples of model.size_multiple\n"
-            "per_teacher = model.adaptor_outputs(images)       # {\"backbone\": ..., teacher: (summary, spatial)}\n```")
+    where = json.dumps(location)  # a Python string literal, whatever the path holds
+    ours = _code_block("python", "from radio_core.model import RadioModel\n\n"
+                       f"model = RadioModel.load({where})            # or RadioModel.from_pretrained(...)\n"
+                       "summary, spatial = model(images)                  # [0, 1] RGB, sides multiples of "
+                       "model.size_multiple\n"
+                       "per_teacher = model.adaptor_outputs(images)       # {\"backbone\": ..., teacher: (summary, spatial)}")
     if fmt == "transformers":
-        return ("The backbone loads in transformers (no remote code):\n\n```python\nfrom transformers import AutoModel\n\n"
-                f"model = AutoModel.from_pretrained(\"{location}\")\n"
-                "out = model(pixel_values=images)                  # [0, 1] RGB\n"
-                "out.summary, out.features                         # (B, k*D), (B, h*w, D)\n```\n\n"
-                "With the adaptor heads (radio_adaptors.safetensors), through radio-distill:\n\n" + ours)
+        return ("The backbone loads in transformers (no remote code):\n\n" + _code_block(
+            "python", "from transformers import AutoModel\n\n"
+            f"model = AutoModel.from_pretrained({where})\n"
+            "out = model(pixel_values=images)                  # [0, 1] RGB\n"
+            "out.summary, out.features                         # (B, k*D), (B, h*w, D)")
+            + "\n\nWith the adaptor heads (radio_adaptors.safetensors), through radio-distill:\n\n" + ours)
     if fmt == "radio":
         return ("An official-RADIO-layout checkpoint: `RadioModel.load(\"model.pth.tar\")` here, or the official "
                 "loader (`torch.hub.load(\"NVlabs/RADIO\", \"radio_model\", version=PATH)`).")

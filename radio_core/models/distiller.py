@@ -6,11 +6,12 @@ checkpointed); the trainer owns them.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Collection, Optional
+from typing import TYPE_CHECKING, Any, Collection, Optional
 
 import torch
 from torch import Tensor, nn
 
+from .. import lifecycle
 from ..protocols import Student, StudentOutput, TeacherOutput
 from ..registry import PluginError, Registry
 from .losses import build_losses
@@ -61,6 +62,10 @@ class Distiller(nn.Module):
             student.intermediate_layers = tuple(sorted(set(self.spatial_layers.values())))
         with_summary = [h.name for h in heads if h.summary_dim is not None]
         self.summary_slots = {name: i % max(student.num_cls_tokens, 1) for i, name in enumerate(with_summary)}
+        #: the student's plugin name, for messages (``build_distiller`` sets it)
+        self.student_name = type(student).__name__
+        self._checked_finite = False
+        self.last_output_finite: Optional[Tensor] = None
 
     def forward(self, images: Tensor, return_predictions: bool = False, active: Optional[Collection[str]] = None):
         """Student features; with ``return_predictions`` also every head's output, computed
@@ -71,7 +76,9 @@ class Distiller(nn.Module):
         term that keeps DDP's gradient buckets complete), instead of running over every token of
         the batch: a SAM-group rank at 1024 px then does not run the CLIP/DINOv2 heads over
         4096 tokens per image."""
-        out = self.student(images)
+        with lifecycle.phase(f"forward of student {self.student_name!r}"):
+            out = self.student(images)
+        self._check_student_output(out, images.shape[0])
         if not return_predictions:
             return out
         token = None
@@ -80,6 +87,42 @@ class Distiller(nn.Module):
                                   intermediates={k: v[:1, :1] for k, v in out.intermediates.items()})
         return out, {h.name: self.predict(out if token is None or h.name in active else token, h.name)
                      for h in self.heads}
+
+    def _check_student_output(self, out: Any, batch: int) -> None:
+        """The student's outputs checked as teachers' are: type, dtype and shapes on every call
+        (no host sync), values finite on the first call (one sync; later ``last_output_finite``
+        holds a flag the trainer reads when a loss turns non-finite). PluginError names the student."""
+        where = f"student {self.student_name!r}"
+        if not isinstance(out, StudentOutput):
+            raise PluginError(f"{where}: forward returned {type(out).__name__}, not a StudentOutput")
+        d, k = self.student.embed_dim, max(self.summary_slots.values(), default=-1) + 1
+        grid = out.grid
+        if not (isinstance(grid, (tuple, list)) and len(grid) == 2 and all(isinstance(g, int) and g > 0 for g in grid)):
+            raise PluginError(f"{where}: grid is {grid!r:.60}, not (h, w) positive integers")
+        for part, t, shape in (("summary", out.summary, (batch, None, d)), ("patches", out.patches,
+                                                                           (batch, grid[0] * grid[1], d))):
+            if not isinstance(t, Tensor) or not t.is_floating_point():
+                what = type(t).__name__ if not isinstance(t, Tensor) else str(t.dtype).removeprefix("torch.")
+                raise PluginError(f"{where}: {part} output is {what}, not a floating-point tensor")
+            if t.dim() != 3 or any(e is not None and g != e for g, e in zip(t.shape, shape)) or \
+                    (part == "summary" and t.shape[1] < k):
+                want = f"({batch}, >= {k}, embed_dim={d})" if part == "summary" else \
+                    f"({batch}, {grid[0]}*{grid[1]} patches of the {grid[0]}x{grid[1]} grid, embed_dim={d})"
+                raise PluginError(f"{where}: {part} output has shape {tuple(t.shape)}; expected {want}")
+        for layer, t in out.intermediates.items():
+            if not isinstance(t, Tensor) or tuple(t.shape) != tuple(out.patches.shape):
+                raise PluginError(f"{where}: intermediate layer {layer} has shape "
+                                  f"{tuple(getattr(t, 'shape', ()))}; expected {tuple(out.patches.shape)}")
+        if out.patches.is_meta:  # a dry run's forward on the meta device: shapes only
+            return
+        finite = torch.isfinite(out.summary).all() & torch.isfinite(out.patches).all()
+        self.last_output_finite = finite.detach()
+        if not self._checked_finite:
+            self._checked_finite = True
+            if not bool(finite):
+                bad = int((~torch.isfinite(out.patches)).sum()) + int((~torch.isfinite(out.summary)).sum())
+                raise PluginError(f"{where}: its outputs hold {bad} non-finite value(s) on the first batch; check "
+                                  "its weights (student.args.pretrained) and its forward")
 
     def predict(self, out: StudentOutput, teacher: str) -> tuple[Optional[Tensor], Optional[Tensor]]:
         """Adaptor outputs for one teacher: summary (B, D) and spatial (B, C, h, w)."""
@@ -154,6 +197,8 @@ def build_distiller(recipe: "Recipe", dims: dict[str, tuple[Optional[int], int]]
         if parts:
             norms[h.name] = torch.nn.ModuleDict(parts)
     loss_modules = build_losses(recipe, registry, set(cached)) if losses else None
-    return Distiller(student, heads, summary_heads, spatial_heads, norms, loss_modules)
+    distiller = Distiller(student, heads, summary_heads, spatial_heads, norms, loss_modules)
+    distiller.student_name = recipe.student.name
+    return distiller
 
 

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from .. import lifecycle
 from ..protocols import Teacher, TeacherOutput
 from ..registry import PluginError, Registry
 from . import preprocess
@@ -52,6 +53,8 @@ def build_teacher(recipe: "Recipe", name: str, registry: Registry, meta: bool = 
     if not isinstance(teacher, Teacher):
         raise PluginError(f"teachers.{name}: plugin {spec.plugin!r} returned {type(teacher).__name__}, "
                           "not a radio_core.Teacher")
+    comp = registry.get("teacher", spec.plugin)
+    teacher.radio_plugin = f"{comp.distribution}:{comp.plugin}"  # named by stop messages and the watchdog
     teacher = teacher.freeze()
     return with_upsampler(recipe, name, teacher) if upsampled else teacher
 
@@ -130,7 +133,8 @@ def compute_targets(teachers: dict[str, Teacher], resize_sets: list, images01: t
             g = preprocess.group_input(images01, group.input_size, group.resize_mode)
             for name in group.names:
                 t = teachers[name]
-                out = t(preprocess.teacher_input(g, t.mean, t.std))
+                with lifecycle.phase(f"forward of teacher {name!r}", getattr(t, "radio_plugin", None)):
+                    out = t(preprocess.teacher_input(g, t.mean, t.std))
                 if check is not None:
                     check(name, t, out, images01.shape[0])
                 spatial = preprocess.crop_valid(out.spatial, g.valid_fraction)

@@ -10,9 +10,19 @@ from ..recipe import Recipe, RecipeError
 from ..registry import PluginError, Registry
 
 
+#: kernel file systems: nothing a run writes belongs there (/dev/shm, a tmpfs, is allowed).
+PSEUDO_FILESYSTEMS = ("/proc", "/sys", "/dev")
+
+
 def check_output_dir(recipe: Recipe, origin: str = "<recipe>") -> None:
-    """``output_dir`` must be a directory or creatable as one (nothing is created here)."""
+    """``output_dir`` must be a directory or creatable as one, and not on a kernel file system
+    (/proc, /sys, /dev): nothing is created here. (As root, ``os.access`` says yes to /proc.)"""
     path = Path(recipe.output_dir).expanduser()
+    real = Path(os.path.realpath(path))
+    for fs in PSEUDO_FILESYSTEMS:
+        if (real == Path(fs) or Path(fs) in real.parents) and Path("/dev/shm") not in [real, *real.parents]:
+            raise RecipeError(f"{origin}: output_dir: {path} is on the kernel file system {fs}, where a run cannot "
+                              "write its files; choose a directory on a disk")
     probe = path
     while True:
         if probe.exists() or probe.is_symlink():

@@ -3,6 +3,7 @@ YAML 1.2 numbers and booleans), ``base:`` includes, dotted overrides, clear boun
 from __future__ import annotations
 
 import copy
+import os
 import re
 from pathlib import Path
 from typing import Annotated, Any, Optional, Union
@@ -10,7 +11,7 @@ from typing import Annotated, Any, Optional, Union
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from ..utils import closest, short_repr
+from ..utils import UserFileError, closest, read_user_text, short_repr
 from .schema import Recipe, RecipeError
 
 
@@ -67,6 +68,8 @@ def parse_yaml(text: str, origin: str) -> Any:
         raise RecipeError(f"{origin}: not valid YAML: {_yaml_problem(exc)}") from None
     except RecursionError:
         raise RecipeError(f"{origin}: not valid YAML: nested too deeply") from None
+    except ValueError as exc:  # e.g. an integer of more than sys.get_int_max_str_digits() digits
+        raise RecipeError(f"{origin}: not a usable value: {short_repr(exc, 120, quote=False)}") from None
     _check_size(data, origin)
     return data
 
@@ -90,20 +93,18 @@ def _check_size(data: Any, origin: str) -> None:
 
 
 def _read_yaml(path: Path, origin: Optional[str] = None) -> dict:
-    """``origin``: how the file was named (``FILE: base:`` for an include)."""
+    """``origin``: how the file was named (``FILE: base:`` for an include). The file is checked
+    before it is read (``utils.read_user_text``): a FIFO, a device such as /dev/zero, a symlink
+    loop or a file over MAX_RECIPE_BYTES is one error line, never a hang or a MemoryError."""
     origin = origin or str(path)
     if path.is_dir():
         raise RecipeError(f"{origin}: {path} is a directory, not a YAML recipe file")
+    if not path.exists() and not path.is_symlink():
+        raise RecipeError(f"{origin}: recipe file not found: {path}")
     try:
-        if path.stat().st_size > MAX_RECIPE_BYTES:
-            raise RecipeError(f"{origin}: {path} is larger than {MAX_RECIPE_BYTES} bytes; not a recipe")
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise RecipeError(f"{origin}: recipe file not found: {path}") from None
-    except UnicodeDecodeError:
-        raise RecipeError(f"{origin}: {path} is not UTF-8 text") from None
-    except OSError as exc:
-        raise RecipeError(f"{origin}: cannot read {path}: {exc.strerror or exc}") from None
+        text = read_user_text(path, "recipe", MAX_RECIPE_BYTES)
+    except UserFileError as exc:  # names the file itself; an include also names where it was asked for
+        raise RecipeError(str(exc) if origin == str(path) else f"{origin}: {exc}") from None
     data = parse_yaml(text, str(path))
     if data is None:
         data = {}
@@ -142,11 +143,28 @@ def deep_merge(base: dict, over: dict) -> dict:
     return out
 
 
-def load_raw(path: str | Path, _chain: tuple[Path, ...] = (), _origin: Optional[str] = None) -> dict:
-    """Read a recipe and its ``base:`` chain into one merged mapping."""
-    path = Path(path).resolve()
+#: ``base:`` includes: the deepest chain, and the most files one recipe may read in all.
+MAX_BASE_DEPTH = 16
+MAX_RECIPE_FILES = 64
+
+
+def load_raw(path: str | Path, _chain: tuple[Path, ...] = (), _origin: Optional[str] = None,
+             _count: Optional[list] = None) -> dict:
+    """Read a recipe and its ``base:`` chain into one merged mapping (at most MAX_BASE_DEPTH
+    levels and MAX_RECIPE_FILES files: a fan-out of includes cannot read a file a million times)."""
+    if "\0" in str(path):
+        raise RecipeError(f"{_origin or 'recipe'}: path {short_repr(str(path))} contains a NUL byte")
+    if _origin is None and Path(path).is_symlink():
+        _origin = str(path)  # name the file as the user did, and where its link leads
+    path = Path(os.path.realpath(path))  # a symlink loop stays unresolved: reading it is one error line
     if path in _chain:
         raise RecipeError(f"{path}: circular base include via {' -> '.join(map(str, _chain))}")
+    if len(_chain) >= MAX_BASE_DEPTH:
+        raise RecipeError(f"{_origin or path}: base: includes nest deeper than {MAX_BASE_DEPTH} files")
+    _count = [0] if _count is None else _count
+    _count[0] += 1
+    if _count[0] > MAX_RECIPE_FILES:
+        raise RecipeError(f"{_origin or path}: base: includes read more than {MAX_RECIPE_FILES} files")
     data = _read_yaml(path, _origin)
     base = data.pop("base", None)
     if base is None:
@@ -156,7 +174,8 @@ def load_raw(path: str | Path, _chain: tuple[Path, ...] = (), _origin: Optional[
     for b in bases:
         if not isinstance(b, str) or not b:
             raise RecipeError(f"{path}: base: must be a path or a list of paths, got {short_repr(b)}")
-        merged = deep_merge(merged, load_raw(path.parent / b, _chain + (path,), f"{path}: base: {b}"))
+        origin = f"{path}: base: {short_repr(b, 200, quote=False)}"
+        merged = deep_merge(merged, load_raw(path.parent / b, _chain + (path,), origin, _count))
     return deep_merge(merged, data)
 
 

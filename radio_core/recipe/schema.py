@@ -152,6 +152,10 @@ class TeacherSpec(Strict):
             raise ValueError("use_summary and use_spatial are both false: this teacher gives no target to learn")
         return self
 
+    def learning_weight(self) -> float:
+        """What this teacher's losses count for in total (0: the student learns nothing from it)."""
+        return self.weight * (self.summary_weight * self.use_summary + self.spatial_weight * self.use_spatial)
+
     @model_validator(mode="after")
     def _intermediate(self) -> "TeacherSpec":
         if self.student_layer is not None and self.use_summary:
@@ -452,6 +456,13 @@ class Recipe(Strict):
         found += [s for g in (self.groups or {}).values() for s in self.resolutions(g.student_resolution) or []]
         return list(dict.fromkeys(tuple(s) for s in found))
 
+    @field_validator("output_dir")
+    @classmethod
+    def _printable_path(cls, v: str) -> str:
+        if any(ord(c) < 32 or ord(c) == 127 for c in v):
+            raise ValueError("contains a NUL or another control character; not usable as a path")
+        return v
+
     @field_validator("teachers")
     @classmethod
     def _some_teachers(cls, v: dict) -> dict:
@@ -505,6 +516,13 @@ class Recipe(Strict):
             if shares and len(shares) == len(groups) and abs(sum(shares) - 1) > 1e-6:
                 raise ValueError(f"{where}: group shares sum to {sum(shares):g}, not 1")
 
+        def check_weights(names: list[str], where: str) -> None:
+            if names and not any(self.teachers[n].learning_weight() > 0 for n in names if n in self.teachers):
+                raise ValueError(f"{where}: every teacher's loss weight is 0 (weight x summary_weight / "
+                                 f"spatial_weight): the student would learn nothing; give one a weight > 0")
+
+        if not self.stages:
+            check_weights(list(self.teachers), "teachers")
         if self.groups:
             check_groups(self.groups, list(self.teachers) if not self.stages else [], "groups")
         group_names = set(self.groups or {}) | {n for st in self.stages or [] for n in (st.groups or {})}
@@ -525,6 +543,7 @@ class Recipe(Strict):
             for i, st in enumerate(self.stages):
                 stage_teachers = st.teachers if st.teachers is not None else list(self.teachers)
                 check_names(stage_teachers, f"stages.{i}.teachers")
+                check_weights(stage_teachers, f"stages.{i}.teachers")
                 check_set(st.student_resolution, f"stages.{i}.student_resolution")
                 groups = st.groups or self.groups
                 if groups:

@@ -11,6 +11,7 @@ from .grid import PlannedRun
 from .runner import Sweep
 from .spec import LocalLauncher, SweepError, load_sweep
 from .state import completed_step
+from ..utils import OneLineParser
 
 
 def dry_run(sweep: Sweep, selected: list[PlannedRun]) -> int:
@@ -43,7 +44,7 @@ def dry_run(sweep: Sweep, selected: list[PlannedRun]) -> int:
 
 def main(argv: Optional[Sequence[str]] = None, prog: str = "radio_core.sweep") -> int:
     doc = sys.modules[__package__].__doc__  # the package's docstring is the manual (no import cycle)
-    p = argparse.ArgumentParser(prog=prog, description=doc,
+    p = OneLineParser(prog=prog, description=doc,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("sweep", help="sweep YAML file")
     p.add_argument("--only", action="append", metavar="NAME",

@@ -4,7 +4,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
-import yaml
 from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator,
                       model_validator)
 
@@ -396,18 +395,18 @@ def format_errors(exc: ValidationError, origin: str, data: Any = None) -> str:
 def _read_sweep_mapping(path: Path, chain: tuple[Path, ...] = ()) -> dict:
     """A sweep file's mapping with its ``base:`` chain merged in (mappings key by key, ``null``
     drops a key, lists are replaced); a base's ``recipe`` stays relative to the base's folder."""
-    from ..recipe.loader import deep_merge
+    from ..recipe.loader import MAX_RECIPE_BYTES, deep_merge, parse_yaml
+    from ..recipe.schema import RecipeError
+    from ..utils import UserFileError, read_user_text
 
     if path.resolve() in chain:
         raise SweepError(f"{path}: base: include cycle ({' -> '.join(str(p) for p in (*chain, path.resolve()))})")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise SweepError(f"sweep file not found: {path}") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise SweepError(f"{path}: cannot read the sweep file: {exc}") from None
-    except yaml.YAMLError as exc:
-        raise SweepError(f"{path}: not valid YAML: {exc}") from None
+    if not path.exists() and not path.is_symlink():
+        raise SweepError(f"sweep file not found: {path}")
+    try:  # a FIFO, /dev/zero, a symlink loop or a huge file: one line, never a hang
+        data = parse_yaml(read_user_text(path, "sweep file", MAX_RECIPE_BYTES), str(path))
+    except (UserFileError, RecipeError) as exc:
+        raise SweepError(str(exc)) from None
     if not isinstance(data, dict):
         raise SweepError(f"{path}: a sweep file must be a mapping, got {type(data).__name__}")
     base = data.pop("base", None)

@@ -24,10 +24,16 @@ LAUNCH_LOG = "launches.jsonl"
 
 
 def read_json(path: Path) -> Optional[dict]:
-    try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
+    """A state file's content; None when it is missing or unusable (not a regular file, malformed)."""
+    from ..utils import UserFileError, read_user_json
+
+    if not path.exists():
         return None
+    try:
+        data = read_user_json(path, "sweep state file")
+    except UserFileError:
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def write_json(path: Path, data: dict) -> None:
@@ -88,7 +94,12 @@ def snapshot_conflict(run: PlannedRun) -> Optional[str]:
     old_path = run.run_dir / SNAPSHOT
     if not old_path.is_file():
         return None
-    old = _flatten(yaml.safe_load(old_path.read_text()))
+    from ..utils import UserFileError, read_user_text
+
+    try:
+        old = _flatten(yaml.safe_load(read_user_text(old_path, "recipe snapshot")))
+    except (UserFileError, yaml.YAMLError, ValueError) as exc:
+        return f"{run.run_dir}: its {SNAPSHOT} is unreadable ({exc}); remove the directory to rerun it"
     new = _flatten(run.recipe.model_dump(mode="json"))
     # Keys only one side has are schema changes (a radio-distill upgrade), not a different run.
     diff = sorted(k for k in set(old) & set(new) if old[k] != new[k])
@@ -99,9 +110,13 @@ def snapshot_conflict(run: PlannedRun) -> Optional[str]:
 
 
 def tail_lines(path: Path, n: int = 40) -> list[str]:
-    try:
-        text = path.read_text(errors="replace")
-    except FileNotFoundError:
+    from ..utils import UserFileError, read_user_file
+
+    if not path.exists():
+        return []
+    try:  # a log or metrics file replaced by a FIFO or a device is not read (it would hang)
+        text = read_user_file(path, "run log").decode(errors="replace")
+    except UserFileError:
         return []
     lines = [l for l in re.split(r"[\r\n]+", text) if l.strip()]
     return lines[-n:]
@@ -119,6 +134,12 @@ def read_metrics(path: Path) -> list[dict]:
 
 def last_logged_step(metrics: Path) -> Optional[int]:
     """Step of the last complete line of a metrics.jsonl, reading only its end."""
+    from ..utils import UserFileError, check_user_file
+
+    try:
+        check_user_file(metrics, "training log", None)
+    except UserFileError:
+        return None
     try:
         with open(metrics, "rb") as f:
             f.seek(max(0, f.seek(0, os.SEEK_END) - 4096))

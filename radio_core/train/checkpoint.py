@@ -1,10 +1,12 @@
 """Checkpoints: atomic save with checksums, pruning of this run's own, loading the newest
 loadable one, and the guard that keeps a new run out of an output_dir that holds one.
 
-A checkpoint is ``accelerator.save_state`` (safetensors model; optimiser and RNG loaded with
-``weights_only=True``) plus ``trainer_state.json`` (the trainer's counters, the LR scheduler's
-state and the run id: Accelerate would unpickle a registered scheduler, and a checkpoint must
-never be able to run code) plus ``checksums.json`` (verified on load).
+A checkpoint is the training state as safetensors + JSON (``state_files``: model, optimiser,
+RNG; nothing in it is ever unpickled, so a checkpoint can never run code) plus
+``trainer_state.json`` (the trainer's counters, the LR scheduler's state and the run id) plus
+``checksums.json`` (SHA-256 of every file; a checkpoint without it, or with a file it does not
+list, is not loaded). A write that fails (a full disk) removes its temp folder and raises
+CheckpointWriteError; the previous checkpoint is untouched.
 
 Never lose a run: a resume that finds checkpoints but can load none raises ResumeError listing
 each and why, before anything is written; pruning deletes only checkpoints of this run (same run
@@ -22,7 +24,6 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from ..formats.checkpoints import (
-    RUN_OUTPUTS,
     STATE_FILE,
     checkpoint_name,
     list_checkpoints,
@@ -31,6 +32,24 @@ from ..formats.checkpoints import (
     verify_checksums,
     write_checksums,
 )
+from ..formats.run_folder import (
+    MANIFEST_FILE,
+    RUN_OUTPUTS,
+    RunFolderError,
+    foreign_outputs,
+    forget,
+    lock_run_folder,
+    read_manifest,
+    record,
+    remove_recorded,
+    unlock_run_folder,
+)
+from ..utils import read_user_json
+from .state_files import load_state, save_state
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (a full disk, ...); its partial folder was removed."""
 
 
 class ResumeError(ValueError):
@@ -41,34 +60,67 @@ class RunExistsError(ValueError):
     """A new run was asked for in an output_dir that already holds one."""
 
 
+def hold_run_folder(out_dir: Path) -> bool:
+    """On the main process (global rank 0, before any process group exists): take the output
+    folder's exclusive lock for the run's life (RunExistsError naming the holder if another run
+    has it). True when this process took it."""
+    if os.environ.get("RANK", "0") not in ("0", ""):
+        return False
+    try:
+        lock_run_folder(out_dir)
+    except RunFolderError as exc:
+        raise RunExistsError(str(exc)) from None
+    except OSError as exc:
+        raise RunExistsError(f"output_dir {out_dir}: cannot be used ({exc.strerror or exc})") from None
+    return True
+
+
 def check_new_run(out_dir: Path, resume: bool, overwrite: bool) -> bool:
-    """Refuse a new run where a run lives unless ``overwrite``; True when outputs must be
-    removed (by ``prepare_out_dir``, at the start of training)."""
+    """Refuse a new run where a run lives unless ``overwrite``, and any run where files that no
+    run recorded writing (a user's own ``export/``, ``recipe.yaml``...) are in the way of what it
+    writes; True when the earlier run's recorded outputs must be removed (by ``prepare_out_dir``,
+    at the start of training)."""
     if resume and overwrite:
         raise RunExistsError("--resume and --overwrite contradict each other: choose one")
+    try:
+        manifest = read_manifest(out_dir)
+        foreign = foreign_outputs(out_dir)
+    except RunFolderError as exc:
+        raise RunExistsError(str(exc)) from None
+    if resume and manifest is None:
+        return False  # a run folder of an older version: --resume adopts what is there
+    if manifest is None and foreign:
+        raise RunExistsError(f"output_dir {out_dir} holds {', '.join(foreign)} but no {MANIFEST_FILE}: no run "
+                             "recorded writing them (an older version's run: continue it with --resume, or remove "
+                             "them by hand); a new run would mix with or replace them, and --overwrite deletes only "
+                             "what a manifest lists")
     found = [] if resume else run_artifacts(out_dir)
     if found and not overwrite:
         raise RunExistsError(f"output_dir {out_dir} already holds a run ({', '.join(found)}); continue it with "
                              "--resume, start over with --overwrite (removes that run's outputs), or choose "
                              "another output_dir")
-    return bool(found)
+    if foreign:
+        raise RunExistsError(f"output_dir {out_dir} holds {', '.join(foreign)}, files that no run recorded writing "
+                             f"(not in {MANIFEST_FILE}); a run writes there and would mix with or replace them: "
+                             "move them, or choose another output_dir (--overwrite never deletes them)")
+    return manifest is not None and not resume
 
 
-def prepare_out_dir(out_dir: Path, step: int, remove_outputs: bool, say: Callable[[str], None]) -> None:
-    """Main process, at the start of training: with --overwrite remove the earlier run's outputs
-    (only those); cut the per-step logs back to ``step``, the step this run continues from, so
-    that each step is logged once."""
+def prepare_out_dir(out_dir: Path, step: int, remove_outputs: bool, say: Callable[[str], None],
+                    writes: tuple[str, ...] = ()) -> None:
+    """Main process, at the start of training: with --overwrite remove the earlier run's
+    recorded outputs (only those); record what this run will write (``writes``; an older
+    version's folder resumed: what it holds); cut the per-step logs back to ``step``, the step
+    this run continues from, so that each step is logged once."""
     out_dir.mkdir(parents=True, exist_ok=True)
     if remove_outputs:
-        for name in RUN_OUTPUTS:
-            target = out_dir / name
-            if target.is_dir() and not target.is_symlink():
-                shutil.rmtree(target)
-            elif target.exists() or target.is_symlink():
-                target.unlink()
-        for old in out_dir.glob("samples_rank*.jsonl"):
-            old.unlink()
-        say(f"--overwrite: removed the earlier run's outputs in {out_dir}")
+        remove_recorded(out_dir, say)
+    if read_manifest(out_dir) is None:  # new, or an older version's run resumed: adopt its outputs
+        adopted = [n for n in RUN_OUTPUTS if (out_dir / n).exists()]
+        adopted += [f"checkpoints/{p.name}" for p in list_checkpoints(out_dir / "checkpoints")]
+        adopted += [p.name for p in out_dir.glob("samples_rank*.jsonl")]
+        record(out_dir, adopted)
+    record(out_dir, writes)
     trim_jsonl(out_dir / "metrics.jsonl", step)
     for log in out_dir.glob("samples_rank*.jsonl"):
         trim_jsonl(log, step - 1)  # their rows hold the 0-based step being taken
@@ -82,6 +134,8 @@ class TrainerState:
     samples_seen: int = 0  # global, all ranks
     nonfinite_in_row: int = 0
     skipped_steps: int = 0
+    #: optimiser steps with a finite, non-zero objective: 0 at the end means the run learned nothing
+    learned_steps: int = 0
     bad_images: int = 0  # over all ranks
     #: global number of the next sample to draw (lets a run resume on another world size).
     next_number: int = 0
@@ -106,6 +160,22 @@ class Checkpointer:
         self.run_id = uuid.uuid4().hex
         self.written: set[str] = set()  # checkpoint names this process wrote
         self.unloadable: set[str] = set()  # names a resume could not load: kept as they are
+        self.model: Any = None  # the prepared module and optimiser (``attach``)
+        self.optimizer: Any = None
+        self.sharded = self.gather = False
+
+    def attach(self, model: Any, optimizer: Any, sharded: bool, gather: bool = False) -> None:
+        """What ``save`` writes and ``load_latest`` loads into (once the trainer built them);
+        ``sharded``: under FSDP; ``gather``: also write the gathered full weights. Every rank
+        calls it: the main process's run id becomes every rank's (the temp folder's name)."""
+        self.model, self.optimizer, self.sharded, self.gather = model, optimizer, sharded, gather
+        acc = self.accelerator
+        if acc.num_processes > 1:
+            import torch
+            from accelerate.utils import broadcast
+
+            ident = torch.tensor(list(bytes.fromhex(self.run_id)), dtype=torch.int64, device=acc.device)
+            self.run_id = bytes(broadcast(ident, from_process=0).cpu().tolist()).hex()
 
     def save(self, state: TrainerState, scheduler: Any, recipe_steps: int,
              on_saved: Optional[Callable[[Path], None]] = None,
@@ -114,23 +184,37 @@ class Checkpointer:
         checkpoint before its checksums."""
         acc = self.accelerator
         name = checkpoint_name(state.step)
-        final, tmp = self.ckpt_dir / name, self.ckpt_dir / f".tmp-{name}"
+        # the temp name is unique to this run (its lock keeps others out of the folder anyway)
+        final, tmp = self.ckpt_dir / name, self.ckpt_dir / f".tmp-{name}-{self.run_id[:12]}"
+        problem = ""
+        try:
+            if acc.is_main_process:
+                self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+                if tmp.exists():
+                    shutil.rmtree(tmp)
+                tmp.mkdir()
+        except OSError as exc:
+            problem = _why(exc)
+        self._agree(problem, tmp, final)
+        try:
+            save_state(tmp, acc, self.model, self.optimizer, self.sharded, self.gather)
+        except Exception as exc:  # noqa: BLE001 - OSError, safetensors' and dcp's own wrappers of it
+            problem = _why(exc)
+        # every rank writes its own files into tmp: the main process must not rename tmp before
+        # the slowest rank has (seen on a loaded machine); a rank's failure is every rank's.
+        self._agree(problem, tmp, final)
         if acc.is_main_process:
-            self.ckpt_dir.mkdir(parents=True, exist_ok=True)
-            if tmp.exists():
-                shutil.rmtree(tmp)
-        acc.wait_for_everyone()
-        acc.save_state(str(tmp), safe_serialization=True)
-        # save_state has no barrier at its end: every rank writes its own RNG file into tmp, and
-        # the main process must not rename tmp before the slowest rank has (seen on a loaded machine).
-        acc.wait_for_everyone()
+            try:
+                if extra is not None:  # e.g. MESA's EMA: inside the checkpoint, under its checksums
+                    extra(tmp)
+                (tmp / STATE_FILE).write_text(json.dumps({"trainer": state.state_dict(),
+                                                          "scheduler": scheduler.state_dict(),
+                                                          "recipe_steps": recipe_steps, "run_id": self.run_id}))
+                write_checksums(tmp)
+            except OSError as exc:
+                problem = _why(exc)
+        self._agree(problem, tmp, final)
         if acc.is_main_process:
-            if extra is not None:
-                extra(tmp)
-            (tmp / STATE_FILE).write_text(json.dumps({"trainer": state.state_dict(),
-                                                      "scheduler": scheduler.state_dict(),
-                                                      "recipe_steps": recipe_steps, "run_id": self.run_id}))
-            write_checksums(tmp)
             if final.exists() or final.is_symlink():
                 if name in self.written:
                     shutil.rmtree(final)
@@ -138,6 +222,7 @@ class Checkpointer:
                     aside = _aside(final)
                     os.replace(final, aside)
                     acc.print(f"{final} was not written by this run: moved to {aside.name}, not overwritten")
+            record(self.ckpt_dir.parent, ["checkpoints", f"checkpoints/{name}"])  # before it exists: a kill
             os.replace(tmp, final)  # atomic: a kill leaves either the old or the new directory
             self.written.add(name)
             self.prune()
@@ -146,6 +231,26 @@ class Checkpointer:
         acc.wait_for_everyone()
         return final
 
+    def _agree(self, problem: str, tmp: Path, final: Path) -> None:
+        """A barrier at which every rank learns whether any rank failed to write; then all raise
+        CheckpointWriteError together, with the partial folder removed."""
+        acc = self.accelerator
+        failed = bool(problem)
+        if acc.num_processes > 1:
+            import torch
+
+            flag = acc.reduce(torch.tensor([1.0 if problem else 0.0], device=acc.device), "sum")
+            failed = float(flag.item()) > 0
+        if not failed:
+            return
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        older = [p.name for p in list_checkpoints(self.ckpt_dir) if p != final]
+        kept = f"the previous checkpoint {older[-1]} is intact" if older else "there is no earlier checkpoint"
+        raise CheckpointWriteError(f"checkpoint {final.name} could not be written under {self.ckpt_dir}: "
+                                   f"{problem or 'another rank failed to write its part'}; the partial folder was "
+                                   f"removed and {kept}")
+
     def prune(self) -> None:
         """Keep the newest ``keep`` of this run's checkpoints; never delete one of another run,
         one a resume could not load, or anything that is not a checkpoint."""
@@ -153,6 +258,8 @@ class Checkpointer:
                 and (p.name in self.written or _run_id(p) == self.run_id)]
         for old in ours[:-self.keep]:
             shutil.rmtree(old, ignore_errors=True)
+        if ours[:-self.keep]:
+            forget(self.ckpt_dir.parent, [f"checkpoints/{p.name}" for p in ours[:-self.keep]])
 
     def load_latest(self, state: TrainerState, scheduler: Any, recipe_steps: int,
                     extra: Optional[Callable[[Path], None]] = None) -> Optional[tuple[Path, dict]]:
@@ -189,7 +296,7 @@ class Checkpointer:
         problem = verify_checksums(path)
         if problem:
             raise ValueError(problem)
-        saved = json.loads((path / STATE_FILE).read_text())
+        saved = read_user_json(path / STATE_FILE, "trainer state")
         step = int(saved["trainer"]["step"])
         if step > recipe_steps:
             raise ResumeError(f"--resume: {path} is at step {step}, beyond this recipe's train.steps={recipe_steps}: "
@@ -197,10 +304,17 @@ class Checkpointer:
                               "nothing was changed")
         if extra is not None:  # before the model: a bad extra file leaves the run as it was
             extra(path)
-        self.accelerator.load_state(str(path))
+        load_state(path, self.accelerator, self.model, self.optimizer, self.sharded)
         state.load_state_dict(saved["trainer"])
         scheduler.load_state_dict(saved["scheduler"])
         return saved
+
+
+def _why(exc: BaseException) -> str:
+    """``No space left on device (FILE)``: the OS's words and the file, in one line."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror + (f" ({exc.filename})" if exc.filename else "")
+    return " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
 
 
 def _aside(path: Path) -> Path:
@@ -212,6 +326,6 @@ def _aside(path: Path) -> Path:
 
 def _run_id(path: Path) -> Optional[str]:
     try:
-        return json.loads((path / STATE_FILE).read_text()).get("run_id")
+        return read_user_json(path / STATE_FILE, "trainer state").get("run_id")
     except (OSError, ValueError, AttributeError):
         return None

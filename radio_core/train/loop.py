@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import random
 import time
 from pathlib import Path
@@ -26,6 +27,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
+from .. import lifecycle
 from ..data.sampling import _mix
 from ..models.distiller import Distiller, build_distiller
 from ..models.teachers import build_teacher, with_upsampler
@@ -41,7 +43,9 @@ from .checkpoint import (  # noqa: F401 - re-exported
     RunExistsError,
     TrainerState,
     check_new_run,
+    hold_run_folder,
     prepare_out_dir,
+    unlock_run_folder,
 )
 from .metrics import (  # noqa: F401
     BadDataError,
@@ -60,6 +64,10 @@ class NonFiniteLossError(RuntimeError):
     pass
 
 
+class NotTrainedError(RuntimeError):
+    """The run reached its last step without one step that learned anything."""
+
+
 class Trainer:
     def __init__(self, recipe: Recipe, registry: Optional[Registry] = None, resume: bool = False,
                  accelerator: Any = None, recipe_path: str = "<recipe>", overwrite: bool = False) -> None:
@@ -70,7 +78,17 @@ class Trainer:
         self.recipe, self.recipe_path = recipe, recipe_path
         self.out_dir = Path(recipe.output_dir)
         self.ckpt_dir = self.out_dir / "checkpoints"
-        self._remove_outputs = check_new_run(self.out_dir, resume, overwrite)
+        # The main process holds the folder's lock for the run's life, before it looks inside.
+        self._locked = hold_run_folder(self.out_dir)
+        try:
+            self._remove_outputs = check_new_run(self.out_dir, resume, overwrite)
+            self._setup(registry, accelerator, resume)
+        except BaseException:
+            self.release_run_folder()
+            raise
+
+    def _setup(self, registry: Optional[Registry], accelerator: Any, resume: bool) -> None:
+        recipe = self.recipe
         self.registry = registry or get_registry()
         self.accelerator = accelerator or setup.make_accelerator(recipe)
         self.cpu_threads, self._threads_why = setup.set_cpu_threads(recipe, self.accelerator)
@@ -144,6 +162,7 @@ class Trainer:
         # MESA's EMA copy (made before compiling) and DAMP's weight noise; None when off
         self.mesa, self.damp = regularizers.build(r, self.unwrapped)
         self.objective.mesa = self.mesa
+        self.checkpointer.attach(self.distiller, self.optimizer, self.sharded, r.train.fsdp.checkpoint == "full")
         if r.train.compile:
             self.unwrapped.student.compile()  # in place: DDP and the checkpoint keys are unchanged
         # Not prepared: Accelerate would step it once per process; ours steps once per optimiser
@@ -196,8 +215,9 @@ class Trainer:
     # ------------------------------------------------------------------ loop
     def fit(self) -> dict[str, float]:
         acc, r = self.accelerator, self.recipe
+        lifecycle.resumable = None
         if acc.is_main_process:
-            prepare_out_dir(self.out_dir, self.state.step, self._remove_outputs, acc.print)
+            prepare_out_dir(self.out_dir, self.state.step, self._remove_outputs, acc.print, self._writes())
             (self.out_dir / "recipe.yaml").write_text(dump_recipe(r))
         acc.wait_for_everyone()
         logger = MetricsLogger(self.out_dir, r.logging, enabled=acc.is_main_process)
@@ -219,6 +239,7 @@ class Trainer:
                 runtimes = self.enter_stage(plan, self.state.step)
                 self.objective.estimate_target_norms(self.unwrapped, runtimes, plan, self.source)
                 for step in range(self.state.step, plan.end_step):
+                    lifecycle.heartbeat()
                     if r.train.target_norm_steps:
                         self.objective.reestimate_target_norms(self.unwrapped, runtimes, plan, self.source, step,
                                                                self.first_steps)
@@ -245,7 +266,10 @@ class Trainer:
                     if s % r.checkpoint.every == 0 or s == r.train.steps or stop or s == plan.end_step:
                         if not metrics:
                             self._sync_bad_images()
-                        self.save_checkpoint()
+                        if s == r.train.steps:
+                            self.check_learned()  # before the last checkpoint: a run that learned nothing ends here
+                        with lifecycle.phase(f"writing checkpoint step {s}"):
+                            self.save_checkpoint()
                     if stop:
                         acc.print(f"stop requested: checkpoint written at step {s}; resume with --resume")
                         self.stopped = True
@@ -256,12 +280,49 @@ class Trainer:
             if sample_log is not None:
                 sample_log.close()
             self.signals.restore()
+        if self.state.step == r.train.steps:
+            self.check_learned()  # (a resumed run that was complete: checked again)
+            lifecycle.resumable = (f"the last checkpoint (step {self.state.step}) is complete: --resume writes what "
+                                   "is missing (report, export)")
+        # (a stop from here on is reported as resumable: the exception carries no state of ours)
         if self.state.step == r.train.steps and r.eval.report:
-            self.write_report()
+            with lifecycle.phase("writing the report"):
+                self.write_report()
         if self.state.step == r.train.steps and r.checkpoint.export:  # after the report: its card cites it
-            self.export(self.out_dir / "export")
-        self.registry.hook.radio_train_end(trainer=self)
+            with lifecycle.phase("writing the export"):
+                self.export(self.out_dir / "export")
+        with lifecycle.phase("the plugins' radio_train_end hooks"):
+            self.registry.hook.radio_train_end(trainer=self)
+        lifecycle.resumable = None
+        self.release_run_folder()
         return last
+
+    def check_learned(self) -> None:
+        """NotTrainedError (on every rank) when no step of the run had a finite, non-zero
+        objective: every loss was NaN/inf (a run shorter than the non-finite guard) or exactly 0."""
+        acc = self.accelerator
+        learned = torch.tensor([float(self.state.learned_steps)], device=acc.device)
+        if acc.num_processes > 1:
+            learned = acc.reduce(learned, "max")
+        if float(learned.item()) == 0:
+            raise NotTrainedError(
+                f"the run ended at step {self.state.step} without learning: no step had a finite, non-zero objective "
+                f"({self.state.skipped_steps} skipped as non-finite, the others 0); no checkpoint, report or export "
+                "was written for its last step. Check the teachers' weights and outputs, the loss weights and optim.lr")
+
+    def _writes(self) -> tuple[str, ...]:
+        """What this run writes at the top of its folder (recorded in its manifest up front)."""
+        r = self.recipe
+        names = ["recipe.yaml"] + ["metrics.jsonl"] * r.logging.jsonl + ["tensorboard"] * r.logging.tensorboard
+        names += ["report"] * r.eval.report + ["export"] * r.checkpoint.export
+        names += [f"samples_rank{i}.jsonl" for i in range(self.accelerator.num_processes) if r.data.log_samples]
+        return tuple(names)
+
+    def release_run_folder(self) -> None:
+        """Let go of the output folder's lock (``close`` does; idempotent)."""
+        if self._locked:
+            self._locked = False
+            unlock_run_folder(self.out_dir)
 
     def train_step(self, work: list[tuple[SlotRuntime, dict]], step: int) -> dict[str, Tensor]:
         """One optimiser step over this rank's (slot, batch) pairs (all micro-steps)."""
@@ -289,8 +350,10 @@ class Trainer:
                 counts[key] = counts.get(key, 0) + 1
         summed = {k: v / counts[k] for k, v in summed.items()}
         summed["total"] = summed["total"] * len(work) / micro  # the step's objective on this rank
-        finite = bool(torch.isfinite(summed["total"]).item()) if r.train.skip_nonfinite else True
+        objective = float(summed["total"].detach())  # one host sync: finite? learned anything?
+        finite = math.isfinite(objective) or not r.train.skip_nonfinite
         if finite:
+            self.state.learned_steps += int(math.isfinite(objective) and objective != 0)
             self.state.nonfinite_in_row = 0
             if r.train.grad_clip:
                 summed["grad_norm"] = acc.clip_grad_norm_(self.distiller.parameters(), r.train.grad_clip)
@@ -310,6 +373,9 @@ class Trainer:
         self.state.skipped_steps += 1
         self.state.nonfinite_in_row += 1
         bad = [k for k, v in summed.items() if k != "total" and not torch.isfinite(v).item()]
+        flag = self.unwrapped.last_output_finite
+        if flag is not None and not bool(flag):  # the student, not a teacher or a loss
+            bad.insert(0, f"the student {self.recipe.student.name!r}, whose outputs were non-finite")
         self.accelerator.print(f"step {step}: non-finite loss from {', '.join(bad) or 'total'}; step skipped "
                                f"({self.state.nonfinite_in_row} in a row)")
         if self.state.nonfinite_in_row >= self.recipe.train.max_nonfinite_steps:
@@ -400,6 +466,9 @@ class Trainer:
         ``clean``: every rank got here the same way, so a barrier first lets the last collective
         drain; after an error the peers may be anywhere, so the group is dropped without one."""
         acc = self.accelerator
-        if clean and acc.num_processes > 1:
-            acc.wait_for_everyone()
-        acc.end_training()
+        try:
+            if clean and acc.num_processes > 1:
+                acc.wait_for_everyone()
+            acc.end_training()
+        finally:
+            self.release_run_folder()
