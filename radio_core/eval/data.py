@@ -140,7 +140,7 @@ def _class_folder(root: Path) -> tuple[list[Path], list[int], list[str]]:
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     files, labels = [], []
     for label, cls in enumerate(classes):
-        for f in sorted(p for p in (root / cls).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS):
+        for f in sorted(p for p in (root / cls).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()):
             files.append(f)
             labels.append(label)
     return files, labels, classes
@@ -173,7 +173,7 @@ def _read_ade(root: Path, mask_loader) -> tuple[dict[str, _Table], list[str], li
         name = next((n for n in names if (root / "images" / n).is_dir()), None)
         if name is None:
             raise FileNotFoundError(f"{root}: expected images/{names[0]}/ and images/{names[1]}/ (ADE20K layout)")
-        imgs = sorted(p for p in (root / "images" / name).iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+        imgs = sorted(p for p in (root / "images" / name).iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
         masks = []
         for img in imgs:
             m = root / "annotations" / name / (img.stem + ".png")
