@@ -239,9 +239,6 @@ def _student_args(args: Any, bb: dict[str, Tensor], num_cls: int) -> dict:
     return student
 
 
-# Long (~150 lines) on purpose, for now: one pass over the official layout (read, fold σReparam,
-# heads per teacher, summary rows, config) whose steps feed each other; splitting it is on the
-# list (CONTRIBUTING, 'Known debts').
 def load_radio_checkpoint(path: str | os.PathLike, registry=None, adaptor_names: Optional[list[str]] = None,
                           extra_safe_globals: Iterable[Any] = ()) -> RadioImport:
     """Official RADIO checkpoint -> ``vit`` student + ``mlp`` heads (fp32), built by the registry.
@@ -249,147 +246,226 @@ def load_radio_checkpoint(path: str | os.PathLike, registry=None, adaptor_names:
     ``adaptor_names``: teachers whose heads to import (default: every head that can be; an
     unsupported head is then skipped with a warning instead of an error).
     """
-    from ..registry import PluginError, get_registry
-
     chk = read_checkpoint(path, extra_safe_globals)
     args = chk["args"]
+    state = _model_state(chk, path, args)
+    table = _TeacherTable.of(args)
+    backbone = {k[len("base_model."):]: v.float() for k, v in state.items() if k.startswith("base_model.")}
+    student_args = _student_args(args, backbone, table.num_cls)
+    student_args.update(_input_conditioner_args(state))
+    heads = _import_heads(path, state, args, table, student_args["embed_dim"], adaptor_names)
+    config = _import_config(student_args, table, heads, _summary_rows(path, table))
+    distiller = _build_imported(path, args, config, registry, backbone, student_args, heads)
+    return RadioImport(distiller, config, _feature_normalizer(state, student_args["embed_dim"]), args, heads.skipped)
+
+
+def _model_state(chk: dict, path: str | os.PathLike, args: Any) -> dict[str, Tensor]:
+    """The checkpoint's weights (EMA preferred, as the official loader does): tensors only, finite,
+    σReparam folded into plain weights, the old layer-scale name read as ``gamma``."""
+    from ..utils import WeightsError, check_finite
+
     raw = chk["state_dict_ema"] if "state_dict_ema" in chk else chk["state_dict"]
     if not isinstance(raw, dict):
         raise RadioFormatError(f"{path}: state_dict is a {type(raw).__name__}, not a dict of tensors")
     state = {k.removeprefix("module."): v for k, v in raw.items() if isinstance(v, Tensor)}
-    from ..utils import WeightsError, check_finite
-
     try:
         check_finite(state, str(path))
     except WeightsError as exc:
         raise RadioFormatError(str(exc)) from None
     sr = _arg(args, "spectral_reparam", False)
     state = fold_official_spectral(state, eps=float(sr.get("eps", 1e-12)) if isinstance(sr, dict) else 1e-6)
-    state = {k.replace(".grandma", ".gamma"): v for k, v in state.items()}  # older layer-scale name
+    return {k.replace(".grandma", ".gamma"): v for k, v in state.items()}
 
-    teachers = [dict(vars(t)) if isinstance(t, argparse.Namespace) else dict(t)
-                for t in _arg(args, "teachers", []) or []]
-    per_teacher = bool(_arg(args, "cls_token_per_teacher", True))
-    unique = list(dict.fromkeys(t["name"] for t in teachers))
-    num_cls = max(len(unique), 1) if per_teacher else 1
 
-    bb = {k[len("base_model."):]: v.float() for k, v in state.items() if k.startswith("base_model.")}
-    student_args = _student_args(args, bb, num_cls)
-    extension = _arg(args, "radio_distill", None) or {}
+@dataclass
+class _TeacherTable:
+    """``args.teachers`` as the official loader reads it."""
 
-    heads = _split_heads(state, "_heads")
-    feats = _split_heads(state, "_feature_projections")
-    # Official fallback: a teacher's summary head uses its own ``mlp_version`` else the file's;
-    # its feature head its own ``spatial_mlp_version`` else the file's spatial (or main) version;
-    # a teacher-level ``mlp_version`` does not reach the feature head.
-    default_version = str(_arg(args, "mlp_version", "v1") or "v1")
-    default_spatial = str(_arg(args, "spatial_mlp_version", None) or default_version)
+    teachers: list[dict]
+    #: one CLS token per unique teacher name (else one for all)
+    per_teacher: bool
+    num_cls: int
+    #: ``args.radio_distill``: what this framework adds (spatial-only teachers, plugins)
+    extension: dict
+
+    @classmethod
+    def of(cls, args: Any) -> "_TeacherTable":
+        teachers = [dict(vars(t)) if isinstance(t, argparse.Namespace) else dict(t)
+                    for t in _arg(args, "teachers", []) or []]
+        per_teacher = bool(_arg(args, "cls_token_per_teacher", True))
+        unique = list(dict.fromkeys(t["name"] for t in teachers))
+        num_cls = max(len(unique), 1) if per_teacher else 1
+        return cls(teachers, per_teacher, num_cls, _arg(args, "radio_distill", None) or {})
+
+    def known(self) -> set[str]:
+        return {t["name"] for t in self.teachers} | set(self.extension.get("teachers", {}))
+
+
+@dataclass
+class _Heads:
+    """The imported adaptor heads: export-config entries, their weights (our layout) and slots."""
+
+    entries: dict[str, dict] = field(default_factory=dict)
+    states: dict[str, dict[str, dict[str, Tensor]]] = field(default_factory=dict)
+    slots: dict[str, int] = field(default_factory=dict)
+    #: teacher -> why its heads (or one of them) were not imported
+    skipped: dict[str, str] = field(default_factory=dict)
+
+    def hidden_dim(self) -> int:
+        return max((e[f"{k}_adaptor"]["hidden_dim"] for e in self.entries.values() for k in ("summary", "spatial")
+                    if f"{k}_adaptor" in e), default=0)
+
+
+def _import_heads(path, state: dict[str, Tensor], args: Any, table: _TeacherTable, embed_dim: int,
+                  adaptor_names: Optional[list[str]]) -> _Heads:
+    """Every teacher's summary and feature heads (those in ``adaptor_names``, when given), in list
+    order, then the spatial-only teachers this framework records in ``args.radio_distill``."""
     wanted = set(adaptor_names) if adaptor_names is not None else None
-    known = {t["name"] for t in teachers} | set(extension.get("teachers", {}))
-    if wanted is not None and wanted - known:
-        raise RadioFormatError(f"{path}: no teacher {sorted(wanted - known)} in this checkpoint; "
-                               f"it has {sorted(known)}")
-
-    entries: dict[str, dict] = {}
-    head_states: dict[str, dict[str, dict[str, Tensor]]] = {}
-    slots: dict[str, int] = {}
-    skipped: dict[str, str] = {}
-
-    def add_heads(name: str, tidx: Optional[int], tconf: dict) -> None:
-        entry = {"summary_dim": None, "spatial_dim": None, "plugin": tconf.get("type"),
-                 "use_summary": bool(tconf.get("use_summary", True))}
-        entry.update({k: v for k, v in extension.get("teachers", {}).get(name, {}).items() if k in ("plugin",)})
-        summary_version = str(tconf.get("mlp_version") or default_version)
-        spatial_version = str(tconf.get("spatial_mlp_version") or default_spatial)
-        for kind, table, version in (("summary", heads, summary_version), ("spatial", feats, spatial_version)):
-            sd = table.get(name) or (table.get(str(tidx)) if tidx is not None else None)
-            if not sd:
-                continue
-            where = f"{path}: teacher {name!r} {kind} head"
-            try:
-                if kind == "spatial" and (tconf.get("fd_upsample_factor") or 1) > 1:
-                    raise RadioFormatError(f"{where}: feature upsampling (fd_upsample_factor="
-                                           f"{tconf['fd_upsample_factor']}) is not supported")
-                converted, info = _convert_mlp({k: v.float() for k, v in sd.items()}, version, where)
-                if info["in_dim"] != student_args["embed_dim"]:
-                    raise RadioFormatError(f"{where}: input dim {info['in_dim']} != backbone dim "
-                                           f"{student_args['embed_dim']}")
-            except RadioFormatError as exc:
-                if wanted is not None and name in wanted:
-                    raise
-                skipped[name] = f"{skipped[name]}; {exc}" if name in skipped else str(exc)
-                continue
-            entry[f"{kind}_dim"] = info["out_dim"]
-            entry[f"{kind}_adaptor"] = {"name": "mlp", "hidden_dim": info["hidden_dim"],
-                                        "args": {"num_inner": info["num_inner"], "activation": info["activation"]}}
-            head_states.setdefault(name, {})[kind] = converted
-        if entry["summary_dim"] is not None:
-            slot = int(tconf.get("token_slot", tidx if tidx is not None else 0)) if per_teacher else 0
-            if not 0 <= slot < num_cls:
-                raise RadioFormatError(f"{path}: teacher {name!r}: token_slot {slot} outside the {num_cls} CLS tokens")
-            slots[name] = slot
-        if entry["summary_dim"] is not None or entry["spatial_dim"] is not None:
-            entries[name] = entry
-
-    seen = set()
-    for tidx, tconf in enumerate(teachers):
-        name = tconf["name"]
+    if wanted is not None and wanted - table.known():
+        raise RadioFormatError(f"{path}: no teacher {sorted(wanted - table.known())} in this checkpoint; "
+                               f"it has {sorted(table.known())}")
+    versions = _MLPVersions.of(args)
+    found = {"summary": _split_heads(state, "_heads"), "spatial": _split_heads(state, "_feature_projections")}
+    heads = _Heads()
+    seen: set[str] = set()
+    listed = [(t["name"], i, t) for i, t in enumerate(table.teachers)]
+    extra = [(name, None, {"type": t.get("plugin"), "use_summary": False, **t})
+             for name, t in table.extension.get("teachers", {}).items()
+             if name in found["spatial"] or name in found["summary"]]
+    for name, tidx, tconf in listed + extra:
         if name in seen or (wanted is not None and name not in wanted):
             continue
         seen.add(name)
-        add_heads(name, tidx, tconf)
-    # heads of teachers without a CLS token (written by save_radio_checkpoint for spatial-only teachers)
-    for name, tconf in extension.get("teachers", {}).items():
-        if name not in seen and (wanted is None or name in wanted) and (name in feats or name in heads):
-            seen.add(name)
-            add_heads(name, None, {"type": tconf.get("plugin"), "use_summary": False, **tconf})
-    if skipped and wanted is None:
-        warnings.warn(f"{path}: heads not imported: " + "; ".join(f"{k}: {v}" for k, v in skipped.items()),
-                      stacklevel=2)
+        _import_teacher_heads(path, heads, found, name, tidx, tconf, table, versions, embed_dim,
+                              strict=wanted is not None)
+    if heads.skipped and wanted is None:
+        warnings.warn(f"{path}: heads not imported: " + "; ".join(f"{k}: {v}" for k, v in heads.skipped.items()),
+                      stacklevel=3)
+    return heads
 
-    mean = state.get("input_conditioner.norm_mean")
-    std = state.get("input_conditioner.norm_std")
-    if mean is not None:
-        student_args["mean"] = [float(x) for x in mean.flatten()]
-    if std is not None:
-        student_args["std"] = [float(x) for x in std.flatten()]
-    # Backbone summary: the CLS rows at the first list index of every teacher name with
-    # use_summary, whichever heads were imported (as the official loader gathers them).
+
+@dataclass
+class _MLPVersions:
+    """Official fallback: a teacher's summary head uses its own ``mlp_version`` else the file's;
+    its feature head its own ``spatial_mlp_version`` else the file's spatial (or main) version;
+    a teacher-level ``mlp_version`` does not reach the feature head."""
+
+    summary: str
+    spatial: str
+
+    @classmethod
+    def of(cls, args: Any) -> "_MLPVersions":
+        main = str(_arg(args, "mlp_version", "v1") or "v1")
+        return cls(main, str(_arg(args, "spatial_mlp_version", None) or main))
+
+    def of_teacher(self, tconf: dict, kind: str) -> str:
+        if kind == "summary":
+            return str(tconf.get("mlp_version") or self.summary)
+        return str(tconf.get("spatial_mlp_version") or self.spatial)
+
+
+def _import_teacher_heads(path, heads: _Heads, found: dict, name: str, tidx: Optional[int], tconf: dict,
+                          table: _TeacherTable, versions: _MLPVersions, embed_dim: int, strict: bool) -> None:
+    """One teacher's heads into ``heads``; a head this importer cannot read is an error when the
+    teacher was asked for by name (``strict``), else recorded in ``heads.skipped``."""
+    entry = {"summary_dim": None, "spatial_dim": None, "plugin": tconf.get("type"),
+             "use_summary": bool(tconf.get("use_summary", True))}
+    for kind in ("summary", "spatial"):
+        sd = found[kind].get(name) or (found[kind].get(str(tidx)) if tidx is not None else None)
+        if not sd:
+            continue
+        where = f"{path}: teacher {name!r} {kind} head"
+        try:
+            converted, info = _read_head(sd, kind, tconf, versions.of_teacher(tconf, kind), embed_dim, where)
+        except RadioFormatError as exc:
+            if strict:
+                raise
+            heads.skipped[name] = f"{heads.skipped[name]}; {exc}" if name in heads.skipped else str(exc)
+            continue
+        entry[f"{kind}_dim"] = info["out_dim"]
+        entry[f"{kind}_adaptor"] = {"name": "mlp", "hidden_dim": info["hidden_dim"],
+                                    "args": {"num_inner": info["num_inner"], "activation": info["activation"]}}
+        heads.states.setdefault(name, {})[kind] = converted
+    if entry["summary_dim"] is not None:
+        slot = int(tconf.get("token_slot", tidx if tidx is not None else 0)) if table.per_teacher else 0
+        if not 0 <= slot < table.num_cls:
+            raise RadioFormatError(f"{path}: teacher {name!r}: token_slot {slot} outside the {table.num_cls} "
+                                   f"CLS tokens")
+        heads.slots[name] = slot
+    if entry["summary_dim"] is not None or entry["spatial_dim"] is not None:
+        heads.entries[name] = entry
+
+
+def _read_head(sd: dict[str, Tensor], kind: str, tconf: dict, version: str, embed_dim: int,
+               where: str) -> tuple[dict[str, Tensor], dict]:
+    if kind == "spatial" and (tconf.get("fd_upsample_factor") or 1) > 1:
+        raise RadioFormatError(f"{where}: feature upsampling (fd_upsample_factor={tconf['fd_upsample_factor']}) "
+                               f"is not supported")
+    converted, info = _convert_mlp({k: v.float() for k, v in sd.items()}, version, where)
+    if info["in_dim"] != embed_dim:
+        raise RadioFormatError(f"{where}: input dim {info['in_dim']} != backbone dim {embed_dim}")
+    return converted, info
+
+
+def _input_conditioner_args(state: dict[str, Tensor]) -> dict:
+    """The student's ``mean`` / ``std`` from ``input_conditioner.norm_mean`` / ``norm_std``."""
+    out = {}
+    for arg, key in (("mean", "input_conditioner.norm_mean"), ("std", "input_conditioner.norm_std")):
+        if key in state:
+            out[arg] = [float(x) for x in state[key].flatten()]
+    return out
+
+
+def _summary_rows(path, table: _TeacherTable) -> list[int]:
+    """The backbone summary's CLS rows: the first list index of every teacher name with
+    use_summary, whichever heads were imported (as the official loader gathers them)."""
     first: dict[str, int] = {}
-    for i, t in enumerate(teachers):
+    for i, t in enumerate(table.teachers):
         if t.get("use_summary", True):
             first.setdefault(t["name"], i)
-    summary_idxs = sorted(first.values()) if per_teacher and first else [0]
-    if max(summary_idxs) >= num_cls:
-        raise RadioFormatError(f"{path}: teachers with use_summary name CLS rows {summary_idxs} but the model has "
-                               f"{num_cls} CLS token(s)")
-    config = {
+    rows = sorted(first.values()) if table.per_teacher and first else [0]
+    if max(rows) >= table.num_cls:
+        raise RadioFormatError(f"{path}: teachers with use_summary name CLS rows {rows} but the model has "
+                               f"{table.num_cls} CLS token(s)")
+    return rows
+
+
+def _import_config(student_args: dict, table: _TeacherTable, heads: _Heads, summary_idxs: list[int]) -> dict:
+    """The export config (``radio_core.formats.export``) of the imported model."""
+    return {
         "format": "radio-distill-export", "version": 1, "source": "radio", "summary_idxs": summary_idxs,
-        "student": {"name": "vit", "args": student_args, "num_cls_tokens": num_cls},
-        "teachers": entries, "adaptor": {"name": "mlp", "args": {}},
-        "hidden_dim": max((e[f"{k}_adaptor"]["hidden_dim"] for e in entries.values() for k in ("summary", "spatial")
-                           if f"{k}_adaptor" in e), default=0),
-        "summary_slots": slots, "resolution": None,
+        "student": {"name": "vit", "args": student_args, "num_cls_tokens": table.num_cls},
+        "teachers": heads.entries, "adaptor": {"name": "mlp", "args": {}}, "hidden_dim": heads.hidden_dim(),
+        "summary_slots": heads.slots, "resolution": None,
     }
-    our_state = {f"student.{k}": v for k, v in bb.items()}
-    our_state["student.norm_mean"] = torch.tensor(student_args.get("mean", _default_mean())).view(3, 1, 1)
-    our_state["student.norm_std"] = torch.tensor(student_args.get("std", _default_std())).view(3, 1, 1)
-    for name, kinds in head_states.items():
+
+
+def _build_imported(path, args: Any, config: dict, registry, backbone: dict[str, Tensor], student_args: dict,
+                    heads: _Heads) -> Distiller:
+    """The distiller of ``config`` with the imported weights, built through the registry."""
+    from ..registry import PluginError, get_registry
+
+    state = {f"student.{k}": v for k, v in backbone.items()}
+    state["student.norm_mean"] = torch.tensor(student_args.get("mean", _default_mean())).view(3, 1, 1)
+    state["student.norm_std"] = torch.tensor(student_args.get("std", _default_std())).view(3, 1, 1)
+    for name, kinds in heads.states.items():
         for kind, sd in kinds.items():
-            our_state.update({f"{kind}_heads.{name}.{k}": v for k, v in sd.items()})
+            state.update({f"{kind}_heads.{name}.{k}": v for k, v in sd.items()})
     try:
-        distiller = build_distiller_from_config(config, registry or get_registry(), our_state, origin=str(path))
+        return build_distiller_from_config(config, registry or get_registry(), state, origin=str(path))
     except PluginError as exc:
         raise RadioFormatError(f"{path}: {exc}") from None
     except ValueError as exc:  # e.g. the vit factory refusing the model name
         raise RadioFormatError(f"{path}: cannot build the student for model {_arg(args, 'model')!r}: {exc}") from None
 
-    normalizer = None
-    if "_feature_normalizer.mean" in state and "_feature_normalizer.tx" in state:
-        normalizer = FeatureNormalizer(student_args["embed_dim"])
-        normalizer.load_state_dict({"mean": state["_feature_normalizer.mean"].float(),
-                                    "tx": state["_feature_normalizer.tx"].float()})
-    return RadioImport(distiller, config, normalizer, args, skipped)
+
+def _feature_normalizer(state: dict[str, Tensor], dim: int) -> Optional[FeatureNormalizer]:
+    if "_feature_normalizer.mean" not in state or "_feature_normalizer.tx" not in state:
+        return None
+    normalizer = FeatureNormalizer(dim)
+    normalizer.load_state_dict({"mean": state["_feature_normalizer.mean"].float(),
+                                "tx": state["_feature_normalizer.tx"].float()})
+    return normalizer
 
 
 def _default_mean() -> list[float]:
@@ -446,7 +522,6 @@ def _mlp_state_for_radio(head: nn.Module, where: str,
     return out, "v1"
 
 
-# Long (~100 lines) for the same reason as load_radio_checkpoint: the inverse pass, in the same order.
 def save_radio_checkpoint(model, path: str | os.PathLike) -> Path:
     """Write a ``RadioModel`` whose student is the ``vit`` plugin as an official-layout ``.pth.tar``.
 
@@ -455,76 +530,102 @@ def save_radio_checkpoint(model, path: str | os.PathLike) -> Path:
     ``_feature_projections.<name>`` and described in ``args.radio_distill`` (the official loader
     ignores both; ``load_radio_checkpoint`` reads them back).
     """
-    from ..models.spectral import folded_state_dict
+    student = _writable_student(model)
+    state = _backbone_state_out(student)
+    listed, extension = _teacher_list(model)
+    state.update(_heads_out(model.distiller, listed, extension))
+    normalizer = model.feature_normalizer
+    if isinstance(normalizer, FeatureNormalizer):
+        state["_feature_normalizer.mean"] = normalizer.mean.detach().cpu()
+        state["_feature_normalizer.tx"] = normalizer.tx.detach().cpu()
+    args = _official_args(student, model.config, listed, extension)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({"args": args, "state_dict": state}, tmp)
+    os.replace(tmp, path)
+    return path
 
+
+def _writable_student(model):
     student = model.student
-    config = model.config
-    arch = getattr(student, "arch", None)
-    if arch is None or not hasattr(student, "patch_generator"):
-        plugin = config.get("student", {}).get("name")
+    if getattr(student, "arch", None) is None or not hasattr(student, "patch_generator"):
+        plugin = model.config.get("student", {}).get("name")
         why = (" The 'eradio' student is this project's own E-RADIO (conv position encoding instead of Swin-v2 "
                "relative bias, its own neck and per-teacher summaries), so the official E-RADIO loader could not "
                "build it from any file." if plugin == "eradio" else "")
         raise RadioFormatError(f"only the ViT-CPE student ('vit') can be written in RADIO format; this model's "
                                f"student is {type(student).__name__} (plugin {plugin!r}).{why} Use RadioModel.save "
                                f"(the project's export) instead")
-    d = model.distiller
+    return student
+
+
+def _backbone_state_out(student: nn.Module) -> dict[str, Tensor]:
+    """The student's plain weights (σReparam folded) under ``base_model.``; its input
+    conditioner under ``input_conditioner.``."""
+    from ..models.spectral import folded_state_dict
+
     state: dict[str, Tensor] = {}
     for k, v in folded_state_dict(student).items():
         if k in ("norm_mean", "norm_std"):
             state[f"input_conditioner.{k}"] = v.detach().cpu().float().view(3, 1, 1)
         else:
             state[f"base_model.{k}"] = v.detach().cpu()
+    return state
 
-    slot_of = dict(d.summary_slots)
+
+def _teacher_list(model) -> tuple[list[dict], dict[str, dict]]:
+    """(``args.teachers``: one entry per CLS slot, in slot order; spatial-only teachers left
+    without a slot, for ``args.radio_distill``)."""
+    d, teacher_cfg = model.distiller, model.config.get("teachers", {})
     by_slot: dict[int, str] = {}
-    for name, slot in sorted(slot_of.items(), key=lambda kv: kv[1]):
+    for name, slot in sorted(d.summary_slots.items(), key=lambda kv: kv[1]):
         if name in d.summary_heads:
             by_slot.setdefault(slot, name)
-    teacher_cfg = config.get("teachers", {})
     names = [h.name for h in d.heads if h.name in d.summary_heads or h.name in d.spatial_heads]
     spatial_only = [n for n in names if n not in by_slot.values()]
-    listed, extension = [], {}
-    for slot in range(student.num_cls_tokens):
+    listed = []
+    for slot in range(model.student.num_cls_tokens):
         name = by_slot.get(slot) or (spatial_only.pop(0) if spatial_only else f"unused_slot_{slot}")
         plugin = teacher_cfg.get(name, {}).get("plugin") or "generic"
         use_summary = name in by_slot.values() and teacher_cfg.get(name, {}).get("use_summary", True)
         listed.append({"name": name, "type": plugin, "use_summary": bool(use_summary), "token_slot": slot})
-    for name in spatial_only:  # no CLS slot left for them: our extension field only
-        extension[name] = {"plugin": teacher_cfg.get(name, {}).get("plugin")}
+    extension = {name: {"plugin": teacher_cfg.get(name, {}).get("plugin")} for name in spatial_only}
+    return listed, extension
 
+
+def _heads_out(d: Distiller, listed: list[dict], extension: dict[str, dict]) -> dict[str, Tensor]:
+    """``_heads.<name>`` / ``_feature_projections.<name>`` with the target de-normalisation folded
+    in; records each head's MLP version in its ``listed`` / ``extension`` entry."""
     def target_norm(name: str, kind: str) -> Optional[nn.Module]:
         norms = d.target_norms[name] if name in d.target_norms else {}
         return norms[kind] if kind in norms else None
 
-    versions = {}
+    state: dict[str, Tensor] = {}
     for entry in listed:
-        name = entry["name"]
+        name, versions = entry["name"], {}
         for kind, table, prefix in (("summary", d.summary_heads, "_heads"),
                                     ("spatial", d.spatial_heads, "_feature_projections")):
             if name in table:
-                sd, version = _mlp_state_for_radio(table[name], f"teacher {name!r} {kind} head",
-                                                   target_norm(name, kind))
+                sd, versions[kind] = _mlp_state_for_radio(table[name], f"teacher {name!r} {kind} head",
+                                                          target_norm(name, kind))
                 state.update({f"{prefix}.{name}.{k}": v for k, v in sd.items()})
-                versions.setdefault(name, {})[kind] = version
-    for name in extension:
-        sd, version = _mlp_state_for_radio(d.spatial_heads[name], f"teacher {name!r} spatial head",
-                                           target_norm(name, "spatial"))
+        if "summary" in versions:
+            entry["mlp_version"] = versions["summary"]
+        if "spatial" in versions:
+            entry["spatial_mlp_version"] = versions["spatial"]
+            entry.setdefault("mlp_version", versions["spatial"])
+    for name, entry in extension.items():
+        sd, entry["spatial_mlp_version"] = _mlp_state_for_radio(d.spatial_heads[name], f"teacher {name!r} spatial "
+                                                                f"head", target_norm(name, "spatial"))
         state.update({f"_feature_projections.{name}.{k}": v for k, v in sd.items()})
-        extension[name]["spatial_mlp_version"] = version
-    for entry in listed:
-        v = versions.get(entry["name"], {})
-        if "summary" in v:
-            entry["mlp_version"] = v["summary"]
-        if "spatial" in v:
-            entry["spatial_mlp_version"] = v["spatial"]
-            entry.setdefault("mlp_version", v["spatial"])
+    return state
 
-    normalizer = model.feature_normalizer
-    if isinstance(normalizer, FeatureNormalizer):
-        state["_feature_normalizer.mean"] = normalizer.mean.detach().cpu()
-        state["_feature_normalizer.tx"] = normalizer.tx.detach().cpu()
 
+def _official_args(student, config: dict, listed: list[dict], extension: dict[str, dict]) -> argparse.Namespace:
+    """The ``args`` namespace the official loader builds the model from."""
+    arch = student.arch
+    teacher_cfg = config.get("teachers", {})
     # The official loader makes round(cpe_max_size / p) positions per side: write the exact
     # multiple of the grid this model has (e.g. 1008, not 1000 -> 62 instead of 63).
     cpe_max_size = student.patch_generator.grid_side * arch["patch_size"]
@@ -536,23 +637,16 @@ def save_radio_checkpoint(model, path: str | os.PathLike) -> Path:
                     "mlp_ratio": arch["mlp_ratio"], "qkv_bias": arch["qkv_bias"], "patch_size": arch["patch_size"]}
     if arch["init_values"] is not None:
         model_kwargs["init_values"] = arch["init_values"]
-    args = argparse.Namespace(
+    plugins = {e["name"]: {"plugin": teacher_cfg.get(e["name"], {}).get("plugin")} for e in listed}
+    return argparse.Namespace(
         model=model_name, model_kwargs=model_kwargs, pretrained=False, in_chans=None, input_size=None,
         num_classes=0, drop=0.0, drop_path=None, drop_block=None, gp=None, bn_momentum=None, bn_eps=None,
         torchscript=False, initial_checkpoint="", cpe_max_size=cpe_max_size, teachers=listed,
         cls_token_per_teacher=True, register_multiple=None, cpe_num_registers=arch["num_registers"] or None,
         spectral_reparam=False, spectral_heads=False, mlp_version="v2", model_norm=bool(arch["final_norm"]),
         dtype=torch.float32,
-        radio_distill={"format_version": 1, "teachers": {**{e["name"]: {"plugin": teacher_cfg.get(e["name"], {})
-                                                                     .get("plugin")} for e in listed}, **extension},
-                       "student": config.get("student")},
+        radio_distill={"format_version": 1, "teachers": {**plugins, **extension}, "student": config.get("student")},
     )
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({"args": args, "state_dict": state}, tmp)
-    os.replace(tmp, path)
-    return path
 
 
 __all__ = ["RadioFormatError", "RadioImport", "SAFE_GLOBALS", "read_checkpoint", "load_radio_checkpoint",
