@@ -157,7 +157,7 @@ def group_steps(recipe, device: torch.device, steps: int, peak: float) -> Any:
 
 
 def attention_backends(student: nn.Module, resolution: int, batch: int, device: torch.device, steps: int) -> None:
-    from radio_plugins._common import xformers_unavailable
+    from radio_core.models.attention import xformers_unavailable
 
     x = torch.rand(batch, 3, resolution, resolution, device=device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32

@@ -80,8 +80,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from radio_core import Student, StudentOutput, hookimpl
-
-from ._common import attend, check_attention_backend
+from radio_core.models.attention import attend, check_attention_backend
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)

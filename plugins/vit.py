@@ -65,8 +65,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from radio_core import Student, StudentOutput, hookimpl
-
-from ._common import attend, check_attention_backend
+from radio_core.models.attention import attend, check_attention_backend
 
 #: RADIO's input conditioner defaults (OpenAI CLIP statistics).
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -191,7 +190,7 @@ def from_windows(patches: Tensor, h: int, w: int, ws: int) -> Tensor:
 
 def _backend_attention_class():
     """timm's ViT ``Attention`` (same parameters, same state-dict keys) whose attention product
-    goes through ``radio_plugins._common.attend`` with a selectable backend."""
+    goes through ``radio_core.models.attention.attend`` with a selectable backend."""
     from timm.models.vision_transformer import Attention
 
     class BackendAttention(Attention):

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from radio_core.registry import PluginError, get_registry
-import radio_plugins._common as common
-from radio_plugins._common import attend, xformers_unavailable
+import radio_core.models.attention as common
+from radio_core.models.attention import attend, xformers_unavailable
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 XFORMERS_SKIP = xformers_unavailable(DEVICE)
