@@ -13,6 +13,7 @@ adaptor_names=...)`` (NVlabs/RADIO, non-commercial licence: no code taken):
   ``cpe_num_registers`` or ``register_multiple - cls % register_multiple`` registers;
 * σReparam keys are realised as W * (softplus(s) + 0.05) / (uᵀWv + eps) (v2) or W * s / (uᵀWv + eps)
   (v1), per row part for ``parts.<i>``; eps 1e-6 (1e-12 when ``args.spectral_reparam`` is a dict);
+  a training state (``state_dict``) is baked in train mode, after one power iteration (u, then v);
 * backbone summary: CLS rows at the first list index of each teacher name with ``use_summary``
   (sorted); features: tokens after CLS + registers, through ``_feature_normalizer`` if present;
 * adaptors: ``_heads.<index|name>`` / ``_feature_projections.<index|name>``; summary MLP version =
@@ -39,7 +40,15 @@ def _realise(weight: Tensor, p: dict, eps: float) -> Tensor:
     return weight * (scale.float() / sigma.float()).reshape(())
 
 
-def _plain_weights(state: dict, eps: float) -> dict:
+def _power_step(weight: Tensor, p: dict, eps: float) -> dict:
+    """One power iteration (torch's spectral_norm order: u, then v), as the official loader's
+    train-mode bake of a training state runs before reading σ."""
+    u = F.normalize(torch.mv(weight, p["_v"]), dim=0, eps=eps)
+    v = F.normalize(torch.mv(weight.T, u), dim=0, eps=eps)
+    return {**p, "_u": u, "_v": v}
+
+
+def _plain_weights(state: dict, eps: float, iterate: bool) -> dict:
     out = {k: v for k, v in state.items() if ".parametrizations." not in k}
     for key in [k for k in state if k.endswith(".parametrizations.weight.original")]:
         layer = key[: -len(".parametrizations.weight.original")]
@@ -52,10 +61,11 @@ def _plain_weights(state: dict, eps: float) -> dict:
             parts = []
             for i in range(n):
                 p = {k[len(f"parts.{i}."):]: v for k, v in sub.items() if k.startswith(f"parts.{i}.")}
-                parts.append(_realise(w[i * rows:(i + 1) * rows], p, eps) if p else w[i * rows:(i + 1) * rows])
+                chunk = w[i * rows:(i + 1) * rows]
+                parts.append(_realise(chunk, _power_step(chunk, p, eps) if iterate else p, eps) if p else chunk)
             w = torch.cat(parts, 0)
         else:
-            w = _realise(w, sub, eps)
+            w = _realise(w, _power_step(w, sub, eps) if iterate else sub, eps)
         out[f"{layer}.weight"] = w
     return out
 
@@ -110,7 +120,8 @@ class OfficialRadio(nn.Module):
         args = chk["args"]
         state = chk["state_dict_ema"] if "state_dict_ema" in chk else chk["state_dict"]
         sr = getattr(args, "spectral_reparam", False)
-        state = _plain_weights(state, float(sr.get("eps", 1e-12)) if isinstance(sr, dict) else 1e-6)
+        state = _plain_weights(state, float(sr.get("eps", 1e-12)) if isinstance(sr, dict) else 1e-6,
+                               iterate=bool(sr) and "state_dict_ema" not in chk)
         bb = {k[len("base_model."):]: v for k, v in state.items() if k.startswith("base_model.")}
 
         name = args.model

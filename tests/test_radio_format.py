@@ -41,15 +41,21 @@ def _mlp_v2_forward(sd, x, num_inner=0):
     return F.linear(x, sd["final.2.weight"], sd["final.2.bias"])
 
 
-def _sn_parametrize(rng, weight, chunks):
-    """Official σReparam keys whose realised weight is ``weight`` (per row-chunk), version 2."""
+def _sn_parametrize(rng, weight, chunks, training_state=True):
+    """Official σReparam keys whose realised weight is ``weight`` (per row-chunk), version 2. In a
+    training state the official loader bakes the parametrisation in train mode, after one more
+    power iteration (u = normalize(W v), then v = normalize(Wᵀ u)); in an EMA state it does not."""
     original = weight * 3.0
     keys = {"parametrizations.weight.original": original}
     parts = original.split(original.shape[0] // chunks)
     for i, part in enumerate(parts):
         u = F.normalize(torch.randn(part.shape[0], generator=rng), dim=0)
         v = F.normalize(torch.randn(part.shape[1], generator=rng), dim=0)
-        sigma = torch.dot(u, part @ v) + 1e-6
+        iu, iv = u, v
+        if training_state:
+            iu = F.normalize(part @ v, dim=0, eps=1e-6)
+            iv = F.normalize(part.T @ iu, dim=0, eps=1e-6)
+        sigma = torch.dot(iu, part @ iv) + 1e-6
         # realised = part * (softplus(scale) + 0.05) / sigma == part / 3  ->  solve for scale
         target = (sigma / 3.0 - 0.05).clamp_min(1e-3)
         scale = torch.log(torch.expm1(target))
@@ -91,7 +97,7 @@ def official_checkpoint(path, key="state_dict"):
     qkv = blocks["0.attn.qkv.weight"]
     fc1 = blocks["1.mlp.fc1.weight"]
     for name, weight, chunks in (("0.attn.qkv", qkv, 3), ("1.mlp.fc1", fc1, 1)):
-        for k, v in _sn_parametrize(rng, weight, chunks).items():
+        for k, v in _sn_parametrize(rng, weight, chunks, training_state=key == "state_dict").items():
             state[f"base_model.blocks.{name}.{k}"] = v
     for k, v in blocks.items():
         if k not in ("0.attn.qkv.weight", "1.mlp.fc1.weight"):
@@ -114,7 +120,9 @@ def official_checkpoint(path, key="state_dict"):
     args = argparse.Namespace(model="vit_tiny_patch16_224", model_kwargs={"embed_dim": D, "depth": 2, "num_heads": 2},
                               cpe_max_size=SIDE * P, teachers=teachers, cls_token_per_teacher=True,
                               register_multiple=8, spectral_reparam=True, mlp_version="v2", dtype=torch.float32,
-                              in_chans=None, input_size=None)
+                              in_chans=None, input_size=None, pretrained=False, num_classes=0, drop=0.0,
+                              drop_path=None, drop_block=None, gp=None, bn_momentum=None, bn_eps=None,
+                              torchscript=False, initial_checkpoint="")
     torch.save({"args": args, key: state, "epoch": 3}, path)
 
     @torch.no_grad()

@@ -39,7 +39,10 @@ The file is a pickled dict ``{"args": argparse.Namespace, "state_dict" | "state_
 * σReparam in training checkpoints: ``<layer>.parametrizations.weight.original`` plus
   ``...weight.0.{_u,_v,scale,_sn_version}`` (or ``...weight.0.parts.<i>.*`` for per-chunk
   reparametrisation of qkv / w12); folded here into plain weights
-  (W * s / (uᵀWv + eps), s = softplus(scale) + 0.05 for version 2, scale for version 1).
+  (W * s / (uᵀWv + eps), s = softplus(scale) + 0.05 for version 2, scale for version 1), with
+  (u, v) first advanced by ``n_power_iterations`` steps (u first, as torch's spectral_norm) when
+  the file is a training state (``state_dict`` and ``args.spectral_reparam``): the official
+  loader bakes the parametrisation while its model is in train mode.
 
 Which official versions load
 ----------------------------
@@ -132,8 +135,13 @@ def _arg(args: Any, name: str, default: Any = None) -> Any:
     return getattr(args, name, default)
 
 
-def fold_official_spectral(state: dict[str, Tensor], eps: float = 1e-6) -> dict[str, Tensor]:
-    """Replace official σReparam parametrisation keys by the realised plain ``weight``."""
+def fold_official_spectral(state: dict[str, Tensor], eps: float = 1e-6,
+                           power_iterations: int = 0) -> dict[str, Tensor]:
+    """Replace official σReparam parametrisation keys by the realised plain ``weight``.
+
+    ``power_iterations``: iterations run on (u, v) before σ is read. The official loader bakes a
+    training checkpoint's parametrisation while the model is in train mode, so σ comes after
+    ``n_power_iterations`` more steps (1 by default); 0 reads the stored estimates as they are."""
     marker = ".parametrizations.weight.original"
     out = {k: v for k, v in state.items() if ".parametrizations.weight." not in k}
     for key in [k for k in state if k.endswith(marker)]:
@@ -148,21 +156,22 @@ def fold_official_spectral(state: dict[str, Tensor], eps: float = 1e-6) -> dict[
             folded = []
             for i, chunk in enumerate(chunks):
                 p = {k[len(f"parts.{i}."):]: v for k, v in sub.items() if k.startswith(f"parts.{i}.")}
-                folded.append(_sn_realise(chunk, p, eps) if p else chunk)  # no keys: an Identity part
+                folded.append(_sn_realise(chunk, p, eps, power_iterations) if p else chunk)  # no keys: Identity
             weight = torch.cat(folded, dim=0)
         elif sub:
-            weight = _sn_realise(weight, sub, eps)
+            weight = _sn_realise(weight, sub, eps, power_iterations)
         out[f"{layer}.weight"] = weight.to(state[key].dtype)
     return out
 
 
-def _sn_realise(weight: Tensor, p: dict[str, Tensor], eps: float) -> Tensor:
-    from ..models.spectral import realise
+def _sn_realise(weight: Tensor, p: dict[str, Tensor], eps: float, power_iterations: int) -> Tensor:
+    from ..models.spectral import power_iteration, realise
 
     version = int(p["_sn_version"]) if "_sn_version" in p else 1
     if version not in (1, 2):
         raise RadioFormatError(f"unsupported σReparam version {version}")
-    return realise(weight, p["_u"], p["_v"], p["scale"], version, eps, alpha=_SN_ALPHA)
+    u, v = power_iteration(weight, p["_u"], p["_v"], power_iterations, eps)
+    return realise(weight, u, v, p["scale"], version, eps, alpha=_SN_ALPHA)
 
 
 def _convert_mlp(state: dict[str, Tensor], version: str, where: str) -> tuple[dict[str, Tensor], dict]:
@@ -273,7 +282,11 @@ def _model_state(chk: dict, path: str | os.PathLike, args: Any) -> dict[str, Ten
     except WeightsError as exc:
         raise RadioFormatError(str(exc)) from None
     sr = _arg(args, "spectral_reparam", False)
-    state = fold_official_spectral(state, eps=float(sr.get("eps", 1e-12)) if isinstance(sr, dict) else 1e-6)
+    eps = float(sr.get("eps", 1e-12)) if isinstance(sr, dict) else 1e-6
+    # The official loader parametrises a training state (state_dict with spectral_reparam) and
+    # bakes it in train mode: one more power iteration (n_power_iterations) before σ is read.
+    steps = int(sr.get("n_power_iterations", 1)) if isinstance(sr, dict) else 1
+    state = fold_official_spectral(state, eps, power_iterations=steps if sr and "state_dict_ema" not in chk else 0)
     return {k.replace(".grandma", ".gamma"): v for k, v in state.items()}
 
 

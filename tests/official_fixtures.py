@@ -1,0 +1,107 @@
+"""Facts the official RADIO code (NVlabs/RADIO) produced once, stored in tests/fixtures/official/,
+and the deterministic recipes both sides use to build the same inputs.
+
+The fixtures were written by ``tests/fixtures/official/make_fixtures.py`` with a checkout of the
+official code on ``PYTHONPATH`` (never part of this repository; see the README beside them).
+Weights are never stored: a module is filled by ``seeded_`` from its parameter *names*, so the
+official module and ours, having the same names, get the same weights without sharing a file.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "official"
+
+
+def fixture_json(name: str) -> dict:
+    return json.loads((FIXTURES / name).read_text())
+
+
+def fixture_tensors(name: str) -> dict[str, Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(FIXTURES / name))
+
+
+@torch.no_grad()
+def seeded_(module: nn.Module, seed: int) -> nn.Module:
+    """Fill every parameter and floating buffer of ``module`` from a generator seeded once, in sorted
+    name order: matrices ~ N(0, 1/fan_in), vectors ~ 0.1 N(0, 1), norm scales and BatchNorm
+    variances 1 + 0.1|N|. Integer buffers (BatchNorm counters, index tables) and buffers named in
+    ``DERIVED`` (tables the model recomputes) are left alone."""
+    gen = torch.Generator().manual_seed(seed)
+    tensors = dict(module.named_parameters())
+    tensors.update({k: b for k, b in module.named_buffers() if b.is_floating_point()
+                    and not k.endswith(DERIVED)})
+    for name in sorted(tensors):
+        t = tensors[name]
+        noise = torch.randn(t.shape, generator=gen, dtype=torch.float32)
+        if name.endswith("running_var"):
+            t.copy_(1 + 0.1 * noise.abs())
+        elif t.ndim >= 2:
+            t.copy_(noise / max(t[0].numel(), 1) ** 0.5)
+        elif name.endswith(("norm.weight", "norm1.weight", "norm2.weight", "bn.weight")):
+            t.copy_(1 + 0.1 * noise)
+        else:
+            t.copy_(0.1 * noise)
+    return module
+
+
+#: buffers that are functions of the architecture (E-RADIO's relative-position tables), not weights
+DERIVED = ("relative_coords_table", "relative_bias", "relative_position_index")
+
+
+# --------------------------------------------------------------------------- σReparam trajectories
+#: weight updates applied between training forwards in the σReparam trajectory fixture
+SIGMA_STEPS = 20
+#: steps whose realised weights are stored
+SIGMA_RECORDED = (1, 2, 10, 20)
+
+
+def sigma_module() -> nn.Module:
+    """A timm attention + MLP (qkv: one σ per q, k, v; proj, fc1, fc2: one each): what both
+    implementations parametrise."""
+    from timm.layers import Mlp
+    from timm.models.vision_transformer import Attention
+
+    return nn.ModuleDict({"attn": Attention(16, num_heads=2, qkv_bias=True), "mlp": Mlp(16, 32)})
+
+
+def sigma_updates(shapes: dict[str, torch.Size], seed: int = 7) -> list[dict[str, Tensor]]:
+    """The additive weight updates of every step, per parametrised layer (sorted names)."""
+    gen = torch.Generator().manual_seed(seed)
+    return [{name: 0.05 * torch.randn(shapes[name], generator=gen) for name in sorted(shapes)}
+            for _ in range(SIGMA_STEPS)]
+
+
+SIGMA_LAYERS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
+
+
+def run_sigma_trajectory(module: nn.Module) -> dict[str, Tensor]:
+    """Train-mode forwards with weight updates in between, then two eval-mode reads: the realised
+    weights at ``SIGMA_RECORDED`` steps, in eval, and the final (u, v) of every part."""
+    layers = {name: module.get_submodule(name) for name in SIGMA_LAYERS}
+    shapes = {name: layer.parametrizations.weight.original.shape for name, layer in layers.items()}
+    out: dict[str, Tensor] = {}
+    module.train()
+    for step, update in enumerate(sigma_updates(shapes), start=1):
+        with torch.no_grad():
+            for name, layer in layers.items():
+                layer.parametrizations.weight.original.add_(update[name])
+        for name, layer in layers.items():
+            w = layer.weight.detach().clone()  # a train-mode read: one power iteration
+            if step in SIGMA_RECORDED:
+                out[f"{name}.step{step}"] = w
+    module.eval()
+    for name, layer in layers.items():
+        first, second = layer.weight.detach().clone(), layer.weight.detach().clone()
+        assert torch.equal(first, second)  # eval reads do not iterate
+        out[f"{name}.eval"] = first
+    for key, value in module.state_dict().items():
+        if key.endswith(("._u", "._v")):
+            out[f"final.{key}"] = value.clone()
+    return out
