@@ -5,9 +5,10 @@ when this loader computes exactly (max |diff| 0) what ``RadioModel`` computes fr
 from the facts in /work/shared/DESIGN.md and the behaviour of ``hubconf.radio_model(version=<file>,
 adaptor_names=...)`` (NVlabs/RADIO, non-commercial licence: no code taken):
 
-* the backbone is ``timm.create_model(args.model, **args.model_kwargs)``; ``*_mlpnorm`` names are
-  the plain model with ``nn.LayerNorm(hidden)`` (torch default eps) as every ``Mlp.norm``; the final
-  norm is an Identity unless ``args.model_norm``;
+* the backbone is ``timm.create_model(args.model, **args.model_kwargs)`` for a name in the official
+  table (``create_official_vit``; any other name is "Unknown model"); the one ``_mlpnorm`` name is
+  ViT-H/16 with ``nn.LayerNorm(hidden)`` (torch default eps) as every ``Mlp.norm``; the final norm is
+  an Identity unless ``args.model_norm``;
 * CPE: ``max = round(cpe_max_size / p) * p`` (Python rounding), grid ``ceil(max / p)`` per side;
   ``len(set(teacher names))`` CLS tokens (1 without ``cls_token_per_teacher``), then
   ``cpe_num_registers`` or ``register_multiple - cls % register_multiple`` registers;
@@ -110,6 +111,40 @@ def _layernorm(state: dict, prefix: str) -> nn.LayerNorm:
     return layer
 
 
+#: ViT names the official code registers itself (radio/extra_timm_models.py), with what each fixes;
+#: every other name is timm's own.
+OFFICIAL_REGISTERED = {
+    "vit_tiny_patch14_224": dict(patch_size=14, embed_dim=192, depth=12, num_heads=3),
+    "vit_small_patch14_224": dict(patch_size=14, embed_dim=384, depth=12, num_heads=6),
+    "vit_base_patch14_224": dict(patch_size=14, embed_dim=768, depth=12, num_heads=12),
+    "vit_huge_patch16_224": dict(patch_size=16, embed_dim=1280, depth=32, num_heads=16),
+}
+
+
+def create_official_vit(name: str, model_kwargs: dict) -> nn.Module:
+    """``timm.create_model(name, **model_kwargs)`` as it runs once the official modules registered
+    their names: a name outside the official table (tests/fixtures/official/model_names.json) is
+    the official loader's "Unknown model"; ``vit_huge_patch16_224_mlpnorm`` is that ViT-H/16 preset
+    (sizes overridden by model_kwargs) with ``nn.LayerNorm(hidden)`` in every MLP."""
+    import timm
+    from timm.models.vision_transformer import VisionTransformer
+
+    from official_fixtures import fixture_json
+
+    if name not in fixture_json("model_names.json")["names"]:
+        raise RuntimeError(f"Unknown model ({name})")
+    base = name.removesuffix("_mlpnorm") if name == "vit_huge_patch16_224_mlpnorm" else name
+    if base in OFFICIAL_REGISTERED:
+        vit = VisionTransformer(num_classes=0, **{**OFFICIAL_REGISTERED[base], **model_kwargs})
+    else:
+        vit = timm.create_model(base, pretrained=False, num_classes=0, **model_kwargs)
+    if base != name:
+        for m in vit.modules():
+            if isinstance(m, timm.layers.Mlp) and not isinstance(m.norm, nn.LayerNorm):
+                m.norm = nn.LayerNorm(m.fc1.out_features)
+    return vit
+
+
 class OfficialRadio(nn.Module):
     def __init__(self, path, adaptor_names=None) -> None:
         super().__init__()
@@ -124,14 +159,7 @@ class OfficialRadio(nn.Module):
                                iterate=bool(sr) and "state_dict_ema" not in chk)
         bb = {k[len("base_model."):]: v for k, v in state.items() if k.startswith("base_model.")}
 
-        name = args.model
-        mlpnorm = name.endswith("_mlpnorm")
-        vit = timm.create_model(name.removesuffix("_mlpnorm"), pretrained=False, num_classes=0,
-                                **dict(args.model_kwargs))
-        if mlpnorm:
-            for m in vit.modules():
-                if isinstance(m, timm.layers.Mlp):
-                    m.norm = nn.LayerNorm(m.fc1.out_features)
+        vit = create_official_vit(args.model, dict(args.model_kwargs))
         if not getattr(args, "model_norm", False):
             vit.norm = nn.Identity()
         self.blocks, self.norm = vit.blocks, vit.norm

@@ -27,8 +27,9 @@ Key mapping (ours -> transformers; facts from transformers' ``modeling_radio.py`
 
 What transformers' class cannot express is refused in one line: E-RADIO (not a ViT), fixed
 windowed attention (``window_size``; every transformers block attends globally), a final
-LayerNorm (``final_norm: true``; C-RADIO has none), an MLP LayerNorm (``mlp_norm``), a RADIO
-feature normaliser, and a CPE grid that is not a whole number of patches.
+LayerNorm (``final_norm: true``; C-RADIO has none), an MLP LayerNorm (``mlp_norm``) and a RADIO
+feature normaliser. ``max_img_size`` is written as the student's grid times the patch size, so
+every ``cpe_max_size`` works (1000 at patch 16: 63 positions per side, written as 1008).
 """
 from __future__ import annotations
 
@@ -79,11 +80,9 @@ def student_to_transformers(student: Any, summary_idxs: list[int]) -> tuple[dict
         raise TransformersFormatError(
             f"student {name} runs windowed attention (window_size={student.window_size}), which transformers' "
             f"RadioModel cannot express (all its blocks are global); call set_window_size(None) first")
-    patch, max_size = int(student.patch_size), int(student.cpe_max_size)
-    if max_size % patch:
-        raise TransformersFormatError(
-            f"student {name}: cpe_max_size {max_size} is not a multiple of the patch size {patch}; transformers' "
-            f"RadioModel sizes its position grid as max_img_size // patch_size")
+    # transformers sizes its position grid as max_img_size // patch_size: write the exact multiple
+    # of the grid this student has (cpe_max_size 1000 at patch 16 is a 63-position grid: 1008)
+    patch, max_size = int(student.patch_size), int(student.patch_generator.grid_side) * int(student.patch_size)
     state = {k: v.detach().to("cpu") for k, v in folded_state_dict(student).items()}
     arch = student.arch
     block0 = student.blocks[0]

@@ -635,6 +635,28 @@ def _heads_out(d: Distiller, listed: list[dict], extension: dict[str, dict]) -> 
     return state
 
 
+#: Plain ViT presets the official loader builds (``timm.create_model`` once the official modules
+#: registered theirs; tests/fixtures/official/model_names.json), by size: the patch sizes of the
+#: ``vit_<size>_patch<p>_224`` names. Each fixes only patch, width, depth and heads, which the
+#: written ``model_kwargs`` override, so any of them builds the model the file describes.
+OFFICIAL_VIT_PRESETS = {"tiny": (14, 16), "small": (8, 14, 16, 32), "base": (8, 14, 16, 32),
+                        "large": (14, 16, 32), "huge": (14, 16)}
+#: the one ``_mlpnorm`` name: ``vit_huge_patch16_224`` (sizes from model_kwargs) with a LayerNorm in
+#: every MLP
+OFFICIAL_MLPNORM_NAME = "vit_huge_patch16_224_mlpnorm"
+
+
+def official_vit_name(size: str, patch_size: int, mlp_norm: bool) -> str:
+    """The model name to write for a ViT student: a name the official loader knows (a preset of
+    the student's size and patch, else its size at patch 16; ``OFFICIAL_MLPNORM_NAME`` with an MLP
+    norm); the real sizes go into ``model_kwargs``."""
+    if mlp_norm:
+        return OFFICIAL_MLPNORM_NAME
+    size = size if size in OFFICIAL_VIT_PRESETS else "base"
+    patch = patch_size if patch_size in OFFICIAL_VIT_PRESETS[size] else 16
+    return f"vit_{size}_patch{patch}_224"
+
+
 def _official_args(student, config: dict, listed: list[dict], extension: dict[str, dict]) -> argparse.Namespace:
     """The ``args`` namespace the official loader builds the model from."""
     arch = student.arch
@@ -643,9 +665,7 @@ def _official_args(student, config: dict, listed: list[dict], extension: dict[st
     # multiple of the grid this model has (e.g. 1008, not 1000 -> 62 instead of 63).
     cpe_max_size = student.patch_generator.grid_side * arch["patch_size"]
     size = re.match(r"^vit_([a-z]+)", arch["model"] or "vit_base")
-    model_name = f"vit_{size.group(1) if size else 'base'}_patch{arch['patch_size']}_224"
-    if arch["mlp_norm"]:
-        model_name += "_mlpnorm"
+    model_name = official_vit_name(size.group(1) if size else "base", arch["patch_size"], arch["mlp_norm"])
     model_kwargs = {"embed_dim": arch["embed_dim"], "depth": arch["depth"], "num_heads": arch["num_heads"],
                     "mlp_ratio": arch["mlp_ratio"], "qkv_bias": arch["qkv_bias"], "patch_size": arch["patch_size"]}
     if arch["init_values"] is not None:
