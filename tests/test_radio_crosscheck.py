@@ -190,3 +190,14 @@ def test_every_cpe_size_exports_with_its_exact_grid_in_both_formats():
             assert math.ceil(round(written / patch) * patch / patch) == side, (patch, cpe_max_size)
             hf = student_to_transformers(student, [0])[0]
             assert hf["max_img_size"] // patch == side, (patch, cpe_max_size)
+
+
+def test_an_activation_other_than_gelu_travels_in_model_kwargs_and_an_epsilon_is_refused(tmp_path, registry):
+    distiller = _distiller(registry, hidden_act="quick_gelu")
+    path = tmp_path / "q.pth.tar"
+    _crosscheck(RadioModel(distiller, _config()), path, torch.rand(1, 3, 48, 64))
+    assert torch.load(path, weights_only=False)["args"].model_kwargs["act_layer"] == "quick_gelu"
+    assert RadioModel.load(path).student.arch["hidden_act"] == "quick_gelu"
+    with pytest.raises(RadioFormatError, match="layer_norm_eps=0.001"):
+        RadioModel(_distiller(registry, layer_norm_eps=1e-3), _config()).save_radio(tmp_path / "e.pth.tar")
+    assert not (tmp_path / "e.pth.tar").exists()

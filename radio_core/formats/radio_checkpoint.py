@@ -79,6 +79,7 @@ from typing import Any, Iterable, Optional
 import torch
 from torch import Tensor, nn
 
+from ..models.activations import HIDDEN_ACTS, from_timm_activation, timm_activation
 from ..models.distiller import Distiller
 from .export import FeatureNormalizer, build_distiller_from_config
 
@@ -245,7 +246,22 @@ def _student_args(args: Any, bb: dict[str, Tensor], num_cls: int) -> dict:
                    num_registers=rows - num_cls, cpe_max_size=side * patch)
     if kwargs.get("num_heads"):
         student["num_heads"] = int(kwargs["num_heads"])
+    if kwargs.get("act_layer") not in (None, "gelu"):
+        act = from_timm_activation(str(kwargs["act_layer"]))
+        if act is None:
+            raise RadioFormatError(f"model {model!r}: model_kwargs.act_layer {kwargs['act_layer']!r} is not one the "
+                                   f"'vit' student has ({', '.join(HIDDEN_ACTS.values())})")
+        student["hidden_act"] = act
+    changed = sorted(k for k in FORWARD_CHANGING_KWARGS if kwargs.get(k) not in (None, False))
+    if changed:
+        raise RadioFormatError(f"model {model!r}: model_kwargs {changed} change the ViT's forward in ways the 'vit' "
+                               f"student does not have")
     return student
+
+
+#: timm VisionTransformer arguments that change its blocks' function and that no key of the file shows
+FORWARD_CHANGING_KWARGS = ("qk_norm", "pre_norm", "norm_layer", "mlp_layer", "block_fn", "attn_layer",
+                           "scaled_ln", "proj_bias")
 
 
 def load_radio_checkpoint(path: str | os.PathLike, registry=None, adaptor_names: Optional[list[str]] = None,
@@ -562,6 +578,11 @@ def save_radio_checkpoint(model, path: str | os.PathLike) -> Path:
 
 def _writable_student(model):
     student = model.student
+    eps = getattr(student, "arch", {}).get("layer_norm_eps", 1e-6)
+    if eps != 1e-6:
+        raise RadioFormatError(f"the student's LayerNorms use layer_norm_eps={eps}; the official loader builds "
+                               f"timm's (1e-6) and its file cannot say otherwise. Use RadioModel.save or "
+                               f"save_transformers instead")
     if getattr(student, "arch", None) is None or not hasattr(student, "patch_generator"):
         plugin = model.config.get("student", {}).get("name")
         why = (" The 'eradio' student is this project's own E-RADIO (conv position encoding instead of Swin-v2 "
@@ -670,6 +691,8 @@ def _official_args(student, config: dict, listed: list[dict], extension: dict[st
                     "mlp_ratio": arch["mlp_ratio"], "qkv_bias": arch["qkv_bias"], "patch_size": arch["patch_size"]}
     if arch["init_values"] is not None:
         model_kwargs["init_values"] = arch["init_values"]
+    if arch.get("hidden_act", "gelu") != "gelu":
+        model_kwargs["act_layer"] = timm_activation(arch["hidden_act"], "student")
     plugins = {e["name"]: {"plugin": teacher_cfg.get(e["name"], {}).get("plugin")} for e in listed}
     return argparse.Namespace(
         model=model_name, model_kwargs=model_kwargs, pretrained=False, in_chans=None, input_size=None,
