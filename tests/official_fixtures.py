@@ -9,6 +9,7 @@ official module and ours, having the same names, get the same weights without sh
 from __future__ import annotations
 
 import json
+import zlib
 from pathlib import Path
 
 import torch
@@ -29,16 +30,16 @@ def fixture_tensors(name: str) -> dict[str, Tensor]:
 
 @torch.no_grad()
 def seeded_(module: nn.Module, seed: int) -> nn.Module:
-    """Fill every parameter and floating buffer of ``module`` from a generator seeded once, in sorted
-    name order: matrices ~ N(0, 1/fan_in), vectors ~ 0.1 N(0, 1), norm scales and BatchNorm
-    variances 1 + 0.1|N|. Integer buffers (BatchNorm counters, index tables) and buffers named in
-    ``DERIVED`` (tables the model recomputes) are left alone."""
-    gen = torch.Generator().manual_seed(seed)
+    """Fill every parameter and floating buffer of ``module`` from a generator seeded by ``seed`` and
+    the tensor's name (so a tensor one model has and the other lacks shifts nothing): matrices ~
+    N(0, 1/fan_in), vectors ~ 0.1 N(0, 1), norm scales and BatchNorm variances 1 + 0.1|N|. Integer
+    buffers (BatchNorm counters, index tables), ``DERIVED`` tables and the input conditioner
+    (``norm_mean`` / ``norm_std``, which the official backbones do not hold) are left alone."""
     tensors = dict(module.named_parameters())
     tensors.update({k: b for k, b in module.named_buffers() if b.is_floating_point()
-                    and not k.endswith(DERIVED)})
-    for name in sorted(tensors):
-        t = tensors[name]
+                    and not k.endswith(DERIVED) and k not in ("norm_mean", "norm_std")})
+    for name, t in tensors.items():
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
         noise = torch.randn(t.shape, generator=gen, dtype=torch.float32)
         if name.endswith("running_var"):
             t.copy_(1 + 0.1 * noise.abs())
@@ -105,3 +106,57 @@ def run_sigma_trajectory(module: nn.Module) -> dict[str, Tensor]:
         if key.endswith(("._u", "._v")):
             out[f"final.{key}"] = value.clone()
     return out
+
+
+# --------------------------------------------------------------------------- E-RADIO
+#: two small E-RADIOs that between them take every code path of the official presets: learned
+#: (conv) resampling, full 3x3 pre-convs, the neck from level 2 (patch 16), window 16 (which 224 px
+#: does not tile: the official resize); pooled resampling, depthwise pre-convs, the neck from level
+#: 1 (patch 8), window 12
+ERADIO_TINY = {
+    "conv": dict(dim=16, in_dim=8, depths=[1, 1, 2, 1], num_heads=[1, 2, 2, 4], window_size=[None, None, [16, 16], 16],
+                 sr_ratio=[1, 1, [2, 1], 1], conv_base=True, full_features_head_dim=48, neck_start_stage=2,
+                 cpb_mlp_hidden=32, conv_groups_ratio=0),
+    "pool": dict(dim=16, in_dim=8, depths=[1, 2, 1, 2], num_heads=[1, 2, 2, 4], window_size=[None, None, [12, 12], 12],
+                 sr_ratio=[1, 1, [2, 1], 1], conv_base=False, full_features_head_dim=40, neck_start_stage=1,
+                 cpb_mlp_hidden=24, conv_groups_ratio=1),
+}
+#: input sizes of the E-RADIO fixture: square at the published sizes, and non-square
+ERADIO_SIZES = ((224, 224), (512, 512), (256, 384))
+#: channels of the neck features stored (the summary keeps all)
+ERADIO_STORED_CHANNELS = 4
+
+
+def eradio_images(size: tuple[int, int]) -> Tensor:
+    return torch.rand(1, 3, *size, generator=torch.Generator().manual_seed(size[0] * 1000 + size[1]))
+
+
+#: an official-format E-RADIO file (the ``eradio_xxxtiny_8x_ws12`` preset) written by this project
+ERADIO_RELEASE_IMAGES = (1, 3, 256, 384)
+
+
+def write_eradio_release(path) -> None:
+    """Our exporter's official-layout file of a seeded ``eradio_xxxtiny_8x_ws12`` student with two
+    teachers' heads (the official loader builds every adaptor it is asked for from a summary and
+    a feature head)."""
+    from radio_core.model import RadioModel
+    from radio_core.models.distiller import Distiller, HeadSpec
+    from radio_core.registry import get_registry
+
+    registry = get_registry()
+    student = seeded_(registry.build("student", "eradio", model="eradio_xxxtiny_8x_ws12", num_cls_tokens=2), 5)
+    dims = {"clip": (24, 20), "dino": (16, 16)}
+    heads = [HeadSpec(name, *d) for name, d in dims.items()]
+    mlp = lambda out: registry.build("adaptor", "mlp", in_dim=student.embed_dim, out_dim=out,  # noqa: E731
+                                     hidden_dim=32, num_inner=1)
+    distiller = Distiller(student, heads, {n: mlp(d[0]) for n, d in dims.items()},
+                          {n: mlp(d[1]) for n, d in dims.items()})
+    for name in ("summary_heads", "spatial_heads"):
+        seeded_(getattr(distiller, name), 6)
+    config = {"student": {"name": "eradio", "args": {"model": "eradio_xxxtiny_8x_ws12"}},
+              "teachers": {"clip": {"plugin": "clip"}, "dino": {"plugin": "dinov2"}}}
+    RadioModel(distiller.eval(), config).save_radio(path)
+
+
+def eradio_release_images() -> Tensor:
+    return torch.rand(*ERADIO_RELEASE_IMAGES, generator=torch.Generator().manual_seed(11))

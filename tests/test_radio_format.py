@@ -262,10 +262,14 @@ def test_a_pickle_with_code_is_refused(tmp_path, monkeypatch):
 
 
 def test_unsupported_models_and_heads_are_named(tmp_path):
-    path = tmp_path / "eradio.pth.tar"
-    args = argparse.Namespace(model="eradio", cpe_max_size=None, teachers=[{"name": "clip"}])
-    torch.save({"args": args, "state_dict": {"base_model.patch_embed.conv.0.weight": torch.zeros(4, 3, 3, 3)}}, path)
-    with pytest.raises(RadioFormatError, match="E-RADIO is not supported: official 'eradio' weights have no counterpart"):
+    path = tmp_path / "other.pth.tar"
+    args = argparse.Namespace(model="convnext_tiny", cpe_max_size=None, teachers=[{"name": "clip"}])
+    torch.save({"args": args, "state_dict": {"base_model.stem.0.weight": torch.zeros(4, 3, 3, 3)}}, path)
+    with pytest.raises(RadioFormatError, match="'convnext_tiny' is not supported: ViT students with CPE .* E-RADIO"):
+        load_radio_checkpoint(path)
+    args = argparse.Namespace(model="eradio", model_kwargs={"layer_scale": 1e-5}, teachers=[{"name": "clip"}])
+    torch.save({"args": args, "state_dict": {"base_model.patch_embed.conv_down.0.conv.weight": torch.zeros(4)}}, path)
+    with pytest.raises(RadioFormatError, match=r"model_kwargs \['layer_scale'\] change E-RADIO"):
         load_radio_checkpoint(path)
 
     official = _official(tmp_path)
@@ -282,15 +286,20 @@ def test_unsupported_models_and_heads_are_named(tmp_path):
         load_radio_checkpoint(official, adaptor_names=["siglip"])
 
 
-def test_only_vit_students_export_to_radio_format(tmp_path, registry):
+def test_only_students_the_official_loader_builds_export_to_radio_format(tmp_path, registry):
+    """The ViT-CPE student and the official E-RADIO at a preset; not E-RADIO lite, not a resized E-RADIO."""
     from radio_core.models.distiller import Distiller, HeadSpec
 
-    student = registry.build("student", "eradio", variant="tiny", num_cls_tokens=1)
-    head = registry.build("adaptor", "mlp", in_dim=64, out_dim=8, hidden_dim=8)
-    model = RadioModel(Distiller(student, [HeadSpec("clip", 8, None)], {"clip": head}, {}),
-                       {"student": {"name": "eradio"}})
-    with pytest.raises(RadioFormatError, match="only the ViT-CPE student.*own E-RADIO.*RadioModel.save"):
-        model.save_radio(tmp_path / "x.pth.tar")
-    with torch.no_grad():
-        assert math.isfinite(float(model(torch.rand(1, 3, 64, 64)).summary.sum()))
-    assert not (tmp_path / "x.pth.tar").exists()
+    for plugin, args, match in (("eradio_lite", {"variant": "tiny"}, "only the ViT-CPE student.*and the official "
+                                 "E-RADIO.*eradio_lite.*RadioModel.save"),
+                                ("eradio", {"model": "eradio_xxxtiny", "dim": 16, "depths": [1, 1, 1, 1]},
+                                 "only at its presets .*dim=16 \\(preset 32\\), depths=.*RadioModel.save")):
+        student = registry.build("student", plugin, **args, num_cls_tokens=1)
+        head = registry.build("adaptor", "mlp", in_dim=student.embed_dim, out_dim=8, hidden_dim=8)
+        model = RadioModel(Distiller(student, [HeadSpec("clip", 8, None)], {"clip": head}, {}),
+                           {"student": {"name": plugin}})
+        with pytest.raises(RadioFormatError, match=match):
+            model.save_radio(tmp_path / "x.pth.tar")
+        with torch.no_grad():
+            assert math.isfinite(float(model(torch.rand(1, 3, 64, 64)).summary.sum()))
+        assert not (tmp_path / "x.pth.tar").exists()

@@ -109,7 +109,7 @@ def test_transformers_checkpoint_initialises_the_student(registry, tmp_path):
 def test_what_transformers_cannot_express_is_refused_in_one_line(registry, tmp_path, kind, match):
     if kind == "eradio":
         model = tiny_model(registry)
-        model.distiller.student = registry.build("student", "eradio", variant="tiny", num_cls_tokens=2)
+        model.distiller.student = registry.build("student", "eradio_lite", variant="tiny", num_cls_tokens=2)
     else:
         model = tiny_model(registry, final_norm=kind == "final_norm")
         if kind == "window":

@@ -212,15 +212,41 @@ def _split_heads(state: dict[str, Tensor], prefix: str) -> dict[str, dict[str, T
     return out
 
 
+#: the official E-RADIO model names (radio/eradio_model.py); ``model_kwargs`` cannot resize them
+ERADIO_MODELS = ("eradio", "eradio_large_fullres_ws16", "eradio_xxxtiny", "eradio_xxxtiny_8x_ws12",
+                 "eradio_xxxtiny_8x_ws16")
+#: E-RADIO arguments some presets leave open, which a file's ``model_kwargs`` may set
+ERADIO_OPEN_KWARGS = ("cpb_mlp_hidden", "conv_groups_ratio", "conv_base")
+#: E-RADIO arguments that change its function in ways the ``eradio`` student does not have
+ERADIO_REFUSED_KWARGS = ("qkv_bias", "qk_scale", "layer_scale", "layer_scale_conv", "multi_query", "use_shift",
+                         "downsample_shuffle", "layer_norm_last", "max_depth", "norm_layer")
+
+
+def _student_of(args: Any, bb: dict[str, Tensor], num_cls: int) -> tuple[str, dict]:
+    """(student plugin, its arguments) for the backbone in the file: ``eradio`` for the official
+    E-RADIO, else ``vit`` (ViT with CPE)."""
+    model = str(_arg(args, "model", ""))
+    if model in ERADIO_MODELS:
+        return "eradio", _eradio_student_args(args, model)
+    return "vit", _student_args(args, bb, num_cls)
+
+
+def _eradio_student_args(args: Any, model: str) -> dict:
+    kwargs = dict(_arg(args, "model_kwargs", None) or {})
+    refused = sorted(k for k in ERADIO_REFUSED_KWARGS if kwargs.get(k) not in (None, False))
+    if refused:
+        raise RadioFormatError(f"model {model!r}: model_kwargs {refused} change E-RADIO in ways the 'eradio' student "
+                               f"does not have")
+    student = {"model": model, "model_norm": bool(_arg(args, "model_norm", False))}
+    student.update({k: kwargs[k] for k in ERADIO_OPEN_KWARGS if k in kwargs})
+    return student
+
+
 def _student_args(args: Any, bb: dict[str, Tensor], num_cls: int) -> dict:
     model = str(_arg(args, "model", ""))
     if "patch_generator.embedder.weight" not in bb or "patch_generator.pos_embed" not in bb:
-        if "eradio" in model.lower():
-            raise RadioFormatError(f"E-RADIO is not supported: official {model!r} weights have no counterpart here (this "
-                                   f"project's 'eradio' student is a re-implementation with its own layers and keys); "
-                                   f"only ViT students with CPE (base_model.patch_generator.*) load")
-        raise RadioFormatError(f"model {model!r} is not supported: only ViT students with CPE "
-                               f"(base_model.patch_generator.*) load into this framework")
+        raise RadioFormatError(f"model {model!r} is not supported: ViT students with CPE (base_model.patch_generator.*)"
+                               f" and the official E-RADIO ({', '.join(ERADIO_MODELS)}) load into this framework")
     if _arg(args, "cpe_max_size") is None:
         raise RadioFormatError(f"model {model!r} was trained without CPE (args.cpe_max_size is None): not supported")
     if "patch_generator.patch_normalizer.weight" in bb:
@@ -275,13 +301,28 @@ def load_radio_checkpoint(path: str | os.PathLike, registry=None, adaptor_names:
     args = chk["args"]
     state = _model_state(chk, path, args)
     table = _TeacherTable.of(args)
-    backbone = {k[len("base_model."):]: v.float() for k, v in state.items() if k.startswith("base_model.")}
-    student_args = _student_args(args, backbone, table.num_cls)
+    backbone = {k[len("base_model."):]: v.float() if v.is_floating_point() else v for k, v in state.items()
+                if k.startswith("base_model.")}
+    plugin, student_args = _student_of(args, backbone, table.num_cls)
     student_args.update(_input_conditioner_args(state))
-    heads = _import_heads(path, state, args, table, student_args["embed_dim"], adaptor_names)
-    config = _import_config(student_args, table, heads, _summary_rows(path, table))
+    embed_dim = _embed_dim(plugin, backbone, student_args)
+    heads = _import_heads(path, state, args, table, embed_dim, adaptor_names)
+    # E-RADIO's summary is one vector (the mean feature), whatever the teacher list says
+    rows = [0] if plugin == "eradio" else _summary_rows(path, table)
+    config = _import_config(plugin, student_args, table, heads, rows)
     distiller = _build_imported(path, args, config, registry, backbone, student_args, heads)
-    return RadioImport(distiller, config, _feature_normalizer(state, student_args["embed_dim"]), args, heads.skipped)
+    return RadioImport(distiller, config, _feature_normalizer(state, embed_dim), args, heads.skipped)
+
+
+def _embed_dim(plugin: str, backbone: dict[str, Tensor], student_args: dict) -> int:
+    """Width of the backbone's features: the ViT's, or the last E-RADIO neck projection's output."""
+    if plugin == "vit":
+        return int(student_args["embed_dim"])
+    convs = sorted(k for k in backbone if k.startswith("high_res_neck.neck_features_proj.") and k.endswith("conv2.weight"))
+    if not convs:
+        raise RadioFormatError("an E-RADIO file without its high-resolution neck (high_res_neck.*): the official loader "
+                               "reads the neck's features, this one has none")
+    return int(backbone[convs[-1]].shape[0])
 
 
 def _model_state(chk: dict, path: str | os.PathLike, args: Any) -> dict[str, Tensor]:
@@ -459,11 +500,12 @@ def _summary_rows(path, table: _TeacherTable) -> list[int]:
     return rows
 
 
-def _import_config(student_args: dict, table: _TeacherTable, heads: _Heads, summary_idxs: list[int]) -> dict:
+def _import_config(plugin: str, student_args: dict, table: _TeacherTable, heads: _Heads,
+                   summary_idxs: list[int]) -> dict:
     """The export config (``radio_core.formats.export``) of the imported model."""
     return {
         "format": "radio-distill-export", "version": 1, "source": "radio", "summary_idxs": summary_idxs,
-        "student": {"name": "vit", "args": student_args, "num_cls_tokens": table.num_cls},
+        "student": {"name": plugin, "args": student_args, "num_cls_tokens": table.num_cls},
         "teachers": heads.entries, "adaptor": {"name": "mlp", "args": {}}, "hidden_dim": heads.hidden_dim(),
         "summary_slots": heads.slots, "resolution": None,
     }
@@ -552,7 +594,8 @@ def _mlp_state_for_radio(head: nn.Module, where: str,
 
 
 def save_radio_checkpoint(model, path: str | os.PathLike) -> Path:
-    """Write a ``RadioModel`` whose student is the ``vit`` plugin as an official-layout ``.pth.tar``.
+    """Write a ``RadioModel`` whose student is the ``vit`` plugin or the official E-RADIO
+    (``eradio``, at an official preset) as an official-layout ``.pth.tar``.
 
     Teachers with a summary head get a CLS slot in ``args.teachers`` (in slot order, so the official
     loader builds the same token count); teachers without one are stored under
@@ -577,20 +620,25 @@ def save_radio_checkpoint(model, path: str | os.PathLike) -> Path:
 
 
 def _writable_student(model):
+    """The student, if the official loader can build it: a ViT with CPE (``vit``), or a student
+    that names its official model itself (``official_model()``: the official E-RADIO)."""
     student = model.student
     eps = getattr(student, "arch", {}).get("layer_norm_eps", 1e-6)
     if eps != 1e-6:
         raise RadioFormatError(f"the student's LayerNorms use layer_norm_eps={eps}; the official loader builds "
                                f"timm's (1e-6) and its file cannot say otherwise. Use RadioModel.save or "
                                f"save_transformers instead")
+    if hasattr(student, "official_model"):
+        try:
+            student.official_model()
+        except ValueError as exc:
+            raise RadioFormatError(f"{exc}. Use RadioModel.save (the project's export) instead") from None
+        return student
     if getattr(student, "arch", None) is None or not hasattr(student, "patch_generator"):
         plugin = model.config.get("student", {}).get("name")
-        why = (" The 'eradio' student is this project's own E-RADIO (conv position encoding instead of Swin-v2 "
-               "relative bias, its own neck and per-teacher summaries), so the official E-RADIO loader could not "
-               "build it from any file." if plugin == "eradio" else "")
-        raise RadioFormatError(f"only the ViT-CPE student ('vit') can be written in RADIO format; this model's "
-                               f"student is {type(student).__name__} (plugin {plugin!r}).{why} Use RadioModel.save "
-                               f"(the project's export) instead")
+        raise RadioFormatError(f"only the ViT-CPE student ('vit') and the official E-RADIO ('eradio') have an "
+                               f"official RADIO layout; this model's student is {type(student).__name__} (plugin "
+                               f"{plugin!r}). Use RadioModel.save (the project's export) instead")
     return student
 
 
@@ -680,8 +728,26 @@ def official_vit_name(size: str, patch_size: int, mlp_norm: bool) -> str:
 
 def _official_args(student, config: dict, listed: list[dict], extension: dict[str, dict]) -> argparse.Namespace:
     """The ``args`` namespace the official loader builds the model from."""
-    arch = student.arch
+    if hasattr(student, "official_model"):
+        model_name, model_kwargs = student.official_model()
+        backbone = dict(cpe_max_size=None, cpe_num_registers=None, model_norm=bool(student.arch["model_norm"]))
+    else:
+        model_name, model_kwargs, backbone = _official_vit(student)
     teacher_cfg = config.get("teachers", {})
+    plugins = {e["name"]: {"plugin": teacher_cfg.get(e["name"], {}).get("plugin")} for e in listed}
+    return argparse.Namespace(
+        model=model_name, model_kwargs=model_kwargs, pretrained=False, in_chans=None, input_size=None,
+        num_classes=0, drop=0.0, drop_path=None, drop_block=None, gp=None, bn_momentum=None, bn_eps=None,
+        torchscript=False, initial_checkpoint="", teachers=listed, cls_token_per_teacher=True,
+        register_multiple=None, spectral_reparam=False, spectral_heads=False, mlp_version="v2", dtype=torch.float32,
+        radio_distill={"format_version": 1, "teachers": {**plugins, **extension}, "student": config.get("student")},
+        **backbone,
+    )
+
+
+def _official_vit(student) -> tuple[str, dict, dict]:
+    """(model name, model_kwargs, CPE and norm args) of a ViT student."""
+    arch = student.arch
     # The official loader makes round(cpe_max_size / p) positions per side: write the exact
     # multiple of the grid this model has (e.g. 1008, not 1000 -> 62 instead of 63).
     cpe_max_size = student.patch_generator.grid_side * arch["patch_size"]
@@ -693,16 +759,8 @@ def _official_args(student, config: dict, listed: list[dict], extension: dict[st
         model_kwargs["init_values"] = arch["init_values"]
     if arch.get("hidden_act", "gelu") != "gelu":
         model_kwargs["act_layer"] = timm_activation(arch["hidden_act"], "student")
-    plugins = {e["name"]: {"plugin": teacher_cfg.get(e["name"], {}).get("plugin")} for e in listed}
-    return argparse.Namespace(
-        model=model_name, model_kwargs=model_kwargs, pretrained=False, in_chans=None, input_size=None,
-        num_classes=0, drop=0.0, drop_path=None, drop_block=None, gp=None, bn_momentum=None, bn_eps=None,
-        torchscript=False, initial_checkpoint="", cpe_max_size=cpe_max_size, teachers=listed,
-        cls_token_per_teacher=True, register_multiple=None, cpe_num_registers=arch["num_registers"] or None,
-        spectral_reparam=False, spectral_heads=False, mlp_version="v2", model_norm=bool(arch["final_norm"]),
-        dtype=torch.float32,
-        radio_distill={"format_version": 1, "teachers": {**plugins, **extension}, "student": config.get("student")},
-    )
+    return model_name, model_kwargs, dict(cpe_max_size=cpe_max_size, cpe_num_registers=arch["num_registers"] or None,
+                                          model_norm=bool(arch["final_norm"]))
 
 
 __all__ = ["RadioFormatError", "RadioImport", "SAFE_GLOBALS", "read_checkpoint", "load_radio_checkpoint",

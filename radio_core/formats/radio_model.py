@@ -132,7 +132,10 @@ class RadioModel(nn.Module, ModelHubMixin, library_name="radio-distill", tags=["
                  and teachers.get(t, {}).get("use_summary", True)}
         # An imported official checkpoint names its summary rows (from its teacher list, whichever
         # heads were imported); otherwise: the slots of the teachers that use a summary target.
-        self.summary_idxs: list[int] = list(self.config.get("summary_idxs") or sorted(set(slots.values())) or [0])
+        # A student whose summary slots all hold one vector (E-RADIO's mean feature) has that one.
+        shared = getattr(distiller.student, "shared_summary", False)
+        self.summary_idxs: list[int] = list(self.config.get("summary_idxs") or
+                                            ([0] if shared else sorted(set(slots.values()))) or [0])
 
     # -- properties -------------------------------------------------------------------------
     @property

@@ -36,8 +36,9 @@ def xformers_unavailable(device: torch.device) -> Optional[str]:
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor] = None,
            backend: str = "sdpa", dropout: float = 0.0) -> torch.Tensor:
-    """Multi-head attention of (B, H, N, D) queries, keys and values; ``mask`` is a boolean
-    keep-mask broadcastable to (B, H, N, M) (True = attend), as for SDPA. Returns (B, H, N, D).
+    """Multi-head attention of (B, H, N, D) queries, keys and values; ``mask``, broadcastable to
+    (B, H, N, M) as for SDPA, is a boolean keep-mask (True = attend) or a floating bias added to
+    the logits (E-RADIO's position bias). Returns (B, H, N, D).
 
     ``xformers`` where it cannot run (no CUDA, not installed) falls back to ``sdpa`` with one
     warning line per reason."""
@@ -55,7 +56,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[tor
         return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
     scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
     if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
+        scores = scores + mask if mask.is_floating_point() else scores.masked_fill(~mask, float("-inf"))
     attn = scores.softmax(dim=-1)
     if dropout:
         attn = torch.nn.functional.dropout(attn, dropout)
@@ -70,7 +71,10 @@ def _xformers_attention(q, k, v, mask, dropout):
         b, h, n, m = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
         # xformers wants an additive bias whose last dimension is 8-aligned in memory
         store = torch.zeros(b, h, n, (m + 7) // 8 * 8, dtype=q.dtype, device=q.device)[..., :m]
-        bias = store.masked_fill_(~mask.expand(b, h, n, m), float("-inf"))
+        if mask.is_floating_point():
+            bias = store.copy_(mask.expand(b, h, n, m))
+        else:
+            bias = store.masked_fill_(~mask.expand(b, h, n, m), float("-inf"))
     out = xops.memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                           attn_bias=bias, p=dropout)
     return out.transpose(1, 2)
