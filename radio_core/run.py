@@ -81,13 +81,16 @@ def _main(args: argparse.Namespace) -> int:
     overrides = list(args.overrides)
     if args.output_dir:
         overrides.append(f"output_dir={args.output_dir}")
+    from .formats.release import ReleaseError, resolve_release
+
     try:
         recipe = load_recipe(args.recipe, overrides)
         registry = get_registry()
         warn_plugin_problems(registry)
+        recipe = resolve_release(recipe, registry)  # student.init: the released architecture
         world = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
         check_recipe(recipe, registry, world_size=world, origin=args.recipe)
-    except (RecipeError, PluginError) as exc:
+    except (RecipeError, PluginError, ReleaseError) as exc:
         error(exc)
         return EXIT_REFUSED
     if args.validate:

@@ -204,6 +204,41 @@ def load_transformers_export(path: str | os.PathLike, registry: Any = None) -> t
     return distiller, config
 
 
+#: vit size presets by width (the official exporter names a file's model by its size)
+_SIZES = {192: "vit_tiny", 384: "vit_small", 768: "vit_base", 1024: "vit_large", 1280: "vit_huge"}
+
+
+def load_transformers_radio_model(path: str | os.PathLike, registry: Any = None) -> tuple[Any, dict]:
+    """(distiller, export config) of a transformers RadioModel folder without this framework's
+    sidecar (a C-RADIO checkpoint as transformers converts it): the ``vit`` student its config
+    describes, with its weights (layer scales folded into the layers before them, exactly), and no
+    adaptor heads (transformers' class holds none). ``summary_idxs`` is the folder's."""
+    from ..registry import get_registry
+    from .export import build_distiller_from_config
+
+    config, hf_state = read_transformers_radio(path)
+    refuse_unsupported(config)
+    hidden, patch = int(config.get("hidden_size", 1280)), int(config.get("patch_size", 16))
+    filled = _with_config_defaults(config, hf_state)
+    args = dict(model=_SIZES.get(hidden, "vit_base"), embed_dim=hidden, depth=int(config.get("num_hidden_layers", 32)),
+                num_heads=int(config.get("num_attention_heads", 16)), patch_size=patch,
+                mlp_ratio=float(config.get("mlp_ratio", 4.0)), qkv_bias=bool(config.get("qkv_bias", True)),
+                final_norm=False, num_registers=int(config.get("num_registers", 7)),
+                cpe_max_size=int(config.get("max_img_size", 2048)) // patch * patch,
+                hidden_act=str(config.get("hidden_act", "gelu")),
+                layer_norm_eps=float(config.get("layer_norm_eps", 1e-6)),
+                mean=[float(x) for x in filled["input_conditioner.norm_mean"].flatten()],
+                std=[float(x) for x in filled["input_conditioner.norm_std"].flatten()])
+    export = {"format": "radio-distill-export", "version": 1, "source": "transformers",
+              "summary_idxs": summary_rows(config, hf_state),
+              "student": {"name": "vit", "args": args, "num_cls_tokens": int(config.get("num_cls_tokens", 3))},
+              "teachers": {}, "adaptor": {"name": "mlp", "args": {}}, "hidden_dim": None, "summary_slots": {},
+              "resolution": [int(config.get("image_size", 224))] * 2}
+    state = {f"student.{k}": v.float() for k, v in transformers_to_student(config, hf_state, layer_scale=False).items()}
+    distiller = build_distiller_from_config(export, registry or get_registry(), state, origin=str(path))
+    return distiller, export
+
+
 # ---------------------------------------------------------------------------------- in
 def read_transformers_radio(path: str | os.PathLike) -> tuple[dict, dict[str, Tensor]]:
     """(config.json as a dict, state dict in transformers' layout) of a transformers RADIO

@@ -205,7 +205,8 @@ class RadioModel(nn.Module, ModelHubMixin, library_name="radio-distill", tags=["
     @classmethod
     def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu", registry=None,
              **radio_kwargs: Any) -> "RadioModel":
-        """Load an export directory (or its config.json / model.safetensors), or an official
+        """Load an export directory (or its config.json / model.safetensors), a transformers
+        RadioModel folder (a converted C-RADIO: the backbone, no heads), or an official
         RADIO ``.pth.tar`` checkpoint (``radio_kwargs`` go to ``radio_format.load_radio_checkpoint``).
         The model is returned in eval mode; σReparam layers are baked into plain weights."""
         p = Path(path)
@@ -231,10 +232,13 @@ class RadioModel(nn.Module, ModelHubMixin, library_name="radio-distill", tags=["
             imported = load_radio_checkpoint(p, registry=registry, **radio_kwargs)
             model = cls(imported.distiller, imported.config, imported.feature_normalizer)
         else:
-            from .hf_transformers import SIDECAR_CONFIG, load_transformers_export
+            from .hf_transformers import (SIDECAR_CONFIG, is_transformers_radio_dir, load_transformers_export,
+                                          load_transformers_radio_model)
 
             if p.is_dir() and (p / SIDECAR_CONFIG).is_file():  # written by save_transformers
                 distiller, config = load_transformers_export(p, registry=registry)
+            elif is_transformers_radio_dir(p):  # a transformers RadioModel (C-RADIO): the backbone alone
+                distiller, config = load_transformers_radio_model(p, registry=registry)
             else:
                 distiller, config = load_export(p, registry=registry)
             model = cls(distiller, config)
