@@ -256,6 +256,12 @@ class RadioModel(nn.Module, ModelHubMixin, library_name="radio-distill", tags=["
         """Write this model as an official-RADIO-layout ``.pth.tar`` (ViT-CPE students only)."""
         return save_radio_checkpoint(self, path)
 
+    def save_onnx(self, path: str | os.PathLike, resolution: Optional[tuple[int, int]] = None) -> Path:
+        """Write this model (student and every head) as ONNX (``radio_core.formats.onnx``)."""
+        from .onnx import save_onnx
+
+        return save_onnx(self, path, resolution)
+
     def save_transformers(self, path: str | os.PathLike) -> Path:
         """Write this model as a directory ``transformers.AutoModel.from_pretrained`` loads (the
         backbone as transformers' ``RadioModel``), with the adaptor heads beside it for ``load``."""
