@@ -87,15 +87,17 @@ def _main(args: argparse.Namespace) -> int:
         recipe = load_recipe(args.recipe, overrides)
         registry = get_registry()
         warn_plugin_problems(registry)
-        recipe = resolve_release(recipe, registry)  # student.init: the released architecture
         world = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
         check_recipe(recipe, registry, world_size=world, origin=args.recipe)
+        if args.validate:  # the recipe's own fields: a released model (student.init) is not read
+            print(f"{args.recipe}: OK ({len(recipe.teachers)} teachers: {', '.join(recipe.teachers)})")
+            return EXIT_OK
+        if recipe.student.init is not None:  # the released architecture, checked as the recipe's
+            recipe = resolve_release(recipe, registry)
+            check_recipe(recipe, registry, world_size=world, origin=args.recipe)
     except (RecipeError, PluginError, ReleaseError) as exc:
         error(exc)
         return EXIT_REFUSED
-    if args.validate:
-        print(f"{args.recipe}: OK ({len(recipe.teachers)} teachers: {', '.join(recipe.teachers)})")
-        return EXIT_OK
     if args.dry_run:
         from .plan.planner import dry_run
 

@@ -180,6 +180,23 @@ def _released_student_args(release: Release, summary_teachers: int) -> dict:
     return args
 
 
+def describe_reuse(recipe: Any) -> str:
+    """One line: which teachers reuse released heads, which get fresh ones, which released heads
+    no teacher uses (a teacher named differently from the release's is a new one, unless mapped
+    in ``student.init.teachers``)."""
+    init = recipe.student.init
+    release = load_release(init.source)
+    reused = init.teachers
+    fresh = [name for name in recipe.teachers if name not in reused]
+    unused = [name for name in release.teachers if name not in reused.values()]
+    parts = [f"student.init: {release.source} ({release.student.get('name')} student, train: {init.train})",
+             "reused heads: " + (", ".join(f"{k}<-{v}" if k != v else k for k, v in reused.items()) or "none"),
+             "fresh heads: " + (", ".join(fresh) or "none")]
+    if unused:
+        parts.append(f"released heads not used: {', '.join(unused)} (map them with student.init.teachers)")
+    return "; ".join(parts)
+
+
 # ----------------------------------------------------------------------------- the weights
 @torch.no_grad()
 def load_release_weights(distiller: Distiller, recipe: Any) -> None:
@@ -266,4 +283,4 @@ def fold_feature_normalizer(head: dict[str, Tensor], normalizer: FeatureNormaliz
 
 
 __all__ = ["Release", "ReleaseError", "load_release", "forget_releases", "resolve_release", "load_release_weights",
-           "fold_feature_normalizer"]
+           "fold_feature_normalizer", "describe_reuse"]

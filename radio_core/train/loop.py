@@ -126,9 +126,10 @@ class Trainer:
         self._dims = dims
         distiller = build_distiller(r, dims, self.registry, losses=True, cached=self.cached)
         if r.student.init is not None:  # start from the released weights (a resume then loads its own)
-            from ..formats.release import forget_releases, load_release_weights
+            from ..formats.release import describe_reuse, forget_releases, load_release_weights
 
             load_release_weights(distiller, r)
+            acc.print(describe_reuse(r))
             forget_releases()
         check_student_resolutions(self.plans, distiller.student.size_multiple, r.student.name, self.recipe_path)
         self.objective = Objective(r, self.registry, self.teachers, self.cached, acc)
