@@ -148,8 +148,6 @@ def create_official_vit(name: str, model_kwargs: dict) -> nn.Module:
 class OfficialRadio(nn.Module):
     def __init__(self, path, adaptor_names=None) -> None:
         super().__init__()
-        import timm
-
         with torch.serialization.safe_globals([argparse.Namespace]):
             chk = torch.load(path, map_location="cpu", weights_only=True)
         args = chk["args"]
