@@ -160,3 +160,32 @@ def write_eradio_release(path) -> None:
 
 def eradio_release_images() -> Tensor:
     return torch.rand(*ERADIO_RELEASE_IMAGES, generator=torch.Generator().manual_seed(11))
+
+
+# --------------------------------------------------------------------------- a ViT file we write
+def write_vit_release(path) -> None:
+    """Our exporter's official-layout file of a seeded ViT-CPE student with what the format has to
+    carry: registers, layer scale, an MLP norm (the one ``_mlpnorm`` name), a non-default
+    activation, a grid that is not cpe_max_size / patch (200 px at patch 16: 13 positions), and
+    three teachers' heads."""
+    from radio_core.model import RadioModel
+    from radio_core.models.distiller import Distiller, HeadSpec
+    from radio_core.registry import get_registry
+
+    registry = get_registry()
+    student = registry.build("student", "vit", model="vit_small_mlpnorm", embed_dim=32, depth=2, num_heads=2,
+                             cpe_max_size=200, num_registers=3, init_values=0.5, hidden_act="quick_gelu",
+                             final_norm=False, num_cls_tokens=2)
+    seeded_(student, 7)
+    dims = {"clip": (24, 20), "dino": (16, 16)}
+    mlp = lambda out: registry.build("adaptor", "mlp", in_dim=32, out_dim=out, hidden_dim=40, num_inner=1)  # noqa: E731
+    distiller = Distiller(student, [HeadSpec(n, *d) for n, d in dims.items()],
+                          {n: mlp(d[0]) for n, d in dims.items()}, {n: mlp(d[1]) for n, d in dims.items()})
+    for name in ("summary_heads", "spatial_heads"):
+        seeded_(getattr(distiller, name), 8)
+    config = {"student": {"name": "vit"}, "teachers": {"clip": {"plugin": "clip"}, "dino": {"plugin": "dinov2"}}}
+    RadioModel(distiller.eval(), config).save_radio(path)
+
+
+def vit_release_images() -> Tensor:
+    return torch.rand(2, 3, 64, 96, generator=torch.Generator().manual_seed(12))

@@ -201,3 +201,21 @@ def test_an_activation_other_than_gelu_travels_in_model_kwargs_and_an_epsilon_is
     with pytest.raises(RadioFormatError, match="layer_norm_eps=0.001"):
         RadioModel(_distiller(registry, layer_norm_eps=1e-3), _config()).save_radio(tmp_path / "e.pth.tar")
     assert not (tmp_path / "e.pth.tar").exists()
+
+
+def test_a_file_we_write_is_what_the_official_loader_builds(tmp_path):
+    """The official loader's outputs (fixture, tests/fixtures/official) on a ViT file this project
+    writes with registers, layer scale, the _mlpnorm name, quick_gelu and a 13-position grid: our
+    loader and the model in memory agree with them."""
+    from official_fixtures import fixture_tensors, vit_release_images, write_vit_release
+
+    expected = fixture_tensors("vit_release_outputs.safetensors")
+    path = tmp_path / "vit.pth.tar"
+    write_vit_release(path)
+    with torch.no_grad():
+        out = RadioModel.load(path).adaptor_outputs(vit_release_images())
+    worst = 0.0
+    for name in ("backbone", "clip", "dino"):
+        worst = max(worst, float((out[name].summary - expected[f"{name}.summary"]).abs().max()),
+                    float((out[name].spatial.flatten(2).transpose(1, 2) - expected[f"{name}.features"]).abs().max()))
+    assert worst <= 1e-5, worst
