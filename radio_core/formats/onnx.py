@@ -70,13 +70,11 @@ def save_onnx(model: Any, path: str | os.PathLike, resolution: Optional[tuple[in
     except ImportError as exc:
         raise OnnxExportError(f"--format onnx needs onnx and onnxscript (pip install 'radio-distill[onnx]'): "
                               f"{exc}") from None
-    from .radio_model import nearest_supported_resolution
-
     model = model.eval()
     flat = _Flat(model).eval()
     multiple = int(model.size_multiple)
     h, w = resolution or tuple(model.config.get("resolution") or (224, 224))
-    h, w = nearest_supported_resolution(int(h), int(w), multiple)
+    h, w = model.nearest_supported_resolution(int(h), int(w))
     example = torch.rand(2, 3, h, w)
     dims: dict[int, Any] = {0: torch.export.Dim("batch", min=1, max=4096)}
     dynamic = dynamic_size(model.student)
