@@ -11,6 +11,15 @@ import torch  # noqa: E402
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+@pytest.fixture(autouse=True)
+def _same_thread_count_for_every_test():
+    """A Trainer sets torch's thread count for its process; restored after each test, so results
+    compared against stored numbers (tests/fixtures) do not depend on which tests ran before."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def registry():
     from radio_core.registry import get_registry

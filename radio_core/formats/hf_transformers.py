@@ -61,8 +61,8 @@ def is_transformers_radio_dir(path: str | os.PathLike) -> bool:
     if not config.is_file():
         return False
     try:
-        return json.loads(config.read_text()).get("model_type") == HF_MODEL_TYPE
-    except (json.JSONDecodeError, AttributeError):
+        return json.loads(config.read_text(encoding="utf-8")).get("model_type") == HF_MODEL_TYPE
+    except (ValueError, AttributeError, RecursionError, OSError):  # not JSON, not UTF-8, too deep, unreadable
         return False
 
 
