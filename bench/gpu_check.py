@@ -9,7 +9,8 @@ Prints, for the stage-2 (``high_res``) groups of ``recipes/dfn_dino_sam.yaml`` (
 * peak memory of the group's step (``torch.cuda.max_memory_allocated``, less the weights of the
   other group's teachers, which share this one device) against the planner's per-rank estimate;
 * the student's forward + backward with attention ``sdpa`` vs ``xformers``;
-* forward images/s of E-RADIO-B, ViT-H/16-CPE and a CLIP ViT-H/14 image tower at 512 px.
+* forward images/s of the official E-RADIO, E-RADIO lite B, ViT-H/16-CPE and a CLIP ViT-H/14 image tower at
+  512 px.
 
 Teachers are built by their plugins on the meta device (the exact published architectures,
 nothing downloaded) and materialised with random weights on the device.
@@ -157,7 +158,7 @@ def group_steps(recipe, device: torch.device, steps: int, peak: float) -> Any:
 
 
 def attention_backends(student: nn.Module, resolution: int, batch: int, device: torch.device, steps: int) -> None:
-    from radio_plugins._common import xformers_unavailable
+    from radio_core.models.attention import xformers_unavailable
 
     x = torch.rand(batch, 3, resolution, resolution, device=device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -189,10 +190,12 @@ def students_at(resolution: int, device: torch.device, dry: bool, steps: int) ->
     models: dict[str, nn.Module] = {}
     with torch.device(device):  # random init built in place (buffers included)
         if dry:
-            models["E-RADIO-tiny"] = reg.build("student", "eradio", variant="tiny", num_cls_tokens=3)
+            models["E-RADIO-xxxtiny"] = reg.build("student", "eradio", model="eradio_xxxtiny_8x_ws12", num_cls_tokens=3)
+            models["E-RADIO-lite-tiny"] = reg.build("student", "eradio_lite", variant="tiny", num_cls_tokens=3)
             models["ViT-tiny-CPE"] = reg.build("student", "vit", model="vit_tiny", depth=2, num_cls_tokens=3)
         else:
-            models["E-RADIO-B"] = reg.build("student", "eradio", variant="b", num_cls_tokens=3)
+            models["E-RADIO"] = reg.build("student", "eradio", model="eradio_large_fullres_ws16", num_cls_tokens=3)
+            models["E-RADIO-lite-B"] = reg.build("student", "eradio_lite", variant="b", num_cls_tokens=3)
             models["ViT-H/16-CPE"] = reg.build("student", "vit", model="vit_huge_patch16_224", num_cls_tokens=3)
     models["CLIP ViT-H/14" if not dry else "CLIP tiny"] = clip_tower(resolution, dry, device)
     batch = 2 if dry else 32

@@ -1,11 +1,12 @@
-"""Student throughput: images/s of ViT-B/16-CPE (global and ViTDet mode), E-RADIO-B (and -S) and a CLIP
-ViT-L/14 image tower.
+"""Student throughput: images/s of ViT-B/16-CPE (global and ViTDet mode), the official E-RADIO (its
+published window, and the window the official code picks for the input size), E-RADIO lite B and S
+(this project's re-design) and a CLIP ViT-L/14 image tower.
 
     python bench/student_throughput.py                 # 224, 512 and 1024 px, batch 8, 10 timed rounds
     python bench/student_throughput.py --quick         # batch 1, 3 rounds: a CPU smoke run
     python bench/student_throughput.py --resolution 512 --batch 32 --device cuda
-    python bench/student_throughput.py --models E-RADIO-B ViT-B/16-CPE   # a subset
-    python bench/student_throughput.py --resolution 64 128 --batch 32 --models "proxy ViT" "proxy E-RADIO"
+    python bench/student_throughput.py --models E-RADIO "E-RADIO-lite-B" ViT-B/16-CPE   # a subset
+    python bench/student_throughput.py --resolution 64 128 --batch 32 --models "proxy ViT" "proxy E-RADIO" "proxy E-RADIO official"
 
 Forward only, fp32, random weights (nothing is downloaded: the CLIP tower is
 ``open_clip.create_model("ViT-L-14", pretrained=None).visual``), all models at the same input
@@ -52,7 +53,11 @@ class ClipTower(nn.Module):
         return self.visual((images - self.mean) / self.std)
 
 
-NAMES = ("ViT-B/16-CPE", "ViT-B/16-CPE ViTDet", "E-RADIO-B", "E-RADIO-S", "CLIP ViT-L/14", "proxy ViT", "proxy E-RADIO")
+NAMES = ("ViT-B/16-CPE", "ViT-B/16-CPE ViTDet", "E-RADIO", "E-RADIO fit-window", "E-RADIO-lite-B", "E-RADIO-lite-S",
+         "CLIP ViT-L/14", "proxy ViT", "proxy E-RADIO", "proxy E-RADIO official")
+#: the proxy benchmark's arm of each proxy student (recipes/proxy/ablations.yaml; its arm 'eradio'
+#: is E-RADIO lite)
+PROXY_ARMS = {"proxy ViT": "baseline", "proxy E-RADIO": "eradio", "proxy E-RADIO official": "eradio_official"}
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -76,12 +81,18 @@ def build(name: str, resolution: int, device: str = "cpu") -> nn.Module:
         return registry.build("student", "vit", model="vit_base_patch16_224", num_cls_tokens=3)
     if name == "ViT-B/16-CPE ViTDet":  # the same network in ViTDet mode: 16x16-token windows, blocks 3/6/9/12 global
         return registry.build("student", "vit", model="vit_base_patch16_224", num_cls_tokens=3, window_size=16)
-    if name.startswith("E-RADIO-"):
-        return registry.build("student", "eradio", variant=name[-1].lower(), num_cls_tokens=3)
+    if name == "E-RADIO":  # the official architecture and window (16 tokens, 32 on the 2x branch)
+        return registry.build("student", "eradio", model="eradio_large_fullres_ws16", num_cls_tokens=3)
+    if name == "E-RADIO fit-window":  # the window the official set_optimal_window_size picks for the input
+        student = registry.build("student", "eradio", model="eradio_large_fullres_ws16", num_cls_tokens=3)
+        student.set_window_size(student.optimal_window_size(resolution))
+        return student
+    if name.startswith("E-RADIO-lite-"):
+        return registry.build("student", "eradio_lite", variant=name[-1].lower(), num_cls_tokens=3)
     if name == "CLIP ViT-L/14":
         return ClipTower(resolution, device)
     if name.startswith("proxy "):
-        plugin, args = proxy_student("eradio" if name.endswith("E-RADIO") else "baseline")
+        plugin, args = proxy_student(PROXY_ARMS[name])
         return registry.build("student", plugin, **args)
     raise ValueError(name)
 
@@ -105,8 +116,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--resolution", type=int, nargs="+", default=[224, 512, 1024],
                    help="input edge(s) in px, the same for every model at each (multiples of 32)")
-    p.add_argument("--models", nargs="+", default=list(NAMES[:5]), choices=list(NAMES),
-                   help="default: all but the proxy benchmark's two small students")
+    p.add_argument("--models", nargs="+", default=list(NAMES[:7]), choices=list(NAMES),
+                   help="default: all but the proxy benchmark's small students")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)

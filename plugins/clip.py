@@ -38,8 +38,8 @@ from torch import Tensor, nn
 
 from radio_core import Teacher, TeacherOutput, hookimpl
 
-from ._common import (config_hash, register_tiny_timm_models, save_tiny_open_clip, teacher_facts, tiny_config,
-                      tiny_siglip_config)
+from ._teacher_base import teacher_facts
+from ._tiny_models import config_hash, register_tiny_timm_models, save_tiny_open_clip, tiny_config, tiny_siglip_config
 
 PLUGIN = "clip"
 

@@ -30,8 +30,9 @@ from torch import Tensor, nn
 
 from radio_core import Teacher, TeacherOutput, hookimpl
 
-from ._common import (hf_network, load_hf_config, resolve_model, save_tiny_pretrained, teacher_facts, tiny_config,
-                      tiny_dir)
+from ._hf_loading import hf_network, load_hf_config, resolve_model
+from ._teacher_base import teacher_facts
+from ._tiny_models import save_tiny_pretrained, tiny_config, tiny_dir
 
 PLUGIN = "cradio"
 DEFAULT_RESOLUTION = (512, 512)

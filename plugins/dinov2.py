@@ -27,8 +27,9 @@ from torch import nn
 
 from radio_core import hookimpl
 
-from ._common import (IMAGENET_MEAN, IMAGENET_STD, ClsTokenViTTeacher, config_hash, grid_size, hf_network,  # noqa: F401
-                      load_hf_config, resolve_model, save_tiny_pretrained, teacher_facts, tiny_config)
+from ._hf_loading import hf_network, load_hf_config, resolve_model
+from ._teacher_base import IMAGENET_MEAN, IMAGENET_STD, ClsTokenViTTeacher, grid_size, teacher_facts  # noqa: F401
+from ._tiny_models import config_hash, save_tiny_pretrained, tiny_config
 
 PLUGIN = "dinov2"
 DEFAULT_RESOLUTION = (224, 224)

@@ -25,8 +25,9 @@ from torch import nn
 
 from radio_core import hookimpl
 
-from ._common import (ClsTokenViTTeacher, grid_size, hf_network, load_hf_config, resolve_model, save_tiny_pretrained,
-                      teacher_facts, tiny_config, tiny_dir)
+from ._hf_loading import hf_network, load_hf_config, resolve_model
+from ._teacher_base import ClsTokenViTTeacher, grid_size, teacher_facts
+from ._tiny_models import save_tiny_pretrained, tiny_config, tiny_dir
 
 PLUGIN = "dinov3"
 DEFAULT_RESOLUTION = (224, 224)

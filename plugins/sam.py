@@ -29,8 +29,9 @@ from torch import Tensor, nn
 
 from radio_core import Teacher, TeacherOutput, hookimpl
 
-from ._common import (config_hash, hf_network, load_hf_config, resolve_model, save_tiny_pretrained, teacher_facts,
-                      tiny_config)
+from ._hf_loading import hf_network, load_hf_config, resolve_model
+from ._teacher_base import teacher_facts
+from ._tiny_models import config_hash, save_tiny_pretrained, tiny_config
 
 PLUGIN = "sam"
 SAM_MEAN = (123.675 / 255, 116.28 / 255, 103.53 / 255)

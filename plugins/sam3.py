@@ -33,8 +33,9 @@ from torch import Tensor, nn
 
 from radio_core import Teacher, TeacherOutput, hookimpl
 
-from ._common import (hf_vision_encoder, load_hf_config, resolve_model, save_tiny_pretrained, teacher_facts,
-                      tiny_config, tiny_dir)
+from ._hf_loading import hf_vision_encoder, load_hf_config, resolve_model
+from ._teacher_base import teacher_facts
+from ._tiny_models import save_tiny_pretrained, tiny_config, tiny_dir
 
 PLUGIN = "sam3"
 SAM3_MEAN = SAM3_STD = (0.5, 0.5, 0.5)

@@ -33,8 +33,8 @@ from torch import Tensor
 
 from radio_core import Teacher, TeacherOutput, get_registry, hookimpl
 
-from ._common import (config_hash, register_tiny_timm_models, save_tiny_open_clip, teacher_facts, tiny_config,
-                      tiny_dir, tiny_siglip_config)
+from ._teacher_base import teacher_facts
+from ._tiny_models import (config_hash, register_tiny_timm_models, save_tiny_open_clip, tiny_config, tiny_dir, tiny_siglip_config)
 
 PLUGIN = "siglip2"
 DEFAULT_MODEL, DEFAULT_TAG = "ViT-gopt-16-SigLIP2-384", "webli"

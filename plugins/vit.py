@@ -36,7 +36,9 @@ Recipe arguments (``student.args``; ``num_cls_tokens`` comes from the framework)
   ``vit_huge_patch16_224`` (patch from the name, default 16; ``_mlpnorm`` adds a LayerNorm,
   eps 1e-5, on the MLP's hidden features as RADIO's ``-norm`` models have);
   ``embed_dim``, ``depth``, ``num_heads``, ``patch_size``, ``mlp_ratio``, ``qkv_bias``,
-  ``init_values`` (layer scale), ``final_norm`` override the preset.
+  ``init_values`` (layer scale), ``final_norm`` override the preset; ``hidden_act`` (the MLP
+  activation, transformers' names: ``gelu`` (exact, the default), ``gelu_pytorch_tanh``,
+  ``quick_gelu``, ``relu``, ``silu``) and ``layer_norm_eps`` (1e-6) match other checkpoints.
 * ``cpe_max_size`` (2048), ``pos_dropout`` (0.1), ``num_registers`` or ``register_multiple``.
 * ``pos_embed: learned`` (with ``pos_grid``): timm's standard learned absolute position
   embedding resampled to the input's grid instead of CPE (the CPE ablation's baseline).
@@ -65,8 +67,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from radio_core import Student, StudentOutput, hookimpl
-
-from ._common import attend, check_attention_backend
+from radio_core.models.activations import timm_activation
+from radio_core.models.attention import attend, check_attention_backend
 
 #: RADIO's input conditioner defaults (OpenAI CLIP statistics).
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -93,6 +95,13 @@ def parse_model_name(model: str) -> tuple[tuple[int, int, int], int, bool]:
                          f"vit_large or vit_huge, optionally with _patch<N>[_<res>] (timm style), e.g. "
                          f"vit_base_patch16_224")
     return VIT_SIZES[m["size"]], int(m["patch"] or 16), bool(m["mlpnorm"])
+
+
+def activation_layer(hidden_act: str) -> type:
+    """The MLP activation class of ``hidden_act`` (transformers' name, ``radio_core.models.activations``)."""
+    from timm.layers import get_act_layer
+
+    return get_act_layer(timm_activation(hidden_act, "student 'vit'"))
 
 
 class ClsToken(nn.Module):
@@ -191,7 +200,7 @@ def from_windows(patches: Tensor, h: int, w: int, ws: int) -> Tensor:
 
 def _backend_attention_class():
     """timm's ViT ``Attention`` (same parameters, same state-dict keys) whose attention product
-    goes through ``radio_plugins._common.attend`` with a selectable backend."""
+    goes through ``radio_core.models.attention.attend`` with a selectable backend."""
     from timm.models.vision_transformer import Attention
 
     class BackendAttention(Attention):
@@ -224,11 +233,9 @@ class ViTCPEStudent(Student):
                  window_size: Optional[int] = None, grad_checkpointing: bool = False,
                  mean: Sequence[float] = OPENAI_CLIP_MEAN, std: Sequence[float] = OPENAI_CLIP_STD,
                  model_name: str = "", cpe: bool = True, pos_embed: str = "cpe",
-                 pos_grid: Optional[int] = None, attention: str = "sdpa") -> None:
+                 pos_grid: Optional[int] = None, attention: str = "sdpa", hidden_act: str = "gelu",
+                 layer_norm_eps: float = 1e-6) -> None:
         super().__init__()
-        from timm.layers import Mlp
-        from timm.models.vision_transformer import Block
-
         if embed_dim % num_heads:
             raise ValueError(f"student 'vit': embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
         if num_cls_tokens < 1:
@@ -240,33 +247,30 @@ class ViTCPEStudent(Student):
         self.arch = dict(model=model_name, embed_dim=embed_dim, depth=depth, num_heads=num_heads,
                          patch_size=patch_size, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, init_values=init_values,
                          mlp_norm=mlp_norm, final_norm=final_norm, num_registers=num_registers,
-                         cpe_max_size=cpe_max_size)
+                         cpe_max_size=cpe_max_size, hidden_act=hidden_act, layer_norm_eps=layer_norm_eps)
         self.register_buffer("norm_mean", torch.tensor(mean, dtype=torch.float32).view(3, 1, 1))
         self.register_buffer("norm_std", torch.tensor(std, dtype=torch.float32).view(3, 1, 1))
         self.patch_generator = PatchGenerator(patch_size, embed_dim, cpe_max_size, num_cls_tokens, num_registers,
                                               pos_dropout, cpe=cpe, pos_embed=pos_embed, pos_grid=pos_grid)
-        norm_layer = partial(nn.LayerNorm, eps=1e-6)  # timm ViT's (and RADIO's) LayerNorm
-        mlp_layer = _mlp_with_norm if mlp_norm else Mlp
-        attn_layer = _backend_attention_class()
-        dpr = [x.item() for x in torch.linspace(0, drop_path_rate, depth, device="cpu")] if depth else []
-        self.blocks = nn.Sequential(*[
-            Block(embed_dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, init_values=init_values,
-                  drop_path=dpr[i], norm_layer=norm_layer, mlp_layer=mlp_layer, attn_layer=attn_layer)
-            for i in range(depth)])
+        norm_layer = partial(nn.LayerNorm, eps=layer_norm_eps)  # timm ViT's (and RADIO's): eps 1e-6
+        self.blocks = _blocks(embed_dim, depth, num_heads, mlp_ratio, qkv_bias, init_values, mlp_norm,
+                              activation_layer(hidden_act), norm_layer, drop_path_rate)
         self.norm = norm_layer(embed_dim) if final_norm else nn.Identity()
-        self.blocks.apply(_init_linear)
-
-        self.window_sizes = [int(ws) if ws else None for ws in window_sizes]
-        for ws in self.window_sizes:
-            if ws is not None and ws < 1:
-                raise ValueError(f"student 'vit': window_sizes must be positive (or null for global), got {ws}")
-        self.global_every = int(global_every) if global_every else max(depth // 4, 1)
-        self.window_size: Optional[int] = None
-        self.set_window_size(window_size)
+        self._set_windows(window_sizes, global_every, window_size)
         self.grad_checkpointing = grad_checkpointing
         #: 1-based blocks whose patch tokens forward also returns (intermediate-layer targets)
         self.intermediate_layers: tuple[int, ...] = ()
         self.set_attention_backend(attention)
+
+    def _set_windows(self, window_sizes: Sequence[Optional[int]], global_every: Optional[int],
+                     window_size: Optional[int]) -> None:
+        self.window_sizes = [int(ws) if ws else None for ws in window_sizes]
+        for ws in self.window_sizes:
+            if ws is not None and ws < 1:
+                raise ValueError(f"student 'vit': window_sizes must be positive (or null for global), got {ws}")
+        self.global_every = int(global_every) if global_every else max(self.depth // 4, 1)
+        self.window_size: Optional[int] = None
+        self.set_window_size(window_size)
 
     # -- contract ----------------------------------------------------------------------------
     @property
@@ -403,36 +407,10 @@ class ViTCPEStudent(Student):
         # (file key, file shape, model key, model shape) of every tensor that cannot be used as is
         mismatched = [(k, tuple(v.shape), k, tuple(own[k].shape)) for k, v in new.items()
                       if tuple(v.shape) != tuple(own[k].shape)]
-        proj = state.get("patch_embed.proj.weight")
-        if proj is not None:
-            new["patch_generator.embedder.weight"] = proj.reshape(proj.shape[0], -1)
-        pos = state.get("pos_embed")
-        if pos is not None and pos.shape[-1] == self.embed_dim:
-            n_prefix = pos.shape[1] - math.isqrt(pos.shape[1]) ** 2
-            side = math.isqrt(pos.shape[1] - n_prefix)
-            grid = pos[:, n_prefix:].reshape(1, side, side, -1).permute(0, 3, 1, 2).float()
-            target = self.patch_generator.grid_side
-            grid = F.interpolate(grid, size=(target, target), mode="bicubic", align_corners=True)
-            grid = grid.flatten(2).transpose(1, 2)
-            bias = state.get("patch_embed.proj.bias")
-            if bias is not None and bias.numel() == self.embed_dim:
-                grid = grid + bias.float()
-            new["patch_generator.pos_embed"] = grid
-        elif pos is not None:
-            mismatched.append(("pos_embed", tuple(pos.shape), "patch_generator.pos_embed",
-                               tuple(own["patch_generator.pos_embed"].shape)))
-        cls = state.get("cls_token")
-        if cls is not None and cls.numel() == self.embed_dim:
-            token = own["patch_generator.cls_token.token"].clone()
-            token[:self.num_cls_tokens] = cls.reshape(1, -1)
-            new["patch_generator.cls_token.token"] = token
-        elif cls is not None:
-            mismatched.append(("cls_token", tuple(cls.shape), "patch_generator.cls_token.token",
-                               tuple(own["patch_generator.cls_token.token"].shape)))
-        emb = new.get("patch_generator.embedder.weight")
-        if emb is not None and tuple(emb.shape) != tuple(own["patch_generator.embedder.weight"].shape):
-            mismatched.append(("patch_embed.proj.weight", tuple(proj.shape), "patch_generator.embedder.weight",
-                               tuple(own["patch_generator.embedder.weight"].shape)))
+        for convert in (self._timm_patch_embedding, self._timm_positions, self._timm_cls_token):
+            found, bad = convert(state, own)
+            new.update(found)
+            mismatched += bad
         if mismatched:
             fk, fs, mk, ms = mismatched[0]
             raise ValueError(f"student 'vit': pretrained {path}: shapes differ for {len(mismatched)} tensor(s), e.g. "
@@ -441,9 +419,67 @@ class ViTCPEStudent(Student):
         self.load_state_dict(new, strict=False)
         return sorted(k for k in own if k not in new and k not in ("norm_mean", "norm_std"))
 
+    def _timm_patch_embedding(self, state: dict[str, Tensor], own: dict[str, Tensor]) -> tuple[dict, list]:
+        """timm's conv patch embedding as the bias-free linear embedder (bias: ``_timm_positions``)."""
+        proj, key = state.get("patch_embed.proj.weight"), "patch_generator.embedder.weight"
+        if proj is None:
+            return {}, []
+        emb = proj.reshape(proj.shape[0], -1)
+        if tuple(emb.shape) != tuple(own[key].shape):
+            return {}, [("patch_embed.proj.weight", tuple(proj.shape), key, tuple(own[key].shape))]
+        return {key: emb}, []
+
+    def _timm_positions(self, state: dict[str, Tensor], own: dict[str, Tensor]) -> tuple[dict, list]:
+        """timm's position table (prefix rows dropped) resized bicubically to the CPE grid, with the
+        patch embedding's bias added (exact: every patch token receives both)."""
+        pos, key = state.get("pos_embed"), "patch_generator.pos_embed"
+        if pos is None:
+            return {}, []
+        if pos.shape[-1] != self.embed_dim:
+            return {}, [("pos_embed", tuple(pos.shape), key, tuple(own[key].shape))]
+        n_prefix = pos.shape[1] - math.isqrt(pos.shape[1]) ** 2
+        side = math.isqrt(pos.shape[1] - n_prefix)
+        grid = pos[:, n_prefix:].reshape(1, side, side, -1).permute(0, 3, 1, 2).float()
+        target = self.patch_generator.grid_side
+        grid = F.interpolate(grid, size=(target, target), mode="bicubic", align_corners=True)
+        grid = grid.flatten(2).transpose(1, 2)
+        bias = state.get("patch_embed.proj.bias")
+        if bias is not None and bias.numel() == self.embed_dim:
+            grid = grid + bias.float()
+        return {key: grid}, []
+
+    def _timm_cls_token(self, state: dict[str, Tensor], own: dict[str, Tensor]) -> tuple[dict, list]:
+        """timm's class token seeds every summary token; registers keep their initialisation."""
+        cls, key = state.get("cls_token"), "patch_generator.cls_token.token"
+        if cls is None:
+            return {}, []
+        if cls.numel() != self.embed_dim:
+            return {}, [("cls_token", tuple(cls.shape), key, tuple(own[key].shape))]
+        token = own[key].clone()
+        token[:self.num_cls_tokens] = cls.reshape(1, -1)
+        return {key: token}, []
+
 
 #: RADIO's ``vit_*_mlpnorm`` models add ``nn.LayerNorm(hidden)`` with torch's default eps.
 MLP_NORM_EPS = 1e-5
+
+
+def _blocks(embed_dim: int, depth: int, num_heads: int, mlp_ratio: float, qkv_bias: bool,
+            init_values: Optional[float], mlp_norm: bool, act_layer: type, norm_layer: Any,
+            drop_path_rate: float) -> nn.Sequential:
+    """``depth`` timm ViT blocks (attention through ``attend``), stochastic depth rising linearly
+    to ``drop_path_rate``, Linear layers truncated-normal initialised."""
+    from timm.layers import Mlp
+    from timm.models.vision_transformer import Block
+
+    dpr = [x.item() for x in torch.linspace(0, drop_path_rate, depth, device="cpu")] if depth else []
+    blocks = nn.Sequential(*[
+        Block(embed_dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, init_values=init_values,
+              drop_path=dpr[i], norm_layer=norm_layer, act_layer=act_layer,
+              mlp_layer=_mlp_with_norm if mlp_norm else Mlp, attn_layer=_backend_attention_class())
+        for i in range(depth)])
+    blocks.apply(_init_linear)
+    return blocks
 
 
 def _mlp_with_norm(**kwargs: Any) -> nn.Module:
@@ -467,21 +503,32 @@ def _init_linear(m: nn.Module) -> None:
 def _read_state_dict(path: Path) -> dict[str, Tensor]:
     """The file's tensors; refused in one line naming the file when it is missing, unreadable,
     not a dict of tensors, not floating point, mixed in dtype, or not finite."""
-    from radio_core import WeightsError, check_finite, read_safetensors
-
     where = f"student 'vit': pretrained {path}"
+    return {k.removeprefix("module."): v for k, v in _checked_state(_load_file(path, where), where).items()}
+
+
+def _load_file(path: Path, where: str) -> Any:
+    """What a safetensors or torch file holds (``weights_only``: no code runs from the file)."""
+    from radio_core import WeightsError, read_safetensors
+
     if not path.is_file():
         raise FileNotFoundError(f"{where}: no such checkpoint file")
     try:
         if path.suffix == ".safetensors":
-            state: Any = read_safetensors(path, "checkpoint")
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)  # no code runs from the file
+            return read_safetensors(path, "checkpoint")
+        return torch.load(path, map_location="cpu", weights_only=True)
     except WeightsError as exc:
         raise ValueError(f"student 'vit': pretrained {exc}") from None
     except Exception as exc:  # noqa: BLE001 - not a torch file, truncated, a refused pickle global: one line
         first = (str(exc).strip().splitlines() or [""])[0][:200]
         raise ValueError(f"{where}: not a readable checkpoint ({type(exc).__name__}: {first})") from None
+
+
+def _checked_state(state: Any, where: str) -> dict[str, Tensor]:
+    """The state dict in ``state`` (possibly under ``state_dict`` / ``model``): names to tensors of
+    one floating dtype, all finite."""
+    from radio_core import WeightsError, check_finite
+
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
@@ -495,7 +542,7 @@ def _read_state_dict(path: Path) -> dict[str, Tensor]:
         check_finite(state, where)
     except WeightsError as exc:
         raise ValueError(str(exc)) from None
-    return {k.removeprefix("module."): v for k, v in state.items()}
+    return state
 
 
 def build_vit_student(model: str = "vit_base_patch16_224", *, num_cls_tokens: int = 1,
@@ -509,7 +556,8 @@ def build_vit_student(model: str = "vit_base_patch16_224", *, num_cls_tokens: in
                       grad_checkpointing: bool = False, pretrained: Optional[str] = None,
                       mean: Sequence[float] = OPENAI_CLIP_MEAN,
                       std: Sequence[float] = OPENAI_CLIP_STD, cpe: bool = True, pos_embed: str = "cpe",
-                      pos_grid: Optional[int] = None, attention: str = "sdpa") -> ViTCPEStudent:
+                      pos_grid: Optional[int] = None, attention: str = "sdpa", hidden_act: str = "gelu",
+                      layer_norm_eps: float = 1e-6) -> ViTCPEStudent:
     """ViT with CPE (any resolution/aspect), optional ViTDet windows and σReparam (RADIO's student).
 
     Args:
@@ -536,6 +584,8 @@ def build_vit_student(model: str = "vit_base_patch16_224", *, num_cls_tokens: in
         resolution / patch else 14, bicubically resampled to each input's token grid; the CPE
         ablation's baseline). pos_grid: side of that table in tokens.
         attention: sdpa (default), xformers (CUDA, when installed) or math (reference) kernels.
+        hidden_act: the MLP activation by transformers' name: gelu (exact), gelu_pytorch_tanh,
+        quick_gelu, relu or silu. layer_norm_eps: epsilon of every LayerNorm.
     """
     (dim0, depth0, heads0), patch0, mlp_norm0 = parse_model_name(model)
     if pos_embed == "learned" and pos_grid is None:
@@ -552,7 +602,7 @@ def build_vit_student(model: str = "vit_base_patch16_224", *, num_cls_tokens: in
         pos_dropout=pos_dropout, drop_path_rate=drop_path_rate, window_sizes=list(window_sizes or ()),
         global_every=global_every, window_size=window_size, grad_checkpointing=grad_checkpointing,
         mean=mean, std=std, model_name=model, cpe=cpe, pos_embed=pos_embed, pos_grid=pos_grid,
-        attention=attention)
+        attention=attention, hidden_act=hidden_act, layer_norm_eps=layer_norm_eps)
     if pretrained and student.norm_mean.device.type != "meta":
         student.load_pretrained(pretrained)
     if spectral_reparam:

@@ -96,6 +96,8 @@ def _main(args: argparse.Namespace) -> int:
     overrides = list(args.overrides)
     if args.output_dir:
         overrides.append(f"output_dir={args.output_dir}")
+    from .formats.release import ReleaseError, resolve_release
+
     try:
         with lifecycle.phase("reading the recipe"):
             recipe = load_recipe(args.recipe, overrides)
@@ -104,12 +106,16 @@ def _main(args: argparse.Namespace) -> int:
         world = args.world_size or _launch_world_size()
         with lifecycle.phase("checking the recipe"):
             check_recipe(recipe, registry, world_size=world, origin=args.recipe)
-    except (RecipeError, PluginError) as exc:
+        if args.validate:  # the recipe's own fields: a released model (student.init) is not read
+            print(f"{args.recipe}: OK ({len(recipe.teachers)} teachers: {', '.join(recipe.teachers)})")
+            return EXIT_OK
+        if recipe.student.init is not None:  # the released architecture, checked as the recipe's
+            with lifecycle.phase("reading the released model (student.init)"):
+                recipe = resolve_release(recipe, registry)
+                check_recipe(recipe, registry, world_size=world, origin=args.recipe)
+    except (RecipeError, PluginError, ReleaseError) as exc:
         error(exc)
         return EXIT_REFUSED
-    if args.validate:
-        print(f"{args.recipe}: OK ({len(recipe.teachers)} teachers: {', '.join(recipe.teachers)})")
-        return EXIT_OK
     if args.dry_run:
         from .plan.planner import dry_run
 

@@ -8,7 +8,18 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+THREADS = min(2, os.cpu_count() or 1)
+torch.set_num_threads(THREADS)
+
+
+@pytest.fixture(autouse=True)
+def _same_thread_count_for_every_test():
+    """A Trainer sets torch's thread count for its process (also in module-scoped fixtures, which
+    run before this one): every test starts with the suite's count, so results compared against
+    stored numbers (tests/fixtures) do not depend on which tests ran before."""
+    torch.set_num_threads(THREADS)
+    yield
+    torch.set_num_threads(THREADS)
 
 
 @pytest.fixture

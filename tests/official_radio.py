@@ -5,14 +5,16 @@ when this loader computes exactly (max |diff| 0) what ``RadioModel`` computes fr
 from the facts in /work/shared/DESIGN.md and the behaviour of ``hubconf.radio_model(version=<file>,
 adaptor_names=...)`` (NVlabs/RADIO, non-commercial licence: no code taken):
 
-* the backbone is ``timm.create_model(args.model, **args.model_kwargs)``; ``*_mlpnorm`` names are
-  the plain model with ``nn.LayerNorm(hidden)`` (torch default eps) as every ``Mlp.norm``; the final
-  norm is an Identity unless ``args.model_norm``;
+* the backbone is ``timm.create_model(args.model, **args.model_kwargs)`` for a name in the official
+  table (``create_official_vit``; any other name is "Unknown model"); the one ``_mlpnorm`` name is
+  ViT-H/16 with ``nn.LayerNorm(hidden)`` (torch default eps) as every ``Mlp.norm``; the final norm is
+  an Identity unless ``args.model_norm``;
 * CPE: ``max = round(cpe_max_size / p) * p`` (Python rounding), grid ``ceil(max / p)`` per side;
   ``len(set(teacher names))`` CLS tokens (1 without ``cls_token_per_teacher``), then
   ``cpe_num_registers`` or ``register_multiple - cls % register_multiple`` registers;
 * σReparam keys are realised as W * (softplus(s) + 0.05) / (uᵀWv + eps) (v2) or W * s / (uᵀWv + eps)
   (v1), per row part for ``parts.<i>``; eps 1e-6 (1e-12 when ``args.spectral_reparam`` is a dict);
+  a training state (``state_dict``) is baked in train mode, after one power iteration (u, then v);
 * backbone summary: CLS rows at the first list index of each teacher name with ``use_summary``
   (sorted); features: tokens after CLS + registers, through ``_feature_normalizer`` if present;
 * adaptors: ``_heads.<index|name>`` / ``_feature_projections.<index|name>``; summary MLP version =
@@ -39,7 +41,15 @@ def _realise(weight: Tensor, p: dict, eps: float) -> Tensor:
     return weight * (scale.float() / sigma.float()).reshape(())
 
 
-def _plain_weights(state: dict, eps: float) -> dict:
+def _power_step(weight: Tensor, p: dict, eps: float) -> dict:
+    """One power iteration (torch's spectral_norm order: u, then v), as the official loader's
+    train-mode bake of a training state runs before reading σ."""
+    u = F.normalize(torch.mv(weight, p["_v"]), dim=0, eps=eps)
+    v = F.normalize(torch.mv(weight.T, u), dim=0, eps=eps)
+    return {**p, "_u": u, "_v": v}
+
+
+def _plain_weights(state: dict, eps: float, iterate: bool) -> dict:
     out = {k: v for k, v in state.items() if ".parametrizations." not in k}
     for key in [k for k in state if k.endswith(".parametrizations.weight.original")]:
         layer = key[: -len(".parametrizations.weight.original")]
@@ -52,10 +62,11 @@ def _plain_weights(state: dict, eps: float) -> dict:
             parts = []
             for i in range(n):
                 p = {k[len(f"parts.{i}."):]: v for k, v in sub.items() if k.startswith(f"parts.{i}.")}
-                parts.append(_realise(w[i * rows:(i + 1) * rows], p, eps) if p else w[i * rows:(i + 1) * rows])
+                chunk = w[i * rows:(i + 1) * rows]
+                parts.append(_realise(chunk, _power_step(chunk, p, eps) if iterate else p, eps) if p else chunk)
             w = torch.cat(parts, 0)
         else:
-            w = _realise(w, sub, eps)
+            w = _realise(w, _power_step(w, sub, eps) if iterate else sub, eps)
         out[f"{layer}.weight"] = w
     return out
 
@@ -100,27 +111,53 @@ def _layernorm(state: dict, prefix: str) -> nn.LayerNorm:
     return layer
 
 
+#: ViT names the official code registers itself (radio/extra_timm_models.py), with what each fixes;
+#: every other name is timm's own.
+OFFICIAL_REGISTERED = {
+    "vit_tiny_patch14_224": dict(patch_size=14, embed_dim=192, depth=12, num_heads=3),
+    "vit_small_patch14_224": dict(patch_size=14, embed_dim=384, depth=12, num_heads=6),
+    "vit_base_patch14_224": dict(patch_size=14, embed_dim=768, depth=12, num_heads=12),
+    "vit_huge_patch16_224": dict(patch_size=16, embed_dim=1280, depth=32, num_heads=16),
+}
+
+
+def create_official_vit(name: str, model_kwargs: dict) -> nn.Module:
+    """``timm.create_model(name, **model_kwargs)`` as it runs once the official modules registered
+    their names: a name outside the official table (tests/fixtures/official/model_names.json) is
+    the official loader's "Unknown model"; ``vit_huge_patch16_224_mlpnorm`` is that ViT-H/16 preset
+    (sizes overridden by model_kwargs) with ``nn.LayerNorm(hidden)`` in every MLP."""
+    import timm
+    from timm.models.vision_transformer import VisionTransformer
+
+    from official_fixtures import fixture_json
+
+    if name not in fixture_json("model_names.json")["names"]:
+        raise RuntimeError(f"Unknown model ({name})")
+    base = name.removesuffix("_mlpnorm") if name == "vit_huge_patch16_224_mlpnorm" else name
+    if base in OFFICIAL_REGISTERED:
+        vit = VisionTransformer(num_classes=0, **{**OFFICIAL_REGISTERED[base], **model_kwargs})
+    else:
+        vit = timm.create_model(base, pretrained=False, num_classes=0, **model_kwargs)
+    if base != name:
+        for m in vit.modules():
+            if isinstance(m, timm.layers.Mlp) and not isinstance(m.norm, nn.LayerNorm):
+                m.norm = nn.LayerNorm(m.fc1.out_features)
+    return vit
+
+
 class OfficialRadio(nn.Module):
     def __init__(self, path, adaptor_names=None) -> None:
         super().__init__()
-        import timm
-
         with torch.serialization.safe_globals([argparse.Namespace]):
             chk = torch.load(path, map_location="cpu", weights_only=True)
         args = chk["args"]
         state = chk["state_dict_ema"] if "state_dict_ema" in chk else chk["state_dict"]
         sr = getattr(args, "spectral_reparam", False)
-        state = _plain_weights(state, float(sr.get("eps", 1e-12)) if isinstance(sr, dict) else 1e-6)
+        state = _plain_weights(state, float(sr.get("eps", 1e-12)) if isinstance(sr, dict) else 1e-6,
+                               iterate=bool(sr) and "state_dict_ema" not in chk)
         bb = {k[len("base_model."):]: v for k, v in state.items() if k.startswith("base_model.")}
 
-        name = args.model
-        mlpnorm = name.endswith("_mlpnorm")
-        vit = timm.create_model(name.removesuffix("_mlpnorm"), pretrained=False, num_classes=0,
-                                **dict(args.model_kwargs))
-        if mlpnorm:
-            for m in vit.modules():
-                if isinstance(m, timm.layers.Mlp):
-                    m.norm = nn.LayerNorm(m.fc1.out_features)
+        vit = create_official_vit(args.model, dict(args.model_kwargs))
         if not getattr(args, "model_norm", False):
             vit.norm = nn.Identity()
         self.blocks, self.norm = vit.blocks, vit.norm

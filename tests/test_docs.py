@@ -124,6 +124,18 @@ TABLE: dict[str, Run | Skip] = {
         Run("radio export runs/quickstart --format transformers", expect="transformers export written"),
     "radio export runs/quickstart --format radio":
         Run("radio export runs/quickstart --format radio", expect="radio export written"),
+    "radio export runs/quickstart --format onnx":
+        Run("radio export runs/quickstart --format onnx", expect="onnx export written"),
+    # README: start from a released C-RADIO (the release: the quickstart run in the official layout)
+    "radio train recipes/start_from_c_radio.yaml student.init.source=c-radio_v4-h_half.pth.tar":
+        Run("radio train {from_release} student.init.source=runs/quickstart/export_radio/model.pth.tar",
+            "the recipe with tiny_random's three tiny teachers as the released ones and a fourth tiny one, "
+            "tiny data, 2 steps; the release is the quickstart run written in the official layout above",
+            expect="done: step 2"),
+    "radio export runs/from_c_radio --format radio":
+        Run("radio export runs/from_c_radio --format radio", expect="radio export written"),
+    "radio export runs/from_c_radio --format transformers":
+        Run("radio export runs/from_c_radio --format transformers", expect="transformers export written"),
     # CONTRIBUTING
     "python3 -m venv .venv && .venv/bin/pip install -e '.[test]'":
         Skip("installs packages from the network; the suite runs in the installed environment"),
@@ -208,7 +220,7 @@ def workdir(tmp_path_factory):
         (work / name).symlink_to(REPO / name)
     photos = _photos(work / "photos")
     recipe = yaml.safe_load((REPO / "recipes" / "tiny_random.yaml").read_text())
-    from radio_core.recipe import apply_overrides
+    from radio_core.recipe import apply_overrides, load_raw
 
     tiny = apply_overrides(recipe, TINY + ["eval.report=false", "output_dir=runs/tiny"])
     (work / "tiny.yaml").write_text(yaml.safe_dump(tiny))
@@ -218,7 +230,17 @@ def workdir(tmp_path_factory):
                  overrides=[o for o in TINY if not o.startswith("train.steps")] + ["train.steps=2",
                             "eval.report=false", "checkpoint.export=false", "checkpoint.every=2"])
     (work / "sweep.yaml").write_text(yaml.safe_dump(sweep))
+    # start_from_c_radio.yaml with tiny_random's teachers (the quickstart release knows them) and a
+    # fourth tiny one, on tiny_random's data
+    release = load_raw(REPO / "recipes" / "start_from_c_radio.yaml")
+    release["teachers"] = {**recipe["teachers"], "dino_b": {"plugin": "dinov2", "args": {"tiny": True},
+                                                            "use_summary": False, "target_norm": "phi_s"}}
+    release.update(data=recipe["data"])
+    release = apply_overrides(release, TINY + ["train.steps=2", "eval.report=false", "train.mixed_precision=no",
+                                               "teachers.dino_b.resolution=56", "output_dir=runs/from_c_radio"])
+    (work / "from_release.yaml").write_text(yaml.safe_dump(release))
     context = {"photos": photos, "recipe": work / "tiny.yaml", "sweep": work / "sweep.yaml",
+               "from_release": work / "from_release.yaml",
                "digits": _digits(work / "digits"), "segmentation": _segmentation(work / "segmentation", photos)}
     return work, context
 
@@ -265,6 +287,8 @@ def test_documented_commands_run(doc, workdir):
         assert (run_dir / "export" / "README.md").is_file()
         assert (run_dir / "export_transformers" / "config.json").is_file()
         assert (run_dir / "export_radio" / "model.pth.tar").is_file()
+        assert (run_dir / "export_onnx" / "model.onnx").is_file()
+        assert (work / "runs" / "from_c_radio" / "export_radio" / "model.pth.tar").is_file()
         assert (run_dir / "eval" / "knn.json").is_file()
 
 

@@ -23,7 +23,8 @@ def test_gpu_check_dry_runs_every_section():
     assert len(re.findall(r"images/s, [0-9.]+ s \(min", text)) >= 2
     assert re.search(r"MFU \d+\.\d%", text) and "planner estimate" in text
     assert "sdpa" in text and "xformers" in text
-    assert re.search(r"E-RADIO-tiny +[0-9.]+M params +[0-9.]+ images/s", text)
+    for name in ("E-RADIO-xxxtiny", "E-RADIO-lite-tiny"):
+        assert re.search(name + r" +[0-9.]+M params +[0-9.]+ images/s", text), name
     assert "gpu_check done" in text
 
 

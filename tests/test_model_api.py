@@ -110,10 +110,19 @@ def test_export_of_spectral_and_eradio_students(tmp_path, registry):
     with torch.no_grad():
         torch.testing.assert_close(model(images).spatial, distiller.student(images).spatial())
 
-    recipe = make_recipe({"name": "eradio", "args": {"variant": "tiny", "summary": "project"}, "resolution": 64})
+    recipe = make_recipe({"name": "eradio_lite", "args": {"variant": "tiny", "summary": "project"}, "resolution": 64})
     distiller = trained_distiller(recipe, registry)
+    save_export(distiller, recipe, None, tmp_path / "eradio_lite")
+    assert_same_predictions(distiller, RadioModel.load(tmp_path / "eradio_lite"), torch.rand(2, 3, 64, 96))
+
+    from official_fixtures import ERADIO_TINY
+
+    recipe = make_recipe({"name": "eradio", "args": ERADIO_TINY["conv"], "resolution": 64})
+    distiller = trained_distiller(recipe, registry)  # BatchNorm statistics moved by training
     save_export(distiller, recipe, None, tmp_path / "eradio")
-    assert_same_predictions(distiller, RadioModel.load(tmp_path / "eradio"), torch.rand(2, 3, 64, 96))
+    model = RadioModel.load(tmp_path / "eradio")
+    assert model.summary_idxs == [0]  # one summary: the mean feature
+    assert_same_predictions(distiller, model, torch.rand(2, 3, 64, 96))
 
 
 def test_supported_resolutions():

@@ -14,7 +14,7 @@ from radio_core.registry import PluginError, Registry
 REPO = Path(__file__).resolve().parents[1]
 BUILTIN = {
     "teacher": {"clip", "dinov2", "sam"},
-    "student": {"vit", "eradio"},
+    "student": {"vit", "eradio", "eradio_lite"},
     "adaptor": {"mlp", "linear"},
     "loss": {"cosine", "smooth_l1", "mse", "l1", "cosine_smooth_l1"},
     "dataset": {"image_folder", "skimage_samples", "synthetic", "webdataset", "hf_datasets"},

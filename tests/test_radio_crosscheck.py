@@ -1,5 +1,7 @@
 """Exports against an official-style RADIO loader rebuilt from published facts (official_radio.py):
 max |diff| 0 for plain models, models trained with PHI-S (folded heads) and _mlpnorm students."""
+import math
+
 import pytest
 import torch
 
@@ -21,7 +23,8 @@ def _distiller(registry, **student_kw):
                           {"clip": mlp(24, num_inner=1), "dino": mlp(16, activation="relu")},
                           {"clip": mlp(20), "dino": mlp(16), "sam": mlp(12, num_inner=2)})
     distiller.train()
-    distiller(torch.rand(2, 3, 64, 64))  # move the σReparam estimates off their init
+    p = student.patch_size
+    distiller(torch.rand(2, 3, 4 * p, 4 * p))  # move the σReparam estimates off their init
     return distiller.eval()
 
 
@@ -144,3 +147,75 @@ def test_backbone_summary_and_mlp_versions_follow_the_official_rules(tmp_path):
     assert model.adaptors["clip"].spatial_head.final[1].__class__.__name__ == "GELU"
     with torch.no_grad():
         assert max_abs_diff(model.adaptor_outputs(images), OfficialRadio(path).eval()(images)) == 0.0
+
+
+# ------------------------------------------------------------------ names and CPE grids the exports write
+def test_every_name_the_export_can_write_is_in_the_official_table():
+    """The whole generable set (every size the vit student has, every patch size, with and without
+    an MLP norm) against the official loader's name table, which the official code wrote."""
+    from official_fixtures import fixture_json
+    from radio_core.formats.radio_checkpoint import official_vit_name
+    from radio_plugins.vit import VIT_SIZES
+
+    official = set(fixture_json("model_names.json")["names"])
+    written = {official_vit_name(size, patch, mlp_norm)
+               for size in VIT_SIZES for patch in range(1, 65) for mlp_norm in (False, True)}
+    assert written <= official, sorted(written - official)
+    assert official_vit_name("large", 14, False) == "vit_large_patch14_224"  # the preset of that patch, if any
+
+
+@pytest.mark.parametrize("model,patch", [("vit_tiny", 14), ("vit_small", 8), ("vit_base_mlpnorm", 12),
+                                         ("vit_large", 16)])
+def test_exports_of_other_sizes_and_patches_build_in_the_official_loader(tmp_path, registry, model, patch):
+    distiller = _distiller(registry, model=model, patch_size=patch, cpe_max_size=8 * patch)
+    path = tmp_path / "x.pth.tar"
+    _crosscheck(RadioModel(distiller, _config()), path, torch.rand(1, 3, 4 * patch, 6 * patch))
+    assert torch.load(path, weights_only=False)["args"].model_kwargs["patch_size"] == patch
+
+
+def test_every_cpe_size_exports_with_its_exact_grid_in_both_formats():
+    """Whatever cpe_max_size gave the student's grid, both exports describe that grid exactly: the
+    official loader's round(cpe_max_size / p) and transformers' max_img_size // p."""
+    from radio_core.formats.hf_transformers import student_to_transformers
+    from radio_core.formats.radio_checkpoint import _official_args
+    from radio_core.registry import get_registry
+
+    registry = get_registry()
+    for patch in (14, 16):
+        for cpe_max_size in range(2 * patch, 12 * patch + 1):
+            student = registry.build("student", "vit", model="vit_tiny", embed_dim=8, depth=1, num_heads=1,
+                                     patch_size=patch, cpe_max_size=cpe_max_size, final_norm=False)
+            side = student.patch_generator.grid_side
+            written = _official_args(student, _config(), [], {}).cpe_max_size
+            assert math.ceil(round(written / patch) * patch / patch) == side, (patch, cpe_max_size)
+            hf = student_to_transformers(student, [0])[0]
+            assert hf["max_img_size"] // patch == side, (patch, cpe_max_size)
+
+
+def test_an_activation_other_than_gelu_travels_in_model_kwargs_and_an_epsilon_is_refused(tmp_path, registry):
+    distiller = _distiller(registry, hidden_act="quick_gelu")
+    path = tmp_path / "q.pth.tar"
+    _crosscheck(RadioModel(distiller, _config()), path, torch.rand(1, 3, 48, 64))
+    assert torch.load(path, weights_only=False)["args"].model_kwargs["act_layer"] == "quick_gelu"
+    assert RadioModel.load(path).student.arch["hidden_act"] == "quick_gelu"
+    with pytest.raises(RadioFormatError, match="layer_norm_eps=0.001"):
+        RadioModel(_distiller(registry, layer_norm_eps=1e-3), _config()).save_radio(tmp_path / "e.pth.tar")
+    assert not (tmp_path / "e.pth.tar").exists()
+
+
+def test_a_file_we_write_is_what_the_official_loader_builds(tmp_path):
+    """The official loader's outputs (fixture, tests/fixtures/official) on a ViT file this project
+    writes with registers, layer scale, the _mlpnorm name, quick_gelu and a 13-position grid: our
+    loader and the model in memory agree with them."""
+    from official_fixtures import fixture_tensors, vit_release_images, write_vit_release
+
+    expected = fixture_tensors("vit_release_outputs.safetensors")
+    path = tmp_path / "vit.pth.tar"
+    write_vit_release(path)
+    with torch.no_grad():
+        out = RadioModel.load(path).adaptor_outputs(vit_release_images())
+    worst = 0.0
+    for name in ("backbone", "clip", "dino"):
+        worst = max(worst, float((out[name].summary - expected[f"{name}.summary"]).abs().max()),
+                    float((out[name].spatial.flatten(2).transpose(1, 2) - expected[f"{name}.features"]).abs().max()))
+    assert worst <= 1e-5, worst

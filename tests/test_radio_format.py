@@ -41,15 +41,21 @@ def _mlp_v2_forward(sd, x, num_inner=0):
     return F.linear(x, sd["final.2.weight"], sd["final.2.bias"])
 
 
-def _sn_parametrize(rng, weight, chunks):
-    """Official σReparam keys whose realised weight is ``weight`` (per row-chunk), version 2."""
+def _sn_parametrize(rng, weight, chunks, training_state=True):
+    """Official σReparam keys whose realised weight is ``weight`` (per row-chunk), version 2. In a
+    training state the official loader bakes the parametrisation in train mode, after one more
+    power iteration (u = normalize(W v), then v = normalize(Wᵀ u)); in an EMA state it does not."""
     original = weight * 3.0
     keys = {"parametrizations.weight.original": original}
     parts = original.split(original.shape[0] // chunks)
     for i, part in enumerate(parts):
         u = F.normalize(torch.randn(part.shape[0], generator=rng), dim=0)
         v = F.normalize(torch.randn(part.shape[1], generator=rng), dim=0)
-        sigma = torch.dot(u, part @ v) + 1e-6
+        iu, iv = u, v
+        if training_state:
+            iu = F.normalize(part @ v, dim=0, eps=1e-6)
+            iv = F.normalize(part.T @ iu, dim=0, eps=1e-6)
+        sigma = torch.dot(iu, part @ iv) + 1e-6
         # realised = part * (softplus(scale) + 0.05) / sigma == part / 3  ->  solve for scale
         target = (sigma / 3.0 - 0.05).clamp_min(1e-3)
         scale = torch.log(torch.expm1(target))
@@ -91,7 +97,7 @@ def official_checkpoint(path, key="state_dict"):
     qkv = blocks["0.attn.qkv.weight"]
     fc1 = blocks["1.mlp.fc1.weight"]
     for name, weight, chunks in (("0.attn.qkv", qkv, 3), ("1.mlp.fc1", fc1, 1)):
-        for k, v in _sn_parametrize(rng, weight, chunks).items():
+        for k, v in _sn_parametrize(rng, weight, chunks, training_state=key == "state_dict").items():
             state[f"base_model.blocks.{name}.{k}"] = v
     for k, v in blocks.items():
         if k not in ("0.attn.qkv.weight", "1.mlp.fc1.weight"):
@@ -114,7 +120,9 @@ def official_checkpoint(path, key="state_dict"):
     args = argparse.Namespace(model="vit_tiny_patch16_224", model_kwargs={"embed_dim": D, "depth": 2, "num_heads": 2},
                               cpe_max_size=SIDE * P, teachers=teachers, cls_token_per_teacher=True,
                               register_multiple=8, spectral_reparam=True, mlp_version="v2", dtype=torch.float32,
-                              in_chans=None, input_size=None)
+                              in_chans=None, input_size=None, pretrained=False, num_classes=0, drop=0.0,
+                              drop_path=None, drop_block=None, gp=None, bn_momentum=None, bn_eps=None,
+                              torchscript=False, initial_checkpoint="")
     torch.save({"args": args, key: state, "epoch": 3}, path)
 
     @torch.no_grad()
@@ -254,10 +262,14 @@ def test_a_pickle_with_code_is_refused(tmp_path, monkeypatch):
 
 
 def test_unsupported_models_and_heads_are_named(tmp_path):
-    path = tmp_path / "eradio.pth.tar"
-    args = argparse.Namespace(model="eradio", cpe_max_size=None, teachers=[{"name": "clip"}])
-    torch.save({"args": args, "state_dict": {"base_model.patch_embed.conv.0.weight": torch.zeros(4, 3, 3, 3)}}, path)
-    with pytest.raises(RadioFormatError, match="E-RADIO is not supported: official 'eradio' weights have no counterpart"):
+    path = tmp_path / "other.pth.tar"
+    args = argparse.Namespace(model="convnext_tiny", cpe_max_size=None, teachers=[{"name": "clip"}])
+    torch.save({"args": args, "state_dict": {"base_model.stem.0.weight": torch.zeros(4, 3, 3, 3)}}, path)
+    with pytest.raises(RadioFormatError, match="'convnext_tiny' is not supported: ViT students with CPE .* E-RADIO"):
+        load_radio_checkpoint(path)
+    args = argparse.Namespace(model="eradio", model_kwargs={"layer_scale": 1e-5}, teachers=[{"name": "clip"}])
+    torch.save({"args": args, "state_dict": {"base_model.patch_embed.conv_down.0.conv.weight": torch.zeros(4)}}, path)
+    with pytest.raises(RadioFormatError, match=r"model_kwargs \['layer_scale'\] change E-RADIO"):
         load_radio_checkpoint(path)
 
     official = _official(tmp_path)
@@ -274,15 +286,20 @@ def test_unsupported_models_and_heads_are_named(tmp_path):
         load_radio_checkpoint(official, adaptor_names=["siglip"])
 
 
-def test_only_vit_students_export_to_radio_format(tmp_path, registry):
+def test_only_students_the_official_loader_builds_export_to_radio_format(tmp_path, registry):
+    """The ViT-CPE student and the official E-RADIO at a preset; not E-RADIO lite, not a resized E-RADIO."""
     from radio_core.models.distiller import Distiller, HeadSpec
 
-    student = registry.build("student", "eradio", variant="tiny", num_cls_tokens=1)
-    head = registry.build("adaptor", "mlp", in_dim=64, out_dim=8, hidden_dim=8)
-    model = RadioModel(Distiller(student, [HeadSpec("clip", 8, None)], {"clip": head}, {}),
-                       {"student": {"name": "eradio"}})
-    with pytest.raises(RadioFormatError, match="only the ViT-CPE student.*own E-RADIO.*RadioModel.save"):
-        model.save_radio(tmp_path / "x.pth.tar")
-    with torch.no_grad():
-        assert math.isfinite(float(model(torch.rand(1, 3, 64, 64)).summary.sum()))
-    assert not (tmp_path / "x.pth.tar").exists()
+    for plugin, args, match in (("eradio_lite", {"variant": "tiny"}, "only the ViT-CPE student.*and the official "
+                                 "E-RADIO.*eradio_lite.*RadioModel.save"),
+                                ("eradio", {"model": "eradio_xxxtiny", "dim": 16, "depths": [1, 1, 1, 1]},
+                                 "only at its presets .*dim=16 \\(preset 32\\), depths=.*RadioModel.save")):
+        student = registry.build("student", plugin, **args, num_cls_tokens=1)
+        head = registry.build("adaptor", "mlp", in_dim=student.embed_dim, out_dim=8, hidden_dim=8)
+        model = RadioModel(Distiller(student, [HeadSpec("clip", 8, None)], {"clip": head}, {}),
+                           {"student": {"name": plugin}})
+        with pytest.raises(RadioFormatError, match=match):
+            model.save_radio(tmp_path / "x.pth.tar")
+        with torch.no_grad():
+            assert math.isfinite(float(model(torch.rand(1, 3, 64, 64)).summary.sum()))
+        assert not (tmp_path / "x.pth.tar").exists()

@@ -65,14 +65,14 @@ def test_naming_another_plugin_drops_the_old_plugins_inherited_args(tmp_path):
     base = {"student": {"name": "vit", "resolution": 64, "args": {"model": "vit_tiny", "depth": 4}},
             "teachers": {"dino": {"plugin": "dinov2", "args": {"model": "facebook/dinov2-small"}}}}
     write(tmp_path, "base.yaml", base)
-    child = write(tmp_path, "child.yaml", {"base": "base.yaml", "student": {"name": "eradio", "args": {"variant": "s"}},
+    child = write(tmp_path, "child.yaml", {"base": "base.yaml", "student": {"name": "eradio_lite", "args": {"variant": "s"}},
                                            "teachers": {"dino": {"args": {"layer": 2}}}})
     r = load_recipe(child)
-    assert r.student.name == "eradio" and r.student.args == {"variant": "s"} and r.student.resolution == [(64, 64)]
+    assert r.student.name == "eradio_lite" and r.student.args == {"variant": "s"} and r.student.resolution == [(64, 64)]
     assert r.teachers["dino"].args == {"model": "facebook/dinov2-small", "layer": 2}  # same plugin: merged
     # on the command line, in either order: the new plugin keeps only the args given with it
-    for overrides in (["student.name=eradio", "student.args.variant=s"],
-                      ["student.args.variant=s", "student.name=eradio"]):
+    for overrides in (["student.name=eradio_lite", "student.args.variant=s"],
+                      ["student.args.variant=s", "student.name=eradio_lite"]):
         assert apply_overrides(base, overrides)["student"]["args"] == {"variant": "s"}, overrides
     assert apply_overrides(base, ["student.name=vit", "student.args.depth=2"])["student"]["args"] == \
         {"model": "vit_tiny", "depth": 2}  # the same name again is no rename

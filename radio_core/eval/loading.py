@@ -58,10 +58,11 @@ def load_run(run_dir: str | Path, registry: Optional[Registry] = None, with_teac
         dims[name] = (t.summary_dim, t.spatial_dim)
         if with_teachers:
             teachers[name] = t.to(device)
-    torch.manual_seed(0)
-    distiller = build_distiller(recipe, dims, registry)
     weights = latest_weights(run_dir)
     state = read_safetensors(weights)
+    torch.manual_seed(0)
+    # LoRA adapters are in checkpoints, merged in exports
+    distiller = build_distiller(recipe, dims, registry, adapters=any(".lora_A." in k for k in state))
     state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
     # a checkpoint also holds the training losses' statistics: not part of the model
     state = {k: v for k, v in state.items() if not k.startswith("losses.")}

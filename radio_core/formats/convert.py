@@ -2,7 +2,8 @@
 
 Formats: ``radio-distill`` (this framework's export: ``model.safetensors`` + ``config.json``),
 ``transformers`` (a directory ``transformers.AutoModel.from_pretrained`` loads, heads beside it;
-``radio_core.formats.hf_transformers``) and ``radio`` (an official-RADIO-layout ``.pth.tar``).
+``radio_core.formats.hf_transformers``), ``radio`` (an official-RADIO-layout ``.pth.tar``) and
+``onnx`` (``model.onnx``: the student and every head; ``radio_core.formats.onnx``).
 Each output folder gets a model card (``README.md``).
 """
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-FORMATS = ("radio-distill", "transformers", "radio")
+FORMATS = ("radio-distill", "transformers", "radio", "onnx")
 
 
 class ExportSourceError(FileNotFoundError):
@@ -52,9 +53,10 @@ def default_output(source: str | Path, fmt: str) -> Path:
 
 
 def export_run(source: str | Path, fmt: str = "transformers", out: Optional[str | Path] = None,
-               registry=None) -> Path:
+               registry=None, resolution: Optional[tuple[int, int]] = None) -> Path:
     """Write the model of ``source`` (run or export directory) in format ``fmt`` to ``out``
-    (default: ``RUN/export_<format>``); returns the written directory (or file, for ``radio``)."""
+    (default: ``RUN/export_<format>``); returns the written directory (or file, for ``radio`` and
+    ``onnx``). ``resolution``: the ONNX example input (the only size for fixed-size students)."""
     from .model_card import write_model_card
 
     if fmt not in FORMATS:
@@ -71,6 +73,12 @@ def export_run(source: str | Path, fmt: str = "transformers", out: Optional[str 
         file.parent.mkdir(parents=True, exist_ok=True)
         model.save_radio(file)
         write_model_card(file.parent, model.config, run_dir, fmt="radio")
+        return file
+    if fmt == "onnx":
+        from .onnx import save_onnx
+
+        file = save_onnx(model, out if out.suffix == ".onnx" else out / "model.onnx", resolution)
+        write_model_card(file.parent, model.config, run_dir, fmt="onnx")
         return file
     model.save(out)
     write_model_card(out, model.config, run_dir)
@@ -111,8 +119,13 @@ def main(argv=None) -> int:
     p.add_argument("run", help="a finished run's directory (its export/ is read) or an export directory")
     p.add_argument("--format", choices=FORMATS, default="transformers",
                    help="transformers: a directory transformers.AutoModel loads (heads beside it); radio: an "
-                        "official-RADIO .pth.tar; radio-distill: this framework's export (default: transformers)")
-    p.add_argument("--out", help="output directory (radio: a .pth.tar path or a directory); default RUN/export_<format>")
+                        "official-RADIO .pth.tar; onnx: model.onnx with every head; radio-distill: this "
+                        "framework's export (default: transformers)")
+    p.add_argument("--out", help="output directory (radio: a .pth.tar path, onnx: a .onnx path, or a directory); "
+                                 "default RUN/export_<format>")
+    p.add_argument("--resolution", type=int, nargs=2, metavar=("H", "W"),
+                   help="onnx: the example input size (the only one for students without dynamic sizes; default "
+                        "the run's student resolution)")
     args = p.parse_args(argv)
     from ..registry import PluginError
     from .export import ExportError
@@ -121,7 +134,7 @@ def main(argv=None) -> int:
     from ..utils import bounded_message
 
     try:
-        path = export_run(args.run, args.format, args.out)
+        path = export_run(args.run, args.format, args.out, resolution=tuple(args.resolution) if args.resolution else None)
     except (ExportSourceError, ExportError, TransformersFormatError, PluginError, ValueError, OSError) as exc:
         what = exc if not isinstance(exc, OSError) or isinstance(exc, ExportSourceError) else \
             f"cannot write the export: {exc.strerror or exc}" + (f" ({exc.filename})" if exc.filename else "")

@@ -128,8 +128,11 @@ def write_export(distiller: Distiller, config: dict, path: str | os.PathLike) ->
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    # Loss modules (and their statistics) are training state, not part of the model.
-    state = {k: v.detach().to("cpu").contiguous().clone() for k, v in distiller.state_dict().items()
+    from ..models.lora import merged_state_dict
+
+    # Loss modules (and their statistics) are training state, not part of the model; LoRA
+    # adapters are merged into their layers (the export loads without peft).
+    state = {k: v.detach().to("cpu").contiguous().clone() for k, v in merged_state_dict(distiller).items()
              if not k.startswith("losses.")}
     tmp_w, tmp_c = path / (WEIGHTS_NAME + ".tmp"), path / (CONFIG_NAME + ".tmp")
     save_file(state, str(tmp_w), metadata={"format": "pt"})

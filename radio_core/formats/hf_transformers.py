@@ -27,8 +27,9 @@ Key mapping (ours -> transformers; facts from transformers' ``modeling_radio.py`
 
 What transformers' class cannot express is refused in one line: E-RADIO (not a ViT), fixed
 windowed attention (``window_size``; every transformers block attends globally), a final
-LayerNorm (``final_norm: true``; C-RADIO has none), an MLP LayerNorm (``mlp_norm``), a RADIO
-feature normaliser, and a CPE grid that is not a whole number of patches.
+LayerNorm (``final_norm: true``; C-RADIO has none), an MLP LayerNorm (``mlp_norm``) and a RADIO
+feature normaliser. ``max_img_size`` is written as the student's grid times the patch size, so
+every ``cpe_max_size`` works (1000 at patch 16: 63 positions per side, written as 1008).
 """
 from __future__ import annotations
 
@@ -81,17 +82,16 @@ def student_to_transformers(student: Any, summary_idxs: list[int]) -> tuple[dict
         raise TransformersFormatError(
             f"student {name} runs windowed attention (window_size={student.window_size}), which transformers' "
             f"RadioModel cannot express (all its blocks are global); call set_window_size(None) first")
-    patch, max_size = int(student.patch_size), int(student.cpe_max_size)
-    if max_size % patch:
-        raise TransformersFormatError(
-            f"student {name}: cpe_max_size {max_size} is not a multiple of the patch size {patch}; transformers' "
-            f"RadioModel sizes its position grid as max_img_size // patch_size")
+    # transformers sizes its position grid as max_img_size // patch_size: write the exact multiple
+    # of the grid this student has (cpe_max_size 1000 at patch 16 is a 63-position grid: 1008)
+    patch, max_size = int(student.patch_size), int(student.patch_generator.grid_side) * int(student.patch_size)
     state = {k: v.detach().to("cpu") for k, v in folded_state_dict(student).items()}
     arch = student.arch
     block0 = student.blocks[0]
     config = dict(
         hidden_size=int(student.embed_dim), num_hidden_layers=int(student.depth),
-        num_attention_heads=int(student.num_heads), mlp_ratio=float(arch["mlp_ratio"]), hidden_act="gelu",
+        num_attention_heads=int(student.num_heads), mlp_ratio=float(arch["mlp_ratio"]),
+        hidden_act=str(arch.get("hidden_act", "gelu")),
         layer_norm_eps=float(block0.norm1.eps), qkv_bias=bool(arch["qkv_bias"]), use_swiglu_ffn=False,
         layerscale_value=1.0, num_channels=3, patch_size=patch, max_img_size=max_size,
         num_cls_tokens=int(student.num_cls_tokens), num_registers=int(student.num_registers),
@@ -209,6 +209,41 @@ def load_transformers_export(path: str | os.PathLike, registry: Any = None) -> t
     return distiller, config
 
 
+#: vit size presets by width (the official exporter names a file's model by its size)
+_SIZES = {192: "vit_tiny", 384: "vit_small", 768: "vit_base", 1024: "vit_large", 1280: "vit_huge"}
+
+
+def load_transformers_radio_model(path: str | os.PathLike, registry: Any = None) -> tuple[Any, dict]:
+    """(distiller, export config) of a transformers RadioModel folder without this framework's
+    sidecar (a C-RADIO checkpoint as transformers converts it): the ``vit`` student its config
+    describes, with its weights (layer scales folded into the layers before them, exactly), and no
+    adaptor heads (transformers' class holds none). ``summary_idxs`` is the folder's."""
+    from ..registry import get_registry
+    from .export import build_distiller_from_config
+
+    config, hf_state = read_transformers_radio(path)
+    refuse_unsupported(config)
+    hidden, patch = int(config.get("hidden_size", 1280)), int(config.get("patch_size", 16))
+    filled = _with_config_defaults(config, hf_state)
+    args = dict(model=_SIZES.get(hidden, "vit_base"), embed_dim=hidden, depth=int(config.get("num_hidden_layers", 32)),
+                num_heads=int(config.get("num_attention_heads", 16)), patch_size=patch,
+                mlp_ratio=float(config.get("mlp_ratio", 4.0)), qkv_bias=bool(config.get("qkv_bias", True)),
+                final_norm=False, num_registers=int(config.get("num_registers", 7)),
+                cpe_max_size=int(config.get("max_img_size", 2048)) // patch * patch,
+                hidden_act=str(config.get("hidden_act", "gelu")),
+                layer_norm_eps=float(config.get("layer_norm_eps", 1e-6)),
+                mean=[float(x) for x in filled["input_conditioner.norm_mean"].flatten()],
+                std=[float(x) for x in filled["input_conditioner.norm_std"].flatten()])
+    export = {"format": "radio-distill-export", "version": 1, "source": "transformers",
+              "summary_idxs": summary_rows(config, hf_state),
+              "student": {"name": "vit", "args": args, "num_cls_tokens": int(config.get("num_cls_tokens", 3))},
+              "teachers": {}, "adaptor": {"name": "mlp", "args": {}}, "hidden_dim": None, "summary_slots": {},
+              "resolution": [int(config.get("image_size", 224))] * 2}
+    state = {f"student.{k}": v.float() for k, v in transformers_to_student(config, hf_state, layer_scale=False).items()}
+    distiller = build_distiller_from_config(export, registry or get_registry(), state, origin=str(path))
+    return distiller, export
+
+
 # ---------------------------------------------------------------------------------- in
 def read_transformers_radio(path: str | os.PathLike) -> tuple[dict, dict[str, Tensor]]:
     """(config.json as a dict, state dict in transformers' layout) of a transformers RADIO
@@ -217,17 +252,7 @@ def read_transformers_radio(path: str | os.PathLike) -> tuple[dict, dict[str, Te
     from ..utils import UserFileError, WeightsError, read_safetensors, read_user_json
 
     path = Path(path)
-    if not (path / HF_CONFIG).exists():
-        raise TransformersFormatError(f"{path}: not a transformers model directory (no {HF_CONFIG})")
-    try:
-        config = read_user_json(path / HF_CONFIG, "transformers config")
-    except UserFileError as exc:
-        raise TransformersFormatError(str(exc)) from None
-    if not isinstance(config, dict):
-        raise TransformersFormatError(f"{path / HF_CONFIG}: not a JSON object")
-    if config.get("model_type") != HF_MODEL_TYPE:
-        raise TransformersFormatError(f"{path}: model_type {config.get('model_type')!r} is not {HF_MODEL_TYPE!r} "
-                                      f"(transformers' RadioModel)")
+    config = _radio_config(path)
     if (path / HF_WEIGHTS).is_file():
         files = [path / HF_WEIGHTS]
     elif (path / HF_WEIGHTS_INDEX).is_file():
@@ -251,6 +276,54 @@ def read_transformers_radio(path: str | os.PathLike) -> tuple[dict, dict[str, Te
         except WeightsError as exc:
             raise TransformersFormatError(str(exc)) from None
     return config, _from_disk_layout(state)
+
+
+def _radio_config(path: Path) -> dict:
+    """config.json of a transformers RadioModel directory, or one line saying what ``path`` is
+    instead and what reads it."""
+    from ..utils import UserFileError, read_user_json
+
+    if not path.is_dir():
+        raise TransformersFormatError(f"{path}: not a directory (a transformers RadioModel is a folder with "
+                                      f"{HF_CONFIG} and {HF_WEIGHTS})")
+    if not (path / HF_CONFIG).exists():
+        raise TransformersFormatError(f"{path}: not a transformers model directory (no {HF_CONFIG}); expected a "
+                                      f"RadioModel folder as save_pretrained writes it")
+    try:  # a FIFO, a huge file, bad JSON: one line
+        config = read_user_json(path / HF_CONFIG, "transformers config")
+    except UserFileError as exc:
+        raise TransformersFormatError(str(exc)) from None
+    if not isinstance(config, dict):
+        raise TransformersFormatError(f"{path / HF_CONFIG}: not a JSON object")
+    if config.get("format") == "radio-distill-export":
+        raise TransformersFormatError(f"{path}: a radio-distill export, not a transformers RadioModel; load it with "
+                                      f"RadioModel.load, or start a run from it with student.init")
+    if config.get("model_type") != HF_MODEL_TYPE:
+        kind = config.get("model_type") or config.get("architectures") or "no model_type"
+        raise TransformersFormatError(f"{path}: a transformers {kind!r} model, not a RadioModel (config.json "
+                                      f"model_type {config.get('model_type')!r}, expected {HF_MODEL_TYPE!r})")
+    return config
+
+
+#: Every field of transformers' ``RadioConfig`` and what an import does with it; a test holds this
+#: table against RadioConfig's fields, so a new field cannot pass unhandled.
+#:   student  - the student's architecture must match (``check_student_architecture`` names both)
+#:   tokens   - the student's own count; its table is seeded from the checkpoint's (``copy_summary_tokens``)
+#:   weights  - a value the weights file holds; the config's where the file lacks it, as transformers does
+#:   refused  - anything but the default is refused (the student has no such path)
+#:   training - acts in training only (dropout, stochastic depth): no effect on the imported function
+#:   none     - no effect on an image forward (metadata, video input, derived sizes, initialisation)
+CONFIG_FIELDS = {
+    "hidden_size": "student", "num_hidden_layers": "student", "num_attention_heads": "student",
+    "mlp_ratio": "student", "qkv_bias": "student", "patch_size": "student", "max_img_size": "student",
+    "hidden_act": "student", "layer_norm_eps": "student",
+    "num_cls_tokens": "tokens", "num_registers": "tokens",
+    "norm_mean": "weights", "norm_std": "weights", "layerscale_value": "weights", "summary_idxs": "weights",
+    "use_swiglu_ffn": "refused", "num_channels": "refused",
+    "attention_probs_dropout_prob": "training", "drop_path_rate": "training",
+    "hidden_dropout_prob": "none", "image_size": "none", "video_temporal_patch_size": "none", "patch_dim": "none",
+    "video_patch_dim": "none", "initializer_range": "none",
+}
 
 
 #: transformers stores RADIO weights under the original C-RADIO names and renames them on load
@@ -288,15 +361,23 @@ def transformers_to_student(config: dict, state: dict[str, Tensor], *, layer_sca
     """transformers-layout ``state`` -> the ``vit`` student's layout. ``layer_scale``: whether
     the student has ``ls1/ls2.gamma``; without, each block's ``lambda1`` is folded into the
     linear layer before it (exact)."""
-    if config.get("use_swiglu_ffn"):
-        raise TransformersFormatError("the checkpoint uses SwiGLU MLPs (use_swiglu_ffn), which the 'vit' student "
-                                      "does not have")
+    refuse_unsupported(config)
+    state = _with_config_defaults(config, state)
+    need = ["embeddings.patch_projection.weight", "embeddings.position_embedding", "embeddings.cls_register_token"]
+    for i in range(int(config.get("num_hidden_layers", 32))):
+        need += [f"encoder.layer.{i}.{part}.{p}" for part in ("norm1", "norm2", "mlp.fc1", "mlp.fc2",
+                                                              "attention.o_proj") for p in ("weight", "bias")]
+        need += [f"encoder.layer.{i}.attention.{q}_proj.weight" for q in "qkv"]
+    missing = [k for k in need if k not in state]
+    if missing:
+        raise TransformersFormatError(f"the checkpoint lacks {len(missing)} tensor(s) of its architecture, e.g. "
+                                      f"{', '.join(missing[:3])}")
     out = {"norm_mean": state["input_conditioner.norm_mean"].float().view(3, 1, 1),
            "norm_std": state["input_conditioner.norm_std"].float().view(3, 1, 1),
            "patch_generator.embedder.weight": state["embeddings.patch_projection.weight"],
            "patch_generator.pos_embed": state["embeddings.position_embedding"],
            "patch_generator.cls_token.token": state["embeddings.cls_register_token"]}
-    for i in range(int(config["num_hidden_layers"])):
+    for i in range(int(config.get("num_hidden_layers", 32))):
         src, dst = f"encoder.layer.{i}.", f"blocks.{i}."
         for part in ("norm1", "norm2", "mlp.fc1", "mlp.fc2"):
             for p in ("weight", "bias"):
@@ -316,6 +397,48 @@ def transformers_to_student(config: dict, state: dict[str, Tensor], *, layer_sca
     return out
 
 
+def summary_rows(config: dict, state: dict[str, Tensor]) -> list[int]:
+    """The CLS rows a transformers RadioModel concatenates into its summary: its ``summary_idxs``
+    buffer as saved, else the config's (what transformers initialises the buffer with)."""
+    if "summary_idxs" in state:
+        return [int(i) for i in state["summary_idxs"].flatten()]
+    return [int(i) for i in (config.get("summary_idxs") or [0, 1])]
+
+
+def refuse_unsupported(config: dict) -> None:
+    """The ``refused`` fields of ``CONFIG_FIELDS`` (and ``head_dim``, which transformers' attention
+    reads when a config.json sets it), in one line naming the field."""
+    if config.get("use_swiglu_ffn"):
+        raise TransformersFormatError("the checkpoint uses SwiGLU MLPs (use_swiglu_ffn), which the 'vit' student "
+                                      "does not have")
+    if int(config.get("num_channels", 3)) != 3:
+        raise TransformersFormatError(f"the checkpoint takes num_channels={config['num_channels']} input channels; "
+                                      f"the 'vit' student takes RGB (3)")
+    hidden, heads = int(config.get("hidden_size", 1280)), int(config.get("num_attention_heads", 16))
+    if config.get("head_dim") is not None and int(config["head_dim"]) != hidden // heads:
+        raise TransformersFormatError(f"the checkpoint sets head_dim={config['head_dim']} (not hidden_size / "
+                                      f"num_attention_heads = {hidden // heads}), which the 'vit' student cannot do")
+
+
+def _with_config_defaults(config: dict, state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """What transformers fills from the config when the weights file lacks it: the input
+    conditioner (``norm_mean`` / ``norm_std``) and every layer scale (``layerscale_value``)."""
+    state = dict(state)
+    for key, field, default in (("input_conditioner.norm_mean", "norm_mean", _OPENAI_CLIP_MEAN),
+                                ("input_conditioner.norm_std", "norm_std", _OPENAI_CLIP_STD)):
+        if key not in state:
+            state[key] = torch.tensor(config.get(field) or default, dtype=torch.float32).view(-1, 1, 1)
+    value, hidden = float(config.get("layerscale_value", 1.0)), int(config.get("hidden_size", 1280))
+    for i in range(int(config.get("num_hidden_layers", 32))):
+        for j in (1, 2):
+            state.setdefault(f"encoder.layer.{i}.layer_scale{j}.lambda1", torch.full((hidden,), value))
+    return state
+
+
+_OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+_OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
 def student_state_from_transformers(path: str | os.PathLike, student: Any, origin: str) -> dict[str, Tensor]:
     """The state dict (``vit`` layout) that gives ``student`` the backbone of the transformers
     RADIO directory ``path``: architectures must match; CLS token i comes from the checkpoint's
@@ -331,8 +454,15 @@ def student_state_from_transformers(path: str | os.PathLike, student: Any, origi
 
 def check_student_architecture(student: Any, config: dict, origin: str) -> None:
     """The student's ViT shape must be the checkpoint's; names both sides of the first difference."""
+    try:
+        refuse_unsupported(config)
+    except TransformersFormatError as exc:
+        raise TransformersFormatError(f"{origin}: {exc}") from None
     arch = getattr(student, "arch", {})
-    pairs = [("hidden_size", config.get("hidden_size"), "embed_dim", student.embed_dim),
+    pairs = [("hidden_act", config.get("hidden_act", "gelu"), "hidden_act", arch.get("hidden_act", "gelu")),
+             ("layer_norm_eps", float(config.get("layer_norm_eps", 1e-6)), "layer_norm_eps",
+              float(arch.get("layer_norm_eps", 1e-6))),
+             ("hidden_size", config.get("hidden_size"), "embed_dim", student.embed_dim),
              ("num_hidden_layers", config.get("num_hidden_layers"), "depth", student.depth),
              ("num_attention_heads", config.get("num_attention_heads"), "num_heads", student.num_heads),
              ("patch_size", config.get("patch_size"), "patch_size", student.patch_size),
@@ -359,6 +489,7 @@ def copy_summary_tokens(ours: Tensor, theirs: Tensor, num_cls: int, their_cls: i
 
 
 __all__ = ["TransformersFormatError", "save_transformers", "read_transformers_radio", "student_to_transformers",
+           "CONFIG_FIELDS", "summary_rows", "refuse_unsupported",
            "student_state_from_transformers",
            "transformers_to_student", "check_student_architecture", "copy_summary_tokens",
            "is_transformers_radio_dir", "SIDECAR_CONFIG", "SIDECAR_WEIGHTS"]

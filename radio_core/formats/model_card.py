@@ -114,7 +114,7 @@ def _code_block(language: str, body: str) -> str:
 def render_model_card(config: dict, run_dir: Optional[Path] = None, fmt: str = "radio-distill",
                       location: str = "EXPORT_DIR") -> str:
     """The card's text for an export ``config`` (``radio_core.model.export_config``) of the run in
-    ``run_dir`` (None: only what the config tells); ``fmt``: radio-distill | transformers | radio."""
+    ``run_dir`` (None: only what the config tells); ``fmt``: radio-distill | transformers | radio | onnx."""
     student = config.get("student", {})
     teachers = config.get("teachers", {})
     run_dir = Path(run_dir) if run_dir is not None else None
@@ -199,6 +199,12 @@ def _how_to_load(fmt: str, location: str) -> str:
     if fmt == "radio":
         return ("An official-RADIO-layout checkpoint: `RadioModel.load(\"model.pth.tar\")` here, or the official "
                 "loader (`torch.hub.load(\"NVlabs/RADIO\", \"radio_model\", version=PATH)`).")
+    if fmt == "onnx":
+        return ("```python\nimport onnxruntime\n\n"
+                f"session = onnxruntime.InferenceSession(\"{location}/model.onnx\")\n"
+                "outputs = session.run(None, {\"images\": images})   # float32 (B, 3, H, W) RGB in [0, 1]\n```\n\n"
+                "The outputs are named in `model.onnx.json`: the backbone's summary and spatial features, then "
+                "each teacher's heads.")
     return ours
 
 

@@ -132,7 +132,10 @@ class RadioModel(nn.Module, ModelHubMixin, library_name="radio-distill", tags=["
                  and teachers.get(t, {}).get("use_summary", True)}
         # An imported official checkpoint names its summary rows (from its teacher list, whichever
         # heads were imported); otherwise: the slots of the teachers that use a summary target.
-        self.summary_idxs: list[int] = list(self.config.get("summary_idxs") or sorted(set(slots.values())) or [0])
+        # A student whose summary slots all hold one vector (E-RADIO's mean feature) has that one.
+        shared = getattr(distiller.student, "shared_summary", False)
+        self.summary_idxs: list[int] = list(self.config.get("summary_idxs") or
+                                            ([0] if shared else sorted(set(slots.values()))) or [0])
 
     # -- properties -------------------------------------------------------------------------
     @property
@@ -202,7 +205,8 @@ class RadioModel(nn.Module, ModelHubMixin, library_name="radio-distill", tags=["
     @classmethod
     def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu", registry=None,
              **radio_kwargs: Any) -> "RadioModel":
-        """Load an export directory (or its config.json / model.safetensors), or an official
+        """Load an export directory (or its config.json / model.safetensors), a transformers
+        RadioModel folder (a converted C-RADIO: the backbone, no heads), or an official
         RADIO ``.pth.tar`` checkpoint (``radio_kwargs`` go to ``radio_format.load_radio_checkpoint``).
         The model is returned in eval mode; σReparam layers are baked into plain weights."""
         p = Path(path)
@@ -228,10 +232,13 @@ class RadioModel(nn.Module, ModelHubMixin, library_name="radio-distill", tags=["
             imported = load_radio_checkpoint(p, registry=registry, **radio_kwargs)
             model = cls(imported.distiller, imported.config, imported.feature_normalizer)
         else:
-            from .hf_transformers import SIDECAR_CONFIG, load_transformers_export
+            from .hf_transformers import (SIDECAR_CONFIG, is_transformers_radio_dir, load_transformers_export,
+                                          load_transformers_radio_model)
 
             if p.is_dir() and (p / SIDECAR_CONFIG).is_file():  # written by save_transformers
                 distiller, config = load_transformers_export(p, registry=registry)
+            elif is_transformers_radio_dir(p):  # a transformers RadioModel (C-RADIO): the backbone alone
+                distiller, config = load_transformers_radio_model(p, registry=registry)
             else:
                 distiller, config = load_export(p, registry=registry)
             model = cls(distiller, config)
@@ -248,6 +255,12 @@ class RadioModel(nn.Module, ModelHubMixin, library_name="radio-distill", tags=["
     def save_radio(self, path: str | os.PathLike) -> Path:
         """Write this model as an official-RADIO-layout ``.pth.tar`` (ViT-CPE students only)."""
         return save_radio_checkpoint(self, path)
+
+    def save_onnx(self, path: str | os.PathLike, resolution: Optional[tuple[int, int]] = None) -> Path:
+        """Write this model (student and every head) as ONNX (``radio_core.formats.onnx``)."""
+        from .onnx import save_onnx
+
+        return save_onnx(self, path, resolution)
 
     def save_transformers(self, path: str | os.PathLike) -> Path:
         """Write this model as a directory ``transformers.AutoModel.from_pretrained`` loads (the

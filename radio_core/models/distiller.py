@@ -161,10 +161,12 @@ class Distiller(nn.Module):
 
 
 def build_distiller(recipe: "Recipe", dims: dict[str, tuple[Optional[int], int]], registry: Registry, *,
-                    losses: bool = False, cached: Collection[str] = ()) -> Distiller:
+                    losses: bool = False, cached: Collection[str] = (), adapters: bool = True) -> Distiller:
     """Student + heads for every teacher of every stage (``dims``: name -> (summary, spatial));
     with ``losses``, also each teacher's loss modules (training: ``cached`` names the teachers
-    read from the feature cache, which shifted views cannot use)."""
+    read from the feature cache, which shifted views cannot use). A recipe that starts from a
+    released model (``student.init``) freezes what it does not train (``set_trainable``); its
+    weights are loaded by ``radio_core.formats.release.load_release_weights``."""
     heads = [HeadSpec(name,
                       summary if recipe.teachers[name].use_summary else None,
                       spatial if recipe.teachers[name].use_spatial else None,
@@ -182,11 +184,12 @@ def build_distiller(recipe: "Recipe", dims: dict[str, tuple[Optional[int], int]]
     hidden = max(d for h in heads for d in (h.summary_dim, h.spatial_dim) if d is not None)
     summary_heads, spatial_heads = {}, {}
     for h in heads:
-        spec = recipe.teachers[h.name].adaptor or recipe.adaptor
-        for dim, table in ((h.summary_dim, summary_heads), (h.spatial_dim, spatial_heads)):
+        teacher = recipe.teachers[h.name]
+        for kind, dim, table in (("summary", h.summary_dim, summary_heads), ("spatial", h.spatial_dim, spatial_heads)):
             if dim is not None:
+                spec = getattr(teacher, f"{kind}_adaptor") or teacher.adaptor or recipe.adaptor
                 table[h.name] = registry.build("adaptor", spec.name, in_dim=student.embed_dim, out_dim=dim,
-                                               hidden_dim=hidden, **spec.args)
+                                               **{"hidden_dim": hidden, **spec.args})
     norms = {}
     for h in heads:
         kind = recipe.teachers[h.name].target_norm
@@ -199,6 +202,28 @@ def build_distiller(recipe: "Recipe", dims: dict[str, tuple[Optional[int], int]]
     loss_modules = build_losses(recipe, registry, set(cached)) if losses else None
     distiller = Distiller(student, heads, summary_heads, spatial_heads, norms, loss_modules)
     distiller.student_name = recipe.student.name
+    if recipe.student.init is not None:
+        set_trainable(distiller, recipe.student.init, adapters=adapters)
     return distiller
+
+
+def set_trainable(distiller: Distiller, init, adapters: bool = True) -> None:
+    """What a run started from a released model trains (``student.init.train``): everything; the
+    heads (backbone frozen); the new teachers' heads only (``init.teachers`` names the reused
+    ones); or LoRA adapters on the backbone (peft), and the heads. ``adapters=False`` builds the
+    structure without the adapters (to load an export, where they are merged)."""
+    if init.train == "all":
+        return
+    if init.train == "lora" and adapters:
+        from .lora import apply_lora
+
+        apply_lora(distiller.student, init.lora)  # the base layers frozen, the adapters trainable
+    else:
+        distiller.student.requires_grad_(False)
+    if init.train == "new_heads":
+        for name in init.teachers:
+            for table in (distiller.summary_heads, distiller.spatial_heads):
+                if name in table:
+                    table[name].requires_grad_(False)
 
 

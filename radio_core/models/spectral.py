@@ -4,7 +4,9 @@
 
 σ(W), the largest singular value of W, is estimated by power iteration with persistent
 vectors ``u`` and ``v`` (buffers, updated in place by one iteration per forward in training
-mode only, so eval is deterministic); σ = uᵀWv + eps. The learned gain is the parameter ``scale``
+mode only, so eval is deterministic); σ = uᵀWv + eps. Each iteration updates u = normalize(Wv)
+first, then v = normalize(Wᵀu): the order and train/eval semantics of torch's ``spectral_norm``,
+which the official σReparam subclasses (tests/test_spectral.py compares trajectories with both). The learned gain is the parameter ``scale``
 ``s``, kept **2-D** (1, 1) so that the optimiser's "decay everything with ndim >= 2" rule applies
 weight decay to it: W_hat does not depend on W's norm, so decaying W alone would be inert; decaying
 ``s`` pulls the gain of every layer towards softplus(0) + α. ``s`` starts where the gain equals
@@ -55,6 +57,18 @@ def realise(weight: Tensor, u: Tensor, v: Tensor, scale: Tensor, version: int, e
     """W_hat = gain / (uᵀWv + eps) · W, computed in float32, returned in W's dtype."""
     sigma = torch.dot(u.float(), torch.mv(weight.float().reshape(weight.shape[0], -1), v.float())) + eps
     return (weight.float() * (gain(scale, version, alpha) / sigma)).to(weight.dtype)
+
+
+@torch.no_grad()
+def power_iteration(weight: Tensor, u: Tensor, v: Tensor, steps: int, eps: float) -> tuple[Tensor, Tensor]:
+    """``steps`` power iterations from (u, v), in the order of torch's ``spectral_norm`` (and so of
+    the official code, which reuses it): u = normalize(W v), then v = normalize(Wᵀ u)."""
+    w = weight.float().reshape(weight.shape[0], -1)
+    u, v = u.float(), v.float()
+    for _ in range(steps):
+        u = F.normalize(torch.mv(w, v), dim=0, eps=eps)
+        v = F.normalize(torch.mv(w.t(), u), dim=0, eps=eps)
+    return u, v
 
 
 def _inverse_softplus(t: Tensor) -> Tensor:
@@ -108,9 +122,9 @@ class SpectralReparam(nn.Module):
 
     @torch.no_grad()
     def _power_iteration(self, w: Tensor, steps: int) -> None:
-        for _ in range(steps):
-            self._v.copy_(F.normalize(w.t() @ self._u, dim=0, eps=self.eps))
-            self._u.copy_(F.normalize(w @ self._v, dim=0, eps=self.eps))
+        u, v = power_iteration(w, self._u, self._v, steps, self.eps)
+        self._u.copy_(u)
+        self._v.copy_(v)
 
     def sigma(self, weight: Tensor) -> Tensor:
         """σ(W) ≈ uᵀ W v with the current (detached) singular-vector estimates."""

@@ -82,10 +82,37 @@ def _resolutions(v: Any) -> Any:
     return [_size(x) for x in v] if isinstance(v, list) else v
 
 
+class LoraSpec(Strict):
+    """Low-rank adapters (``peft``'s LoRA) on the student's Linear layers named in ``target_modules``."""
+
+    r: Count = 8
+    alpha: Float = Field(16.0, gt=0, le=1e6)
+    dropout: Float = Field(0.0, ge=0, lt=1)
+    target_modules: list[Name] = Field(default_factory=lambda: ["qkv", "proj", "fc1", "fc2"], min_length=1)
+
+
+class InitSpec(Strict):
+    """Start from a released model (radio_core.formats.release): its backbone, and the heads and
+    target statistics of the teachers it knows; the other teachers get fresh heads."""
+
+    #: an official RADIO checkpoint (.pth.tar), a transformers RadioModel folder (C-RADIO), or a
+    #: radio-distill export
+    source: Name
+    #: what trains: all (continue training), heads (backbone frozen), new_heads (backbone and the
+    #: released heads frozen: only new teachers' heads), lora (backbone frozen, LoRA adapters on it)
+    train: Literal["all", "heads", "new_heads", "lora"] = "all"
+    lora: LoraSpec = Field(default_factory=LoraSpec)
+    #: this recipe's teacher -> the released model's teacher whose heads it reuses (default: the
+    #: same name, where the release has it)
+    teachers: dict[Name, Name] = Field(default_factory=dict)
+
+
 class StudentSpec(ComponentSpec):
     #: training resolution(s) of the student's input; several = multi-resolution training,
     #: one sampled per step.
     resolution: list[Size] = Field(default_factory=lambda: [(224, 224)], min_length=1)
+    #: start from a released model instead of random weights (its architecture is the student's)
+    init: Optional[InitSpec] = None
 
     @field_validator("resolution", mode="before")
     @classmethod
@@ -121,8 +148,12 @@ class TeacherSpec(Strict):
     summary_loss: ComponentSpec = Field(default_factory=lambda: ComponentSpec(name="cosine"))
     spatial_loss: ComponentSpec = Field(default_factory=lambda: ComponentSpec(
         name="cosine_smooth_l1", args={"cosine": 0.9, "smooth_l1": 0.1}))
-    #: adaptor override for this teacher (default: the recipe's ``adaptor``).
+    #: adaptor override for this teacher (default: the recipe's ``adaptor``); per head, when they
+    #: differ (a released model's heads): ``summary_adaptor`` / ``spatial_adaptor``. An adaptor's
+    #: ``args.hidden_dim`` overrides the default (the largest teacher dimension).
     adaptor: Optional[ComponentSpec] = None
+    summary_adaptor: Optional[ComponentSpec] = None
+    spatial_adaptor: Optional[ComponentSpec] = None
     #: use the summary target (if the teacher has one).
     use_summary: Bool = True
     use_spatial: Bool = True

@@ -90,6 +90,10 @@ class Trainer:
     def _setup(self, registry: Optional[Registry], accelerator: Any, resume: bool) -> None:
         recipe = self.recipe
         self.registry = registry or get_registry()
+        if recipe.student.init is not None:  # a released model's architecture (formats.release)
+            from ..formats.release import resolve_release
+
+            self.recipe = recipe = resolve_release(recipe, self.registry)
         self.accelerator = accelerator or setup.make_accelerator(recipe)
         self.cpu_threads, self._threads_why = setup.set_cpu_threads(recipe, self.accelerator)
         self.state = TrainerState()
@@ -151,6 +155,12 @@ class Trainer:
         torch.manual_seed(r.train.seed)  # same student/head init on every rank, whatever was built
         self._dims = dims
         distiller = build_distiller(r, dims, self.registry, losses=True, cached=self.cached)
+        if r.student.init is not None:  # start from the released weights (a resume then loads its own)
+            from ..formats.release import describe_reuse, forget_releases, load_release_weights
+
+            load_release_weights(distiller, r)
+            acc.print(describe_reuse(r))
+            forget_releases()
         check_student_resolutions(self.plans, distiller.student.size_multiple, r.student.name, self.recipe_path)
         self.objective = Objective(r, self.registry, self.teachers, self.cached, acc)
         if r.train.channels_last:
