@@ -15,9 +15,10 @@ Metrics, each at an input resolution (``name@res``):
   pixels: the image pooled to 8 x 8);
 * ``miou``: a linear segmentation read-out of the patch features, upsampled to 64 px masks of
   sky / ground / five shapes;
-* ``parts_miou``: the parts' fine textures (background, horizontal, vertical, checks) at 128 px
-  from a linear pixel-shuffle read-out (each feature vector predicts the pixels of its cell; only
-  where 128 px is a whole number of cells: 64 and 128 px inputs for patch 8).
+* ``parts_miou``: the parts' fine textures at 128 px from a linear pixel-shuffle read-out (each
+  feature vector predicts the pixels of its cell; only where 128 px is a whole number of cells:
+  64 and 128 px inputs for patch 8): the mean IoU of the three textures (horizontal, vertical,
+  checks), background being predicted but not averaged in (an object mask alone scores ~0).
 
 It is the evaluator ``proxy`` (plugin kind ``evaluator``; it brings its own data): every subject
 of the evaluation ladder goes through it the same way::
@@ -112,7 +113,8 @@ def score(train: Encoded, test: Encoded, fit: Labelled, held: Labelled, text_wei
         seg = probes.segmentation_probe(train.spatial, fit.semantic, test.spatial, held.semantic, len(SEGMENT_CLASSES))
         out["miou"], noise["miou"] = seg["miou"], seg["bootstrap_se"]
     if "parts_miou" in metrics and held.parts.shape[-1] % test.spatial.shape[-1] == 0:
-        seg = probes.shuffle_segmentation_probe(train.spatial, fit.parts, test.spatial, held.parts, len(PART_CLASSES))
+        seg = probes.shuffle_segmentation_probe(train.spatial, fit.parts, test.spatial, held.parts, len(PART_CLASSES),
+                                                scored=list(range(1, len(PART_CLASSES))))
         out["parts_miou"], noise["parts_miou"] = seg["miou"], seg["bootstrap_se"]
     return out, noise
 

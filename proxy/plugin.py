@@ -49,3 +49,23 @@ def radio_register(registry) -> None:
     registry.add("evaluator", "proxy", build_proxy_evaluator)
     for kind in ("clip", "dinov2", "sam"):
         registry.add("teacher", f"proxy_{kind}", _teacher_factory(kind))
+
+
+#: the teacher plugins of this package, by kind
+_TEACHER_PLUGINS = {f"proxy_{k}": k for k in ("clip", "dinov2", "sam")}
+
+
+@hookimpl
+def radio_prepare(recipe, teachers) -> None:
+    """Train the run's missing proxy teachers in parallel before the factories ask for them."""
+    jobs = []
+    for name in teachers:
+        spec = recipe.teachers[name]
+        kind = _TEACHER_PLUGINS.get(spec.plugin.rsplit(":", 1)[-1])
+        if kind is not None:
+            args = spec.args or {}
+            jobs.append((kind, args.get("preset", "standard"), args.get("world"), args.get("config")))
+    if len(jobs) > 1:
+        from .teachers import prepare_teachers
+
+        prepare_teachers(jobs)

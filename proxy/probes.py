@@ -183,25 +183,29 @@ def confusion_per_image(pred: Tensor, target: Tensor, classes: int) -> Tensor:
     return torch.bincount(idx.flatten(), minlength=n * classes * classes).view(n, classes, classes)
 
 
-def miou_of(conf: Tensor) -> tuple[float, list[float]]:
-    """Mean IoU over the classes present in prediction or truth, and the per-class IoU (NaN where
-    absent), from a (K, K) confusion matrix: torchmetrics' macro Jaccard index."""
+def miou_of(conf: Tensor, scored: Optional[list[int]] = None) -> tuple[float, list[float]]:
+    """Mean IoU over the classes present in prediction or truth (of ``scored``, default all),
+    and the per-class IoU (NaN where absent), from a (K, K) confusion matrix: torchmetrics'
+    macro Jaccard index when every class is scored."""
     conf = conf.double()
     inter = conf.diagonal()
     union = conf.sum(0) + conf.sum(1) - inter
     iou = torch.where(union > 0, inter / union.clamp(min=1), torch.full_like(inter, float("nan")))
-    return float(iou[union > 0].mean()), iou.tolist()
+    keep = union > 0
+    if scored is not None:
+        keep &= torch.isin(torch.arange(len(iou)), torch.tensor(scored))
+    return float(iou[keep].mean()), iou.tolist()
 
 
-def _segmentation_result(confs: Tensor) -> dict:
-    """mIoU over the test images and its bootstrap standard error."""
-    miou, per_class = miou_of(confs.sum(0))
-    resampled = torch.tensor([miou_of(confs[d].sum(0))[0] for d in _bootstrap_indices(len(confs))])
+def _segmentation_result(confs: Tensor, scored: Optional[list[int]] = None) -> dict:
+    """mIoU over the test images (of the ``scored`` classes) and its bootstrap standard error."""
+    miou, per_class = miou_of(confs.sum(0), scored)
+    resampled = torch.tensor([miou_of(confs[d].sum(0), scored)[0] for d in _bootstrap_indices(len(confs))])
     return {"miou": miou, "per_class_iou": per_class, "bootstrap_se": float(resampled.std())}
 
 
 def shuffle_segmentation_probe(train_f: Tensor, train_y: Tensor, test_f: Tensor, test_y: Tensor, classes: int,
-                               chunk: int = 128) -> dict:
+                               chunk: int = 128, scored: Optional[list[int]] = None) -> dict:
     """mIoU of a linear pixel-shuffle read-out: each feature vector of the grid (N, C, h, w)
     predicts the class scores of the r x r pixels of its cell (its own weights per sub-position,
     r = mask size / grid size), so fine structure inside a cell can be read out where the
@@ -233,7 +237,7 @@ def shuffle_segmentation_probe(train_f: Tensor, train_y: Tensor, test_f: Tensor,
         logits = (tokens(f) @ w).view(len(f), grid[0] * grid[1], -1).transpose(1, 2).reshape(len(f), -1, *grid)
         pred = balanced_argmax(F.pixel_shuffle(logits, r), prior)
         per_image.append(confusion_per_image(pred, test_y[i:i + chunk], classes))
-    return {**_segmentation_result(torch.cat(per_image)), "penalty": penalty}
+    return {**_segmentation_result(torch.cat(per_image), scored), "penalty": penalty}
 
 
 def knn_accuracy(train_x: Tensor, train_y: Tensor, test_x: Tensor, classes: int, k: int = 20) -> Tensor:

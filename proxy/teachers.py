@@ -20,7 +20,6 @@ version); a changed world or config gives a new directory, hence a retrained tea
 """
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import math
@@ -60,10 +59,10 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
                     eval_every=300, **_CURVE),
     },
     "quick": {
-        "clip": dict(width=64, layers=2, text_width=64, text_layers=1, embed_dim=64, steps=300, batch=64, lr=2e-3,
+        "clip": dict(width=64, layers=2, text_width=64, text_layers=1, embed_dim=64, steps=500, batch=64, lr=2e-3,
                      eval_every=0, **_CURVE),
-        "dinov2": dict(hidden=64, layers=2, steps=600, batch=32, lr=2e-3, eval_every=0, **_CURVE),
-        "sam": dict(hidden=64, layers=2, channels=32, patch=8, detail_weight=1.0, steps=500, batch=12, lr=2e-3,
+        "dinov2": dict(hidden=64, layers=2, steps=500, batch=32, lr=2e-3, eval_every=0, **_CURVE),
+        "sam": dict(hidden=64, layers=2, channels=32, patch=8, detail_weight=1.0, steps=800, batch=12, lr=2e-3,
                     eval_every=0, **_CURVE),
     },
     "tiny": {
@@ -103,19 +102,56 @@ def teacher_dir(kind: str, preset: str, cfg: dict, world: ProxyWorld) -> Path:
 def ensure_teacher(kind: str, preset: str = "standard", world: Optional[dict] = None,
                    config: Optional[dict] = None, log=print) -> tuple[Path, bool]:
     """The directory of the trained teacher (trained now if not cached): (dir, trained_now)."""
+    from radio_core.locks import file_lock
+
     w = world_from_args(world)
     cfg = teacher_config(kind, preset, config)
     directory = teacher_dir(kind, preset, cfg, w)
     if (directory / "trained.json").is_file():
         return directory, False
     directory.parent.mkdir(parents=True, exist_ok=True)
-    # Concurrent runs (parallel sweep arms) wait for one trainer instead of all training.
-    with open(directory.parent / f".{directory.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    # Concurrent runs (parallel sweep arms) wait for one trainer instead of all training; a
+    # waiter is told which teacher it waits for and which process trains it.
+    with file_lock(directory.parent / f".{directory.name}.lock", f"the proxy {kind} teacher ({preset}) {directory}"):
         if (directory / "trained.json").is_file():
             return directory, False
         _train_into(kind, preset, cfg, w, directory, log)
     return directory, True
+
+
+def _ensure_in_child(job: tuple) -> str:
+    torch.set_num_threads(1)
+    kind, preset, world, config = job
+    directory, _ = ensure_teacher(kind, preset, world, config,
+                                  log=lambda m: print(f"[{kind}] {m}", flush=True))
+    return str(directory)
+
+
+def prepare_teachers(jobs: list[tuple[str, str, Optional[dict], Optional[dict]]], workers: Optional[int] = None,
+                     log=print) -> None:
+    """Train the missing teachers of ``jobs`` ((kind, preset, world, config) each) at once, one
+    process per core: a cold start (the quickstart's first run) then takes the time of the
+    slowest teacher, not of all three. The world is generated first, once."""
+    missing = []
+    for kind, preset, world, config in jobs:
+        w = world_from_args(world)  # generated here, before any child needs it
+        if not (teacher_dir(kind, preset, teacher_config(kind, preset, config), w) / "trained.json").is_file():
+            missing.append((kind, preset, world, config))
+    workers = min(len(missing), workers or len(os.sched_getaffinity(0)))
+    if len(missing) < 2 or workers < 2:
+        return  # one at a time, as each factory asks for its teacher
+    import multiprocessing
+
+    log(f"proxy teachers: training {', '.join(k for k, *_ in missing)} in {workers} processes")
+    pool = multiprocessing.get_context("spawn").Pool(workers)
+    try:
+        pool.map(_ensure_in_child, missing, chunksize=1)
+        pool.close()
+    except BaseException:
+        pool.terminate()
+        raise
+    finally:
+        pool.join()
 
 
 def _train_into(kind: str, preset: str, cfg: dict, w: ProxyWorld, directory: Path, log) -> None:
@@ -265,10 +301,14 @@ def train_teacher(trainer: _Trainer, n: int, cfg: dict, log=print) -> dict:
         log(f"  step {step}/{cfg['steps']}: {trainer.metric} {value:.3f} (loss {np.mean(losses[-50:]) if losses else float('nan'):.3f}, "
             f"{time.perf_counter() - start:.0f} s wall, {time.process_time() - cpu:.0f} s cpu)")
 
+    from radio_core.progress import progress
+
     for m in trainer.modules:
         m.train()
     every = cfg.get("eval_every", 0)
+    bar = progress(cfg["steps"], f"proxy {type(trainer).__name__.removesuffix('Trainer').lower()} teacher", "step", every_s=30)
     for step in range(cfg["steps"]):
+        bar.update(1)
         if every and step and step % every == 0:
             evaluate(step)
         idx = torch.randint(n, (cfg["batch"],), generator=gen)
@@ -280,6 +320,7 @@ def train_teacher(trainer: _Trainer, n: int, cfg: dict, log=print) -> dict:
         sched.step()
         trainer.after_step() if hasattr(trainer, "after_step") else None
         losses.append(loss.item())
+    bar.close()
     if every:
         evaluate(cfg["steps"])
     patience, min_delta = cfg.get("patience", 2), cfg.get("min_delta", 0.01)
@@ -514,7 +555,8 @@ class SamTrainer(_Trainer):
 
         fit_x, fit_y, held_x, held_y = self.val
         feats = lambda u8: torch.cat([self.forward(u8[i:i + 100]) for i in range(0, len(u8), 100)])
-        return shuffle_segmentation_probe(feats(fit_x), fit_y, feats(held_x), held_y, self.classes)["miou"]
+        return shuffle_segmentation_probe(feats(fit_x), fit_y, feats(held_x), held_y, self.classes,
+                                          scored=list(range(1, self.classes)))["miou"]
 
     def save(self, out: Path) -> None:
         self.net.save_pretrained(out)

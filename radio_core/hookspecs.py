@@ -27,6 +27,14 @@ def radio_register(registry: Any) -> None:
 
 
 @hookspec
+def radio_prepare(recipe: Any, teachers: list) -> None:
+    """Called in every process of a training run before any model is built, with the recipe
+    and the names of the teachers this run builds: the place to make expensive artefacts the
+    factories will need (fetch weights, train a teacher), in parallel if worthwhile. Must be
+    safe to run in several processes at once (file locks)."""
+
+
+@hookspec
 def radio_train_start(trainer: Any) -> None:
     """Called once the trainer has built every model, before the first step."""
 

@@ -34,6 +34,8 @@ class PlannedRun:
     error: Optional[str] = None
     cache_key: Optional[str] = None
     cache_identity: dict = field(default_factory=dict)
+    #: the run entry's own ``eval`` (merged over the sweep's by ``SweepSpec.eval_for``).
+    eval_override: dict = field(default_factory=dict)
 
 
 def override_string(key: str, value: Any) -> str:
@@ -148,26 +150,27 @@ def _arms(spec: SweepSpec, out: Path) -> list[PlannedRun]:
     axes = [[override_string(k, v) for v in values] for k, values in spec.grid.items()]
     entries = spec.runs or [RunEntry()]
     short = short_keys(list(spec.grid) + [o.partition("=")[0] for e in entries for o in e.overrides])
-    arms: list[tuple[str, list[str]]] = []
+    arms: list[tuple[str, list[str], dict]] = []
     for entry, combo in itertools.product(entries, itertools.product(*axes)):
         overrides = entry.overrides + list(combo)
         if entry.name is None:
-            arms.append((derive_name(overrides, short), overrides))
+            arms.append((derive_name(overrides, short), overrides, entry.eval))
         else:
-            arms.append((slug(entry.name) + ("," + derive_name(list(combo), short) if combo else ""), overrides))
-    names = [a for a, _ in arms]
-    arms = [(a + "-" + hashlib.sha1("\n".join(o).encode()).hexdigest()[:8] if names.count(a) > 1 else a, o)
-            for a, o in arms]  # two arms slugged alike: keep both, told apart by their overrides
+            arms.append((slug(entry.name) + ("," + derive_name(list(combo), short) if combo else ""), overrides,
+                         entry.eval))
+    names = [a for a, _, _ in arms]
+    arms = [(a + "-" + hashlib.sha1("\n".join(o).encode()).hexdigest()[:8] if names.count(a) > 1 else a, o, e)
+            for a, o, e in arms]  # two arms slugged alike: keep both, told apart by their overrides
 
     runs = []
-    for arm, overrides in arms:
+    for arm, overrides, entry_eval in arms:
         for seed in spec.seeds or [None]:
             if seed is None:
-                runs.append(PlannedRun(arm, overrides, [], out / "runs" / arm, arm=arm))
+                runs.append(PlannedRun(arm, overrides, [], out / "runs" / arm, arm=arm, eval_override=entry_eval))
             else:
                 name = f"{arm},seed-{seed}"
                 runs.append(PlannedRun(name, overrides + [override_string(SEED_KEY, seed)], [], out / "runs" / name,
-                                       arm=arm, seed=seed))
+                                       arm=arm, seed=seed, eval_override=entry_eval))
     return runs
 
 

@@ -26,7 +26,8 @@ def update(sweep: Any, log=print) -> dict[str, dict]:
     state = read_json(path) or {}
     if spec is None:
         return state.get("rows", {})
-    eval_spec = sweep.spec.eval.model_dump(mode="json")
+    arm_runs = [r for r in sweep.runs if r.arm == spec.arm]
+    eval_spec = sweep.eval_of(arm_runs[0]).model_dump(mode="json")
     if state.get("eval_spec") != eval_spec or state.get("references") != spec.model_dump(mode="json"):
         state = {"eval_spec": eval_spec, "references": spec.model_dump(mode="json"), "rows": {}, "done": []}
     done_runs = [r for r in sweep.runs if r.arm == spec.arm and read_json(r.run_dir / DONE_MARKER) is not None]
@@ -52,7 +53,7 @@ def _score(sweep: Any, run: PlannedRun, rows: dict[str, dict], with_fixed: bool,
     loaded = load_run(run.run_dir, with_teachers=True)
     seed = loaded.recipe.train.seed
     registry = get_registry()
-    for name, options in sweep.spec.eval.tasks():
+    for name, options in sweep.eval_of(run).tasks():
         ladder, args, resolutions, data_options = task_options(name, options, loaded.recipe)
         evaluator = registry.build("evaluator", name, **args)
         data = open_data(ladder["data"], **data_options) if ladder.get("data") else None

@@ -78,7 +78,11 @@ class Sweep:
             + (["--resume"] if resume else [])
 
     def state_of(self, run: PlannedRun) -> str:
-        return run_state(run, self.spec.eval.model_dump(mode="json"))
+        return run_state(run, self.eval_of(run).model_dump(mode="json"))
+
+    def eval_of(self, run: PlannedRun):
+        """The run's evaluation: the sweep's, with its run entry's own merged over it."""
+        return self.spec.eval_for(run.eval_override)
 
     def log_event(self, event: str, **fields: Any) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
@@ -222,11 +226,12 @@ class Sweep:
 
     def _evaluate_and_mark(self, run: PlannedRun) -> str:
         results, eval_s = {}, 0.0
-        if self.spec.eval.enabled:
+        spec = self.eval_of(run)
+        if spec.enabled:
             self.show(f"{run.name[:40]} evaluating")
             t0 = time.perf_counter()
             try:
-                results = evaluate(run.run_dir, self.spec.eval)
+                results = evaluate(run.run_dir, spec)
             except SweepInterrupted:
                 raise
             except Exception as exc:  # noqa: BLE001 - a broken evaluation fails this run only
@@ -238,7 +243,7 @@ class Sweep:
         state_now = record(run, status="ok", error=None, eval=results, eval_s=eval_s)
         wall = sum(a.get("wall_s", 0) for a in state_now["attempts"]) + eval_s
         # Written last: its presence means training and evaluation both completed.
-        write_json(run.run_dir / DONE_MARKER, {"eval_spec": self.spec.eval.model_dump(mode="json"), "eval": results,
+        write_json(run.run_dir / DONE_MARKER, {"eval_spec": spec.model_dump(mode="json"), "eval": results,
                                                "wall_s": wall, "time": time.time()})
         return "ok"
 

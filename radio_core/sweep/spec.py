@@ -36,6 +36,9 @@ class RunEntry(Strict):
     #: directory name of the run (default: derived from its overrides).
     name: Optional[str] = None
     overrides: list[Override] = Field(default_factory=list)
+    #: this entry's evaluation, merged over the sweep's ``eval`` entry by entry (e.g. more
+    #: resolutions for the arms a comparison reads there).
+    eval: dict[str, Any] = Field(default_factory=dict)
 
 
 class CacheShare(Strict):
@@ -313,6 +316,16 @@ class SweepSpec(Strict):
     analysis: Analysis = Field(default_factory=Analysis)
     references: Optional[References] = None
 
+    def eval_for(self, entry_eval: Optional[dict] = None) -> "SweepEval":
+        """The sweep's ``eval`` with a run entry's own merged over it, entry by entry."""
+        if not entry_eval:
+            return self.eval
+        merged = self.eval.model_dump(mode="json", exclude_none=True)
+        for name, value in entry_eval.items():
+            base = merged.get(name)
+            merged[name] = {**base, **value} if isinstance(base, dict) and isinstance(value, dict) else value
+        return SweepEval.model_validate(merged)
+
     @field_validator("grid")
     @classmethod
     def _grid(cls, v: dict[str, list[Any]]) -> dict[str, list[Any]]:
@@ -339,6 +352,12 @@ class SweepSpec(Strict):
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise ValueError(f"runs: names {dup} are given more than once")
+        for r in self.runs:
+            if r.eval:
+                try:
+                    self.eval_for(r.eval)
+                except ValidationError as exc:
+                    raise ValueError(f"runs: {r.name or r.overrides}: eval: {exc.errors()[0]['msg']}") from None
         if self.comparisons and (self.grid or any(r.name is None for r in self.runs)):
             raise ValueError("comparisons name arms: give every run entry a name and no grid")
         arms = {a for a in names}

@@ -126,6 +126,8 @@ class Trainer:
                 for t in slot.teachers}
         self.cache, self.cached = setup.open_cache(r, all_teachers)
         check_mosaic_cache(self.plans, self.cached)
+        with lifecycle.phase("preparing the teachers' artefacts (radio_prepare hooks)"):
+            self.registry.hook.radio_prepare(recipe=r, teachers=[t for t in all_teachers if t not in self.cached])
         dims: dict[str, tuple[Optional[int], int]] = {}
         for name in all_teachers:
             if name in self.cached:
