@@ -140,11 +140,23 @@ class ProxyEvaluator:
     chance = CHANCE
 
     def __init__(self, world: Optional[dict] = None, limit: Optional[int] = None,
-                 metrics: Sequence[str] = METRICS) -> None:
+                 metrics: Sequence[str] = METRICS, corruptions: Sequence[str] = ()) -> None:
+        from radio_core.eval.corruptions import CORRUPTIONS
+
         unknown = sorted(set(metrics) - set(METRICS))
         if unknown:
             raise ValueError(f"proxy: unknown metrics {unknown}; known: {', '.join(METRICS)}")
+        self.corruptions = []
+        for item in corruptions:
+            name, _, severity = str(item).partition(":")
+            if name not in CORRUPTIONS or not severity.isdigit() or not 1 <= int(severity) <= 5:
+                raise ValueError(f"proxy: corruption {item!r} is not NAME:SEVERITY with NAME one of "
+                                 f"{', '.join(CORRUPTIONS)} and SEVERITY 1-5")
+            self.corruptions.append((name, int(severity)))
         self.world_args, self.limit, self.metrics = world, limit, tuple(metrics)
+        # the metrics asked for (zero-shot brings its colour and shape parts), then their corrupted versions
+        wanted = [m for m in METRICS if ("zeroshot" if m.startswith("zeroshot") else m) in self.metrics]
+        self.scores = tuple(wanted) + tuple(f"{m}_{n}{sev}" for n, sev in self.corruptions for m in wanted)
         self._splits: dict[str, tuple[Labelled, Labelled]] = {}
         self._text: dict[int, Tensor] = {}
 
@@ -157,6 +169,17 @@ class ProxyEvaluator:
         if world.fingerprint not in self._splits:
             self._splits[world.fingerprint] = (Labelled(world, "val", self.limit), Labelled(world, "test", self.limit))
         return self._splits[world.fingerprint]
+
+    def corrupted(self, held: Labelled, name: str, severity: int) -> Labelled:
+        """The test split with ImageNet-C's corruption ``name`` at ``severity`` (seeded), labels kept."""
+        from copy import copy
+
+        from radio_core.eval.corruptions import corrupt
+
+        out = copy(held)
+        images = corrupt(held.images.float() / 255, name, severity, seed=0)
+        out.images = (images * 255).round().clamp(0, 255).to(torch.uint8)
+        return out
 
     def text_weights(self, subject: Any) -> Optional[Tensor]:
         """The zero-shot classifier from the subject's text tower (prompt ensemble of
@@ -176,18 +199,25 @@ class ProxyEvaluator:
             train, test = encode(subject, fit.images, progress=bar), encode(subject, held.images, progress=bar)
         finally:
             bar.close()
-        scores, noise = score(train, test, fit, held, self.text_weights(subject), self.metrics)
+        text = self.text_weights(subject)
+        scores, noise = score(train, test, fit, held, text, self.metrics)
+        for name, severity in self.corruptions:  # probes fit on clean val, scored on corrupted test images
+            corrupted = self.corrupted(held, name, severity)
+            extra, _ = score(train, encode(subject, corrupted.images), fit, corrupted, text, self.metrics)
+            scores.update({f"{k}_{name}{severity}": v for k, v in extra.items()})
         return {"task": "proxy", "probe_images": len(fit), "test_images": len(held),
                 "probe": "ridge, penalty by 5-fold cross-validation on val (closed form: no probe seed)",
                 "prompts": ZERO_SHOT_TEMPLATES[0], **scores, **{f"se_{k}": v for k, v in noise.items()}}
 
 
 def build_proxy_evaluator(world: Optional[dict] = None, limit: Optional[int] = None,
-                          metrics: Optional[list[str]] = None) -> ProxyEvaluator:
+                          metrics: Optional[list[str]] = None, corruptions: Optional[list[str]] = None) -> ProxyEvaluator:
     """The proxy world's downstream scores (zero-shot split into colour and shape, kNN, linear
     probe, mIoU, parts mIoU). world: the proxy world's options (default: the run's). limit: only
-    the first N val and test images (smoke runs). metrics: a subset of the metrics."""
-    return ProxyEvaluator(world, limit, metrics or METRICS)
+    the first N val and test images (smoke runs). metrics: a subset of the metrics. corruptions:
+    also score on corrupted test images, NAME:SEVERITY each (ImageNet-C's gaussian_noise,
+    gaussian_blur, jpeg; severity 1-5), keys <metric>_<name><severity>."""
+    return ProxyEvaluator(world, limit, metrics or METRICS, corruptions or ())
 
 
 __all__ = ["ProxyEvaluator", "build_proxy_evaluator", "METRICS", "SPECIALITY", "CHANCE", "Labelled", "score"]

@@ -33,14 +33,15 @@ def _teacher_factory(kind: str):
 
 
 def build_proxy_evaluator(world: Optional[dict] = None, limit: Optional[int] = None,
-                          metrics: Optional[list[str]] = None):
+                          metrics: Optional[list[str]] = None, corruptions: Optional[list[str]] = None):
     """The proxy world's downstream scores: zero-shot (split into colour and shape), kNN, linear probe,
     mIoU, parts mIoU, each with its test-set standard error. world: the proxy world's options
     (default: the run's). limit: only the first N val and test images (smoke runs). metrics: a
-    subset of zeroshot, knn, linear, miou, parts_miou."""
+    subset of zeroshot, knn, linear, miou, parts_miou. corruptions: also score on corrupted test
+    images, NAME:SEVERITY each (gaussian_noise, gaussian_blur, jpeg; 1-5)."""
     from .downstream import build_proxy_evaluator as build
 
-    return build(world, limit, metrics)
+    return build(world, limit, metrics, corruptions)
 
 
 @hookimpl

@@ -48,16 +48,19 @@ TABLE: dict[str, Run | Skip] = {
     # README: set up and run
     "python3 -m venv .venv && .venv/bin/pip install torch torchvision $(nvidia-smi -L >/dev/null 2>&1 || echo "
     "--index-url https://download.pytorch.org/whl/cpu) && .venv/bin/pip install -e '.[test]' && .venv/bin/radio "
-    "train recipes/quickstart.yaml && .venv/bin/python -m radio_proxy.downstream runs/quickstart --teachers":
+    "train recipes/quickstart.yaml && .venv/bin/radio eval runs/quickstart proxy --teachers --baselines pixels random":
         Run(f"radio train recipes/tiny_random.yaml {QUICK} output_dir=runs/quickstart",
             "the install is the environment this suite runs in; the quickstart's proxy teachers, training and "
-            "downstream scoring run in tests/test_proxy.py (tiny world, --smoke); here the tiny random-teacher "
+            "proxy scoring run in tests/test_proxy.py (tiny world, the smoke sweep); here the tiny random-teacher "
             "recipe, 20 steps, gives the run that the eval and export commands below read",
             expect="done: step 20"),
-    "nice -n 10 python bench/proxy_ablations.py recipes/proxy/ablations.yaml --jobs 2":
-        Skip("the full suite takes an hour on 2 cores; tests/test_proxy.py runs its --smoke version (--jobs 2)"),
-    "python bench/proxy_ablations.py recipes/proxy/ablations.yaml --smoke":
-        Skip("run by tests/test_proxy.py::test_ablation_suite_smoke_runs_end_to_end"),
+    "radio sweep recipes/proxy/ablations.yaml --jobs 2":
+        Skip("about two hours on 2 cores; tests/test_proxy.py runs recipes/proxy/ablations_smoke.yaml (--jobs 2)"),
+    "radio sweep recipes/proxy/ablations_smoke.yaml --jobs 2":
+        Skip("run by tests/test_proxy.py::test_ablation_sweep_smoke_runs_end_to_end (a subset of its arms)"),
+    "python -m radio_proxy.report runs/proxy/ablations --into README.md --into docs/proxy_benchmark.md --archive "
+    "docs/proxy_results":
+        Skip("needs the finished benchmark sweep; tests/test_proxy_report.py checks the docs against its archive"),
     "python -m radio_core.data index /data/other_shards":
         Skip("run by tests/test_shards.py::test_index_command_writes_a_manifest_for_foreign_shards"),
     "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun --nnodes 8 --nproc_per_node 8 --rdzv_backend c10d "

@@ -48,25 +48,17 @@ def _findings(sweep: Any, rows: list[dict], metrics: list[str], sections: list[s
     """The references, the published findings judged, the retention of teacher specialities and
     the noise budget (sections appended to ``sections``); the findings' entries for summary.json."""
     from . import references as refs
-    from .analysis import comparisons_markdown, noise_markdown, references_markdown, retention_markdown
+    from .analysis import noise_markdown, references_markdown, retention_markdown
 
     spec = sweep.spec
     reference_rows = refs.load(sweep)
     if reference_rows:
         sections += ["", "## References (scored once: teachers at their own resolution, raw pixels, the student's "
                      "architecture at random initialisation, chance)", "", references_markdown(reference_rows, metrics)]
-    if not spec.comparisons:
-        return []
     a = spec.analysis
-    table, flat = comparisons_markdown(rows, spec.comparisons, a, reference_rows)
-    margin = a.margin if not isinstance(a.margin, dict) else f"{a.margin['fraction']:.0%} of each metric's gap"
-    sections += ["", "## Findings", "",
-                 f"Paired by seed; a comparison's rows share a {a.level:.0%} family-wise level (Bonferroni); no verdict "
-                 f"with fewer than {a.min_seeds} seeds. Margin (smallest effect of interest): {margin} (floor to "
-                 f"ceiling: {', '.join(f'{k} {v[0]} -> {v[1]}' for k, v in a.gaps.items())}). MDE: the true difference "
-                 "a row would detect with 80% power at its level. Verdicts: reproduced; not reproduced (reversed: "
-                 "resolved against the claim; equivalent: inside the margin by two one-sided tests); inconclusive.", "",
-                 table]
+    flat: list[dict] = []
+    if spec.comparisons:
+        _findings_section(rows, spec, reference_rows, sections, flat)
     retention = retention_markdown(rows, a, reference_rows)
     if retention:
         sections += ["", "## Retention of each teacher's speciality: (arm - floor) / (ceiling - floor)", "", retention]
@@ -77,6 +69,22 @@ def _findings(sweep: Any, rows: list[dict], metrics: list[str], sections: list[s
         sections += ["", f"## Noise: seed-to-seed spread of `{a.noise_arm}` against the test set's sampling noise "
                      "(probes are closed-form: refitting one gives the same numbers)", "", noise]
     return flat
+
+
+def _findings_section(rows: list[dict], spec: Any, reference_rows: dict, sections: list[str], flat: list[dict]) -> None:
+    from .analysis import comparisons_markdown
+
+    a = spec.analysis
+    table, entries = comparisons_markdown(rows, spec.comparisons, a, reference_rows)
+    flat += entries
+    margin = a.margin if not isinstance(a.margin, dict) else f"{a.margin['fraction']:.0%} of each metric's gap"
+    sections += ["", "## Findings", "",
+                 f"Paired by seed; a comparison's rows share a {a.level:.0%} family-wise level (Bonferroni); no verdict "
+                 f"with fewer than {a.min_seeds} seeds. Margin (smallest effect of interest): {margin} (floor to "
+                 f"ceiling: {', '.join(f'{k} {v[0]} -> {v[1]}' for k, v in a.gaps.items())}). MDE: the true difference "
+                 "a row would detect with 80% power at its level. Verdicts: reproduced; not reproduced (reversed: "
+                 "resolved against the claim; equivalent: inside the margin by two one-sided tests); inconclusive.", "",
+                 table]
 
 
 def write_results(sweep: Any, quiet: bool = False) -> list[dict[str, Any]]:
