@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+from pathlib import Path
 from typing import Any, Iterable, Optional
 
 import torch
@@ -161,6 +162,13 @@ def _file_kind(mode: int) -> str:
         if test(mode):
             return name
     return "not a regular file"
+
+
+def real_path(path: Any) -> Path:
+    """The absolute path with symlinks followed, like ``Path.resolve()`` but never raising: a
+    symlink loop stays as far as it resolved (Python 3.11's ``resolve`` raises RuntimeError), so
+    the read that follows reports it as one UserFileError line naming the file."""
+    return Path(os.path.realpath(path))
 
 
 def stat_user_path(path: Any, what: str = "file") -> "os.stat_result":

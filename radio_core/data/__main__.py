@@ -4,6 +4,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional, Sequence
 
+from ..utils import real_path
+
 
 def main(argv: Optional[Sequence[str]] = None, prog: str = "python -m radio_core.data") -> int:
     """python -m radio_core.data pack FOLDER OUT [--shard-size 1000] | index SHARDS"""
@@ -40,7 +42,7 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "python -m radio_core
             if m["skipped_links"]:
                 print(f"skipped {len(m['skipped_links'])} symlink(s) leading out of {args.folder} (never followed), "
                       f"e.g. {m['skipped_links'][0]}")
-            print(f"use it with: data.source.name=webdataset data.source.args.shards={Path(args.out).resolve()}")
+            print(f"use it with: data.source.name=webdataset data.source.args.shards={real_path(args.out)}")
         else:
             m = shards.index_shards(args.shards)
             print(f"indexed {m['count']} images in {len(m['shards'])} shard(s), {m['bytes'] / 1e6:.1f} MB")

@@ -24,6 +24,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from ..utils import real_path
+
 INDEX_FORMAT = "radio-distill-shard-index/1"
 TABLE_FORMAT = "radio-distill-shard-table/1"
 TABLE = "shard_table.npz"
@@ -133,8 +135,8 @@ def _scan_cache_files(path: Path, cache_dir: Optional[str]) -> list[Path]:
     """Where a scanned index may be cached: ``cache_dir``, else next to the shards, else $TMPDIR."""
     name = f"{path.name}{INDEX_SUFFIX}"
     if cache_dir:
-        return [Path(cache_dir) / hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:16] / name]
-    digest = hashlib.sha1(str(path.resolve().parent).encode()).hexdigest()[:16]
+        return [Path(cache_dir) / hashlib.sha1(str(real_path(path)).encode()).hexdigest()[:16] / name]
+    digest = hashlib.sha1(str(real_path(path).parent).encode()).hexdigest()[:16]
     return [path.parent / ".radio_index" / name, Path(tempfile.gettempdir()) / "radio_shard_index" / digest / name]
 
 
@@ -157,7 +159,7 @@ def shard_index(path: Path, image_keys: Sequence[str] = IMAGE_KEYS, cache_dir: O
                 and data.get("image_keys") == list(image_keys)):
             return data["members"]
     members = scan_tar(path, image_keys)
-    payload = json.dumps({"format": INDEX_FORMAT, "shard": str(path.resolve()), "stamp": stamp,
+    payload = json.dumps({"format": INDEX_FORMAT, "shard": str(real_path(path)), "stamp": stamp,
                           "image_keys": list(image_keys), "member_fields": MEMBER_FIELDS, "members": members})
     for cached in candidates:  # first writable location wins
         try:

@@ -36,6 +36,7 @@ import numpy as np
 from PIL import Image
 
 from .sources import IMAGE_EXTENSIONS, to_rgb
+from ..utils import real_path
 # re-exported: the shard tools' public names stay importable from here
 from .shard_index import (IMAGE_KEYS, INDEX_FORMAT, INDEX_SUFFIX, MANIFEST, MEMBER_FIELDS, TABLE,  # noqa: F401
                           CorruptSampleError, ShardTable, atomic_write, index_file, read_shard_index, scan_tar,
@@ -114,7 +115,7 @@ def pack_folder(folder: str, out_dir: str, shard_size: int = 1000, shard_bytes: 
     shards = [_index_one(Path(f), IMAGE_KEYS, sources) for f in finished]
     manifest = {"format": MANIFEST_FORMAT, "count": sum(s["count"] for s in shards),
                 "bytes": sum(s["bytes"] for s in shards), "image_bytes": sum(s.pop("image_bytes") for s in shards),
-                "source": str(root.resolve()), "shard_size": shard_size, "shuffle_seed": shuffle_seed,
+                "source": str(real_path(root)), "shard_size": shard_size, "shuffle_seed": shuffle_seed,
                 "unreadable": unreadable, "skipped_links": outside,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "seconds": round(time.perf_counter() - t0, 3),
                 "image_keys": list(IMAGE_KEYS), "member_fields": MEMBER_FIELDS + ["crc32", "source_path"],

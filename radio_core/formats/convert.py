@@ -11,6 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
+from ..utils import real_path
+
 FORMATS = ("radio-distill", "transformers", "radio", "onnx")
 
 
@@ -47,7 +49,7 @@ def default_output(source: str | Path, fmt: str) -> Path:
     base = run_dir if run_dir is not None else export_dir.parent
     name = "export" if fmt == "radio-distill" else f"export_{fmt.replace('-', '_')}"
     out = base / name
-    if export_dir is not None and out.resolve() == export_dir.resolve():
+    if export_dir is not None and real_path(out) == real_path(export_dir):
         out = base / "export_copy"
     return out
 

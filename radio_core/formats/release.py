@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from ..models.distiller import Distiller
+from ..utils import real_path
 from .export import FeatureNormalizer
 
 
@@ -70,7 +71,7 @@ def load_release(source: str | os.PathLike) -> Release:
     if not path.exists():
         raise ReleaseError(f"student.init.source: {path} does not exist (an official RADIO checkpoint, a "
                            f"transformers RadioModel folder or a radio-distill export)")
-    key = (str(path.resolve()), path.stat().st_mtime_ns)
+    key = (str(real_path(path)), path.stat().st_mtime_ns)
     if key not in _LOADED:
         try:
             model = RadioModel.load(path)

@@ -13,6 +13,7 @@ from typing import Any, Optional, Sequence
 import yaml
 
 from ..recipe import Recipe, RecipeError, apply_overrides, load_raw, validate
+from ..utils import real_path
 from .spec import SEED_KEY, RunEntry, SweepError, SweepSpec
 
 MAX_NAME = 96
@@ -177,7 +178,7 @@ def _arms(spec: SweepSpec, out: Path) -> list[PlannedRun]:
 def plan(spec: SweepSpec, sweep_path: str | Path, output_dir: Optional[str | Path] = None) -> list[PlannedRun]:
     sweep_path = Path(sweep_path)
     out = Path(output_dir or spec.output_dir).absolute()
-    base_path = (sweep_path.parent / spec.recipe).resolve()
+    base_path = real_path(sweep_path.parent / spec.recipe)
     try:
         base = load_raw(base_path)
         base, sweep_overrides = resolve_overrides(base, spec.overrides, f"{sweep_path}: overrides")

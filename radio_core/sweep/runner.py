@@ -18,6 +18,7 @@ from . import local
 from .evaluate import evaluate
 from .grid import PlannedRun, override_string, plan
 from .local import SweepInterrupted
+from ..utils import real_path
 from .spec import SweepError, SweepSpec
 from .state import DONE_MARKER, LAUNCH_LOG, SNAPSHOT, record, run_state, snapshot_conflict, write_json
 
@@ -47,7 +48,7 @@ class Sweep:
                  progress: bool = True, no_cache: bool = False) -> None:
         self.spec, self.sweep_path = spec, Path(sweep_path)
         self.out = Path(output_dir or spec.output_dir).absolute()
-        self.base_recipe = (self.sweep_path.parent / spec.recipe).resolve()
+        self.base_recipe = real_path(self.sweep_path.parent / spec.recipe)
         self.runs = plan(spec, sweep_path, self.out)
         self.progress = progress
         #: the cache section was dropped (--no-cache): jobs started elsewhere must drop it too.

@@ -7,6 +7,8 @@ from typing import Annotated, Any, Literal, Optional, Union
 from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator,
                       model_validator)
 
+from ..utils import real_path
+
 
 class SweepError(ValueError):
     """A sweep file that cannot be used; the message names the file and the field."""
@@ -418,8 +420,8 @@ def _read_sweep_mapping(path: Path, chain: tuple[Path, ...] = ()) -> dict:
     from ..recipe.schema import RecipeError
     from ..utils import UserFileError, read_user_text
 
-    if path.resolve() in chain:
-        raise SweepError(f"{path}: base: include cycle ({' -> '.join(str(p) for p in (*chain, path.resolve()))})")
+    if real_path(path) in chain:
+        raise SweepError(f"{path}: base: include cycle ({' -> '.join(str(p) for p in (*chain, real_path(path)))})")
     if not path.exists() and not path.is_symlink():
         raise SweepError(f"sweep file not found: {path}")
     try:  # a FIFO, /dev/zero, a symlink loop or a huge file: one line, never a hang
@@ -436,9 +438,9 @@ def _read_sweep_mapping(path: Path, chain: tuple[Path, ...] = ()) -> dict:
     if len(chain) >= 8:
         raise SweepError(f"{path}: base: more than 8 levels of base files")
     base_path = path.parent / base
-    parent = _read_sweep_mapping(base_path, (*chain, path.resolve()))
+    parent = _read_sweep_mapping(base_path, (*chain, real_path(path)))
     if isinstance(parent.get("recipe"), str) and "recipe" not in data:
-        parent["recipe"] = str((base_path.parent / parent["recipe"]).resolve())
+        parent["recipe"] = str(real_path(base_path.parent / parent["recipe"]))
     return deep_merge(parent, data)
 
 
@@ -451,5 +453,5 @@ def load_sweep(path: str | Path) -> SweepSpec:
         raise SweepError(format_errors(exc, str(path), data)) from None
     if not (path.parent / spec.recipe).is_file():
         raise SweepError(f"{path}: recipe: base recipe {spec.recipe!r} not found (looked for "
-                         f"{(path.parent / spec.recipe).resolve()}; the path is relative to the sweep file)")
+                         f"{real_path(path.parent / spec.recipe)}; the path is relative to the sweep file)")
     return spec
