@@ -2,9 +2,6 @@
 from __future__ import annotations
 
 import signal
-from typing import Any
-
-import torch
 
 
 class StopSignals:
@@ -33,10 +30,3 @@ class StopSignals:
         for sig, handler in self._old.items():
             signal.signal(sig, handler)
         self._old = {}
-
-    def requested_anywhere(self, accelerator: Any) -> bool:
-        """A signal may reach one rank only; all ranks must checkpoint and stop together."""
-        if accelerator.num_processes == 1:
-            return self.requested
-        flag = torch.tensor([1.0 if self.requested else 0.0], device=accelerator.device)
-        return bool(accelerator.reduce(flag, "sum").item() > 0)
