@@ -119,7 +119,7 @@ def test_compile_is_in_place_and_keeps_every_name(tmp_path):
 STAGED = ["stages=[{name: low, steps: 2, teachers: [clip, dino], student_resolution: 48}, "
           "{name: high, steps: 2, student_resolution: 64}]", "train.steps=4", "checkpoint.every=2",
           "train.damp={std: 0.1}", "train.mesa={weight: 0.5, decay: 0.9, start_step: 1}", "checkpoint.export=true",
-          "train.log_every=1"]
+          "train.log_every=1", "eval.every=4"]
 
 
 @pytest.mark.slow
@@ -150,3 +150,18 @@ def test_a_compiled_run_gives_the_eager_losses_and_resumes(tmp_path):
         assert keys(compiled_dir, name) == keys(eager_dir, name), name
     config = json.loads((compiled_dir / "run" / "export" / "config.json").read_text())
     assert config == json.loads((eager_dir / "run" / "export" / "config.json").read_text())
+
+
+@pytest.mark.slow
+def test_compiled_fsdp_gives_the_eager_fsdp_losses(tmp_path):
+    """train.compile under FSDP2 (two CPU ranks over gloo): the same loss curve as eager FSDP."""
+    from helpers import env
+    from test_fsdp import FSDP, STEPS, launch
+
+    runs = {}
+    for name, extra in (("eager", []), ("compiled", ["train.compile=true"])):
+        (tmp_path / name).mkdir()
+        launch(tiny_recipe(tmp_path / name, *STEPS, FSDP, "train.steps=3", "checkpoint.export=false", *extra), env())
+        runs[name] = [r["loss/total"] for r in metrics(tmp_path / name / "run")]
+    assert len(runs["eager"]) == 3
+    assert runs["compiled"] == pytest.approx(runs["eager"], rel=1e-4)

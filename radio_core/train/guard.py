@@ -10,13 +10,12 @@ skipped decides whether the step waits for the device:
 * **on the host**: any other optimiser (or fp16 with a loss scaler, which owns ``found_inf``)
   reads the flag before it steps: one host sync per step.
 
-Either way the step's record (every loss term, the flags, the student's finite flag) is copied
+Either way the step's record (every loss term, the flag, the student's finite flag) is copied
 to the host without blocking and read one step later (``drain(keep=1)``), or at once where a
 logging step, a checkpoint or the end of training needs exact counts (``drain()``): the
 "step skipped" messages and the stop after ``max_nonfinite_steps`` in a row come a step late,
-never the update they guard. On several ranks the two flags (non-finite loss, stop requested)
-are one all-reduce (max) per step, enqueued on the device: every rank skips the same steps and
-stops at the same step.
+never the update they guard. On several ranks the flag is all-reduced (max) on the device:
+every rank skips the same steps (one rank's non-finite loss reaches every rank's gradients).
 """
 from __future__ import annotations
 
@@ -30,7 +29,7 @@ from torch import Tensor
 from .state_files import raw_optimizer
 
 #: positions of the flags at the end of a record
-NONFINITE, STOP, STUDENT_FINITE = -3, -2, -1
+NONFINITE, STUDENT_FINITE = -2, -1
 
 
 class NonFiniteLossError(RuntimeError):
@@ -41,7 +40,7 @@ class NonFiniteLossError(RuntimeError):
 class _Record:
     step: int
     keys: list[str]
-    values: Tensor  # on the host once ``ready`` (terms..., nonfinite anywhere, stop anywhere, student finite)
+    values: Tensor  # on the host once ``ready`` (terms..., non-finite on any rank, student finite)
     ready: Any  # a CUDA event, or None when the copy was synchronous
 
 
@@ -61,22 +60,20 @@ class StepGuard:
         self.accelerator, self.state, self.skip, self.limit = accelerator, state, skip, limit
         self.student_name = student_name
         self.pending: list[_Record] = []
-        #: a stop was requested on some rank (several ranks: as of the newest drained record)
-        self.stop_anywhere = False
         self._dist = accelerator.num_processes > 1
 
-    def flags(self, total: Tensor, stop: bool) -> Tensor:
-        """(2,) float on the device: [objective not finite, stop requested], the max over ranks."""
-        flags = torch.stack([(~torch.isfinite(total.detach())).float(), total.new_full((), float(stop)).float()])
+    def nonfinite(self, total: Tensor) -> Tensor:
+        """0-d float on the device: 1 where the objective is not finite on any rank, else 0."""
+        flag = (~torch.isfinite(total.detach())).float()
         if self._dist:
-            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
-        return flags
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return flag
 
-    def record(self, step: int, terms: dict[str, Tensor], flags: Tensor, student_finite: Optional[Tensor]) -> None:
+    def record(self, step: int, terms: dict[str, Tensor], nonfinite: Tensor, student_finite: Optional[Tensor]) -> None:
         """Queue the step's record for the host (no sync)."""
         keys = [k for k, v in terms.items() if isinstance(v, Tensor) and v.numel() == 1]
-        ok = flags.new_ones(()) if student_finite is None else student_finite.float()
-        values = torch.cat([torch.stack([terms[k].detach().float().reshape(()) for k in keys]), flags, ok.reshape(1)])
+        ok = nonfinite.new_ones(()) if student_finite is None else student_finite.float()
+        values = torch.stack([terms[k].detach().float().reshape(()) for k in keys] + [nonfinite, ok])
         ready = None
         if values.device.type == "cuda":
             host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
@@ -100,7 +97,6 @@ class StepGuard:
     def _read(self, rec: _Record) -> None:
         values = rec.values.tolist()
         state, objective = self.state, values[rec.keys.index("total")]
-        self.stop_anywhere = self.stop_anywhere or values[STOP] > 0
         if not (self.skip and values[NONFINITE] > 0):
             state.learned_steps += int(math.isfinite(objective) and objective != 0)
             state.nonfinite_in_row = 0

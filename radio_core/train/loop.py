@@ -276,7 +276,7 @@ class Trainer:
                     self.registry.hook.radio_step_end(trainer=self, step=self.state.step, metrics=metrics)
                     # Every rank takes the same branches below (the stop flag is reduced), so the
                     # collectives inside stay matched.
-                    stop = self.guard.stop_anywhere if acc.num_processes > 1 else self.signals.requested
+                    stop = self.signals.requested_anywhere(acc)
                     s = self.state.step
                     if s % r.checkpoint.every == 0 or s == r.train.steps or stop or s == plan.end_step:
                         self.guard.drain()  # exact counters in the checkpoint
@@ -374,21 +374,21 @@ class Trainer:
         summed = {k: v[0] if len(v) == 1 else torch.stack(v).mean() for k, v in collected.items()}
         if len(work) != micro:
             summed["total"] = summed["total"] * len(work) / micro  # the step's objective on this rank
-        flags = self.guard.flags(summed["total"], self.signals.requested)
+        nonfinite = self.guard.nonfinite(summed["total"])
         on_device = self.guard.skip and guard.skips_on_device(self.optimizer, acc)
         if on_device:
-            guard.raw_optimizer(self.optimizer).found_inf = flags[0]  # fused AdamW: a no-op step when set
+            guard.raw_optimizer(self.optimizer).found_inf = nonfinite  # fused AdamW: a no-op step when set
             apply = True
         else:  # one host sync: this optimiser must not be called on a non-finite step
-            apply = not (self.guard.skip and bool(flags[0]))
+            apply = not (self.guard.skip and bool(nonfinite))
         if apply:
             if r.train.grad_clip:
                 summed["grad_norm"] = acc.clip_grad_norm_(self.distiller.parameters(), r.train.grad_clip)
             self.optimizer.step()
             if self.mesa is not None:  # MESA: the EMA follows the updated weights (not a skipped step's)
-                self.mesa.update(applied=1 - flags[0] if on_device else None)
+                self.mesa.update(applied=1 - nonfinite if on_device else None)
         self.optimizer.zero_grad(set_to_none=True)
-        self.guard.record(step, summed, flags, self.unwrapped.last_output_finite)
+        self.guard.record(step, summed, nonfinite, self.unwrapped.last_output_finite)
         self.guard.drain(keep=1 if on_device else 0)  # the previous step's record: long on the host by now
         summed["lr"] = self.scheduler.get_last_lr()[0]  # the rate this step used
         self.scheduler.step()
