@@ -1,23 +1,26 @@
 """Distillation step benchmark: this framework's trainer vs a hand-written plain PyTorch loop.
 
 Both sides use identical models (the framework builds them; the plain loop gets deep copies of
-the student and heads, and the same frozen teachers), identical batches and identical losses;
-their steps are interleaved in one process so machine noise hits both alike. Prints images/s of
-both, their ratio, the step's FLOPs (FlopCounterMode) against this machine's matmul peak
-measured in the same run (MFU), and the teacher-feature cache speed-up in a realistic
-configuration (ViT-S/16 student, CLIP ViT-L/14 + DINOv2-L + SAM-B@1024 teachers, random init):
-the FLOP-ratio bound, cached vs student-only vs online steps, bytes per image per view, and a
-PCA-compressed cache with its fidelity cost. Every timing is a median over interleaved rounds
-with min/max, next to the machine's load average. Exits 1 when the framework is below 0.9x the
-plain loop.
+the student and heads, the same frozen teachers and the same optimiser settings), identical
+batches and identical losses; their steps are interleaved in one process, rounds alternating
+which side goes first, until the 95% confidence interval of the median per-round ratio is
+narrower than the 3% margin it judges (``bench/step_compare.py``). Prints images/s of both, the
+ratio with its interval and a verdict on the >= 0.97x target, the step's FLOPs, and MFU against
+two peaks measured in the same run: a square 2048^3 GEMM and this step's own GEMM shapes
+replayed alone. Options add a profile of the framework's extra work per step, the compiled
+step (``train.compile``) and the teacher-feature cache speed-up in a realistic configuration
+(ViT-S/16 student, CLIP ViT-L/14 + DINOv2-L + SAM-B@1024 teachers, random init). The load
+average is printed beside the timings; a loaded machine is flagged. Exits 1 when the framework
+is below 0.9x the plain loop.
 
-    python bench/distill_step.py [--rounds 5] [--steps 4] [--quick] [--levers] [--cache realistic|small|off]
+    python bench/distill_step.py --quick                 # the verdict: ratio, interval, MFU (~2 min on 2 cores)
+    python bench/distill_step.py --quick --profile       # ... and where the framework's extra time goes
+    python bench/distill_step.py --quick --compile       # ... and train.compile: compile time, speed-up
+    python bench/distill_step.py [--levers] [--compile-shapes] [--cache realistic|small|off]
 """
 from __future__ import annotations
 
 import argparse
-import copy
-import math
 import os
 import statistics
 import sys
@@ -28,94 +31,25 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
 
+from step_compare import (  # noqa: E402
+    compare,
+    framework_steps,
+    gemm_peak,
+    interleave,
+    load,
+    loaded,
+    measured_peak_flops,
+    print_profile,
+    profile_sides,
+    step_flops_and_gemms,
+    verdict,
+)
 
-def measured_peak_flops(dtype: torch.dtype, device: torch.device, n: int = 2048, reps: int = 5) -> float:
-    """Best-of-``reps`` FLOP/s of an n x n GEMM in ``dtype``: the achievable matmul peak here."""
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    best = float("inf")
-    for _ in range(reps + 1):
-        _sync(device)
-        t = time.perf_counter()
-        (a @ b).sum()
-        _sync(device)
-        best = min(best, time.perf_counter() - t)
-    return 2 * n**3 / best
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-class PlainLoop:
-    """The same step written directly against torch, without the framework."""
-
-    def __init__(self, trainer) -> None:
-        d = trainer.unwrapped
-        self.student = copy.deepcopy(d.student)
-        self.summary_heads = copy.deepcopy(d.summary_heads)
-        self.spatial_heads = copy.deepcopy(d.spatial_heads)
-        self.slots = dict(d.summary_slots)
-        self.teachers = trainer.teachers  # frozen, shared
-        self.recipe = trainer.recipe
-        params = [*self.student.parameters(), *self.summary_heads.parameters(), *self.spatial_heads.parameters()]
-        o = trainer.recipe.optim
-        self.params = params
-        self.opt = torch.optim.AdamW(params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
-        self.device = trainer.accelerator.device
-        self.resolution = tuple(trainer.recipe.student.resolution[0])
-
-    def teacher_input(self, x, t):
-        mean = torch.tensor(t.mean, device=x.device).view(1, 3, 1, 1)
-        std = torch.tensor(t.std, device=x.device).view(1, 3, 1, 1)
-        if t.resize_mode == "longest_side_pad":
-            s = min(t.input_size[0] / x.shape[-2], t.input_size[1] / x.shape[-1])
-            size = (round(x.shape[-2] * s), round(x.shape[-1] * s))
-            y = (F.interpolate(x, size=size, mode="bilinear", antialias=True) - mean) / std
-            y = F.pad(y, (0, t.input_size[1] - size[1], 0, t.input_size[0] - size[0]))
-            return y, (size[0] / t.input_size[0], size[1] / t.input_size[1])
-        y = F.interpolate(x, size=tuple(t.input_size), mode="bilinear", antialias=True)
-        return (y - mean) / std, (1.0, 1.0)
-
-    def step(self, images_u8: torch.Tensor) -> float:
-        x = images_u8.to(self.device).float() / 255
-        targets = {}
-        with torch.no_grad():
-            for name, t in self.teachers.items():
-                y, valid = self.teacher_input(x, t)
-                out = t(y)
-                sp = out.spatial
-                h, w = sp.shape[-2:]
-                # drop the grid cells that only saw SAM's padding
-                sp = sp[..., : max(1, math.ceil(h * valid[0] - 1e-6)), : max(1, math.ceil(w * valid[1] - 1e-6))]
-                targets[name] = (out.summary, sp)
-        xs = F.interpolate(x, size=self.resolution, mode="bilinear", antialias=True)
-        out = self.student(xs)
-        b = xs.shape[0]
-        gh, gw = out.grid
-        total = 0.0
-        for name, (t_sum, t_sp) in targets.items():
-            spec = self.recipe.teachers[name]
-            if name in self.summary_heads and t_sum is not None:
-                p = self.summary_heads[name](out.summary[:, self.slots[name]])
-                total = total + spec.weight * (1 - F.cosine_similarity(p, t_sum, dim=-1)).mean()
-            p = self.spatial_heads[name](out.patches).transpose(1, 2).reshape(b, -1, gh, gw)
-            size = (max(gh, t_sp.shape[-2]), max(gw, t_sp.shape[-1]))
-            p = F.interpolate(p, size=size, mode="bilinear") if p.shape[-2:] != size else p
-            t = F.interpolate(t_sp, size=size, mode="bilinear") if t_sp.shape[-2:] != size else t_sp
-            pc, tc = p.permute(0, 2, 3, 1).flatten(0, 2), t.permute(0, 2, 3, 1).flatten(0, 2)
-            cos = (1 - F.cosine_similarity(pc, tc, dim=-1)).mean()
-            total = total + spec.weight * (0.9 * cos + 0.1 * F.smooth_l1_loss(pc, tc))
-        total.backward()
-        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
-        return total
+_load = load
 
 
 def build_trainer(recipe_path: str, overrides: list[str], out: str):
@@ -126,63 +60,14 @@ def build_trainer(recipe_path: str, overrides: list[str], out: str):
     return Trainer(recipe)
 
 
-def framework_steps(trainer, rt, batches, start: int) -> float:
-    _sync(trainer.accelerator.device)
-    t = time.perf_counter()
-    for i, b in enumerate(batches):
-        trainer.train_step([(rt, b)], start + i)
-    _sync(trainer.accelerator.device)
-    return time.perf_counter() - t
-
-
-def plain_steps(loop: PlainLoop, batches) -> float:
-    _sync(loop.device)
-    t = time.perf_counter()
-    for b in batches:
-        loop.step(b["image"])
-    _sync(loop.device)
-    return time.perf_counter() - t
-
-
-def step_flops(trainer, rt, batch) -> float:
-    from radio_core.plan.planner import count_flops
-
-    return count_flops(lambda: trainer.train_step([(rt, batch)], 10_000))
-
-
 def make_batches(trainer, n: int) -> tuple:
     """The trainer's own slot runtime for stage 0 and ``n`` batches drawn from it."""
     rt = trainer.enter_stage(trainer.plans[0], 0)[0]
     return rt, [next(rt.iterator) for _ in range(n)]
 
 
-def compare(recipe: str, overrides: list[str], steps: int, rounds: int, tmp: str, label: str = "") -> dict:
-    trainer = build_trainer(recipe, overrides, f"{tmp}/fw")
-    rt, batches = make_batches(trainer, steps)
-    loop = PlainLoop(trainer)
-    batch = batches[0]["image"].shape[0]
-    framework_steps(trainer, rt, batches[:1], 0)  # warm-up both
-    plain_steps(loop, batches[:1])
-    fw, pl = [], []
-    for r in range(rounds):
-        order = [("fw", lambda: framework_steps(trainer, rt, batches, 1 + r * steps)), ("pl", lambda: plain_steps(loop, batches))]
-        if r % 2:
-            order.reverse()
-        for name, fn in order:
-            (fw if name == "fw" else pl).append(fn() / steps)
-    fw_t, pl_t = statistics.median(fw), statistics.median(pl)
-    ratios = [p / f for f, p in zip(fw, pl)]  # per round: the two arms ran back to back
-    return {"label": label, "trainer": trainer, "batch": batch, "framework_s": fw_t, "plain_s": pl_t,
-            "framework_ips": batch / fw_t, "plain_ips": batch / pl_t, "ratio": statistics.median(ratios),
-            "ratios": ratios, "fw": fw, "pl": pl, "batches": batches, "rt": rt}
-
-
 def _spread(xs: list[float]) -> str:
     return f"median {statistics.median(xs):.3f} (min {min(xs):.3f}, max {max(xs):.3f}, n={len(xs)})"
-
-
-def _load() -> str:
-    return "load avg " + " ".join(f"{x:.1f}" for x in os.getloadavg())
 
 
 def _resident(batch: dict) -> dict:
@@ -315,73 +200,155 @@ def cache_speedup(recipe: str, overrides: list[str], steps: int, tmp: str, views
             "build_s": build_s, "entries": n_images * views}
 
 
+def framework_section(args, overrides: list[str], tmp: str, device: torch.device, dtype: torch.dtype) -> dict:
+    """Framework vs plain loop (stable verdict), FLOPs, MFU against both peaks, optional profile."""
+    rounds = dict(min_rounds=args.min_rounds, max_rounds=args.max_rounds, max_seconds=args.max_seconds,
+                  halfwidth=args.halfwidth)
+    trainer = build_trainer(args.recipe, overrides, f"{tmp}/fw")
+    rt, batches = make_batches(trainer, args.steps)
+    res = compare(trainer, rt, batches, **rounds)
+    flops, gemms = step_flops_and_gemms(lambda: trainer.train_step([(rt, batches[0])], 10_000))
+    square = measured_peak_flops(dtype, device)
+    shaped = gemm_peak(gemms, device)
+    achieved = flops / res["framework_s"]
+    threads = f"{torch.get_num_threads()} threads" if device.type == "cpu" else torch.cuda.get_device_name(device)
+    before, after = res["load"]
+    busy = loaded() if device.type == "cpu" else False
+    print(f"device {device} ({threads}), {dtype}, batch {res['batch']}, {args.steps} steps per round, "
+          f"{len(res['ratios'])} interleaved rounds in {res['seconds']:.0f} s; load avg 1-min {before:.1f} at the "
+          f"start, {after:.1f} at the end" + ("  [LOADED: other work ran beside this bench; the timings are not a "
+                                               "verdict on the targets]" if busy else ""))
+    print(f"{'':28} {'images/s':>10} {'s/step':>8}")
+    print(f"{'framework (radio_core)':28} {res['framework_ips']:>10.2f} {res['framework_s']:>8.3f}")
+    print(f"{'plain PyTorch loop':28} {res['plain_ips']:>10.2f} {res['plain_s']:>8.3f}")
+    print("verdict: " + verdict(res))
+    print(f"step FLOPs {flops / 1e9:.1f} GFLOP ({shaped['flops'] / flops:.0%} in {shaped['calls']} GEMM calls of "
+          f"{shaped['shapes']} shapes); framework achieved {achieved / 1e9:.1f} GFLOP/s")
+    print(f"MFU {achieved / square:.1%} of the square {dtype} GEMM peak ({square / 1e9:.1f} GFLOP/s, 2048^3), "
+          f"{achieved / shaped['rate']:.1%} of this step's own GEMM shapes run alone ({shaped['rate'] / 1e9:.1f} "
+          f"GFLOP/s); target >= 60%")
+    if args.profile:
+        print_profile(profile_sides(trainer, rt, batches, res["loop"]))
+    return {**res, "trainer": trainer, "rt": rt, "batches": batches}
+
+
+def compile_section(args, overrides: list[str], tmp: str, eager: dict) -> None:
+    """train.compile: compile time (the first step) and the steady-state speed-up over the eager
+    framework, interleaved on the same batches."""
+    trainer, rt, batches = eager["trainer"], eager["rt"], eager["batches"]
+    compiled = build_trainer(args.recipe, overrides + ["train.compile=true"], f"{tmp}/compiled")
+    crt = compiled.enter_stage(compiled.plans[0], 0)[0]
+    t = time.perf_counter()
+    framework_steps(compiled, crt, batches[:1], 0)
+    first = time.perf_counter() - t
+    n = len(batches)
+    res = interleave(lambda r: framework_steps(trainer, rt, batches, 20_000 + r * n) / n,
+                     lambda r: framework_steps(compiled, crt, batches, 20_000 + r * n) / n,
+                     min_rounds=args.min_rounds, max_rounds=args.max_rounds, max_seconds=args.max_seconds,
+                     halfwidth=args.halfwidth)
+    lo, hi = res["ci"]
+    steady = statistics.median(res["b"])
+    print(f"\ntrain.compile (student + heads, inductor): first step {first:.1f} s (compile {first - steady:.1f} s), "
+          f"then {steady:.3f} s/step against eager {statistics.median(res['a']):.3f}: speed-up "
+          f"{res['ratio']:.3f}x (95% CI {lo:.3f}-{hi:.3f}, {len(res['ratios'])} rounds); {load()}")
+
+
+def compile_shapes_section(args, overrides: list[str], tmp: str, resolutions: list[int], steps: int) -> None:
+    """Changing resolutions under train.compile: per compile_dynamic choice, the first step at
+    each resolution (compile included) and the steady step per resolution."""
+    res_list = "[" + ", ".join(str(r) for r in resolutions) + "]"
+    print(f"\ntrain.compile at changing resolutions {res_list} (one drawn per step), {steps} steps each setting:")
+    print(f"  {'compile_dynamic':16} {'first step per resolution (s)':34} {'steady s/step per resolution':30} total s")
+    for choice in ("null", "false", "true"):
+        tr = build_trainer(args.recipe, overrides + [f"student.resolution={res_list}", "train.compile=true",
+                                                     f"train.compile_dynamic={choice}"], f"{tmp}/shapes_{choice}")
+        rt = tr.enter_stage(tr.plans[0], 0)[0]
+        batches = [next(rt.iterator) for _ in range(steps)]
+        times: dict[tuple, list[float]] = {}
+        t0 = time.perf_counter()
+        for i, b in enumerate(batches):
+            size = tr.objective.student_resolution(rt.slot, i)
+            t = time.perf_counter()
+            tr.train_step([(rt, b)], i)
+            times.setdefault(size, []).append(time.perf_counter() - t)
+        total = time.perf_counter() - t0
+        first = " / ".join(f"{v[0]:.1f}" for _, v in sorted(times.items()))
+        steady = " / ".join(f"{statistics.median(v[1:]):.3f}" if len(v) > 1 else "-" for _, v in sorted(times.items()))
+        print(f"  {choice:16} {first:34} {steady:30} {total:.0f}")
+        del tr
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--recipe", default=str(REPO / "recipes" / "bench_distill_step.yaml"))
     p.add_argument("--steps", type=int, default=4, help="steps per timed round")
-    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds (median, min, max reported)")
-    p.add_argument("--quick", action="store_true", help="batch 4, 2 steps per round: a smoke run")
-    p.add_argument("--levers", action="store_true", help="also measure each performance lever's effect")
-    p.add_argument("--cache", choices=["realistic", "small", "off"], default="realistic",
-                   help="teacher-feature cache measurement: big teachers (default, minutes on a CPU), the "
-                        "bench recipe's small teachers, or none")
+    p.add_argument("--min-rounds", type=int, default=8, help="interleaved rounds at least ...")
+    p.add_argument("--max-rounds", type=int, default=40, help="... and at most")
+    p.add_argument("--halfwidth", type=float, default=0.01,
+                   help="stop adding rounds once the 95%% CI of the median ratio is within +- this (0.01: a 2%% "
+                        "wide interval, under the 3%% margin the target judges)")
+    p.add_argument("--max-seconds", type=float, default=600, help="time budget of each interleaved comparison")
+    p.add_argument("--quick", action="store_true", help="batch 4, 2 steps per round, no cache measurement")
+    p.add_argument("--profile", action="store_true", help="torch.profiler on both sides: the framework's extra work")
+    p.add_argument("--levers", action="store_true", help="also measure the optimiser and guard levers")
+    p.add_argument("--compile", action="store_true", help="train.compile: compile time and speed-up over eager")
+    p.add_argument("--compile-shapes", action="store_true",
+                   help="train.compile at two student resolutions, per compile_dynamic choice (slow on a CPU)")
+    p.add_argument("--cache", choices=["realistic", "small", "off"], default=None,
+                   help="teacher-feature cache measurement: big teachers (the default without --quick, minutes "
+                        "on a CPU), the bench recipe's small teachers, or none (the default with --quick)")
     p.add_argument("--cache-recipe", default=str(REPO / "recipes" / "bench_cache_realistic.yaml"))
+    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds of the cache measurement")
     p.add_argument("--online-steps", type=int, default=2, help="online steps timed in the realistic cache run")
     p.add_argument("--pca", default="clip=128,dino=128,sam=32", help="PCA dims per teacher of the compressed cache")
     p.add_argument("--skip-framework", action="store_true", help="only the cache measurement")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args()
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 0)) or os.cpu_count() or 1)
     overrides = list(args.overrides)
     if args.quick:
         overrides += ["data.batch_size=4"]
         args.steps = 2
+    cache = args.cache or ("off" if args.quick else "realistic")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         overrides += ["train.mixed_precision=bf16"]
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     pca = {k: int(v) for k, v in (kv.split("=") for kv in args.pca.split(","))}
+    main_cmp = None
     with tempfile.TemporaryDirectory() as tmp:
         if not args.skip_framework:
-            main_cmp = compare(args.recipe, overrides, args.steps, args.rounds, tmp, "default")
-            tr = main_cmp["trainer"]
-            flops = step_flops(tr, main_cmp["rt"], main_cmp["batches"][0])
-            peak = measured_peak_flops(dtype, device)
-            achieved = flops / main_cmp["framework_s"]
-            print(f"device {device}, dtype {dtype}, batch {main_cmp['batch']}, steps {args.steps} x {args.rounds} "
-                  f"interleaved rounds; {_load()}")
-            print(f"{'':28} {'images/s':>10} {'s/step':>8}")
-            print(f"{'framework (radio_core)':28} {main_cmp['framework_ips']:>10.2f} {main_cmp['framework_s']:>8.3f}")
-            print(f"{'plain PyTorch loop':28} {main_cmp['plain_ips']:>10.2f} {main_cmp['plain_s']:>8.3f}")
-            print(f"ratio framework/plain (per round): {_spread(main_cmp['ratios'])}")
-            print(f"step FLOPs {flops / 1e9:.1f} GFLOP; achieved {achieved / 1e9:.1f} GFLOP/s; "
-                  f"measured {dtype} GEMM peak {peak / 1e9:.1f} GFLOP/s; MFU {achieved / peak:.1%}")
-        if args.cache == "small":
-            cache = cache_speedup(args.recipe, overrides, args.steps, tmp)
-            print(f"teacher-feature cache (small teachers): online {cache['online_s']:.3f} s/step, cached "
-                  f"{cache['cached_s']:.3f} s/step, speed-up {cache['speedup']:.2f}x "
-                  f"(cache of {cache['entries']} crops built in {cache['build_s']:.1f} s)")
-        elif args.cache == "realistic":
+            main_cmp = framework_section(args, overrides, tmp, device, dtype)
+        if args.compile and main_cmp is not None:
+            compile_section(args, overrides, tmp, main_cmp)
+        if args.compile_shapes:
+            compile_shapes_section(args, overrides, tmp, [160, 224], 8)
+        if cache == "small":
+            c = cache_speedup(args.recipe, overrides, args.steps, tmp)
+            print(f"teacher-feature cache (small teachers): online {c['online_s']:.3f} s/step, cached "
+                  f"{c['cached_s']:.3f} s/step, speed-up {c['speedup']:.2f}x "
+                  f"(cache of {c['entries']} crops built in {c['build_s']:.1f} s)")
+        elif cache == "realistic":
             cache_overrides = [o for o in args.overrides if not o.startswith("data.batch_size")]
             if device.type == "cuda":
                 cache_overrides += ["train.mixed_precision=bf16"]
             print_cache(cache_realistic(args.cache_recipe, cache_overrides, max(2, args.steps // 2), args.rounds,
                                         args.online_steps, f"{tmp}/realistic", pca))
-        if args.levers and not args.skip_framework:
-            print("\nlevers (framework images/s, each against the default in the same run):")
-            levers = [("fused AdamW", ["optim.fused=true"]),
-                      ("no per-step host sync (skip_nonfinite=false)", ["train.skip_nonfinite=false"]),
-                      ("torch.compile student", ["train.compile=true"])]
+        if args.levers and main_cmp is not None:
+            print("\nlevers (each: framework images/s, and its ratio to a plain loop with the same optimiser):")
+            levers = [("torch's default AdamW (optim.fused=false)", ["optim.fused=false"]),
+                      ("no non-finite guard (train.skip_nonfinite=false)", ["train.skip_nonfinite=false"])]
             for name, extra in levers:
-                try:
-                    res = compare(args.recipe, overrides + extra, args.steps, args.rounds, tmp, name)
-                    base = res["plain_ips"]
-                    print(f"  {name:48} {res['framework_ips']:8.2f} img/s  ({res['framework_ips'] / base:.3f}x plain loop)")
-                except Exception as exc:  # noqa: BLE001 - a lever that can't run here is reported, not fatal
-                    print(f"  {name:48} failed: {type(exc).__name__}: {str(exc)[:120]}")
-        if not args.skip_framework and main_cmp["ratio"] < 0.9:
-            print(f"FAIL: framework at {main_cmp['ratio']:.3f}x the plain loop (< 0.9x)")
-            return 1
+                tr = build_trainer(args.recipe, overrides + extra, f"{tmp}/{len(name)}")
+                lrt, lb = make_batches(tr, args.steps)
+                res = compare(tr, lrt, lb, min_rounds=4, max_rounds=8, max_seconds=args.max_seconds, halfwidth=0.02)
+                lo, hi = res["ci"]
+                print(f"  {name:50} {res['framework_ips']:8.2f} img/s (default {main_cmp['framework_ips']:.2f}); "
+                      f"framework/plain {res['ratio']:.3f} (CI {lo:.3f}-{hi:.3f})")
+                del tr
+    if main_cmp is not None and main_cmp["ratio"] < 0.9:
+        print(f"FAIL: framework at {main_cmp['ratio']:.3f}x the plain loop (< 0.9x)")
+        return 1
     return 0
 
 

@@ -56,6 +56,7 @@ class AngleBalancedLoss(Loss):
         self.register_buffer("resultant", torch.zeros(()))
         self.register_buffer("_count", torch.zeros((), dtype=torch.float64), persistent=False)
         self._sum: Tensor | None = None  # (D,) float64 sum of unit target vectors, sized on first use
+        self._cached: tuple = (None, 0.0)  # (buffer versions, the divisor they give)
 
     # -- statistics (the framework's estimation pass) -------------------------------------
     @torch.no_grad()
@@ -103,10 +104,19 @@ class AngleBalancedLoss(Loss):
         return max(value, self.min_dispersion)
 
     # -- loss ---------------------------------------------------------------------------------
+    def _divisor(self) -> float:
+        """``dispersion()``, read from the buffers once per value they take (a write or a load
+        bumps their versions) rather than on every step: each read waits for the device."""
+        key = tuple((id(t), t._version) for t in (self.ready, self.resultant))
+        if key != self._cached[0]:
+            if not bool(self.ready):
+                raise RuntimeError(f"loss {PLUGIN}: the angular dispersion is not estimated yet (the framework "
+                                   "estimates it before the first step, with the target statistics)")
+            self._cached = (key, self.dispersion())
+        return self._cached[1]
+
     def forward(self, pred: Tensor, target: Tensor) -> Tensor:
-        if not bool(self.ready):
-            raise RuntimeError(f"loss {PLUGIN}: the angular dispersion is not estimated yet (the framework "
-                               "estimates it before the first step, with the target statistics)")
+        divisor = self._divisor()
         if pred.shape != target.shape:
             raise ValueError(f"loss {PLUGIN} got prediction {tuple(pred.shape)} and target {tuple(target.shape)}")
         cos = F.cosine_similarity(pred.float().reshape(-1, pred.shape[-1]),
@@ -115,7 +125,7 @@ class AngleBalancedLoss(Loss):
             distance = 1.0 - cos
         else:
             distance = torch.acos(cos.clamp(-1 + 1e-6, 1 - 1e-6))
-        return distance.mean() / self.dispersion()
+        return distance.mean() / divisor
 
     def extra_repr(self) -> str:
         return f"mode={self.mode}, resultant={float(self.resultant):.4f}, ready={bool(self.ready)}"

@@ -51,6 +51,7 @@ def resample_region(grid: Tensor, view: Tensor, region: Tensor, size: tuple[int,
     from torchvision.ops import roi_align
 
     b, _, h, w = grid.shape
+    view, region = view.to(grid.device), region.to(grid.device)
     scale = torch.stack([w / (view[:, 2] - view[:, 0]), h / (view[:, 3] - view[:, 1])], dim=1)  # cells per unit
     lo = (region[:, :2] - view[:, :2]) * scale
     hi = (region[:, 2:] - view[:, :2]) * scale
@@ -62,17 +63,19 @@ def resample_region(grid: Tensor, view: Tensor, region: Tensor, size: tuple[int,
 def align_on_overlap(pred: Tensor, target: Tensor, geometry: CropGeometry) -> tuple[Tensor, Tensor]:
     """Both grids resampled on the overlap of their views, on a lattice as fine as the finer of
     the two grids (cells per unit of crop), so neither side is downsampled."""
-    region = overlap_boxes(geometry.student_box, geometry.teacher_box)
+    # sizes and checks on the host (the framework passes the boxes on the CPU): no device sync
+    student_box, teacher_box = (g.detach().cpu() for g in (geometry.student_box, geometry.teacher_box))
+    region = overlap_boxes(student_box, teacher_box)
     extent = region[:, 2:] - region[:, :2]
 
     def cells(grid: Tensor, view: Tensor) -> Tensor:  # (B, 2) cells of this grid over the overlap (x, y)
-        size = torch.tensor(grid.shape[-1:-3:-1], device=grid.device, dtype=torch.float64)
+        size = torch.tensor(grid.shape[-1:-3:-1], dtype=torch.float64)
         return extent.double() / (view[:, 2:] - view[:, :2]).double() * size
 
-    n = torch.maximum(cells(pred, geometry.student_box), cells(target, geometry.teacher_box)).amax(0)
-    size = (max(1, math.ceil(float(n[1]) - 1e-6)), max(1, math.ceil(float(n[0]) - 1e-6)))
-    return (resample_region(pred, geometry.student_box.to(pred.dtype), region.to(pred.dtype), size),
-            resample_region(target.to(pred.dtype), geometry.teacher_box.to(pred.dtype), region.to(pred.dtype), size))
+    n = torch.maximum(cells(pred, student_box), cells(target, teacher_box)).amax(0).tolist()
+    size = (max(1, math.ceil(n[1] - 1e-6)), max(1, math.ceil(n[0] - 1e-6)))
+    return (resample_region(pred, student_box.to(pred.dtype), region.to(pred.dtype), size),
+            resample_region(target.to(pred.dtype), teacher_box.to(pred.dtype), region.to(pred.dtype), size))
 
 
 class ShiftEquivariantLoss(Loss):
@@ -87,7 +90,7 @@ class ShiftEquivariantLoss(Loss):
     def forward(self, pred: Tensor, target: Tensor, geometry: Optional[CropGeometry] = None) -> Tensor:
         if geometry is None:  # same view for both: the framework's rule (interpolate to the larger grid)
             b = pred.shape[0]
-            full = torch.tensor([[0.0, 0.0, 1.0, 1.0]], device=pred.device).expand(b, 4)
+            full = torch.tensor([[0.0, 0.0, 1.0, 1.0]]).expand(b, 4)
             geometry = CropGeometry(full, full)
         return self.base(*align_on_overlap(pred, target, geometry))
 

@@ -148,7 +148,9 @@ class Adaptor(nn.Module):
 class CropGeometry:
     """Where the student's view and a teacher's view lie in the sample's shared crop: per
     sample boxes (B, 4) as (x0, y0, x1, y1) fractions of the crop (0..1). Views differ when
-    the recipe shifts teacher and student views against each other (``augment.shift``)."""
+    the recipe shifts teacher and student views against each other (``augment.shift``). The
+    framework passes them on the CPU (they are drawn there, and output shapes that depend on
+    them are then read without waiting for the device); move what a kernel needs."""
 
     student_box: Tensor
     teacher_box: Tensor

@@ -6,6 +6,7 @@ same augmentation.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Sequence
@@ -28,10 +29,11 @@ def to_float(images: Tensor) -> Tensor:
 
 
 def resize(images: Tensor, size: tuple[int, int]) -> Tensor:
-    """Antialiased bilinear resize of [0, 1] images; a no-op at the same size."""
+    """Antialiased bilinear resize of [0, 1] images; a no-op at the same size. (No clamp: every
+    output is a weighted mean of inputs with non-negative weights, so it stays in [0, 1].)"""
     if tuple(images.shape[-2:]) == tuple(size):
         return images
-    return F.interpolate(images, size=size, mode="bilinear", align_corners=False, antialias=True).clamp_(0, 1)
+    return F.interpolate(images, size=size, mode="bilinear", align_corners=False, antialias=True)
 
 
 def longest_side_size(hw: tuple[int, int], target: tuple[int, int]) -> tuple[int, int]:
@@ -64,9 +66,17 @@ def group_input(images01: Tensor, input_size: tuple[int, int], resize_mode: str)
 
 
 def normalize(images01: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
-    m = torch.as_tensor(mean, dtype=images01.dtype, device=images01.device).view(1, -1, 1, 1)
-    s = torch.as_tensor(std, dtype=images01.dtype, device=images01.device).view(1, -1, 1, 1)
+    m, s = _constants(tuple(map(float, mean)), tuple(map(float, std)), images01.dtype, images01.device)
     return (images01 - m) / s
+
+
+@functools.lru_cache(maxsize=64)
+def _constants(mean: tuple[float, ...], std: tuple[float, ...], dtype: torch.dtype,
+               device: torch.device) -> tuple[Tensor, Tensor]:
+    """Per-channel mean and std as (1, C, 1, 1) tensors, made once per model and device rather
+    than copied to the device on every step."""
+    return (torch.tensor(mean, dtype=dtype, device=device).view(1, -1, 1, 1),
+            torch.tensor(std, dtype=dtype, device=device).view(1, -1, 1, 1))
 
 
 def teacher_input(group: GroupInput, mean: Sequence[float], std: Sequence[float]) -> Tensor:

@@ -43,6 +43,7 @@ class _TargetNorm(nn.Module):
             raise ValueError(f"{type(self).__name__}: dim must be positive, got {dim}")
         self.dim, self.eps = dim, eps
         self.register_buffer("ready", torch.tensor(False))
+        self._ready_key: Optional[tuple[int, int]] = None  # the (buffer, version) last seen True
         self.register_buffer("mean", torch.zeros(dim))
         second = (dim, dim) if self.full_covariance else (dim,)
         self.register_buffer("_count", torch.zeros((), dtype=torch.float64), persistent=False)
@@ -98,11 +99,18 @@ class _TargetNorm(nn.Module):
 
     # -- application ----------------------------------------------------------------------
     def _check_ready(self) -> None:
-        if self.ready.is_meta:  # an architecture built without weights (dry runs)
+        ready = self.ready
+        if ready.is_meta:  # an architecture built without weights (dry runs)
             return
-        if not bool(self.ready):
+        # Read on the host once per value of the buffer (a write or a load bumps its version),
+        # not on every training step: each read waits for the device.
+        key = (id(ready), ready._version)
+        if key == self._ready_key:
+            return
+        if not bool(ready):
             raise RuntimeError(f"{type(self).__name__}: statistics are not estimated yet; call "
                                "update() over a few batches of teacher features, then finalize()")
+        self._ready_key = key
 
     def _forward_rows(self, x: Tensor) -> Tensor:  # pragma: no cover - subclass
         raise NotImplementedError

@@ -248,6 +248,8 @@ class OptimSpec(Strict):
     betas: tuple[Annotated[float, _StrictType(), Field(ge=0, lt=1)],
                  Annotated[float, _StrictType(), Field(ge=0, lt=1)]] = (0.9, 0.999)
     eps: Float = Field(1e-8, gt=0, le=1)
+    #: torch's fused AdamW kernel; null: on wherever torch has it for the device (not under
+    #: train.fsdp). It also skips a non-finite step on the device, without a host sync.
     fused: Optional[Bool] = None
 
 
@@ -321,8 +323,12 @@ class TrainSpec(Strict):
     #: first ``target_norm_steps`` training steps, then keep them (PHI-S practice: ~3000 / 100).
     target_norm_steps: Annotated[int, _StrictType(), Field(ge=0, le=10**9)] = 0
     target_norm_every: Annotated[int, _StrictType(), Field(ge=1, le=10**9)] = 100
-    #: torch.compile the student (and heads); the first steps pay the compile time.
+    #: torch.compile the student and the adaptor heads (radio_core.train.compiled); the first
+    #: step at each new input shape pays the compile time.
     compile: Bool = False
+    #: shapes of the compiled graphs: null = torch's choice (static, then dynamic once a second
+    #: resolution appears), false = one compile per resolution, true = dynamic from the start.
+    compile_dynamic: Optional[Bool] = None
     #: channels_last memory format for the student's convolutions (E-RADIO-like students).
     channels_last: Bool = False
     #: skip the optimiser update when the loss is not finite (one host sync per step) ...

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import random
 import time
 from pathlib import Path
@@ -36,7 +35,9 @@ from ..plan.partition import StagePlan, describe, plan_stages, stage_at
 from ..protocols import Teacher
 from ..recipe import Recipe, RecipeError, dump_recipe
 from ..registry import Registry, get_registry
-from . import outputs, regularizers, setup, stages
+from . import guard, outputs, regularizers, setup, stages
+from .compiled import compile_model
+from .guard import NonFiniteLossError, StepGuard  # noqa: F401 - re-exported
 from .checkpoint import (  # noqa: F401 - re-exported
     Checkpointer,
     ResumeError,
@@ -58,10 +59,6 @@ from .objective import Objective
 from .schedule import build_scheduler, lr_multiplier
 from .signals import StopSignals
 from .stages import SlotRuntime
-
-
-class NonFiniteLossError(RuntimeError):
-    pass
 
 
 class NotTrainedError(RuntimeError):
@@ -109,6 +106,12 @@ class Trainer:
         self.stage: Optional[StagePlan] = None
         self._number_shift = 0  # added to sample numbers when resuming on another world size
         self._build()
+        self.guard = StepGuard(self.accelerator, self.state, recipe.train.skip_nonfinite,
+                               recipe.train.max_nonfinite_steps, recipe.student.name)
+        # Accelerate's backward divides by its own accumulation count (1: ours is train.grad_accum)
+        # and scales fp16 losses; without a scaler or DeepSpeed it is loss.backward() plus a no-op kernel.
+        self._plain_backward = (self.accelerator.scaler is None and self.accelerator.gradient_accumulation_steps == 1
+                                and self.accelerator.distributed_type.value != "DEEPSPEED")
         if resume:
             self.load_latest_checkpoint()
 
@@ -167,7 +170,7 @@ class Trainer:
         self.objective = Objective(r, self.registry, self.teachers, self.cached, acc)
         if r.train.channels_last:
             distiller = distiller.to(memory_format=torch.channels_last)
-        optimizer = setup.build_optimizer(r, distiller)
+        optimizer = setup.build_optimizer(r, distiller, setup.use_fused(r, acc.device, self.sharded))
         if self.sharded:  # teachers stay out: only the student + heads are sharded
             setup.check_fsdp_wrap(r, distiller)
         self.distiller, self.optimizer = acc.prepare(distiller, optimizer)
@@ -175,8 +178,10 @@ class Trainer:
         self.mesa, self.damp = regularizers.build(r, self.unwrapped)
         self.objective.mesa = self.mesa
         self.checkpointer.attach(self.distiller, self.optimizer, self.sharded, r.train.fsdp.checkpoint == "full")
-        if r.train.compile:
-            self.unwrapped.student.compile()  # in place: DDP and the checkpoint keys are unchanged
+        if r.train.compile:  # in place, after MESA's copy: see radio_core.train.compiled
+            shapes = {tuple(res) for p in self.plans for slot in p.rank_slots[acc.process_index]
+                      for res in slot.student_resolution}
+            compile_model(self.unwrapped, r.train.compile_dynamic, len(shapes))
         # Not prepared: Accelerate would step it once per process; ours steps once per optimiser
         # step. Its state goes into trainer_state.json (see train.checkpoint).
         self.scheduler = build_scheduler(optimizer, self.lr_multiplier)
@@ -276,6 +281,7 @@ class Trainer:
                     stop = self.signals.requested_anywhere(acc)
                     s = self.state.step
                     if s % r.checkpoint.every == 0 or s == r.train.steps or stop or s == plan.end_step:
+                        self.guard.drain()  # exact counters in the checkpoint
                         if not metrics:
                             self._sync_bad_images()
                         if s == r.train.steps:
@@ -313,6 +319,7 @@ class Trainer:
         """NotTrainedError (on every rank) when no step of the run had a finite, non-zero
         objective: every loss was NaN/inf (a run shorter than the non-finite guard) or exactly 0."""
         acc = self.accelerator
+        self.guard.drain()
         learned = torch.tensor([float(self.state.learned_steps)], device=acc.device)
         if acc.num_processes > 1:
             learned = acc.reduce(learned, "max")
@@ -337,64 +344,59 @@ class Trainer:
             unlock_run_folder(self.out_dir)
 
     def train_step(self, work: list[tuple[SlotRuntime, dict]], step: int) -> dict[str, Tensor]:
-        """One optimiser step over this rank's (slot, batch) pairs (all micro-steps)."""
+        """One optimiser step over this rank's (slot, batch) pairs (all micro-steps). Nothing in
+        it waits for the device (see ``radio_core.train.guard``) unless the optimiser cannot skip
+        a non-finite step by itself."""
         acc, r = self.accelerator, self.recipe
-        self.distiller.train()
-        summed: dict[str, Tensor] = {}
-        counts: dict[str, int] = {}
+        if not self.distiller.training:  # (evaluation puts it back; a recursive .train() costs ~1 us per module)
+            self.distiller.train()
         micro = r.train.grad_accum
+        per_micro = max(1, len(work) // micro)
+        collected: dict[str, list[Tensor]] = {}
         for k, (rt, batch) in enumerate(work):
             last = k == len(work) - 1
             # Reseeded per (step, slot, micro-step): student-side randomness is independent of
             # history (exact resume) and of the rank (the same samples get the same randomness
             # however the groups are laid out over processes).
-            seed = _mix(r.train.seed, step, rt.slot.offset, k // max(1, len(work) // micro))
+            micro_step = k // per_micro
+            seed = _mix(r.train.seed, step, rt.slot.offset, micro_step)
             torch.manual_seed(seed)
             random.seed(seed)
-            micro_step = k // max(1, len(work) // micro)
             noise = (self.damp.perturbed(step, rt.slot.offset, micro_step) if self.damp is not None
                      else contextlib.nullcontext())  # DAMP: this micro-step runs on perturbed weights
             with noise, (contextlib.nullcontext() if last else acc.no_sync(self.distiller)):
                 terms = self.objective.forward_losses(self.distiller, self.unwrapped, rt, batch, step, self.stage)
-                acc.backward(terms["total"] / micro)
+                loss = terms["total"] if micro == 1 else terms["total"] / micro
+                if self._plain_backward:
+                    loss.backward()
+                else:
+                    acc.backward(loss)
             for key, v in terms.items():
-                summed[key] = summed.get(key, 0) + v.detach()
-                counts[key] = counts.get(key, 0) + 1
-        summed = {k: v / counts[k] for k, v in summed.items()}
-        summed["total"] = summed["total"] * len(work) / micro  # the step's objective on this rank
-        objective = float(summed["total"].detach())  # one host sync: finite? learned anything?
-        finite = math.isfinite(objective) or not r.train.skip_nonfinite
-        if finite:
-            self.state.learned_steps += int(math.isfinite(objective) and objective != 0)
-            self.state.nonfinite_in_row = 0
+                collected.setdefault(key, []).append(v.detach())
+        summed = {k: v[0] if len(v) == 1 else torch.stack(v).mean() for k, v in collected.items()}
+        if len(work) != micro:
+            summed["total"] = summed["total"] * len(work) / micro  # the step's objective on this rank
+        nonfinite = self.guard.nonfinite(summed["total"])
+        on_device = self.guard.skip and guard.skips_on_device(self.optimizer, acc)
+        if on_device:
+            guard.raw_optimizer(self.optimizer).found_inf = nonfinite  # fused AdamW: a no-op step when set
+            apply = True
+        else:  # one host sync: this optimiser must not be called on a non-finite step
+            apply = not (self.guard.skip and bool(nonfinite))
+        if apply:
             if r.train.grad_clip:
                 summed["grad_norm"] = acc.clip_grad_norm_(self.distiller.parameters(), r.train.grad_clip)
             self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            if self.mesa is not None:
-                self.mesa.update()  # MESA: the EMA follows the updated weights
-        else:
-            self._skip_nonfinite(summed, step)
+            if self.mesa is not None:  # MESA: the EMA follows the updated weights (not a skipped step's)
+                self.mesa.update(applied=1 - nonfinite if on_device else None)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.guard.record(step, summed, nonfinite, self.unwrapped.last_output_finite)
+        self.guard.drain(keep=1 if on_device else 0)  # the previous step's record: long on the host by now
         summed["lr"] = self.scheduler.get_last_lr()[0]  # the rate this step used
         self.scheduler.step()
         return summed
 
     # ------------------------------------------------------------------ loop helpers
-    def _skip_nonfinite(self, summed: dict[str, Tensor], step: int) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
-        self.state.skipped_steps += 1
-        self.state.nonfinite_in_row += 1
-        bad = [k for k, v in summed.items() if k != "total" and not torch.isfinite(v).item()]
-        flag = self.unwrapped.last_output_finite
-        if flag is not None and not bool(flag):  # the student, not a teacher or a loss
-            bad.insert(0, f"the student {self.recipe.student.name!r}, whose outputs were non-finite")
-        self.accelerator.print(f"step {step}: non-finite loss from {', '.join(bad) or 'total'}; step skipped "
-                               f"({self.state.nonfinite_in_row} in a row)")
-        if self.state.nonfinite_in_row >= self.recipe.train.max_nonfinite_steps:
-            raise NonFiniteLossError(
-                f"{self.state.nonfinite_in_row} non-finite losses in a row (from {', '.join(bad) or 'total'}); "
-                "stopping. Lower optim.lr or enable train.grad_clip; the last checkpoint is intact.")
-
     def _advance(self, plan: StagePlan, step: int) -> None:
         self.state.step = step + 1
         self.state.next_number = self.expected_number(step + 1) + self._number_shift
@@ -408,6 +410,7 @@ class Trainer:
         evaluate = bool(r.eval.every) and s % r.eval.every == 0
         if not (s % r.train.log_every == 0 or s == r.train.steps or step == start or evaluate):
             return {}
+        self.guard.drain()
         self._sync_bad_images()
         elapsed = time.perf_counter() - window[0]
         metrics = reduce_losses(self.accelerator, terms, self.stage.teachers)

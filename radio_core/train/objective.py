@@ -255,7 +255,7 @@ class Objective:
         """Shift-equivariant distillation: the student's window of each crop (resized to its
         resolution), every teacher group's own window, their targets, and each teacher's
         ``CropGeometry``. Windows come from the RNG the loop reseeds per micro-step."""
-        shift, b, device = self.recipe.augment.shift, images01.shape[0], images01.device
+        shift, b = self.recipe.augment.shift, images01.shape[0]
         student_box = sample_windows(b, shift)
         student_in = cut_windows(images01, student_box, resolution)
         size = window_size(tuple(images01.shape[-2:]), shift)
@@ -263,8 +263,8 @@ class Objective:
         for group in rt.resize_sets:
             box = sample_windows(b, shift)
             targets.update(self.teacher_targets(cut_windows(images01, box, size), [group], rt.teachers))
-            for name in group.names:
-                geometry[name] = CropGeometry(student_box.to(device), box.to(device))
+            for name in group.names:  # on the host: a loss's output shapes depend on the views' sizes
+                geometry[name] = CropGeometry(student_box, box)
         return targets, student_in, geometry
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ..models.distiller import Distiller, build_distiller
+from .compiled import eager
 
 
 def full_model(trainer: Any) -> Optional[Distiller]:
@@ -32,7 +33,8 @@ def evaluate_fidelity(trainer: Any) -> dict[str, float]:
     if acc.is_main_process and trainer.teachers:
         from ..eval.training import fidelity_metrics
 
-        out = fidelity_metrics(trainer.out_dir, trainer.recipe, model, trainer.teachers)
+        with eager():  # (train.compile: eval mode and these resolutions would each compile)
+            out = fidelity_metrics(trainer.out_dir, trainer.recipe, model, trainer.teachers)
         trainer.distiller.train()
     acc.wait_for_everyone()
     return out
@@ -45,7 +47,8 @@ def write_report(trainer: Any) -> Optional[Path]:
     if acc.is_main_process:
         from ..eval.training import write_run_report
 
-        path = write_run_report(trainer.out_dir, trainer.recipe, model, trainer.teachers)
+        with eager():
+            path = write_run_report(trainer.out_dir, trainer.recipe, model, trainer.teachers)
         acc.print(f"report written to {path}")
     acc.wait_for_everyone()
     return path
@@ -60,7 +63,8 @@ def export(trainer: Any, path: Path) -> Path:
     acc.wait_for_everyone()
     model = trainer.full_model()  # under FSDP: gathered from the shards
     if acc.is_main_process:
-        save_export(model, trainer.recipe, trainer.teachers, path)
+        with eager():
+            save_export(model, trainer.recipe, trainer.teachers, path)
         write_model_card(path, json.loads((path / "config.json").read_text()), trainer.out_dir)
     acc.wait_for_everyone()
     return path

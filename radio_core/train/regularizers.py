@@ -88,12 +88,18 @@ class Mesa:
         return step >= self.start_step
 
     @torch.no_grad()
-    def update(self) -> None:
-        """After an optimiser step: ema <- decay * ema + (1 - decay) * model."""
+    def update(self, applied: Optional[Tensor] = None) -> None:
+        """After an optimiser step: ema <- decay * ema + (1 - decay) * model. ``applied``: a 0-d
+        device tensor, 0 when the optimiser skipped the step on the device (the EMA then stays
+        as it was, as after a step skipped on the host), 1 otherwise."""
         if self._pairs:
-            torch._foreach_lerp_([e for e, _ in self._pairs], [m.detach() for _, m in self._pairs], 1 - self.decay)
+            ema, model = [e for e, _ in self._pairs], [m.detach() for _, m in self._pairs]
+            if applied is None:
+                torch._foreach_lerp_(ema, model, 1 - self.decay)
+            else:  # a weight per tensor (a single tensor weight would be read on the host)
+                torch._foreach_lerp_(ema, model, [applied * (1 - self.decay)] * len(ema))
         for e, m in self._buffers:
-            e.copy_(m)
+            e.copy_(m if applied is None else torch.where(applied > 0, m, e))
 
     @torch.no_grad()
     def targets(self, images: Tensor, active: set[str]) -> dict[str, tuple[Optional[Tensor], Optional[Tensor]]]:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import signal
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -35,8 +35,23 @@ class StopSignals:
         self._old = {}
 
     def requested_anywhere(self, accelerator: Any) -> bool:
-        """A signal may reach one rank only; all ranks must checkpoint and stop together."""
+        """A signal may reach one rank only; all ranks must checkpoint and stop together. The
+        flag is reduced over a CPU (gloo) group: the step does not wait for the GPU."""
         if accelerator.num_processes == 1:
             return self.requested
-        flag = torch.tensor([1.0 if self.requested else 0.0], device=accelerator.device)
-        return bool(accelerator.reduce(flag, "sum").item() > 0)
+        flag = torch.tensor([1.0 if self.requested else 0.0])
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=host_group())
+        return bool(flag[0] > 0)
+
+
+_HOST_GROUP: list = []
+
+
+def host_group() -> Optional[Any]:
+    """A gloo group over every rank (None: the default group is gloo already). Made on first use,
+    which every rank reaches at the same step."""
+    import torch.distributed as dist
+
+    if not _HOST_GROUP:
+        _HOST_GROUP.append(None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo"))
+    return _HOST_GROUP[0]

@@ -55,7 +55,7 @@ def _options(full: bool = False) -> Any:
     return StateDictOptions(full_state_dict=full, cpu_offload=full, flatten_optimizer_state_dict=True)
 
 
-def _raw_optimizer(optimizer: Any) -> torch.optim.Optimizer:
+def raw_optimizer(optimizer: Any) -> torch.optim.Optimizer:
     return getattr(optimizer, "optimizer", optimizer)  # Accelerate's AcceleratedOptimizer wraps it
 
 
@@ -80,7 +80,7 @@ def save_state(folder: Path, accelerator: Any, model: Any, optimizer: Any, shard
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
 
     folder = Path(folder)
-    msd, osd = get_state_dict(model, _raw_optimizer(optimizer), options=_options())
+    msd, osd = get_state_dict(model, raw_optimizer(optimizer), options=_options())
     tensors, values = _split(osd)
     if sharded:
         from torch.distributed.checkpoint import HuggingFaceStorageWriter
@@ -117,7 +117,7 @@ def load_state(folder: Path, accelerator: Any, model: Any, optimizer: Any, shard
     if not isinstance(meta, dict) or not isinstance(meta.get("param_groups"), dict):
         raise StateFileError(f"{OPTIMIZER_META} is not an optimizer state (no param_groups mapping)")
     # The targets: this model's (sharded or full) state dicts, optimiser states initialised.
-    msd, osd = get_state_dict(model, _raw_optimizer(optimizer), options=_options())
+    msd, osd = get_state_dict(model, raw_optimizer(optimizer), options=_options())
     if sharded:
         from torch.distributed.checkpoint import HuggingFaceStorageReader
 
@@ -137,7 +137,7 @@ def load_state(folder: Path, accelerator: Any, model: Any, optimizer: Any, shard
         osd.update(read_safetensors(folder / OPTIMIZER_FILE, "optimizer state"))
     osd.update(_param_groups(meta["param_groups"], osd))
     try:
-        set_state_dict(model, _raw_optimizer(optimizer), model_state_dict=msd, optim_state_dict=osd,
+        set_state_dict(model, raw_optimizer(optimizer), model_state_dict=msd, optim_state_dict=osd,
                        options=_options())
     except (RuntimeError, KeyError, ValueError) as exc:  # shapes or names of another model
         raise StateFileError(f"does not match the model this recipe builds: {' '.join(str(exc).split())[:300]}") \

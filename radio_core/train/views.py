@@ -37,19 +37,21 @@ def cut_windows(images: Tensor, boxes: Tensor, size: tuple[int, int]) -> Tensor:
     """Each image's window ``boxes[i]`` (crop fractions) resampled to ``size`` (H, W), bilinear.
     Whole-crop boxes at the crop's own size return the images unchanged."""
     h, w = images.shape[-2:]
-    boxes = boxes.to(images.device, torch.float32)
-    if tuple(size) == (h, w) and bool((boxes == torch.tensor(FULL, device=boxes.device)).all()):
+    # The boxes are drawn on the host, and the decisions below are host numbers: read them there
+    # (boxes already on the device cost one sync here).
+    host = boxes.detach().to("cpu", torch.float32)
+    numbers = host.tolist()
+    if tuple(size) == (h, w) and all(tuple(box) == FULL for box in numbers):
         return images
     from torchvision.ops import roi_align
 
-    scale = torch.tensor([w, h, w, h], device=images.device, dtype=torch.float32)
-    index = torch.arange(images.shape[0], device=images.device, dtype=torch.float32)[:, None]
-    rois = torch.cat([index, boxes * scale], dim=1)
     # One bilinear sample per output pixel when the window is not shrunk (a pixel-aligned 1:1
     # window is then an exact slice), else ceil(ratio) samples per axis: a box-filter
     # anti-aliasing like the framework's resize.
-    extent = (boxes[:, 2:] - boxes[:, :2]) * torch.tensor([w, h], device=boxes.device)
-    ratio = max(1, math.ceil(float((extent / torch.tensor(size[::-1], device=boxes.device)).max()) - 1e-6))
+    shrink = max(max((x1 - x0) * w / size[1], (y1 - y0) * h / size[0]) for x0, y0, x1, y1 in numbers)
+    ratio = max(1, math.ceil(shrink - 1e-6))
+    index = torch.arange(images.shape[0], dtype=torch.float32)[:, None]
+    rois = torch.cat([index, host * torch.tensor([w, h, w, h], dtype=torch.float32)], dim=1).to(images.device)
     out = roi_align(images.float(), rois, output_size=tuple(size), spatial_scale=1.0, sampling_ratio=ratio,
                     aligned=True)
     return out.to(images.dtype)
