@@ -256,10 +256,19 @@ def compile_section(args, overrides: list[str], tmp: str, eager: dict) -> None:
 def compile_shapes_section(args, overrides: list[str], tmp: str, resolutions: list[int], steps: int) -> None:
     """Changing resolutions under train.compile: per compile_dynamic choice, the first step at
     each resolution (compile included) and the steady step per resolution."""
-    res_list = "[" + ", ".join(str(r) for r in resolutions) + "]"
-    print(f"\ntrain.compile at changing resolutions {res_list} (one drawn per step), {steps} steps each setting:")
+    import torch._dynamo
+    import torch._inductor.config as inductor_config
+
+    # each resolution a square [r, r] ([160, 224] alone would be ONE 160 x 224 size)
+    res_list = "[" + ", ".join(f"[{r}, {r}]" for r in resolutions) + "]"
+    # every setting compiles from nothing: no graphs kept by dynamo, no inductor cache hits from
+    # the setting before (which made the later settings look cheap to compile)
+    inductor_config.fx_graph_cache = False
+    print(f"\ntrain.compile at changing resolutions {resolutions} (one drawn per step), {steps} steps each "
+          f"setting, compile caches off:")
     print(f"  {'compile_dynamic':16} {'first step per resolution (s)':34} {'steady s/step per resolution':30} total s")
     for choice in ("null", "false", "true"):
+        torch._dynamo.reset()
         tr = build_trainer(args.recipe, overrides + [f"student.resolution={res_list}", "train.compile=true",
                                                      f"train.compile_dynamic={choice}"], f"{tmp}/shapes_{choice}")
         rt = tr.enter_stage(tr.plans[0], 0)[0]
@@ -272,6 +281,8 @@ def compile_shapes_section(args, overrides: list[str], tmp: str, resolutions: li
             tr.train_step([(rt, b)], i)
             times.setdefault(size, []).append(time.perf_counter() - t)
         total = time.perf_counter() - t0
+        if len(times) != len(resolutions):
+            raise SystemExit(f"compile-shapes: the run drew {sorted(times)}, not every one of {resolutions}")
         first = " / ".join(f"{v[0]:.1f}" for _, v in sorted(times.items()))
         steady = " / ".join(f"{statistics.median(v[1:]):.3f}" if len(v) > 1 else "-" for _, v in sorted(times.items()))
         print(f"  {choice:16} {first:34} {steady:30} {total:.0f}")
@@ -322,7 +333,7 @@ def main() -> int:
         if args.compile and main_cmp is not None:
             compile_section(args, overrides, tmp, main_cmp)
         if args.compile_shapes:
-            compile_shapes_section(args, overrides, tmp, [160, 224], 8)
+            compile_shapes_section(args, overrides, tmp, [160, 224], 12)
         if cache == "small":
             c = cache_speedup(args.recipe, overrides, args.steps, tmp)
             print(f"teacher-feature cache (small teachers): online {c['online_s']:.3f} s/step, cached "
