@@ -35,8 +35,8 @@ from typing import NamedTuple, Optional, Sequence
 import numpy as np
 from PIL import Image
 
-from .sources import IMAGE_EXTENSIONS, to_rgb
 from ..utils import real_path
+from .sources import IMAGE_EXTENSIONS, to_rgb
 # re-exported: the shard tools' public names stay importable from here
 from .shard_index import (IMAGE_KEYS, INDEX_FORMAT, INDEX_SUFFIX, MANIFEST, MEMBER_FIELDS, TABLE,  # noqa: F401
                           CorruptSampleError, ShardTable, atomic_write, index_file, read_shard_index, scan_tar,
@@ -128,12 +128,12 @@ def _files_inside(root: Path) -> tuple[list[Path], list[str]]:
     """Image files under ``root`` (regular files: no FIFO, device or socket) whose real path
     stays inside it, and the symlinks that lead out of it (never followed: a folder handed over
     must not pack a system file or another user's folder into shards that are then shared)."""
-    real_root = Path(os.path.realpath(root))
+    real_root = real_path(root)
     inside, outside = [], []
     for p in sorted(root.rglob("*")):
         if p.suffix.lower() not in IMAGE_EXTENSIONS or not p.is_file():
             continue
-        real = Path(os.path.realpath(p))
+        real = real_path(p)
         (inside if real_root in real.parents else outside).append(p)
     return inside, [str(p.relative_to(root)) for p in outside]
 

@@ -8,6 +8,7 @@ from typing import Optional
 from ..arguments import check_args
 from ..recipe import Recipe, RecipeError
 from ..registry import PluginError, Registry
+from ..utils import real_path
 
 
 #: kernel file systems: nothing a run writes belongs there (/dev/shm, a tmpfs, is allowed).
@@ -18,7 +19,7 @@ def check_output_dir(recipe: Recipe, origin: str = "<recipe>") -> None:
     """``output_dir`` must be a directory or creatable as one, and not on a kernel file system
     (/proc, /sys, /dev): nothing is created here. (As root, ``os.access`` says yes to /proc.)"""
     path = Path(recipe.output_dir).expanduser()
-    real = Path(os.path.realpath(path))
+    real = real_path(path)
     for fs in PSEUDO_FILESYSTEMS:
         if (real == Path(fs) or Path(fs) in real.parents) and Path("/dev/shm") not in [real, *real.parents]:
             raise RecipeError(f"{origin}: output_dir: {path} is on the kernel file system {fs}, where a run cannot "

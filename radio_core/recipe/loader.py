@@ -3,7 +3,6 @@ YAML 1.2 numbers and booleans), ``base:`` includes, dotted overrides, clear boun
 from __future__ import annotations
 
 import copy
-import os
 import re
 from pathlib import Path
 from typing import Annotated, Any, Optional, Union
@@ -11,7 +10,7 @@ from typing import Annotated, Any, Optional, Union
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from ..utils import UserFileError, closest, read_user_text, short_repr
+from ..utils import UserFileError, closest, read_user_text, real_path, short_repr
 from .schema import Recipe, RecipeError
 
 
@@ -156,7 +155,7 @@ def load_raw(path: str | Path, _chain: tuple[Path, ...] = (), _origin: Optional[
         raise RecipeError(f"{_origin or 'recipe'}: path {short_repr(str(path))} contains a NUL byte")
     if _origin is None and Path(path).is_symlink():
         _origin = str(path)  # name the file as the user did, and where its link leads
-    path = Path(os.path.realpath(path))  # a symlink loop stays unresolved: reading it is one error line
+    path = real_path(path)  # a symlink loop stays unresolved: reading it is one error line
     if path in _chain:
         raise RecipeError(f"{path}: circular base include via {' -> '.join(map(str, _chain))}")
     if len(_chain) >= MAX_BASE_DEPTH:

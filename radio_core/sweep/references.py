@@ -30,7 +30,7 @@ def update(sweep: Any, log=print) -> dict[str, dict]:
     eval_spec = sweep.eval_of(arm_runs[0]).model_dump(mode="json")
     if state.get("eval_spec") != eval_spec or state.get("references") != spec.model_dump(mode="json"):
         state = {"eval_spec": eval_spec, "references": spec.model_dump(mode="json"), "rows": {}, "done": []}
-    done_runs = [r for r in sweep.runs if r.arm == spec.arm and read_json(r.run_dir / DONE_MARKER) is not None]
+    done_runs = [r for r in arm_runs if read_json(r.run_dir / DONE_MARKER) is not None]
     todo = [r for r in done_runs if r.name not in state["done"]]
     if not todo:
         return state["rows"]

@@ -56,9 +56,7 @@ def _findings(sweep: Any, rows: list[dict], metrics: list[str], sections: list[s
         sections += ["", "## References (scored once: teachers at their own resolution, raw pixels, the student's "
                      "architecture at random initialisation, chance)", "", references_markdown(reference_rows, metrics)]
     a = spec.analysis
-    flat: list[dict] = []
-    if spec.comparisons:
-        _findings_section(rows, spec, reference_rows, sections, flat)
+    flat = _findings_section(rows, spec, reference_rows, sections) if spec.comparisons else []
     retention = retention_markdown(rows, a, reference_rows)
     if retention:
         sections += ["", "## Retention of each teacher's speciality: (arm - floor) / (ceiling - floor)", "", retention]
@@ -71,12 +69,12 @@ def _findings(sweep: Any, rows: list[dict], metrics: list[str], sections: list[s
     return flat
 
 
-def _findings_section(rows: list[dict], spec: Any, reference_rows: dict, sections: list[str], flat: list[dict]) -> None:
+def _findings_section(rows: list[dict], spec: Any, reference_rows: dict, sections: list[str]) -> list[dict]:
+    """Appends the findings table to ``sections``; returns its entries for summary.json."""
     from .analysis import comparisons_markdown
 
     a = spec.analysis
     table, entries = comparisons_markdown(rows, spec.comparisons, a, reference_rows)
-    flat += entries
     margin = a.margin if not isinstance(a.margin, dict) else f"{a.margin['fraction']:.0%} of each metric's gap"
     sections += ["", "## Findings", "",
                  f"Paired by seed; a comparison's rows share a {a.level:.0%} family-wise level (Bonferroni); no verdict "
@@ -85,6 +83,7 @@ def _findings_section(rows: list[dict], spec: Any, reference_rows: dict, section
                  "a row would detect with 80% power at its level. Verdicts: reproduced; not reproduced (reversed: "
                  "resolved against the claim; equivalent: inside the margin by two one-sided tests); inconclusive.", "",
                  table]
+    return entries
 
 
 def write_results(sweep: Any, quiet: bool = False) -> list[dict[str, Any]]:

@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
 from ..recipe import dump_recipe
+from ..utils import real_path
 from . import local
 from .evaluate import evaluate
 from .grid import PlannedRun, override_string, plan
 from .local import SweepInterrupted
-from ..utils import real_path
 from .spec import SweepError, SweepSpec
 from .state import DONE_MARKER, LAUNCH_LOG, SNAPSHOT, record, run_state, snapshot_conflict, write_json
 

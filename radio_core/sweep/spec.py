@@ -420,8 +420,9 @@ def _read_sweep_mapping(path: Path, chain: tuple[Path, ...] = ()) -> dict:
     from ..recipe.schema import RecipeError
     from ..utils import UserFileError, read_user_text
 
-    if real_path(path) in chain:
-        raise SweepError(f"{path}: base: include cycle ({' -> '.join(str(p) for p in (*chain, real_path(path)))})")
+    real = real_path(path)
+    if real in chain:
+        raise SweepError(f"{path}: base: include cycle ({' -> '.join(str(p) for p in (*chain, real))})")
     if not path.exists() and not path.is_symlink():
         raise SweepError(f"sweep file not found: {path}")
     try:  # a FIFO, /dev/zero, a symlink loop or a huge file: one line, never a hang
@@ -438,7 +439,7 @@ def _read_sweep_mapping(path: Path, chain: tuple[Path, ...] = ()) -> dict:
     if len(chain) >= 8:
         raise SweepError(f"{path}: base: more than 8 levels of base files")
     base_path = path.parent / base
-    parent = _read_sweep_mapping(base_path, (*chain, real_path(path)))
+    parent = _read_sweep_mapping(base_path, (*chain, real))
     if isinstance(parent.get("recipe"), str) and "recipe" not in data:
         parent["recipe"] = str(real_path(base_path.parent / parent["recipe"]))
     return deep_merge(parent, data)
