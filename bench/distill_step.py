@@ -49,8 +49,6 @@ from step_compare import (  # noqa: E402
     verdict,
 )
 
-_load = load
-
 
 def build_trainer(recipe_path: str, overrides: list[str], out: str):
     from radio_core.recipe import load_recipe
@@ -134,7 +132,7 @@ def cache_realistic(recipe: str, overrides: list[str], steps: int, rounds: int, 
             times[k].append(fns[k]())
     ratio = [c / s for c, s in zip(times["cached"], times["student_only"])]
     ratio_pca = [c / s for c, s in zip(times["cached_pca"], times["student_only"])]
-    load_cached = _load()
+    load_cached = load()
     del arms, tr, rt
     online_tr = build_trainer(recipe, overrides, f"{tmp}/online")
     ort = online_tr.enter_stage(online_tr.plans[0], 0)[0]
@@ -149,7 +147,7 @@ def cache_realistic(recipe: str, overrides: list[str], steps: int, rounds: int, 
             "bound": (t_total + student_flops) / student_flops, "batch": batch, "build_s": build_s,
             "entries": fc.index["entries"], "bytes": fc.bytes_per_entry(), "bytes_pca": fcp.bytes_per_entry(),
             "fidelity": fcp.index["fidelity"], "times": times, "ratio": ratio, "ratio_pca": ratio_pca,
-            "online": online, "load_cached": load_cached, "load_online": _load(),
+            "online": online, "load_cached": load_cached, "load_online": load(),
             "speedup": statistics.median(online) / statistics.median(times["cached"]),
             "speedup_pca": statistics.median(online) / statistics.median(times["cached_pca"])}
 

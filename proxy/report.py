@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shutil
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -88,18 +89,22 @@ def budget(sweep_dir: Path) -> str:
     events = [json.loads(line) for line in (sweep_dir / "launches.jsonl").read_text().splitlines() if line.strip()]
     if not events:
         return ""
-    runs = sorted(sweep_dir.glob("runs/*/SWEEP_DONE.json"))
-    walls = [json.loads(p.read_text()).get("wall_s") or 0.0 for p in runs]
+    runs = [json.loads(p.read_text()) for p in sorted(sweep_dir.glob("runs/*/SWEEP_DONE.json"))]
+    walls = [r.get("wall_s") or 0.0 for r in runs]
     refs = [e for e in events if e.get("event") == "references_failed"]
-    span = max(e["time"] for e in events) - min(e["time"] for e in events)
-    finished = max((json.loads(p.read_text()).get("time") or 0) for p in runs) if runs else 0
+    # the last result: the last event, the last run's done marker, or the references scored after them
+    last = [e["time"] for e in events] + [r.get("time") or 0 for r in runs]
     refs_file = sweep_dir / "references.json"
-    if refs_file.is_file():  # scored after the runs
-        finished = max(finished, refs_file.stat().st_mtime)
-    span = max(span, finished - min(e["time"] for e in events))
+    if refs_file.is_file():
+        last.append(refs_file.stat().st_mtime)
+    span = max(last) - min(e["time"] for e in events)
+    # --jobs N starts N - 1 worker processes beside the main one, and logs how many
+    jobs = 1 + max((e.get("count", 0) for e in events if e.get("event") == "workers"), default=0)
+    count = ("one", "two", "three", "four")[jobs - 1] if jobs <= 4 else str(jobs)
+    at_once = f"{count} at a time" + (f" with --jobs {jobs}" if jobs > 1 else "")
     return (f"{len(runs)} runs finished; the sweep's wall time from its first launch to its last result "
             f"{span / 60:.0f} min; the runs' own wall time (training + scoring) {sum(walls) / 60:.0f} min in all, "
-            f"{sum(walls) / max(len(walls), 1) / 60:.1f} min a run (two at a time with --jobs 2)"
+            f"{sum(walls) / max(len(walls), 1) / 60:.1f} min a run ({at_once})"
             + (f"; reference scoring failed: {refs[-1]['error']}" if refs else "") + ".")
 
 
@@ -159,7 +164,7 @@ def archive(sweep_dir: Path, dest: Path) -> None:
     dest.mkdir(parents=True, exist_ok=True)
     for name in ("summary.json", "results.md", "references.json"):
         if (sweep_dir / name).is_file():
-            (dest / name).write_text((sweep_dir / name).read_text())
+            shutil.copyfile(sweep_dir / name, dest / name)
     (dest / "budget.txt").write_text(budget(sweep_dir) + "\n")
 
 
